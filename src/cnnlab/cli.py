@@ -1,0 +1,170 @@
+"""The `cnnlab` command. Every config field is a flag, accepted as `--key value` and `--key=value`
+(booleans also as `--key`, `--key=True`, `--key false`), so a W&B agent can drive `cnnlab train`."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import FIELDS, Config, describe, load_yaml, make_config
+from .errors import CnnlabError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("config (YAML keys and sweep parameters have the same names)")
+    for name, f in FIELDS.items():
+        default = f.default
+        help_text = f"{f.metadata['help']} [{describe(name)}; default {default!r}]".replace("%", "%%")
+        if isinstance(default, bool):
+            g.add_argument(f"--{name}", nargs="?", const="true", default=None, metavar="BOOL", help=help_text)
+        else:
+            g.add_argument(f"--{name}", default=None, metavar=type(default).__name__.upper(), help=help_text)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    sources = []
+    if getattr(args, "config", None):
+        sources.append(load_yaml(args.config))
+    sources.append(_overrides(args))
+    return make_config(*sources)
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import fit
+
+    if args.resume:
+        run = Path(args.resume)
+        saved = run / "config.yaml"
+        if not saved.exists():
+            raise CnnlabError(f"{run} is not a run folder (no config.yaml); expected runs/<name>")
+        cfg = make_config(load_yaml(saved), _overrides(args), {"out": str(run.parent), "name": run.name})
+        result = fit(cfg, resume=True, progress=not args.quiet)
+    else:
+        result = fit(config_from_args(args), progress=not args.quiet)
+    print(f"best val_acc {result.best_val_acc:.4f} at epoch {result.best_epoch}; run folder {result.run_dir}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .models import create_model, measured_cost, smallcnn_cost
+
+    cfg = config_from_args(args)
+    n = args.num_classes
+    model = create_model(cfg, n)
+    size = getattr(model, "cnnlab_preprocess", None)
+    size = size.image_size if size else cfg.image_size
+    measured = measured_cost(model, size)
+    print(f"model {cfg.model}, {n} classes, {size}x{size} input")
+    if cfg.model == "smallcnn":
+        formula = smallcnn_cost(cfg, n)
+        print(f"filters {cfg.filter_counts()}, kernels {cfg.kernel_sizes()}, dense {cfg.dense_units}, "
+              f"batch_norm {cfg.batch_norm}")
+        print(f"parameters: {formula.params:,} (formula)  {measured.params:,} (sum of p.numel())")
+        print(f"forward FLOPs per image: {formula.flops:,} = {formula.gflops:.3f} GFLOP (formula)  "
+              f"{measured.flops:,} (torch.utils.flop_counter)")
+    else:
+        print(f"parameters: {measured.params:,}")
+        print(f"forward FLOPs per image: {measured.flops:,} = {measured.gflops:.3f} GFLOP (torch.utils.flop_counter)")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from .demo import make_demo_data
+
+    root = make_demo_data(args.root, args.train_per_class, args.val_per_class, args.seed)
+    print(f"wrote {root}/train and {root}/val: 10 classes, {args.train_per_class} + {args.val_per_class} images each")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import DATASETS, fetch_dataset
+
+    if args.dataset not in DATASETS:
+        raise CnnlabError(f"unknown data set {args.dataset!r}: expected one of {', '.join(DATASETS)}")
+    root = fetch_dataset(args.dataset, args.dest, url=args.url, sha256=args.sha256)
+    print(f"data ready: {root} (train with: cnnlab train --data {root})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import model_names
+
+    print("\n".join(model_names()))
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "train": (cmd_train, "train a model (scratch CNN or fine-tuned torchvision model) on ROOT/train"),
+    "info": (cmd_info, "parameter count and FLOPs of a config"),
+    "demo-data": (cmd_demo_data, "write a small synthetic 10-class data set"),
+    "download": (cmd_download, "download and unpack a data set (resumable, checksummed)"),
+    "models": (cmd_models, "list the model names --model accepts"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cnnlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help=COMMANDS["train"][1], allow_abbrev=False)
+    p.add_argument("--config", help="YAML file of config keys; flags given here win")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+
+    p = sub.add_parser("info", help=COMMANDS["info"][1], allow_abbrev=False)
+    p.add_argument("--config")
+    p.add_argument("--num_classes", type=int, default=10)
+    _add_config_flags(p)
+
+    p = sub.add_parser("demo-data", help=COMMANDS["demo-data"][1], allow_abbrev=False)
+    p.add_argument("root", nargs="?", default="data/demo")
+    p.add_argument("--train_per_class", type=int, default=100)
+    p.add_argument("--val_per_class", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("download", help=COMMANDS["download"][1], allow_abbrev=False)
+    p.add_argument("dataset", help="inaturalist-12k")
+    p.add_argument("dest", nargs="?", default="data")
+    p.add_argument("--url", help="download from here instead of the data set's usual address")
+    p.add_argument("--sha256", help="expected SHA-256 of the archive")
+
+    sub.add_parser("models", help=COMMANDS["models"][1])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=")[0]
+        close = difflib.get_close_matches(flag.lstrip("-"), list(FIELDS), n=1)
+        hint = f"; did you mean --{close[0]}?" if close else f"; see cnnlab {args.command} --help"
+        print(f"cnnlab {args.command}: error: unknown option {flag}{hint}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command][0](args)
+    except CnnlabError as e:
+        print(f"cnnlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ncnnlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The one typed config: its field names are the CLI flags, the YAML keys, the sweep parameter names
+and the logged hyperparameters. Defaults -> YAML file -> command-line flags, later ones winning.
+
+Each field's metadata says what values it takes (`choices`, `min`, `max`) and carries its help text;
+`validate` enforces them, so a bad value is one clear error before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("relu", "gelu", "silu", "mish", "elu", "leaky_relu", "selu")
+FILTER_ORGS = ("same", "double", "pyramid", "half")  # pyramid: the original notebook's name for double
+OPTIMIZERS = ("adam", "adamw", "sgd", "nadam")
+SCHEDULERS = ("none", "cosine", "onecycle")
+FINETUNE = ("none", "head", "partial", "gradual", "full")
+
+
+def _f(default: Any, help: str, **rules: Any) -> Any:
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass
+class Config:
+    # data
+    data: str = _f("data/demo", "data root holding train/<class>/ and val/<class>/ (val/ is the test set)")
+    image_size: int = _f(224, "images are resized to image_size x image_size once, into the cache", min=16, max=1024)
+    val_fraction: float = _f(0.2, "fraction of train/ held out, stratified, for validation", min=0.01, max=0.9)
+    augment: bool = _f(True, "random resized crop, horizontal flip and colour jitter on training batches")
+    # model
+    model: str = _f("smallcnn", "smallcnn or any torchvision classification model name")
+    weights: str = _f("none", "torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), none, or a .pth/.safetensors path")
+    filters: int = _f(32, "filters in the first conv layer; filter_org derives the other four", min=1, max=4096)
+    filter_org: str = _f("same", "same | double (alias pyramid) | half | five comma-separated counts like 16,32,64,128,256")
+    kernel_size: str = _f("3", "conv kernel size: one value, or five comma-separated values")
+    activation: str = _f("relu", "activation after each conv and the dense layer", choices=ACTIVATIONS)
+    batch_norm: bool = _f(True, "batch norm after each convolution")
+    dropout: float = _f(0.2, "dropout before the output layer", min=0.0, max=0.95)
+    dense_units: int = _f(256, "units in the dense layer", min=1, max=65536)
+    # fine-tuning (torchvision models)
+    finetune: str = _f("none", "what trains: none (everything, from scratch) | head | partial | gradual | full", choices=FINETUNE)
+    freeze_stages: int = _f(0, "with finetune=partial: the stem and this many stages stay frozen", min=0, max=64)
+    unfreeze_every: int = _f(1, "with finetune=gradual: unfreeze one more stage every this many epochs", min=1, max=1000)
+    lr_backbone: float = _f(0.0, "learning rate of pretrained layers (0: same as lr)", min=0.0, max=10.0)
+    # optimisation
+    optimizer: str = _f("adam", "optimiser", choices=OPTIMIZERS)
+    lr: float = _f(1e-3, "peak learning rate", min=1e-7, max=10.0)
+    momentum: float = _f(0.9, "SGD momentum (and beta1 for the Adam family)", min=0.0, max=0.999)
+    weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", min=0.0, max=1.0)
+    scheduler: str = _f("none", "learning-rate schedule, stepped every batch", choices=SCHEDULERS)
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss", min=0.0, max=0.5)
+    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)", min=0.0, max=1e6)
+    batch_size: int = _f(64, "training batch size", min=1, max=65536)
+    epochs: int = _f(10, "training epochs", min=1, max=10000)
+    early_stop: int = _f(0, "stop after this many epochs without a better validation accuracy (0: off)", min=0, max=10000)
+    seed: int = _f(0, "seed of the split, initialisation, shuffling, augmentation and dropout", min=0, max=2**31 - 1)
+    # execution
+    device: str = _f("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N, mps")
+    precision: str = _f("auto", "auto: bf16 autocast where the hardware has bf16, else fp32", choices=("auto", "bf16", "fp32"))
+    channels_last: bool = _f(True, "channels_last memory format (faster convolutions on CPU and GPU)")
+    compile: bool = _f(False, "torch.compile the model")
+    workers: int = _f(0, "processes decoding images into the cache (0: one per core)", min=0, max=256)
+    cache_dir: str = _f("", "where decoded images are cached (default: $CNNLAB_CACHE or ~/.cache/cnnlab)")
+    out: str = _f("runs", "folder that receives run folders")
+    name: str = _f("", "run folder name (default: made from the time and the main knobs)")
+    wandb: str = _f("off", "Weights & Biases logging; offline needs no account", choices=("off", "offline", "online"))
+    wandb_project: str = _f("cnnlab", "Weights & Biases project")
+
+    # ---- derived values -------------------------------------------------------------------------
+    def filter_counts(self) -> list[int]:
+        """The five conv layers' filter counts."""
+        org = self.filter_org
+        if org in ("same",):
+            return [self.filters] * 5
+        if org in ("double", "pyramid"):
+            return [self.filters * 2**i for i in range(5)]
+        if org == "half":
+            return [max(1, self.filters // 2**i) for i in range(5)]
+        return _int_list(org, "filter_org", 5)
+
+    def kernel_sizes(self) -> list[int]:
+        ks = _int_list(self.kernel_size, "kernel_size", None)
+        return ks * 5 if len(ks) == 1 else ks
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        env = os.environ.get("CNNLAB_CACHE")
+        if env:
+            return Path(env)
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cnnlab"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _int_list(text: str, key: str, length: int | None) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).replace(" ", "").strip("[]()").split(",")]
+    except ValueError:
+        raise ConfigError(f"{key}={text!r}: expected integers separated by commas") from None
+    if length is not None and len(values) != length:
+        raise ConfigError(f"{key}={text!r}: expected {length} comma-separated values, got {len(values)}")
+    if length is None and len(values) not in (1, 5):
+        raise ConfigError(f"{key}={text!r}: expected one value or five comma-separated values")
+    if any(v < 1 for v in values):
+        raise ConfigError(f"{key}={text!r}: every value must be at least 1")
+    return values
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES: dict[str, type] = typing.get_type_hints(Config)
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def describe(key: str) -> str:
+    """Human text of what a key accepts, for errors and --help."""
+    f, t = FIELDS[key], _TYPES[key]
+    if "choices" in f.metadata:
+        return "one of " + ", ".join(f.metadata["choices"])
+    parts = [t.__name__]
+    if "min" in f.metadata:
+        parts.append(f"from {f.metadata['min']:g} to {f.metadata['max']:g}")
+    return " ".join(parts)
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Turn a CLI string or YAML value into the field's type, or raise ConfigError naming the key."""
+    if key not in FIELDS:
+        known = ", ".join(FIELDS)
+        raise ConfigError(f"unknown key '{key}'; known keys: {known}")
+    t = _TYPES[key]
+    bad = ConfigError(f"{key}={value!r}: expected {describe(key)}")
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise bad
+    if t is int:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not number.is_integer():
+            raise bad
+        return int(number)
+    if t is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if isinstance(value, (list, tuple)):  # YAML lists for filter_org / kernel_size
+        return ",".join(str(v) for v in value)
+    if value is None:
+        raise bad
+    return str(value)
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field's rules and the cross-field ones; return cfg unchanged or raise ConfigError."""
+    for key, f in FIELDS.items():
+        value = getattr(cfg, key)
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{key}={value!r}: expected {describe(key)}")
+        if "min" in f.metadata and not (f.metadata["min"] <= value <= f.metadata["max"]):
+            raise ConfigError(f"{key}={value!r}: expected {describe(key)}")
+    if cfg.filter_org not in FILTER_ORGS:
+        try:
+            cfg.filter_counts()
+        except ConfigError as e:
+            raise ConfigError(f"{e}; or one of {', '.join(FILTER_ORGS)}") from None
+    cfg.kernel_sizes()
+    if cfg.finetune == "partial" and cfg.freeze_stages < 1:
+        raise ConfigError("finetune=partial needs freeze_stages >= 1")
+    if cfg.model == "smallcnn" and cfg.finetune != "none":
+        raise ConfigError(f"finetune={cfg.finetune!r} needs a torchvision model (model=resnet50, ...); smallcnn trains from scratch")
+    if cfg.model != "smallcnn":
+        from .models import check_model_name  # torchvision import only when a torchvision model is asked for
+
+        check_model_name(cfg.model)
+    return cfg
+
+
+def make_config(*sources: dict[str, Any]) -> Config:
+    """Defaults, then each source (YAML dict, CLI overrides, sweep params) in order; validated."""
+    values: dict[str, Any] = {}
+    for source in sources:
+        for key, value in source.items():
+            values[key] = coerce(key, value)
+    return validate(Config(**values))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML file: a flat mapping of config keys (unknown keys are refused by make_config)."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of key: value, got {type(loaded).__name__}")
+    return loaded
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,71 @@
+"""Decode one image file into a fixed-size RGB uint8 array. Kept free of torch so that the cache
+builder's worker processes start fast."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile
+
+DECODE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+Image.MAX_IMAGE_PIXELS = 400_000_000  # beyond this an image is reported as too large, not decoded
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is reported, never half-grey
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB for any mode: greyscale, CMYK, palette; transparency is composited on white."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    if im.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit or float greyscale: scale to 8 bits first
+        arr = np.asarray(im, dtype=np.float32)
+        hi = float(arr.max()) or 1.0
+        im = Image.fromarray((arr * (255.0 / hi)).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str, size: int) -> np.ndarray:
+    """(size, size, 3) uint8, squashed to a square like the reference Resize((size, size)).
+    JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still leaves >= size pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (size, size))
+            im = to_rgb(im)
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+            return np.asarray(im, dtype=np.uint8)
+
+
+def describe_error(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, Image.DecompressionBombWarning | Image.DecompressionBombError):
+        return f"image too large to decode safely ({text})"
+    return f"{type(e).__name__}: {text}"
+
+
+# ---- worker side of the parallel cache build --------------------------------------------------------
+_out: np.ndarray | None = None
+
+
+def init_worker(npy_path: str) -> None:
+    global _out
+    _out = np.load(npy_path, mmap_mode="r+")
+
+
+def decode_chunk(job: tuple[list[int], list[str], int]) -> list[tuple[int, str | None]]:
+    """Decode files into rows of the shared memory-mapped cache; return (row, error or None) for each."""
+    rows, paths, size = job
+    assert _out is not None
+    results = []
+    for row, path in zip(rows, paths):
+        try:
+            _out[row] = load_rgb(path, size)
+            results.append((row, None))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal
+            results.append((row, describe_error(e)))
+    _out.flush()
+    return results

@@ -1,0 +1,133 @@
+"""Model registry: `smallcnn` (the 5-block CNN trained from scratch) plus every torchvision classifier.
+
+`create_model(cfg, num_classes)` is the one way a model is built; `model_names()` lists what it accepts.
+The closed-form parameter and FLOP counts of the small CNN live here too, beside the model they describe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import ACTIVATIONS, Config
+from .errors import ConfigError
+
+ACTIVATION_LAYERS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "elu": nn.ELU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "selu": nn.SELU,
+}
+assert set(ACTIVATION_LAYERS) == set(ACTIVATIONS), "config.ACTIVATIONS and the layers must name the same set"
+
+
+class SmallCNN(nn.Module):
+    """Five blocks of conv -> [batch norm] -> activation -> 2x2 max-pool, then dense -> activation ->
+    dropout -> linear. `features[i][0]` is block i's convolution; `classifier[-1]` is the output layer."""
+
+    def __init__(self, filters: list[int], kernels: list[int], activation: str, batch_norm: bool,
+                 dense_units: int, dropout: float, num_classes: int, image_size: int, in_channels: int = 3):
+        super().__init__()
+        blocks, c_in, size = [], in_channels, image_size
+        for c, k in zip(filters, kernels):
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c, k, padding="same", bias=not batch_norm)]
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c))
+            layers += [ACTIVATION_LAYERS[activation](), nn.MaxPool2d(2)]
+            blocks.append(nn.Sequential(*layers))
+            c_in, size = c, size // 2
+        if size < 1:
+            raise ConfigError(f"image_size={image_size} is too small for 5 pooling layers: use at least 32")
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c_in * size * size, dense_units),
+            ACTIVATION_LAYERS[activation](),
+            nn.Dropout(dropout),
+            nn.Linear(dense_units, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _smallcnn(cfg: Config, num_classes: int) -> nn.Module:
+    return SmallCNN(cfg.filter_counts(), cfg.kernel_sizes(), cfg.activation, cfg.batch_norm,
+                    cfg.dense_units, cfg.dropout, num_classes, cfg.image_size)
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_names() -> list[str]:
+    return ["smallcnn", *torchvision_names()]
+
+
+def check_model_name(name: str) -> None:
+    if name != "smallcnn" and name not in torchvision_names():
+        raise ConfigError(f"model={name!r}: expected smallcnn or a torchvision classifier "
+                          f"(see `cnnlab models`), e.g. resnet18, resnet50, efficientnet_v2_s")
+
+
+def create_model(cfg: Config, num_classes: int) -> nn.Module:
+    """Build the model the config names, with a `num_classes`-way output."""
+    if cfg.model == "smallcnn":
+        return _smallcnn(cfg, num_classes)
+    from .finetune import create_pretrained
+
+    return create_pretrained(cfg, num_classes)
+
+
+# ---- parameter and FLOP counts ----------------------------------------------------------------------
+
+@dataclass
+class Cost:
+    params: int
+    flops: int  # forward FLOPs of one image, 2 per multiply-add of the conv and linear layers
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+
+def smallcnn_cost(cfg: Config, num_classes: int) -> Cost:
+    """Closed form. Block i (input size s_i x s_i, c_{i-1} -> c_i channels, kernel k_i, 'same' padding):
+        params_i = k_i^2 c_{i-1} c_i + (2 c_i with batch norm, else c_i for the conv bias)
+        flops_i  = 2 k_i^2 c_{i-1} c_i s_i^2,  and s_{i+1} = floor(s_i / 2)
+    Dense (n units) on the s_6 x s_6 x c_5 map, then the output layer (C classes):
+        params = (s_6^2 c_5 + 1) n + (n + 1) C,    flops = 2 s_6^2 c_5 n + 2 n C
+    With m filters in every layer, kernel k, image s and no batch norm this is the assignment's
+    sum_i (k^2 m^2 + m) + ... ; the FLOPs drop the bias adds, batch norm, activations and pooling, as
+    torch.utils.flop_counter does, so the two numbers can be compared exactly."""
+    params = flops = 0
+    c_in, s = 3, cfg.image_size
+    for c, k in zip(cfg.filter_counts(), cfg.kernel_sizes()):
+        params += k * k * c_in * c + (2 * c if cfg.batch_norm else c)
+        flops += 2 * k * k * c_in * c * s * s
+        c_in, s = c, s // 2
+    n = cfg.dense_units
+    params += (s * s * c_in + 1) * n + (n + 1) * num_classes
+    flops += 2 * s * s * c_in * n + 2 * n * num_classes
+    return Cost(params, flops)
+
+
+def measured_cost(model: nn.Module, image_size: int) -> Cost:
+    """Parameters by sum(p.numel()) and forward FLOPs of one image by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    model.train(was_training)
+    return Cost(sum(p.numel() for p in model.parameters()), counter.get_total_flops())

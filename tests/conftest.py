@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.config import make_config
+from cnnlab.demo import make_demo_data
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """10 classes x (16 train + 4 val) synthetic JPEGs of 40-72 px."""
+    return make_demo_data(tmp_path_factory.mktemp("tiny"), train_per_class=16, val_per_class=4, seed=1,
+                          min_size=40, max_size=72)
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def tiny_cfg(tiny_data, tmp_path, cache_dir):
+    """A config that trains in about a second on tiny_data."""
+    def make(**overrides):
+        base = dict(data=str(tiny_data), image_size=32, filters=8, dense_units=32, batch_size=16, epochs=2,
+                    out=str(tmp_path / "runs"), cache_dir=str(cache_dir), workers=1, name="run")
+        return make_config({**base, **overrides})
+    return make
+
+
+def write_bad_files(folder: Path) -> dict[str, bool]:
+    """Every kind of awkward file; value: whether it should decode."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (50, 60, 3), dtype=np.uint8))
+    (folder / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "fake.jpg").write_text("<html>404</html>")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", "JPEG")
+    rgb.convert("L").save(folder / "grey.jpg", "JPEG")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.new("L", rgb.size, 0))
+    rgba.save(folder / "alpha.png")
+    rgb.convert("P").save(folder / "palette.gif")
+    Image.new("RGB", (6000, 4500), (200, 30, 30)).save(folder / "huge.jpg", "JPEG", quality=50)
+    return {"empty.jpg": False, "truncated.jpg": False, "notes.txt": False, "fake.jpg": False, "cmyk.jpg": True,
+            "grey.jpg": True, "alpha.png": True, "palette.gif": True, "huge.jpg": True}

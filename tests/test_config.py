@@ -1,0 +1,88 @@
+import pytest
+import yaml
+
+from cnnlab.cli import main
+from cnnlab.config import FIELDS, Config, ConfigError, coerce, make_config
+
+
+@pytest.mark.parametrize("org,expected", [
+    ("same", [32] * 5), ("double", [32, 64, 128, 256, 512]), ("pyramid", [32, 64, 128, 256, 512]),
+    ("half", [32, 16, 8, 4, 2]), ("16,32,64,64,128", [16, 32, 64, 64, 128])])
+def test_filter_organisations(org, expected):
+    assert make_config({"filter_org": org}).filter_counts() == expected
+
+
+def test_half_never_below_one_and_kernel_lists():
+    cfg = make_config({"filters": 4, "filter_org": "half", "kernel_size": "3,3,5,5,7"})
+    assert cfg.filter_counts() == [4, 2, 1, 1, 1]
+    assert cfg.kernel_sizes() == [3, 3, 5, 5, 7]
+    assert make_config({"kernel_size": 5}).kernel_sizes() == [5] * 5
+    assert make_config({"filter_org": [8, 8, 16, 16, 32]}).filter_counts() == [8, 8, 16, 16, 32]  # YAML list
+
+
+@pytest.mark.parametrize("value,expected", [("True", True), ("false", False), ("1", True), ("no", False), (True, True)])
+def test_booleans_in_every_spelling(value, expected):
+    assert coerce("batch_norm", value) is expected
+
+
+@pytest.mark.parametrize("source,needle", [
+    ({"nope": 1}, "unknown key 'nope'"),
+    ({"lr": "fast"}, "lr='fast'"),
+    ({"lr": 0}, "lr=0"),
+    ({"epochs": 2.5}, "epochs=2.5"),
+    ({"batch_norm": "maybe"}, "batch_norm='maybe'"),
+    ({"activation": "tanh"}, "one of relu"),
+    ({"filter_org": "1,2,3"}, "filter_org"),
+    ({"model": "resnet9000"}, "model='resnet9000'"),
+    ({"finetune": "head"}, "needs a torchvision model"),
+])
+def test_bad_values_are_one_clear_error(source, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        make_config(source)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_then_flags_flags_win(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"lr": 0.01, "filters": 16, "activation": "gelu"}))
+    assert main(["info", "--config", str(path), "--filters=8", "--image_size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "filters [8, 8, 8, 8, 8]" in out and "64x64" in out
+
+
+def test_every_field_is_a_flag_in_both_forms(capsys):
+    from cnnlab.cli import build_parser
+
+    parser = build_parser()
+    for name, f in FIELDS.items():
+        value = "True" if isinstance(f.default, bool) else str(f.default or "x")
+        a = parser.parse_args(["train", f"--{name}={value}"])
+        b = parser.parse_args(["train", f"--{name}", value])
+        assert getattr(a, name) == getattr(b, name) == value
+
+
+def test_wandb_agent_command_line_is_accepted():
+    """What `wandb agent` runs for a sampled config: ${program} --key=value ..."""
+    from cnnlab.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--activation=mish", "--augment=False", "--batch_norm=True",
+                                      "--batch_size=32", "--dense_units=512", "--dropout=0.3", "--epochs=7",
+                                      "--filter_org=double", "--filters=16", "--kernel_size=5",
+                                      "--lr=0.00123", "--image_size=128"])
+    cfg = config_from_args(args)
+    assert (cfg.activation, cfg.augment, cfg.batch_norm, cfg.batch_size, cfg.lr) == ("mish", False, True, 32, 0.00123)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["info", "--filtrs", "3"], "unknown option --filtrs; did you mean --filters?"),
+    (["info", "--dropout=2"], "dropout=2.0: expected float from 0 to 0.95"),
+    (["train", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
+])
+def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_config_defaults_validate():
+    assert make_config() == Config()
