@@ -169,8 +169,9 @@ def stratified_split(labels: np.ndarray, candidates: np.ndarray, val_fraction: f
 
 
 def save_split(path: str | Path, images: CachedImages, train: np.ndarray, val: np.ndarray) -> None:
-    rel = [str(p.relative_to(images.root)) for p in images.files]
-    atomic_write_json(path, {"root": str(images.root.resolve()), "classes": images.classes,
+    """Paths relative to the data root (train/<class>/<file>), so the split reads the same anywhere."""
+    rel = [str(p.relative_to(images.root.parent)) for p in images.files]
+    atomic_write_json(path, {"root": str(images.root.parent.resolve()), "classes": images.classes,
                              "train": [rel[i] for i in train], "val": [rel[i] for i in val]})
 
 

@@ -1,0 +1,108 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cnnlab.cli import main
+from cnnlab.errors import CnnlabError
+from cnnlab.io import read_jsonl
+from cnnlab.train import StopTraining, TrainingDiverged, fit, load_checkpoint
+
+METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time", "images_per_s"}
+
+
+def test_run_folder_holds_everything(tiny_cfg):
+    result = fit(tiny_cfg(), progress=False)
+    run = result.run_dir
+    for name in ("config.yaml", "split.json", "metrics.jsonl", "best.pt", "last.pt", "summary.json"):
+        assert (run / name).is_file(), name
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2] and all(set(r) == METRICS for r in rows)
+    assert all(0 <= r["val_acc"] <= 1 for r in rows)
+    best = load_checkpoint(run / "best.pt")  # weights_only=True inside
+    assert best["classes"][0] == "checker" and best["preprocess"]["image_size"] == 32
+    assert best["config"]["filters"] == 8
+    split = json.loads((run / "split.json").read_text())
+    assert not set(split["train"]) & set(split["val"])
+    assert all(p.startswith("train/") for p in split["train"] + split["val"])  # the test folder is never read
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in rows) and summary["status"] == "completed"
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny_cfg):
+    a = fit(tiny_cfg(name="a"), progress=False).history
+    b = fit(tiny_cfg(name="b"), progress=False).history
+    c = fit(tiny_cfg(name="c", seed=1), progress=False).history
+    key = lambda h: [(r["train_loss"], r["val_acc"]) for r in h]
+    assert key(a) == key(b) and key(a) != key(c)
+
+
+def test_learns_well_above_chance(tiny_cfg, tmp_path):
+    from cnnlab.demo import make_demo_data
+
+    data = make_demo_data(tmp_path / "d60", 60, 10, seed=2, min_size=48, max_size=80)
+    result = fit(tiny_cfg(data=str(data), epochs=15, lr=3e-3, augment=False, image_size=48, filters=16,
+                          dense_units=64, batch_size=32), progress=False)
+    assert result.best_val_acc >= 0.45  # 10 classes: chance is 0.1 (this run: 0.61)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optimizer": "sgd", "scheduler": "onecycle", "label_smoothing": 0.1, "grad_clip": 1.0},
+    {"optimizer": "adamw", "scheduler": "cosine", "weight_decay": 0.05, "batch_norm": False, "activation": "gelu"},
+    {"optimizer": "nadam", "precision": "bf16", "channels_last": False, "filter_org": "double", "kernel_size": 5},
+])
+def test_optimisers_schedules_and_precisions_run(tiny_cfg, overrides):
+    result = fit(tiny_cfg(**overrides), progress=False)
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
+
+
+def test_existing_run_is_not_overwritten(tiny_cfg):
+    fit(tiny_cfg(epochs=1), progress=False)
+    with pytest.raises(CnnlabError, match="--resume"):
+        fit(tiny_cfg(epochs=1), progress=False)
+
+
+def test_diverging_loss_is_a_clear_error(tiny_cfg):
+    with pytest.raises(TrainingDiverged, match="lower --lr"):
+        fit(tiny_cfg(optimizer="sgd", lr=10.0, momentum=0.99, batch_norm=False, epochs=3), progress=False)
+
+
+def test_early_stop_and_callbacks(tiny_cfg):
+    seen = []
+
+    def stop_after_two(record):
+        seen.append(record["epoch"])
+        if record["epoch"] == 2:
+            raise StopTraining
+
+    result = fit(tiny_cfg(epochs=5), callbacks=[stop_after_two], progress=False)
+    assert seen == [1, 2] and result.status == "stopped" and len(result.history) == 2
+    result = fit(tiny_cfg(epochs=30, early_stop=1, lr=1e-6, name="es"), progress=False)
+    assert result.status == "early_stopped" and len(result.history) < 30
+
+
+def test_resume_after_sigkill_gives_identical_metrics(tiny_cfg, tmp_path):
+    """A real process killed mid-epoch with SIGKILL, resumed, ends with the uninterrupted run's numbers."""
+    cfg = tiny_cfg(epochs=4, image_size=64, filters=16, batch_size=8)
+    reference = fit(cfg.__class__(**{**cfg.to_dict(), "name": "reference"}), progress=False).history
+    args = [sys.executable, "-m", "cnnlab.cli", "train", "--quiet"] + \
+        [f"--{k}={v}" for k, v in cfg.to_dict().items() if k != "name"] + ["--name=killed"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_jsonl(metrics)) < 2:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 3
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(read_jsonl(metrics))
+    assert 2 <= done < 4, "the kill should land mid-run"
+    assert main(["train", "--resume", str(tmp_path / "runs" / "killed"), "--quiet"]) == 0
+    resumed = read_jsonl(metrics)
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in h]
+    assert strip(resumed) == strip(reference)
