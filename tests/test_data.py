@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.data import Batches, augment, cache_key, load_images, scan_folder, stratified_split
+from cnnlab.data import Batches, BatchPrep, Preprocess, cache_key, load_images, scan_folder, stratified_split
 from cnnlab.decode import load_rgb
 from cnnlab.errors import DataError
 from conftest import write_bad_files
@@ -91,14 +91,51 @@ def test_batches_cover_every_row_once_in_channels_last(tiny_data, cache_dir):
     assert first == [y.tolist() for _, y in batches.epoch(5)] and first != [y.tolist() for _, y in batches.epoch(6)]
 
 
-def test_augment_is_seeded_in_range_and_varied():
-    x = torch.rand(8, 3, 32, 32)
-    a = augment(x, torch.Generator().manual_seed(0))
-    b = augment(x, torch.Generator().manual_seed(0))
-    c = augment(x, torch.Generator().manual_seed(1))
-    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
-    assert a.min() >= 0 and a.max() <= 1
-    # full-size crops with no jitter are the identity or a mirror image
-    same = augment(x, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1), jitter=0)
+def _batch(b=6, s=32):
+    return torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels_last view
+
+
+def _normalised(x):
+    pre = Preprocess(x.shape[-1])
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def test_prep_without_augmentation_is_exact_normalisation():
+    x = _batch()
+    out = BatchPrep(Preprocess(32))(x)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, _normalised(x), atol=1e-5)
+    assert BatchPrep(Preprocess(32), channels_last=False)(x).is_contiguous()
+
+
+def test_augmentation_is_seeded_and_varied():
+    x = _batch()
+    prep = BatchPrep(Preprocess(32))
+    a = prep(x, torch.Generator().manual_seed(0)).clone()
+    b = prep(x, torch.Generator().manual_seed(0)).clone()
+    c = prep(x, torch.Generator().manual_seed(1)).clone()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (6, 3, 32, 32) and torch.isfinite(a).all()
+
+
+def test_full_crops_without_jitter_are_the_image_or_its_mirror():
+    x = _batch(8)
+    out = BatchPrep(Preprocess(32), scale=(1, 1), ratio=(1, 1), jitter=0)(x, torch.Generator().manual_seed(0))
+    ref = _normalised(x)
+    flips = 0
     for i in range(8):
-        assert torch.allclose(same[i], x[i], atol=1e-5) or torch.allclose(same[i], x[i].flip(-1), atol=1e-5)
+        same, mirrored = torch.allclose(out[i], ref[i], atol=1e-5), torch.allclose(out[i], ref[i].flip(-1), atol=1e-5)
+        assert same or mirrored
+        flips += mirrored
+    assert 0 < flips < 8
+
+
+def test_crops_zoom_into_the_image():
+    x = torch.zeros(4, 64, 64, 3, dtype=torch.uint8)
+    x[:, 16:48, 16:48] = 255  # a white square in the middle
+    out = BatchPrep(Preprocess(64), scale=(0.25, 0.25), ratio=(1, 1), jitter=0)(x.permute(0, 3, 1, 2),
+                                                                                 torch.Generator().manual_seed(3))
+    white = (out[:, 0] > 0).float().mean(dim=(1, 2))
+    assert (white > 0.25).all()  # the square covers a quarter of the image, more of a quarter-area crop

@@ -8,31 +8,29 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .data import Preprocess, to_model_input
+from .data import BatchPrep
 from .hardware import autocast
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], pre: Preprocess,
-                   device: torch.device, amp: torch.dtype | None = None, channels_last: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], prep: BatchPrep,
+                   device: torch.device, amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits as float32 on the CPU, labels) for every batch, in order."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
     for x, y in batches:
         with autocast(device, amp):
-            out = model(to_model_input(x, pre, None, channels_last))
+            out = model(prep(x))
         logits.append(out.float())
         labels.append(y)
     model.train(was_training)
     return torch.cat(logits).cpu(), torch.cat(labels).cpu()
 
 
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], pre: Preprocess,
-             device: torch.device, amp: torch.dtype | None = None, channels_last: bool = True,
-             loss_fn: nn.Module | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], prep: BatchPrep,
+             device: torch.device, amp: torch.dtype | None = None, loss_fn: nn.Module | None = None) -> dict[str, float]:
     """Mean loss and accuracy (a fraction) over `batches`."""
-    logits, labels = predict_logits(model, batches, pre, device, amp, channels_last)
+    logits, labels = predict_logits(model, batches, prep, device, amp)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     return {"loss": float(loss_fn(logits, labels)), "acc": float((logits.argmax(1) == labels).float().mean())}

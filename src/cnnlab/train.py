@@ -21,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from .config import Config, save_yaml
-from .data import Batches, Preprocess, load_images, save_split, stratified_split, to_model_input, write_bad_file_report
+from .data import Batches, BatchPrep, Preprocess, load_images, save_split, stratified_split, write_bad_file_report
 from .errors import CnnlabError, ConfigError
 from .evaluate import evaluate
 from .hardware import autocast, autocast_dtype, resolve_device
@@ -79,10 +79,10 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
 
 # ---- one epoch -----------------------------------------------------------------------------------------
 
-def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], pre: Preprocess,
+def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], prep: BatchPrep,
                     optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: nn.Module, device: torch.device,
-                    amp: torch.dtype | None, aug: torch.Generator | None, channels_last: bool,
-                    grad_clip: float = 0.0, bar: Any = None) -> dict[str, float]:
+                    amp: torch.dtype | None, aug: torch.Generator | None, grad_clip: float = 0.0,
+                    bar: Any = None) -> dict[str, float]:
     """One pass over `batches`. Loss and accuracy are summed on the device and read once at the end,
     so the GPU never waits for the host inside an epoch."""
     model.train()
@@ -90,7 +90,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for x, y in batches:
-        x = to_model_input(x, pre, aug, channels_last)
+        x = prep(x, aug)
         with autocast(device, amp):
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -156,6 +156,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     torch.manual_seed(cfg.seed)
     model = create_model(cfg, len(classes))
     pre = getattr(model, "cnnlab_preprocess", None) or Preprocess(cfg.image_size)
+    prep = BatchPrep(pre, cfg.channels_last)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     plan = TrainablePlan(model, cfg)
@@ -196,13 +197,13 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
             t0 = time.perf_counter()
             with tqdm(total=len(train_batches) * cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", unit="img",
                       disable=not progress, leave=False, dynamic_ncols=True) as bar:
-                stats = train_one_epoch(forward, train_batches.epoch(seed), pre, optimizer, scheduler, loss_fn,
-                                        device, amp, aug, cfg.channels_last, cfg.grad_clip, bar)
+                stats = train_one_epoch(forward, train_batches.epoch(seed), prep, optimizer, scheduler, loss_fn,
+                                        device, amp, aug, cfg.grad_clip, bar)
             train_time = time.perf_counter() - t0
             if not math.isfinite(stats["train_loss"]):
                 raise TrainingDiverged(f"epoch {epoch}: the training loss is {stats['train_loss']}; "
                                        f"try a lower --lr (now {cfg.lr:g}) or --grad_clip 1")
-            val = evaluate(forward, val_batches, pre, device, amp, cfg.channels_last, loss_fn)
+            val = evaluate(forward, val_batches, prep, device, amp, loss_fn)
             record = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                       "val_loss": val["loss"], "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
                       "epoch_time": time.perf_counter() - t0, "images_per_s": stats["seen"] / train_time}

@@ -1,0 +1,73 @@
+"""Wall time of one training epoch of the same small CNN: cnnlab's pipeline (cache, batched augmentation,
+channels_last, autocast where the hardware has bf16) against the reference pipeline (ImageFolder +
+per-image transforms + DataLoader(num_workers=2), fp32 NCHW, no augmentation), same JPEGs, same run.
+
+    python benchmarks/train_epoch.py [--image_size 224]
+Last line: `ratio: N.N` (reference time over ours; higher is better)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import photo_folder, reference_loader, say
+from cnnlab.config import make_config
+from cnnlab.data import Batches, BatchPrep, Preprocess, load_images
+from cnnlab.hardware import autocast_dtype
+from cnnlab.models import create_model
+from cnnlab.train import train_one_epoch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--image_size", type=int, default=224)
+    ap.add_argument("--batch_size", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    cfg = make_config({"image_size": args.image_size})
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        root, what = photo_folder(Path(tmp))
+        folder = root / "train"
+        amp = autocast_dtype("auto", cpu)
+        say(f"data: {what}; model: 5x32 filters, 3x3, batch norm, {args.image_size}px, batch {args.batch_size}; "
+            f"cnnlab precision: {amp or 'fp32'} (auto)")
+
+        t = time.perf_counter()
+        images = load_images(folder, args.image_size, Path(tmp) / "cache", progress=False)
+        say(f"cnnlab cache build (once): {time.perf_counter() - t:.1f}s, not counted below")
+
+        torch.manual_seed(0)
+        model = create_model(cfg, len(images.classes)).to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        batches = Batches(images, images.valid, args.batch_size, cpu, shuffle=True, drop_last=True)
+        t = time.perf_counter()
+        stats = train_one_epoch(model, batches.epoch(0), BatchPrep(Preprocess(args.image_size)), opt, None,
+                                nn.CrossEntropyLoss(), cpu, amp, torch.Generator().manual_seed(0))
+        ours = time.perf_counter() - t
+        say(f"cnnlab epoch: {ours:.1f}s, {stats['seen'] / ours:.1f} img/s")
+
+        torch.manual_seed(0)
+        model = create_model(cfg, len(images.classes))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn = nn.CrossEntropyLoss()
+        t, seen = time.perf_counter(), 0
+        model.train()
+        for x, y in reference_loader(folder, args.image_size, args.batch_size):
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(y)
+        ref = time.perf_counter() - t
+        say(f"reference epoch: {ref:.1f}s, {seen / ref:.1f} img/s")
+    say(f"ratio: {ref / ours:.1f}")
+
+
+if __name__ == "__main__":
+    main()
