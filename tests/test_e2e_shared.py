@@ -18,6 +18,11 @@ def test_train_on_real_flower_photos(tmp_path, capsys):
     summary = json.loads((tmp_path / "runs" / "flowers" / "summary.json").read_text())
     assert summary["train_images"] + summary["val_images"] == 3457  # train/ only: val/ is the test set
     assert summary["best_val_acc"] > 0.4  # 5 classes, chance 0.2 (measured: 0.63 after 2 epochs)
+    best = tmp_path / "runs" / "flowers" / "best.pt"
+    assert main(["evaluate", str(best), "--data", str(SHARED_DATA / "flowers"), "--cache_dir", str(tmp_path / "cache"),
+                 "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "flowers" / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == 860 and metrics["accuracy"] > 0.4
 
 
 def test_full_size_jpegs_and_the_gif_placeholder_decode(tmp_path):

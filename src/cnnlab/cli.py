@@ -107,12 +107,70 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str):
+    from .hardware import resolve_device
+
+    return resolve_device(name)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import Config
+    from .evaluate import evaluate_checkpoint, format_metrics
+
+    cache = args.cache_dir or Config().resolved_cache_dir()
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, _device(args.device), cache, args.out, args.top,
+                                  args.seed, progress=not args.quiet)
+    print(format_metrics(metrics))
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    print(f"wrote {out}/metrics.json, confusion.png, predictions.png")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import load_model, predict_files
+
+    device = _device(args.device)
+    results = predict_files(load_model(args.checkpoint, device), args.images, device, args.top)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for r in results:
+        if "error" in r:
+            print(f"cnnlab predict: {r['file']}: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .config import Config
+    from .data import BatchPrep, load_images
+    from .errors import DataError
+    from .evaluate import load_model
+    from .explain import explain
+
+    loaded = load_model(args.checkpoint, _device("cpu"))
+    cache = args.cache_dir or Config().resolved_cache_dir()
+    test = load_images(Path(args.data) / "val", loaded.pre.image_size, cache, progress=not args.quiet)
+    if test.classes != loaded.classes:
+        raise DataError(f"{args.data}/val has classes {test.classes}; the checkpoint knows {loaded.classes}")
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "explain"
+    paths = explain(loaded.model, test, test.valid, BatchPrep(loaded.pre, loaded.cfg.channels_last), loaded.classes,
+                    out, args.neurons, args.per_neuron, seed=args.seed)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "train a model (scratch CNN or fine-tuned torchvision model) on ROOT/train"),
     "info": (cmd_info, "parameter count and FLOPs of a config"),
     "demo-data": (cmd_demo_data, "write a small synthetic 10-class data set"),
     "download": (cmd_download, "download and unpack a data set (resumable, checksummed)"),
     "models": (cmd_models, "list the model names --model accepts"),
+    "evaluate": (cmd_evaluate, "test accuracy, per-class metrics, confusion matrix and prediction grid on ROOT/val"),
+    "predict": (cmd_predict, "top-k classes of image files"),
+    "explain": (cmd_explain, "first-layer filters, guided back-propagation of last-conv neurons, Grad-CAM"),
 }
 
 
@@ -144,6 +202,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", help="expected SHA-256 of the archive")
 
     sub.add_parser("models", help=COMMANDS["models"][1])
+
+    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1], allow_abbrev=False)
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="data root; its val/ folder is the test set")
+    p.add_argument("--top", type=int, default=3, help="k of the top-k accuracy")
+    p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prediction grid's sample")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache_dir", default="")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("predict", help=COMMANDS["predict"][1], allow_abbrev=False)
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("explain", help=COMMANDS["explain"][1], allow_abbrev=False)
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--neurons", type=int, default=10, help="last-conv channels to show")
+    p.add_argument("--per_neuron", type=int, default=3, help="top-exciting test images per neuron")
+    p.add_argument("--out", help="output folder (default: next to the checkpoint, explain/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache_dir", default="")
+    p.add_argument("--quiet", action="store_true")
     return parser
 
 

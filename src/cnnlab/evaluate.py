@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
-from .data import BatchPrep
-from .hardware import autocast
+from .config import Config
+from .data import BatchPrep, Preprocess
+from .errors import DataError
+from .hardware import autocast, autocast_dtype
+from .io import atomic_write_json
 
 
 @torch.inference_mode()
@@ -34,3 +41,135 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     logits, labels = predict_logits(model, batches, prep, device, amp)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     return {"loss": float(loss_fn(logits, labels)), "acc": float((logits.argmax(1) == labels).float().mean())}
+
+
+# ---- a trained model on the test folder ---------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    cfg: Config
+    classes: list[str]
+    pre: Preprocess
+    state: dict[str, Any]
+
+
+def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
+    """Rebuild the model a checkpoint was trained as (no weights download) and load its weights."""
+    from .config import make_config
+    from .models import create_model
+    from .train import load_checkpoint
+
+    state = load_checkpoint(checkpoint, device)
+    cfg = make_config({**state["config"], "weights": "none"})
+    model = create_model(cfg, len(state["classes"]))
+    model.load_state_dict(state["model"])
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model.eval()
+    return LoadedModel(model, cfg, list(state["classes"]), Preprocess.from_dict(state["preprocess"]), state)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: sound near 0 and 1, unlike the normal approximation."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], top_k: int = 3
+                           ) -> dict[str, Any]:
+    """Accuracy with its 95% interval, top-k accuracy, per-class precision/recall/F1, macro F1, confusion."""
+    n, c = len(labels), len(classes)
+    pred = logits.argmax(1)
+    correct = int((pred == labels).sum())
+    k = min(top_k, c)
+    topk = int((logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
+    confusion = torch.zeros(c, c, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones(n, dtype=torch.long), accumulate=True)
+    per_class = {}
+    for i, name in enumerate(classes):
+        tp = int(confusion[i, i])
+        predicted, actual = int(confusion[:, i].sum()), int(confusion[i].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    low, high = wilson_interval(correct, n)
+    return {"images": n, "accuracy": correct / max(n, 1), "accuracy_ci95": [low, high],
+            f"top{k}_accuracy": topk / max(n, 1), "macro_f1": sum(v["f1"] for v in per_class.values()) / c,
+            "per_class": per_class, "classes": classes, "confusion": confusion.tolist()}
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    lo, hi = m["accuracy_ci95"]
+    topk = next(k for k in m if k.startswith("top"))
+    lines = [f"test accuracy {m['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}, {m['images']} images)  "
+             f"{topk.replace('_', ' ')} {m[topk]:.4f}  macro F1 {m['macro_f1']:.4f}",
+             f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+    for name, v in m["per_class"].items():
+        lines.append(f"{name:<20}{v['precision']:>10.3f}{v['recall']:>10.3f}{v['f1']:>10.3f}{v['support']:>9d}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.device, cache_dir: str | Path,
+                        out_dir: str | Path | None = None, top_k: int = 3, seed: int = 0,
+                        progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The test folder (`data`/val), once: metrics.json, the confusion matrix and the prediction grid."""
+    from .data import Batches, load_images
+    from .visualise import plot_confusion, plot_prediction_grid
+
+    loaded = load_model(checkpoint, device)
+    out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
+    test = load_images(Path(data) / "val", loaded.pre.image_size, cache_dir, loaded.cfg.workers, progress)
+    if test.classes != loaded.classes:
+        raise DataError(f"{Path(data) / 'val'} has classes {test.classes}, but {checkpoint} was trained on "
+                        f"{loaded.classes}: evaluate on data with the same class folders")
+    if test.errors:
+        log(f"skipped {len(test.errors)} unreadable test file(s): {test.bad_file_report().splitlines()[0]} ...")
+    rows = test.valid
+    batches = Batches(test, rows, 128, device, shuffle=False)
+    amp = autocast_dtype(loaded.cfg.precision, device)
+    logits, labels = predict_logits(loaded.model, batches, BatchPrep(loaded.pre, loaded.cfg.channels_last), device, amp)
+    metrics = classification_metrics(logits, labels, loaded.classes, top_k)
+    metrics.update({"checkpoint": str(checkpoint), "data": str(Path(data) / "val"), "skipped_files": len(test.errors)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    plot_confusion(metrics["confusion"], loaded.classes, out_dir / "confusion.png")
+    probs = logits.softmax(1)
+    plot_prediction_grid(test, rows, labels, probs, loaded.classes, out_dir / "predictions.png", seed=seed)
+    return metrics
+
+
+def predict_files(loaded: LoadedModel, paths: list[str], device: torch.device, top: int = 3
+                  ) -> list[dict[str, Any]]:
+    """Top-k classes of each image file (any format PIL reads); an unreadable file gets an `error` entry
+    and the others are still predicted."""
+    from .decode import describe_error, load_rgb
+
+    results: list[dict[str, Any]] = []
+    arrays, where = [], []
+    for p in paths:
+        try:
+            arrays.append(load_rgb(p, loaded.pre.image_size))
+            where.append(len(results))
+            results.append({"file": p})
+        except FileNotFoundError:
+            results.append({"file": p, "error": "no such file"})
+        except Exception as e:  # noqa: BLE001 - reported per file
+            results.append({"file": p, "error": describe_error(e)})
+    if arrays:
+        x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
+        y = torch.zeros(len(arrays), dtype=torch.long, device=device)
+        prep = BatchPrep(loaded.pre, loaded.cfg.channels_last)
+        logits, _ = predict_logits(loaded.model, [(x, y)], prep, device,
+                                   autocast_dtype(loaded.cfg.precision, device))
+        probs = logits.softmax(1)
+        k = min(top, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        for row, i in enumerate(where):
+            results[i]["top"] = [{"class": loaded.classes[int(c)], "prob": float(v)}
+                                 for v, c in zip(values[row], indices[row])]
+    return results

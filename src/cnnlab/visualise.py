@@ -1,0 +1,141 @@
+"""Figures (PNG, matplotlib's Agg backend: no display needed). Each function takes plain data and a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], classes: list[str], path: str | Path) -> Path:
+    """Row-normalised confusion matrix (each row: where one true class went), counts in the cells."""
+    counts = np.asarray(confusion, dtype=float)
+    norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                ax.text(j, i, f"{norm[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    ax.set_title("confusion matrix (rows normalised)")
+    return _save(fig, path)
+
+
+def plot_prediction_grid(images: Any, rows: np.ndarray, labels: Any, probs: Any, classes: list[str],
+                         path: str | Path, per_class: int = 3, seed: int = 0) -> Path:
+    """A (classes x per_class) grid of test images drawn with a seeded sample, titled with the true and
+    predicted class and the confidence; framed green when right, red when wrong."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    probs = np.asarray(probs)
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(2.3 * per_class, 2.45 * len(classes)), squeeze=False)
+    for c, name in enumerate(classes):
+        positions = np.flatnonzero(labels == c)
+        chosen = rng.choice(positions, size=min(per_class, len(positions)), replace=False) if len(positions) else []
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(chosen):
+                ax.axis("off")
+                continue
+            k = int(chosen[j])
+            pred = int(probs[k].argmax())
+            ax.imshow(images.pixels[rows[k]])
+            colour = "#1a9e3a" if pred == c else "#d62728"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(4)
+            ax.set_title(f"true: {name}\npred: {classes[pred]} ({probs[k, pred]:.0%})", fontsize=8, color=colour)
+    fig.suptitle("test predictions (green: right, red: wrong)", y=1.0)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    a = a - a.min()
+    return a / a.max() if a.max() > 0 else a
+
+
+def plot_filters(weights: np.ndarray, path: str | Path) -> Path:
+    """First-layer filters (out, in, k, k) as small images, each normalised on its own; colour when in=3."""
+    n = weights.shape[0]
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            w = weights[i]
+            img = _unit(w.transpose(1, 2, 0)) if w.shape[0] == 3 else _unit(w.mean(0))
+            ax.imshow(img, cmap=None if w.shape[0] == 3 else "gray", interpolation="nearest")
+    fig.suptitle(f"first convolution layer: {n} filters of {weights.shape[2]}x{weights.shape[3]}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_guided(neurons: list[int], images: list[list[np.ndarray]], maps: list[list[np.ndarray]],
+                scores: list[list[float]], path: str | Path) -> Path:
+    """One row per neuron: the test images that excite it most, each followed by its guided-backprop map."""
+    k = max(len(r) for r in images)
+    fig, axes = plt.subplots(len(neurons), 2 * k, figsize=(2 * k * 1.5, len(neurons) * 1.6), squeeze=False)
+    for r, neuron in enumerate(neurons):
+        for j in range(k):
+            a, b = axes[r, 2 * j], axes[r, 2 * j + 1]
+            a.axis("off")
+            b.axis("off")
+            if j < len(images[r]):
+                a.imshow(images[r][j])
+                b.imshow(_unit(maps[r][j]))
+                a.set_title(f"neuron {neuron}: {scores[r][j]:.2f}", fontsize=7)
+                b.set_title("guided backprop", fontsize=7)
+    fig.suptitle("last conv layer: top-exciting test images and guided back-propagation", fontsize=10, y=1.01)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gradcam(images: list[np.ndarray], cams: list[np.ndarray], titles: list[str], path: str | Path,
+                 cols: int = 6) -> Path:
+    rows = int(np.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i])
+            ax.imshow(cams[i], cmap="jet", alpha=0.45, extent=(0, images[i].shape[1], images[i].shape[0], 0))
+            ax.set_title(titles[i], fontsize=7)
+    fig.suptitle("Grad-CAM of the predicted class (last conv layer)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, key: str = "val_acc") -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, history in runs.items():
+        ax.plot([r["epoch"] for r in history], [r[key] for r in history], marker="o", ms=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

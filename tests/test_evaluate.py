@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cnnlab.cli import main
+from cnnlab.evaluate import classification_metrics, wilson_interval
+from cnnlab.explain import guided, guided_backprop
+from cnnlab.train import fit
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU, nn.SiLU, nn.Mish])
+def test_guided_backprop_equals_the_hand_computed_value(act):
+    """x (two pixels) -> 1x1 conv to 2 channels (w = 2, 1) -> act -> 1x1 conv (v = 1, -0.5); the target is the
+    output's spatial maximum, at pixel 0 (x = 1), where both hidden units are positive (2 and 1). The plain
+    gradient there is 2*act'(2) - 0.5*act'(1) (1.5 for ReLU). Guided backprop drops the negative gradient
+    (-0.5) arriving at unit 2 and the activation's derivative: 2 * 1 = 2. Pixel 1 (x = -2): gated shut, 0."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), act(), nn.Conv2d(2, 1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([2.0, 1.0]).view(2, 1, 1, 1))
+        model[2].weight.copy_(torch.tensor([1.0, -0.5]).view(1, 2, 1, 1))
+    x = torch.tensor([1.0, -2.0]).view(1, 1, 1, 2)
+    g = guided_backprop(model, x, model[2], channel=0)
+    assert torch.allclose(g, torch.tensor([2.0, 0.0]).view(1, 1, 1, 2))
+    plain_x = x.clone().requires_grad_(True)
+    model(plain_x)[0, 0, 0, 0].backward()
+    assert not torch.allclose(plain_x.grad[0, 0, 0, 0], torch.tensor(2.0))  # guided really differs
+    with guided(model):
+        assert type(model[1]).__name__ == "GuidedActivation"
+    assert isinstance(model[1], act)  # restored
+
+
+def test_wilson_interval_and_metrics_on_known_predictions():
+    lo, hi = wilson_interval(8, 10)
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+    logits = torch.tensor([[3.0, 1, 0], [2, 1, 0], [0, 3, 1], [0, 1, 3], [1, 2, 0], [0, 0, 1]])
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])  # predictions: 0 0 1 2 1 2
+    m = classification_metrics(logits, labels, ["a", "b", "c"], top_k=2)
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert m["confusion"] == [[2, 0, 0], [0, 1, 0], [0, 1, 2]]
+    assert m["per_class"]["b"]["precision"] == 0.5 and m["per_class"]["c"]["recall"] == pytest.approx(2 / 3)
+    assert m["top2_accuracy"] == pytest.approx(5 / 6)  # row 4 (true c) has c last
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    from cnnlab.config import make_config
+
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = make_config({"data": str(tiny_data), "image_size": 32, "filters": 8, "dense_units": 32, "epochs": 2,
+                       "batch_size": 16, "out": str(tmp / "runs"), "cache_dir": str(tmp / "cache"), "name": "r",
+                       "workers": 1})
+    fit(cfg, progress=False)
+    return tmp / "runs" / "r" / "best.pt", tmp / "cache"
+
+
+def test_evaluate_writes_metrics_and_figures_reproducibly(trained, tiny_data, tmp_path, capsys):
+    ckpt, cache = trained
+    argv = ["evaluate", str(ckpt), "--data", str(tiny_data), "--cache_dir", str(cache), "--quiet"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["images"] == 40 and 0 <= m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
+    assert sum(map(sum, m["confusion"])) == 40
+    for name in ("confusion.png", "predictions.png"):
+        a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
+        assert a == b and Image.open(tmp_path / "a" / name).size[0] > 300
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_other_classes(trained, tmp_path, capsys):
+    from cnnlab.demo import make_demo_data
+
+    other = make_demo_data(tmp_path / "other", 2, 2, min_size=40, max_size=48)
+    (other / "val" / "star").rename(other / "val" / "planet")
+    ckpt, cache = trained
+    assert main(["evaluate", str(ckpt), "--data", str(other), "--cache_dir", str(cache), "--quiet"]) == 2
+    assert "planet" in capsys.readouterr().err
+
+
+def test_predict_reports_bad_files_and_predicts_the_rest(trained, tiny_data, tmp_path, capsys):
+    ckpt, _ = trained
+    good = sorted((tiny_data / "val" / "ring").iterdir())[0]
+    grey = tmp_path / "grey.png"
+    Image.open(good).convert("L").save(grey)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
+    code = main(["predict", str(ckpt), str(good), str(grey), str(tmp_path / "bad.jpg"), str(tmp_path / "nope.jpg"),
+                 "--top", "2", "--json"])
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert code == 1 and [len(r.get("top", [])) for r in results] == [2, 2, 0, 0]
+    assert abs(sum(t["prob"] for t in results[0]["top"])) <= 1.0
+    assert "nope.jpg: no such file" in captured.err and len(captured.err.strip().splitlines()) == 2
+
+
+def test_explain_writes_filters_guided_backprop_and_gradcam(trained, tiny_data, tmp_path):
+    ckpt, cache = trained
+    assert main(["explain", str(ckpt), "--data", str(tiny_data), "--cache_dir", str(cache), "--neurons", "4",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    for name in ("filters.png", "guided_backprop.png", "gradcam.png"):
+        assert Image.open(tmp_path / name).size[0] > 200
