@@ -30,7 +30,7 @@ def tiny_cfg(tiny_data, tmp_path, cache_dir):
     """A config that trains in about a second on tiny_data."""
     def make(**overrides):
         base = dict(data=str(tiny_data), image_size=32, filters=8, dense_units=32, batch_size=16, epochs=2,
-                    out=str(tmp_path / "runs"), cache_dir=str(cache_dir), workers=1, name="run")
+                    out=str(tmp_path / "runs"), cache_dir=str(cache_dir), decode_workers=1, name="run")
         return make_config({**base, **overrides})
     return make
 

@@ -51,7 +51,7 @@ def trained(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     cfg = make_config({"data": str(tiny_data), "image_size": 32, "filters": 8, "dense_units": 32, "epochs": 2,
                        "batch_size": 16, "out": str(tmp / "runs"), "cache_dir": str(tmp / "cache"), "name": "r",
-                       "workers": 1})
+                       "decode_workers": 1})
     fit(cfg, progress=False)
     return tmp / "runs" / "r" / "best.pt", tmp / "cache"
 

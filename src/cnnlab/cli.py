@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -162,6 +163,44 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep, make_storage, open_study, run_sweep, spawn_workers
+
+    sweep = load_sweep(args.sweep_file)
+    base = {**(load_yaml(args.config) if args.config else {}), **_overrides(args)}
+    config = make_config(base)  # refuse bad base flags before anything starts
+    folder = Path(args.out_root) / sweep.name
+    if args.workers > 1:
+        folder.mkdir(parents=True, exist_ok=True)
+        open_study(sweep, make_storage(args.storage, folder), args.seed, config.epochs)  # created once, then shared
+        argv = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
+        cleaned, skip = [], False
+        for a in argv:  # drop --workers N / --workers=N: each child runs one process's worth
+            if skip:
+                skip = False
+                continue
+            if a == "--workers":
+                skip = True
+                continue
+            if not a.startswith("--workers="):
+                cleaned.append(a)
+        print(f"sweep {sweep.name}: {args.workers} worker processes, {args.count or 'all'} trials each")
+        return spawn_workers(cleaned, args.workers)
+    result = run_sweep(sweep, base, folder, args.storage, args.count, args.seed, progress=not args.quiet)
+    best = f"best {sweep.metric} {result.best_value:.4f} (trial {result.best_trial})" if result.best_value is not None else "no complete trial"
+    print(f"sweep {sweep.name}: {result.ran} trials in {result.seconds:.0f}s ({result.complete} complete, "
+          f"{result.pruned} pruned, {result.failed} failed); {best}; report: cnnlab sweep-report {folder}")
+    return 0
+
+
+def cmd_sweep_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(Path(args.folder), args.storage)
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "train a model (scratch CNN or fine-tuned torchvision model) on ROOT/train"),
     "info": (cmd_info, "parameter count and FLOPs of a config"),
@@ -169,6 +208,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "download": (cmd_download, "download and unpack a data set (resumable, checksummed)"),
     "models": (cmd_models, "list the model names --model accepts"),
     "evaluate": (cmd_evaluate, "test accuracy, per-class metrics, confusion matrix and prediction grid on ROOT/val"),
+    "sweep": (cmd_sweep, "run a W&B-schema sweep file on the embedded Optuna engine"),
+    "sweep-report": (cmd_sweep_report, "plots and tables of a sweep, offline"),
     "predict": (cmd_predict, "top-k classes of image files"),
     "explain": (cmd_explain, "first-layer filters, guided back-propagation of last-conv neurons, Grad-CAM"),
 }
@@ -203,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help=COMMANDS["models"][1])
 
+    p = sub.add_parser("sweep", help=COMMANDS["sweep"][1], allow_abbrev=False)
+    p.add_argument("sweep_file", help="a W&B sweep YAML (method, metric, parameters, early_terminate, run_cap)")
+    p.add_argument("--count", type=int, help="trials this process runs (default: until run_cap or the grid is done)")
+    p.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study")
+    p.add_argument("--storage", help="Optuna RDB URL shared by many machines (default: a journal file in the sweep folder)")
+    p.add_argument("--sweeps_dir", dest="out_root", default="sweeps", help="where sweep folders go")
+    p.add_argument("--sampler_seed", dest="seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--config", help="YAML of base config keys for every trial")
+    p.add_argument("--quiet", action="store_true")
+    _add_config_flags(p)
+
+    p = sub.add_parser("sweep-report", help=COMMANDS["sweep-report"][1], allow_abbrev=False)
+    p.add_argument("folder", help="the sweep folder, sweeps/<name>")
+    p.add_argument("--storage", help="the RDB URL the sweep used, if it used one")
+
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1], allow_abbrev=False)
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="data root; its val/ folder is the test set")
@@ -235,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    args.argv = None if argv is None else list(argv)
+    threads = os.environ.get("CNNLAB_THREADS")
+    if threads:  # set by a parent that runs several sweep processes on one machine
+        import torch
+
+        torch.set_num_threads(int(threads))
     if unknown:
         flag = unknown[0].split("=")[0]
         close = difflib.get_close_matches(flag.lstrip("-"), list(FIELDS), n=1)

@@ -68,7 +68,7 @@ class Config:
     precision: str = _f("auto", "auto: bf16 autocast where the hardware has bf16, else fp32", choices=("auto", "bf16", "fp32"))
     channels_last: bool = _f(True, "channels_last memory format (faster convolutions on CPU and GPU)")
     compile: bool = _f(False, "torch.compile the model")
-    workers: int = _f(0, "processes decoding images into the cache (0: one per core)", min=0, max=256)
+    decode_workers: int = _f(0, "processes decoding images into the cache (0: one per core)", min=0, max=256)
     cache_dir: str = _f("", "where decoded images are cached (default: $CNNLAB_CACHE or ~/.cache/cnnlab)")
     out: str = _f("runs", "folder that receives run folders")
     name: str = _f("", "run folder name (default: made from the time and the main knobs)")
@@ -171,14 +171,21 @@ def coerce(key: str, value: Any) -> Any:
     return str(value)
 
 
+def check_value(key: str, value: Any) -> Any:
+    """coerce, then the field's own rules (choices, range): a value every config would refuse."""
+    value = coerce(key, value)
+    f = FIELDS[key]
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ConfigError(f"{key}={value!r}: expected {describe(key)}")
+    if "min" in f.metadata and not (f.metadata["min"] <= value <= f.metadata["max"]):
+        raise ConfigError(f"{key}={value!r}: expected {describe(key)}")
+    return value
+
+
 def validate(cfg: Config) -> Config:
     """Check every field's rules and the cross-field ones; return cfg unchanged or raise ConfigError."""
-    for key, f in FIELDS.items():
-        value = getattr(cfg, key)
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ConfigError(f"{key}={value!r}: expected {describe(key)}")
-        if "min" in f.metadata and not (f.metadata["min"] <= value <= f.metadata["max"]):
-            raise ConfigError(f"{key}={value!r}: expected {describe(key)}")
+    for key in FIELDS:
+        check_value(key, getattr(cfg, key))
     if cfg.filter_org not in FILTER_ORGS:
         try:
             cfg.filter_counts()

@@ -123,7 +123,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
 
     loaded = load_model(checkpoint, device)
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
-    test = load_images(Path(data) / "val", loaded.pre.image_size, cache_dir, loaded.cfg.workers, progress)
+    test = load_images(Path(data) / "val", loaded.pre.image_size, cache_dir, loaded.cfg.decode_workers, progress)
     if test.classes != loaded.classes:
         raise DataError(f"{Path(data) / 'val'} has classes {test.classes}, but {checkpoint} was trained on "
                         f"{loaded.classes}: evaluate on data with the same class folders")

@@ -145,7 +145,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     cfg = replace(cfg, name=run_dir.name)
     save_yaml(cfg, run_dir / "config.yaml")
 
-    images = load_images(Path(cfg.data) / "train", cfg.image_size, cfg.resolved_cache_dir(), cfg.workers, progress)
+    images = load_images(Path(cfg.data) / "train", cfg.image_size, cfg.resolved_cache_dir(), cfg.decode_workers, progress)
     n_bad = write_bad_file_report(run_dir / "bad_files.txt", images)
     if n_bad:
         log(f"skipped {n_bad} unreadable file(s) of {len(images.files)}: listed in {run_dir / 'bad_files.txt'}")

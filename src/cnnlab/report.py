@@ -1,0 +1,235 @@
+"""`cnnlab sweep-report`: figures and tables of a sweep, from its study storage and run folders alone.
+
+Writes into sweeps/<name>/report/: accuracy_vs_created.png, parallel_coordinates.png, importance.png,
+correlations.md, best_trials.md, best.yaml (a config `cnnlab train --config` accepts) and index.html,
+which embeds every figure so it opens anywhere as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .errors import CnnlabError
+from .io import atomic_write_text
+from .sweep import make_storage, parse_sweep
+
+
+def _load(folder: Path, storage_url: str | None):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    info_path = folder / "sweep_info.json"
+    if not info_path.exists():
+        raise CnnlabError(f"{folder} is not a sweep folder (no sweep_info.json): expected sweeps/<name>")
+    info = json.loads(info_path.read_text())
+    if info.get("storage") and not storage_url:
+        if "***" in info["storage"]:
+            raise CnnlabError(f"this sweep used {info['storage']}: pass the full URL with --storage")
+        storage_url = info["storage"]
+    study = optuna.load_study(study_name=info["name"], storage=make_storage(storage_url, folder))
+    sweep = parse_sweep(yaml.safe_load((folder / "sweep.yaml").read_text()), info["name"])
+    return study, sweep, info
+
+
+def _trials(study: Any) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and "config" in t.user_attrs]
+
+
+def _numeric(values: list[Any]) -> tuple[np.ndarray, list[str] | None]:
+    """Numbers as they are; booleans as 0/1; anything else as the index of its sorted category."""
+    if all(isinstance(v, bool) for v in values):
+        return np.array(values, dtype=float), ["False", "True"]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return np.array(values, dtype=float), None
+    cats = sorted({str(v) for v in values})
+    return np.array([cats.index(str(v)) for v in values], dtype=float), cats
+
+
+def correlations(trials: list[Any], names: list[str], metric: str) -> list[dict[str, Any]]:
+    """Per parameter: Pearson r and Spearman rho for numbers (log scale when the range spans decades), and for
+    categories the correlation ratio eta (the share of the metric's spread that the category explains)."""
+    from scipy import stats
+
+    y = np.array([_value(t) for t in trials], dtype=float)
+    rows: list[dict[str, Any]] = []
+    if np.ptp(y) == 0:
+        return rows
+    for name in names:
+        raw = [t.user_attrs["config"].get(name) for t in trials]
+        x, cats = _numeric(raw)
+        if len(set(raw)) < 2:
+            continue
+        row: dict[str, Any] = {"parameter": name}
+        if (cats is None or cats == ["False", "True"]) and np.ptp(x) > 0:
+            if cats is None and x.min() > 0 and x.max() / x.min() >= 100:
+                x = np.log10(x)
+                row["scale"] = "log10"
+            row["pearson_r"] = float(stats.pearsonr(x, y)[0])
+            row["spearman_rho"] = float(stats.spearmanr(x, y)[0])
+        groups = [y[x == v] for v in np.unique(x)]
+        between = sum(len(g) * (g.mean() - y.mean()) ** 2 for g in groups)
+        total = ((y - y.mean()) ** 2).sum()
+        row["eta"] = float(math.sqrt(between / total)) if total > 0 else 0.0
+        rows.append(row)
+    return sorted(rows, key=lambda r: -abs(r.get("spearman_rho", r["eta"])))
+
+
+def _value(t: Any) -> float:
+    return t.value if t.value is not None else t.user_attrs.get("pruned_value", float("nan"))
+
+
+def write_report(folder: Path, storage_url: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.trial import TrialState
+
+    from .visualise import _save
+
+    study, sweep, info = _load(folder, storage_url)
+    out = folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    trials = _trials(study)
+    if not trials:
+        raise CnnlabError(f"{folder}: no finished trials to report yet")
+    metric, maximise = sweep.metric, sweep.goal == "maximize"
+    names = [n for n, p in sweep.params.items() if p.distribution != "constant"]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    figures: dict[str, Path] = {}
+
+    # 1. metric against creation time, best so far as a step line
+    ordered = sorted(trials, key=lambda t: t.datetime_start)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for state, colour, label in ((TrialState.COMPLETE, "#1f77b4", "complete"), (TrialState.PRUNED, "#bbbbbb", "pruned")):
+        pts = [t for t in ordered if t.state == state]
+        ax.scatter([t.datetime_start for t in pts], [_value(t) for t in pts], c=colour, label=label, s=25, zorder=3)
+    best, xs, ys = None, [], []
+    for t in ordered:
+        if t.state == TrialState.COMPLETE:
+            best = t.value if best is None else (max if maximise else min)(best, t.value)
+        if best is not None:
+            xs.append(t.datetime_start)
+            ys.append(best)
+    ax.step(xs, ys, where="post", color="#d62728", label="best so far")
+    ax.set_xlabel("created")
+    ax.set_ylabel(metric)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.autofmt_xdate()
+    ax.set_title(f"{sweep.name}: {metric} of each trial against its creation time")
+    figures["accuracy_vs_created"] = _save(fig, out / "accuracy_vs_created.png")
+
+    # 2. parallel coordinates: every parameter scaled to [0, 1] (categories by index), lines coloured by metric
+    if names:
+        fig, ax = plt.subplots(figsize=(1.6 * (len(names) + 1) + 2, 5))
+        cols = []
+        for name in names:
+            x, cats = _numeric([t.user_attrs["config"].get(name) for t in trials])
+            if cats is None and x.min() > 0 and x.max() / x.min() >= 100:
+                x = np.log10(x)
+            span = x.max() - x.min()
+            cols.append(((x - x.min()) / span if span else np.full_like(x, 0.5), cats, x.min(), x.max()))
+        y = np.array([_value(t) for t in trials])
+        yn = (y - np.nanmin(y)) / (np.nanmax(y) - np.nanmin(y) or 1)
+        cmap = plt.get_cmap("viridis")
+        for i in np.argsort(y if maximise else -y):
+            pts = [c[0][i] for c in cols] + [yn[i]]
+            ax.plot(range(len(pts)), pts, color=cmap(yn[i] if maximise else 1 - yn[i]), alpha=0.8, lw=1.2)
+        for j, (_, cats, lo, hi) in enumerate(cols):
+            ax.axvline(j, color="black", lw=0.6)
+            label = " / ".join(cats) if cats else f"{lo:.3g} .. {hi:.3g}"
+            ax.text(j, -0.08, label, ha="center", va="top", fontsize=7, rotation=20)
+        ax.axvline(len(cols), color="black", lw=0.6)
+        ax.set_xticks(range(len(names) + 1), names + [metric], rotation=20)
+        ax.set_yticks([])
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{sweep.name}: parallel coordinates (colour: {metric})")
+        figures["parallel_coordinates"] = _save(fig, out / "parallel_coordinates.png")
+
+    # 3. parameter importance (fANOVA) over complete trials, on Optuna's own parameter names
+    importance: dict[str, float] = {}
+    if len(complete) >= 3 and names:
+        try:
+            raw = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            for k, v in raw.items():
+                base = k.split("__")[0]
+                importance[base] = importance.get(base, 0.0) + v
+        except (RuntimeError, ValueError) as e:  # e.g. every complete trial has the same value
+            importance, why = {}, str(e)
+    else:
+        why = f"needs at least 3 complete trials (has {len(complete)})"
+    if not importance:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"parameter importance not computable:\n{why}", ha="center", va="center")
+        figures["importance"] = _save(fig, out / "importance.png")
+    else:
+        fig, ax = plt.subplots(figsize=(6, 0.4 * len(importance) + 1.2))
+        items = sorted(importance.items(), key=lambda kv: kv[1])
+        ax.barh([k for k, _ in items], [v for _, v in items], color="#1f77b4")
+        ax.set_xlabel(f"importance for {metric} (fANOVA, {len(complete)} complete trials)")
+        figures["importance"] = _save(fig, out / "importance.png")
+
+    # 4. correlation table
+    corr = correlations(trials, names, metric) if len(trials) >= 3 else []
+    corr_md = "| parameter | Pearson r | Spearman rho | eta |\n|---|---|---|---|\n" + "".join(
+        f"| {r['parameter']}{' (log10)' if r.get('scale') else ''} | {r.get('pearson_r', float('nan')):.3f} | "
+        f"{r.get('spearman_rho', float('nan')):.3f} | {r['eta']:.3f} |\n" for r in corr)
+    atomic_write_text(out / "correlations.md", corr_md)
+
+    # 5. best trials with their full configs, and best.yaml
+    ranked = sorted(complete, key=lambda t: t.value, reverse=maximise)[:10]
+    best_rows = []
+    for t in ranked:
+        run_config = Path(t.user_attrs.get("run_dir", "")) / "config.yaml"
+        cfg = yaml.safe_load(run_config.read_text()) if run_config.exists() else t.user_attrs["config"]
+        best_rows.append((t, cfg))
+    best_md = f"| trial | {metric} | epochs | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 3) + "\n"
+    best_md += "".join(f"| {t.number} | {t.value:.4f} | {t.user_attrs.get('epochs_run')} | " +
+                       " | ".join(str(t.user_attrs['config'].get(n)) for n in names) + " |\n" for t, _ in best_rows)
+    atomic_write_text(out / "best_trials.md", best_md)
+    if best_rows:
+        cfg = {k: v for k, v in best_rows[0][1].items() if k not in ("name",)}
+        cfg["out"] = "runs"
+        atomic_write_text(out / "best.yaml", f"# best trial {best_rows[0][0].number} of sweep {sweep.name}: "
+                          f"{metric} {best_rows[0][0].value:.4f}\n" + yaml.safe_dump(cfg, sort_keys=False))
+
+    states = {s.name.lower(): sum(1 for t in study.get_trials(deepcopy=False) if t.state == s) for s in TrialState}
+    page = [f"<!doctype html><meta charset=utf-8><title>{html.escape(sweep.name)}</title>",
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style>",
+            f"<h1>sweep {html.escape(sweep.name)}</h1>",
+            f"<p>method {sweep.method}, metric {metric} ({sweep.goal}), trials: " +
+            ", ".join(f"{k} {v}" for k, v in states.items() if v) + "</p>"]
+    for key, path in figures.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        page.append(f"<h2>{key.replace('_', ' ')}</h2><img src='data:image/png;base64,{data}'>")
+    page.append("<h2>correlation with the metric</h2>" + _md_table_to_html(corr_md))
+    page.append("<h2>best trials</h2>" + _md_table_to_html(best_md))
+    page.append("<p>best.yaml: <code>cnnlab train --config " + html.escape(str(out / "best.yaml")) + "</code></p>")
+    atomic_write_text(out / "index.html", "\n".join(page))
+    return out / "index.html"
+
+
+def _md_table_to_html(md: str) -> str:
+    lines = [ln for ln in md.strip().splitlines() if ln and not set(ln) <= set("|-")]
+    cells = [[html.escape(c.strip()) for c in ln.strip("|").split("|")] for ln in lines]
+    if not cells:
+        return "<p>(not enough trials)</p>"
+    head = "".join(f"<th>{c}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"

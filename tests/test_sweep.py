@@ -1,0 +1,278 @@
+"""Sweeps on the embedded engine: real journal/SQLite/PostgreSQL storages, real processes, real SIGKILL."""
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnlab.sweep import SweepError, load_sweep, parse_sweep, run_sweep
+
+TINY = ["--image_size=32", "--filters=4", "--dense_units=16", "--batch_size=32", "--decode_workers=1", "--quiet"]
+
+
+def tiny_base(data, cache):
+    return {"data": str(data), "image_size": 32, "filters": 4, "dense_units": 16, "batch_size": 32,
+            "cache_dir": str(cache), "decode_workers": 1}
+
+
+def write(path, sweep):
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def study_of(folder, name, storage=None):
+    import optuna
+
+    from cnnlab.sweep import make_storage
+
+    return optuna.load_study(study_name=name, storage=make_storage(storage, folder))
+
+
+# ---- the sweep file ---------------------------------------------------------------------------------------------
+
+def test_every_wandb_parameter_form_parses():
+    raw = {
+        "program": "train.py", "command": ["${env}", "python", "${program}", "${args}"], "name": "forms",
+        "method": "random", "metric": {"name": "val_acc", "goal": "maximize"}, "run_cap": 5,
+        "early_terminate": {"type": "hyperband", "min_iter": 3, "eta": 2},
+        "parameters": {
+            "epochs": {"value": 7},
+            "activation": {"values": ["relu", "gelu"]},
+            "optimizer": {"values": ["adam", "sgd"], "probabilities": [0.7, 0.3]},
+            "dense_units": {"distribution": "int_uniform", "min": 64, "max": 512},
+            "dropout": {"min": 0.1, "max": 0.5},
+            "label_smoothing": {"distribution": "q_uniform", "min": 0.0, "max": 0.2, "q": 0.05},
+            "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+            "weight_decay": {"distribution": "log_uniform", "min": -9.2, "max": -4.6},
+            "momentum": {"distribution": "normal", "mu": 0.9, "sigma": 0.02},
+            "grad_clip": {"distribution": "q_log_uniform_values", "min": 0.5, "max": 8, "q": 0.5},
+            "model_block": {"parameters": {"filters": {"values": [16, 32]}, "kernel_size": {"values": [3, 5]}}},
+        }}
+    sweep = parse_sweep(raw)
+    assert sweep.name == "forms" and sweep.run_cap == 5 and sweep.hyperband == {"min_iter": 3, "eta": 2}
+    assert sweep.params["dense_units"].distribution == "int_uniform"
+    assert sweep.params["dropout"].distribution == "uniform"
+    assert {"filters", "kernel_size"} <= set(sweep.params)  # nested block flattened
+
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    from cnnlab.sweep import suggest
+
+    for _ in range(20):
+        values = suggest(study.ask(), sweep)
+        assert isinstance(values["dense_units"], int) and 64 <= values["dense_units"] <= 512
+        assert 1e-4 <= values["lr"] <= 1e-2 and values["epochs"] == 7
+        assert abs(values["label_smoothing"] / 0.05 - round(values["label_smoothing"] / 0.05)) < 1e-9
+        assert 0.0001 < values["weight_decay"] < 0.0101 and values["optimizer"] in ("adam", "sgd")
+        assert values["grad_clip"] % 0.5 == 0
+
+
+def test_hyperband_with_max_iter_and_s():
+    sweep = parse_sweep({"method": "bayes", "metric": {"name": "val_loss", "goal": "minimize"},
+                         "early_terminate": {"type": "hyperband", "max_iter": 27, "eta": 3, "s": 2},
+                         "parameters": {"lr": {"min": 0.001, "max": 0.1}}})
+    assert sweep.hyperband == {"min_iter": 9, "max_iter": 27, "eta": 3} and sweep.direction == "minimize"
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"method": "random", "parameters": {"lr": {"min": 0.1, "max": 0.01}}}, "parameter 'lr': min (0.1) must be less than max (0.01)"),
+    ({"method": "evolution", "parameters": {"lr": {"value": 0.1}}}, "method 'evolution'"),
+    ({"method": "random", "parameters": {"lr": {"distribution": "zipf", "min": 1, "max": 2}}}, "parameter 'lr': unknown distribution 'zipf'"),
+    ({"method": "random", "parameters": {"filters": {"values": []}}}, "parameter 'filters': values must be a non-empty list"),
+    ({"method": "random", "parameters": {"filtres": {"values": [16]}}}, "parameter 'filtres': not a cnnlab config key"),
+    ({"method": "random", "parameters": {"activation": {"values": ["relu", "tanh"]}}}, "parameter 'activation'"),
+    ({"method": "grid", "parameters": {"lr": {"min": 0.001, "max": 0.1}}}, "parameter 'lr': grid search needs value or values"),
+    ({"method": "random", "metric": {"name": "accuracy"}, "parameters": {"lr": {"value": 0.1}}}, "metric name 'accuracy'"),
+    ({"method": "random", "early_terminate": {"type": "hyperband", "max_iter": 9}, "parameters": {"lr": {"value": 0.1}}}, "needs s"),
+])
+def test_malformed_sweep_files_name_the_problem(raw, needle):
+    with pytest.raises(SweepError) as e:
+        parse_sweep(raw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shipped_part_a_sweep_parses():
+    sweep = load_sweep(Path(__file__).parents[1] / "sweeps" / "partA.yaml")
+    assert sweep.method == "bayes" and sweep.hyperband and sweep.run_cap == 40
+    assert set(sweep.params) >= {"filters", "filter_org", "activation", "batch_norm", "augment", "dropout",
+                                 "dense_units", "batch_size", "lr", "kernel_size", "epochs"}
+
+
+# ---- running --------------------------------------------------------------------------------------------------------
+
+def grid_file(tmp_path, name="grid", a=(4, 8), b=("relu", "gelu"), epochs=2):
+    return write(tmp_path / f"{name}.yaml", {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+                                             "parameters": {"filters": {"values": list(a)},
+                                                            "activation": {"values": list(b)},
+                                                            "epochs": {"value": epochs}}})
+
+
+def completed_points(study):
+    from optuna.trial import TrialState
+
+    return sorted((t.user_attrs["config"]["filters"], t.user_attrs["config"]["activation"])
+                  for t in study.get_trials() if t.state == TrialState.COMPLETE)
+
+
+def test_grid_runs_each_point_once_and_reports(tiny_data, tmp_path):
+    sweep = load_sweep(grid_file(tmp_path))
+    result = run_sweep(sweep, tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "sweeps" / "grid", progress=False,
+                       log=lambda s: None)
+    assert result.complete == 4
+    study = study_of(tmp_path / "sweeps" / "grid", "grid")
+    assert completed_points(study) == sorted(itertools.product((4, 8), ("relu", "gelu")))
+    for t in study.get_trials():  # each trial is a normal run folder
+        assert (Path(t.user_attrs["run_dir"]) / "best.pt").exists()
+    again = run_sweep(sweep, tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "sweeps" / "grid", progress=False,
+                      log=lambda s: None)
+    assert again.ran == 0  # resumable: a finished grid has nothing left
+
+    from cnnlab.cli import main
+
+    assert main(["sweep-report", str(tmp_path / "sweeps" / "grid")]) == 0
+    report = tmp_path / "sweeps" / "grid" / "report"
+    for name in ("index.html", "accuracy_vs_created.png", "parallel_coordinates.png", "importance.png",
+                 "correlations.md", "best_trials.md", "best.yaml"):
+        assert (report / name).exists(), name
+    assert "data:image/png;base64," in (report / "index.html").read_text()
+    best = yaml.safe_load((report / "best.yaml").read_text())
+    from cnnlab.config import make_config
+
+    assert make_config(best).filters in (4, 8)  # `cnnlab train --config best.yaml` accepts it
+
+
+def test_random_respects_run_cap_and_types(tiny_data, tmp_path):
+    path = write(tmp_path / "rnd.yaml", {"method": "random", "run_cap": 3, "parameters": {
+        "dense_units": {"distribution": "int_uniform", "min": 8, "max": 32},
+        "lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-2},
+        "batch_norm": {"values": [True, False]}, "epochs": {"value": 1}}})
+    result = run_sweep(load_sweep(path), tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "sw", count=10,
+                       progress=False, log=lambda s: None)
+    assert result.ran == 3
+    for t in study_of(tmp_path / "sw", "rnd").get_trials():
+        c = t.user_attrs["config"]
+        assert isinstance(c["dense_units"], int) and isinstance(c["batch_norm"], bool) and isinstance(c["lr"], float)
+        run_cfg = yaml.safe_load((Path(t.user_attrs["run_dir"]) / "config.yaml").read_text())
+        assert run_cfg["dense_units"] == c["dense_units"] and run_cfg["epochs"] == 1
+
+
+def test_hyperband_prunes_lagging_trials(tiny_data, tmp_path):
+    good, bad = [5e-3, 4e-3, 3e-3, 2e-3], [1e-7, 2e-7, 3e-7, 4e-7]
+    path = write(tmp_path / "hb.yaml", {"method": "grid", "metric": {"name": "val_loss", "goal": "minimize"},
+                                        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
+                                        "parameters": {"lr": {"values": good + bad}, "epochs": {"value": 4}}})
+    result = run_sweep(load_sweep(path), tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "sw", progress=False,
+                       log=lambda s: None)
+    from optuna.trial import TrialState
+
+    trials = study_of(tmp_path / "sw", "hb").get_trials()
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert result.pruned == len(pruned) >= 1
+    assert all(t.params["lr"] in bad for t in pruned)
+    assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path):
+    path = write(tmp_path / "fail.yaml", {"method": "grid", "parameters": {
+        "image_size": {"values": [16, 32]}, "epochs": {"value": 1}}})  # 16 px cannot take 5 poolings
+    result = run_sweep(load_sweep(path), tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "sw", progress=False,
+                       log=lambda s: None)
+    assert (result.failed, result.complete) == (1, 1)
+    failed = [t for t in study_of(tmp_path / "sw", "fail").get_trials() if t.state.name == "FAIL"][0]
+    assert "too small for 5 pooling layers" in failed.user_attrs["error"]
+    assert (tmp_path / "sw" / "errors" / f"trial-{failed.number:04d}.txt").exists()
+
+
+def _sweep_cmd(path, data, tmp_path, *extra):
+    return [sys.executable, "-m", "cnnlab.cli", "sweep", str(path), "--data", str(data), "--cache_dir",
+            str(tmp_path / "cache"), "--sweeps_dir", str(tmp_path / "sweeps"), *TINY, *extra]
+
+
+def test_two_processes_share_a_journal_study_via_workers(tiny_data, tmp_path):
+    path = grid_file(tmp_path, "shared", a=(4, 6, 8), b=("relu", "gelu"))
+    subprocess.run(_sweep_cmd(path, tiny_data, tmp_path, "--workers", "2"), check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    study = study_of(tmp_path / "sweeps" / "shared", "shared")
+    assert completed_points(study) == sorted(itertools.product((4, 6, 8), ("relu", "gelu")))
+    owners = {t.user_attrs["owner"]["pid"] for t in study.get_trials() if "owner" in t.user_attrs}
+    assert len(owners) == 2  # both processes did work
+
+
+def test_killed_sweep_process_resumes_without_losing_or_repeating(tiny_data, tmp_path):
+    path = grid_file(tmp_path, "killed", epochs=6)
+    proc = subprocess.Popen(_sweep_cmd(path, tiny_data, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = tmp_path / "sweeps" / "killed" / "trials" / "trial-0001" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (second.exists() and second.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(_sweep_cmd(path, tiny_data, tmp_path), check=True, timeout=300, stdout=subprocess.DEVNULL)
+    study = study_of(tmp_path / "sweeps" / "killed", "killed")
+    assert completed_points(study) == sorted(itertools.product((4, 8), ("relu", "gelu")))
+    failed = [t for t in study.get_trials() if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].number == 1 and failed[0].user_attrs["orphaned"]
+    retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == 1]
+    assert len(retry) == 1 and retry[0].params == failed[0].params and retry[0].state.name == "COMPLETE"
+
+
+# ---- PostgreSQL -------------------------------------------------------------------------------------------------
+
+def _pg_bin(name):
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 in a temporary folder, stopped afterwards."""
+    import socket
+    import tempfile
+
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
+    pytest.importorskip("psycopg")
+    root = Path(tempfile.mkdtemp(prefix="cnnlab-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    root.chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run(as_user + [initdb, "-D", str(data), "-U", "cnnlab", "--auth=trust"], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(as_user + [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                              f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
+                   stdout=subprocess.DEVNULL)
+    try:
+        yield f"postgresql://cnnlab@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(as_user + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], stdout=subprocess.DEVNULL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_processes_share_a_postgresql_study(postgres, tiny_data, tmp_path):
+    path = grid_file(tmp_path, "pg", a=(4, 6, 8), b=("relu", "gelu"))
+    procs = [subprocess.Popen(_sweep_cmd(path, tiny_data, tmp_path, "--storage", postgres), stdout=subprocess.DEVNULL)
+             for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    study = study_of(tmp_path / "sweeps" / "pg", "pg", storage=postgres)
+    assert completed_points(study) == sorted(itertools.product((4, 6, 8), ("relu", "gelu")))
+    from cnnlab.cli import main
+
+    assert main(["sweep-report", str(tmp_path / "sweeps" / "pg"), "--storage", postgres]) == 0
