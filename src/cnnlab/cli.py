@@ -201,6 +201,15 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    table, plot = compare([Path(r) for r in args.runs], Path(args.out))
+    print(table.read_text(), end="")
+    print(f"wrote {table} and {plot}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "train a model (scratch CNN or fine-tuned torchvision model) on ROOT/train"),
     "info": (cmd_info, "parameter count and FLOPs of a config"),
@@ -210,6 +219,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "evaluate": (cmd_evaluate, "test accuracy, per-class metrics, confusion matrix and prediction grid on ROOT/val"),
     "sweep": (cmd_sweep, "run a W&B-schema sweep file on the embedded Optuna engine"),
     "sweep-report": (cmd_sweep_report, "plots and tables of a sweep, offline"),
+    "compare": (cmd_compare, "runs side by side: a table and a plot of validation accuracy"),
     "predict": (cmd_predict, "top-k classes of image files"),
     "explain": (cmd_explain, "first-layer filters, guided back-propagation of last-conv neurons, Grad-CAM"),
 }
@@ -258,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep-report", help=COMMANDS["sweep-report"][1], allow_abbrev=False)
     p.add_argument("folder", help="the sweep folder, sweeps/<name>")
     p.add_argument("--storage", help="the RDB URL the sweep used, if it used one")
+
+    p = sub.add_parser("compare", help=COMMANDS["compare"][1], allow_abbrev=False)
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="compare", help="folder for compare.md and compare.png")
 
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1], allow_abbrev=False)
     p.add_argument("checkpoint")

@@ -87,7 +87,9 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     """The layer that produces the logits: the last Linear (or 1x1 Conv2d, SqueezeNet) in module order
-    whose output size is the model's class count."""
+    whose output size is the model's class count (or the one replace_head put in, once replaced)."""
+    if isinstance(getattr(model, "cnnlab_head", None), str):
+        return model.cnnlab_head, model.get_submodule(model.cnnlab_head)
     found = None
     for name, m in model.named_modules():
         if (isinstance(m, nn.Linear) and m.out_features == ORIGINAL_CLASSES) or \
@@ -104,6 +106,7 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
            else nn.Conv2d(old.in_channels, num_classes, 1))
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], new)
+    model.cnnlab_head = name
     return name
 
 

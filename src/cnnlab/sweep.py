@@ -427,7 +427,7 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
             if record["epoch"] < cfg.epochs and trial.should_prune():  # at the last epoch there is nothing to save
                 raise StopTraining
 
-        fitted = fit(cfg, callbacks=[report], progress=progress, log=lambda s: None)
+        fitted = fit(cfg, callbacks=[report], progress=progress, log=lambda s: None, group=sweep.name)
         values_seen = [r[sweep.metric] for r in fitted.history]
         best = max(values_seen) if sweep.goal == "maximize" else min(values_seen)
         trial.set_user_attr("epochs_run", len(fitted.history))

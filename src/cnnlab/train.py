@@ -126,7 +126,7 @@ def checkpoint(model: nn.Module, cfg: Config, classes: list[str], pre: Preproces
 
 
 def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True,
-        log: Callable[[str], None] = print) -> FitResult:
+        log: Callable[[str], None] = print, group: str | None = None) -> FitResult:
     """Train the model `cfg` describes on `cfg.data`/train (split into train and validation), writing a
     run folder. Never reads `cfg.data`/val: that is the test set, for `cnnlab evaluate` alone."""
     from tqdm import tqdm
@@ -183,10 +183,10 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{run_dir.name}: {cfg.model}, {n_params:,} parameters, {len(train_rows)} train / {len(val_rows)} val images, "
+    log(f"{run_dir.name}: {cfg.model}, {n_params:,} parameters ({plan.trainable_count():,} trainable), {len(train_rows)} train / {len(val_rows)} val images, "
         f"{len(classes)} classes, {device.type}, {'bf16 autocast' if amp else 'fp32'}"
         f"{', channels_last' if cfg.channels_last else ''}")
-    tracker = Tracker(cfg, run_dir, log=log)
+    tracker = Tracker(cfg, run_dir, group=group, log=log)
     status = "completed"
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -234,7 +234,8 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
         tracker.finish()
     history = read_jsonl(run_dir / "metrics.jsonl")
     summary = {"status": status, "best_val_acc": best_acc, "best_epoch": best_epoch, "epochs_run": len(history),
-               "params": n_params, "train_images": len(train_rows), "val_images": len(val_rows),
+               "params": n_params, "trainable_params": plan.trainable_count(), "model": cfg.model,
+               "finetune": cfg.finetune, "train_images": len(train_rows), "val_images": len(val_rows),
                "bad_files": n_bad, "classes": classes, "device": str(device), "precision": str(amp or "fp32"),
                "train_seconds": sum(r["epoch_time"] for r in history),
                "images_per_s": (sum(r["images_per_s"] for r in history) / len(history)) if history else 0.0,

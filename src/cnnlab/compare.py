@@ -1,0 +1,48 @@
+"""`cnnlab compare RUN...`: runs side by side (scratch vs fine-tuned, strategy vs strategy), as a markdown
+table and one plot of validation accuracy per epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CnnlabError
+from .io import atomic_write_text, read_jsonl
+from .visualise import plot_curves
+
+COLUMNS = ("run", "model", "strategy", "trainable / total params", "epochs", "best val_acc", "test acc",
+           "wall time (s)", "images/s")
+
+
+def run_row(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    if not (run / "summary.json").exists():
+        raise CnnlabError(f"{run} is not a finished run folder (no summary.json)")
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    test = run / "eval" / "metrics.json"
+    test_acc = json.loads(test.read_text())["accuracy"] if test.exists() else None
+    strategy = "scratch" if cfg["model"] == "smallcnn" or cfg.get("finetune") == "none" else cfg["finetune"]
+    if strategy == "partial":
+        strategy += f" (freeze {cfg['freeze_stages']})"
+    row = {"run": run.name, "model": cfg["model"], "strategy": strategy,
+           "trainable / total params": f"{summary.get('trainable_params', summary['params']):,} / {summary['params']:,}",
+           "epochs": summary["epochs_run"], "best val_acc": f"{summary['best_val_acc']:.4f}",
+           "test acc": f"{test_acc:.4f}" if test_acc is not None else "-",
+           "wall time (s)": f"{summary['train_seconds']:.1f}", "images/s": f"{summary['images_per_s']:.1f}"}
+    return row, read_jsonl(run / "metrics.jsonl")
+
+
+def compare(runs: list[Path], out: Path) -> tuple[Path, Path]:
+    rows, curves = [], {}
+    for run in runs:
+        row, history = run_row(Path(run))
+        rows.append(row)
+        curves[row["run"]] = history
+    table = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    table += "".join("| " + " | ".join(str(r[c]) for c in COLUMNS) + " |\n" for r in rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.md", table)
+    return out / "compare.md", plot_curves(curves, out / "compare.png")
