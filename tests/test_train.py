@@ -106,3 +106,16 @@ def test_resume_after_sigkill_gives_identical_metrics(tiny_cfg, tmp_path):
     resumed = read_jsonl(metrics)
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in h]
     assert strip(resumed) == strip(reference)
+
+
+def test_wandb_offline_logs_config_and_metrics_without_an_account(tiny_cfg, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    result = fit(tiny_cfg(wandb="offline", epochs=2, name="tracked"), progress=False)
+    runs = list((result.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    for needle in (b"filter_org", b"batch_norm", b"val_acc", b"train_loss", b"images_per_s"):
+        assert needle in data, needle
+    assert (result.run_dir / "metrics.jsonl").exists()  # the local run folder is still the source of truth

@@ -51,6 +51,10 @@ class Config:
     freeze_stages: int = _f(0, "with finetune=partial: the stem and this many stages stay frozen", min=0, max=64)
     unfreeze_every: int = _f(1, "with finetune=gradual: unfreeze one more stage every this many epochs", min=1, max=1000)
     lr_backbone: float = _f(0.0, "learning rate of pretrained layers (0: same as lr)", min=0.0, max=10.0)
+    feature_cache: str = _f("auto", "frozen backbone: compute its output once into a store (auto) or every epoch (off)",
+                            choices=("auto", "off"))
+    feature_cache_max: float = _f(0.0, "largest feature store in GB (0: half the free disk where it goes)", min=0.0, max=1e6)
+    feature_cache_views: int = _f(0, "with augment: store this many augmented views per image (0: no store)", min=0, max=64)
     # optimisation
     optimizer: str = _f("adam", "optimiser", choices=OPTIMIZERS)
     lr: float = _f(1e-3, "peak learning rate", min=1e-7, max=10.0)
@@ -212,15 +216,20 @@ def make_config(*sources: dict[str, Any]) -> Config:
     return validate(Config(**values))
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config YAML file: a flat mapping of config keys (unknown keys are refused by make_config)."""
+def read_yaml(path: str | Path, what: str = "config", error: type[ConfigError] = ConfigError) -> Any:
+    """A YAML file's content, or one clear line saying why it cannot be read."""
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
+        raise error(f"{what} file {path} not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise error(f"{what} file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML file: a flat mapping of config keys (unknown keys are refused by make_config)."""
+    loaded = read_yaml(path)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -189,22 +189,38 @@ def write_bad_file_report(path: str | Path, *image_sets: CachedImages) -> int:
 # ---- batches on the device ----------------------------------------------------------------------------
 
 class Batches:
-    """Batches of (uint8 images NCHW in channels_last layout, int64 labels) from cached rows.
+    """Batches of (tensor, int64 label) from rows of a cached array: uint8 images (N, H, W, C), yielded as
+    NCHW views in channels_last layout, or stored features (any shape), yielded as they are.
 
-    On CUDA the rows are copied to GPU memory once when they fit, and drawn by index there; otherwise
-    each batch is gathered from the memory map and copied (pinned, asynchronously on CUDA)."""
+    On CUDA the rows are copied to GPU memory once when they fit, and drawn by index there; otherwise each
+    batch is gathered from the memory map (on CPU into a kept buffer: the batch is only valid until the
+    next one is drawn, so copy it to keep it) and copied, pinned and asynchronously, on CUDA."""
 
     def __init__(self, images: CachedImages, rows: np.ndarray, batch_size: int, device: torch.device,
                  shuffle: bool, drop_last: bool = False, resident: bool | None = None):
-        self.images, self.rows = images, np.asarray(rows)
+        self._setup(images.pixels, images.labels, rows, batch_size, device, shuffle, drop_last, resident, nhwc=True)
+
+    @classmethod
+    def of_array(cls, array: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int, device: torch.device,
+                 shuffle: bool, drop_last: bool = False, views: int = 1) -> "Batches":
+        """`array` holds `views` blocks of len(labels) rows each (stored augmented views); epoch(view=v) reads block v."""
+        self = cls.__new__(cls)
+        self._setup(array, labels, rows, batch_size, device, shuffle, drop_last, False, nhwc=False)
+        self.views = views
+        return self
+
+    def _setup(self, array: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int, device: torch.device,
+               shuffle: bool, drop_last: bool, resident: bool | None, nhwc: bool) -> None:
+        self.array, self.rows, self.nhwc, self.views = array, np.asarray(rows), nhwc, 1
+        self.n_per_view = len(labels)
         self.batch_size, self.device, self.shuffle = batch_size, device, shuffle
         self.drop_last = drop_last and len(self.rows) > batch_size
-        self.labels = torch.from_numpy(images.labels[self.rows]).to(device)
-        nbytes = len(self.rows) * images.pixels[0].nbytes
+        self.labels = torch.from_numpy(labels[self.rows]).to(device)
+        nbytes = len(self.rows) * array[0].nbytes
         if resident is None:
             resident = device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]
         self._host: np.ndarray | None = None
-        self.resident = torch.from_numpy(np.ascontiguousarray(images.pixels[self.rows])).to(device) if resident else None
+        self.resident = torch.from_numpy(np.ascontiguousarray(array[self.rows])).to(device) if resident else None
 
     def __len__(self) -> int:
         n = len(self.rows)
@@ -213,12 +229,13 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
 
-    def epoch(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, seed: int, view: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.rows)
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         else:
             order = torch.arange(n)
+        offset = (view % self.views) * self.n_per_view
         for b in range(len(self)):
             pos = order[b * self.batch_size:(b + 1) * self.batch_size]
             pos = pos.sort().values  # ascending rows read the memory map sequentially
@@ -227,16 +244,16 @@ class Batches:
                 x = self.resident.index_select(0, pos_d)
                 y = self.labels.index_select(0, pos_d)
             else:
-                rows = self.rows[pos.numpy()]
+                rows = self.rows[pos.numpy()] + offset
                 if self.device.type == "cpu":  # gather into a kept buffer: no page faults on fresh memory
-                    shape = (len(rows), *self.images.pixels.shape[1:])
+                    shape = (len(rows), *self.array.shape[1:])
                     if self._host is None or self._host.shape != shape:
-                        self._host = np.empty(shape, dtype=np.uint8)
-                    x = torch.from_numpy(np.take(self.images.pixels, rows, axis=0, out=self._host))
+                        self._host = np.empty(shape, dtype=self.array.dtype)
+                    x = torch.from_numpy(np.take(self.array, rows, axis=0, out=self._host))
                 else:
-                    x = torch.from_numpy(self.images.pixels[rows]).pin_memory().to(self.device, non_blocking=True)
+                    x = torch.from_numpy(self.array[rows]).pin_memory().to(self.device, non_blocking=True)
                 y = self.labels[pos.to(self.device)]
-            yield x.permute(0, 3, 1, 2), y  # NHWC storage viewed as NCHW is exactly channels_last
+            yield (x.permute(0, 3, 1, 2) if self.nhwc else x), y  # NHWC viewed as NCHW is exactly channels_last
 
 
 @dataclass

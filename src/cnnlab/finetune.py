@@ -228,6 +228,12 @@ class TrainablePlan:
         return [g for g in ({"params": backbone, "lr": self.cfg.lr_backbone}, {"params": head, "lr": self.cfg.lr})
                 if g["params"]]
 
+    def head_only(self, epoch: int) -> bool:
+        """Whether only the head trains in this epoch (so a feature store of the head's input serves)."""
+        if self.mode == "head":
+            return True
+        return self.mode == "gradual" and (epoch - 1) // self.cfg.unfreeze_every == 0
+
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 

@@ -77,12 +77,15 @@ def correlations(trials: list[Any], names: list[str], metric: str) -> list[dict[
                 row["scale"] = "log10"
             row["pearson_r"] = float(stats.pearsonr(x, y)[0])
             row["spearman_rho"] = float(stats.spearmanr(x, y)[0])
+        if cats is None and len(np.unique(x)) > max(3, len(x) // 2):
+            rows.append(row)  # a continuous parameter: eta would be 1 by construction
+            continue
         groups = [y[x == v] for v in np.unique(x)]
         between = sum(len(g) * (g.mean() - y.mean()) ** 2 for g in groups)
         total = ((y - y.mean()) ** 2).sum()
         row["eta"] = float(math.sqrt(between / total)) if total > 0 else 0.0
         rows.append(row)
-    return sorted(rows, key=lambda r: -abs(r.get("spearman_rho", r["eta"])))
+    return sorted(rows, key=lambda r: -abs(r.get("spearman_rho", r.get("eta", 0.0))))
 
 
 def _value(t: Any) -> float:
@@ -138,22 +141,30 @@ def write_report(folder: Path, storage_url: str | None = None) -> Path:
         cols = []
         for name in names:
             x, cats = _numeric([t.user_attrs["config"].get(name) for t in trials])
-            if cats is None and x.min() > 0 and x.max() / x.min() >= 100:
+            log = cats is None and x.min() > 0 and x.max() / x.min() >= 100
+            if log:
                 x = np.log10(x)
             span = x.max() - x.min()
-            cols.append(((x - x.min()) / span if span else np.full_like(x, 0.5), cats, x.min(), x.max()))
+            cols.append(((x - x.min()) / span if span else np.full_like(x, 0.5), cats, x.min(), x.max(), log))
         y = np.array([_value(t) for t in trials])
         yn = (y - np.nanmin(y)) / (np.nanmax(y) - np.nanmin(y) or 1)
         cmap = plt.get_cmap("viridis")
         for i in np.argsort(y if maximise else -y):
             pts = [c[0][i] for c in cols] + [yn[i]]
             ax.plot(range(len(pts)), pts, color=cmap(yn[i] if maximise else 1 - yn[i]), alpha=0.8, lw=1.2)
-        for j, (_, cats, lo, hi) in enumerate(cols):
+        for j, (x01, cats, lo, hi, log) in enumerate(cols):
             ax.axvline(j, color="black", lw=0.6)
-            label = " / ".join(cats) if cats else f"{lo:.3g} .. {hi:.3g}"
-            ax.text(j, -0.08, label, ha="center", va="top", fontsize=7, rotation=20)
+            if cats:  # each category written beside the axis at its height
+                for k, c in enumerate(cats):
+                    ax.text(j + 0.04, k / (len(cats) - 1) if len(cats) > 1 else 0.5, c, fontsize=7, va="center")
+            else:
+                fmt = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}")
+                ax.text(j + 0.04, 0, fmt(lo), fontsize=7, va="center")
+                ax.text(j + 0.04, 1, fmt(hi), fontsize=7, va="center")
+        ax.text(len(cols) + 0.04, 0, f"{np.nanmin(y):.3f}", fontsize=7, va="center")
+        ax.text(len(cols) + 0.04, 1, f"{np.nanmax(y):.3f}", fontsize=7, va="center")
         ax.axvline(len(cols), color="black", lw=0.6)
-        ax.set_xticks(range(len(names) + 1), names + [metric], rotation=20)
+        ax.set_xticks(range(len(names) + 1), names + [metric], rotation=15)
         ax.set_yticks([])
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{sweep.name}: parallel coordinates (colour: {metric})")
@@ -186,9 +197,12 @@ def write_report(folder: Path, storage_url: str | None = None) -> Path:
 
     # 4. correlation table
     corr = correlations(trials, names, metric) if len(trials) >= 3 else []
+    def cell(r: dict[str, Any], key: str) -> str:
+        return f"{r[key]:.3f}" if key in r else "-"
+
     corr_md = "| parameter | Pearson r | Spearman rho | eta |\n|---|---|---|---|\n" + "".join(
-        f"| {r['parameter']}{' (log10)' if r.get('scale') else ''} | {r.get('pearson_r', float('nan')):.3f} | "
-        f"{r.get('spearman_rho', float('nan')):.3f} | {r['eta']:.3f} |\n" for r in corr)
+        f"| {r['parameter']}{' (log10)' if r.get('scale') else ''} | {cell(r, 'pearson_r')} | "
+        f"{cell(r, 'spearman_rho')} | {cell(r, 'eta')} |\n" for r in corr)
     atomic_write_text(out / "correlations.md", corr_md)
 
     # 5. best trials with their full configs, and best.yaml

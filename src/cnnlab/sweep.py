@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import FIELDS, check_value, coerce, make_config
+from .config import FIELDS, check_value, coerce, make_config, read_yaml
 from .errors import CnnlabError, ConfigError
 from .io import atomic_write_json, atomic_write_text
 
@@ -199,14 +199,7 @@ def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"sweep file {path} not found") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_sweep(raw, path.stem)
+    return parse_sweep(read_yaml(path, "sweep", SweepError), Path(path).stem)
 
 
 # ---- Optuna ---------------------------------------------------------------------------------------------------

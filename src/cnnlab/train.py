@@ -167,6 +167,16 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     amp = autocast_dtype(cfg.precision, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     forward = torch.compile(model) if cfg.compile else model
+    from .features import FeaturePrep, prepare_store
+
+    store = prepare_store(cfg, model, images, prep, device, amp, progress, log)
+    if store is not None:
+        split, array = store
+        views = cfg.feature_cache_views + 1 if cfg.feature_cache_views else 1
+        feature_train = Batches.of_array(array, images.labels, train_rows, cfg.batch_size, device, shuffle=True,
+                                         drop_last=True, views=views)
+        feature_val = Batches.of_array(array, images.labels, val_rows, max(cfg.batch_size, 128), device, shuffle=False)
+        feature_prep = FeaturePrep(cfg.channels_last)
 
     start_epoch, history, best_acc, best_epoch = 1, [], -1.0, 0
     if resume:
@@ -195,15 +205,23 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
             torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
             aug = torch.Generator(device=device).manual_seed(seed) if cfg.augment else None
             t0 = time.perf_counter()
+            if store is not None and (cfg.finetune == "partial" or plan.head_only(epoch)):
+                # the frozen part's output comes from the store; what trains runs on it (augmentation, if
+                # any, is in the stored views: a view per epoch)
+                view = 1 + (epoch - 1) % cfg.feature_cache_views if cfg.feature_cache_views else 0
+                net, batches, prep_e, val_b = split.rest, feature_train.epoch(seed, view), feature_prep, feature_val
+                aug = None
+            else:
+                net, batches, prep_e, val_b = forward, train_batches.epoch(seed), prep, val_batches
             with tqdm(total=len(train_batches) * cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", unit="img",
                       disable=not progress, leave=False, dynamic_ncols=True) as bar:
-                stats = train_one_epoch(forward, train_batches.epoch(seed), prep, optimizer, scheduler, loss_fn,
+                stats = train_one_epoch(net, batches, prep_e, optimizer, scheduler, loss_fn,
                                         device, amp, aug, cfg.grad_clip, bar)
             train_time = time.perf_counter() - t0
             if not math.isfinite(stats["train_loss"]):
                 raise TrainingDiverged(f"epoch {epoch}: the training loss is {stats['train_loss']}; "
                                        f"try a lower --lr (now {cfg.lr:g}) or --grad_clip 1")
-            val = evaluate(forward, val_batches, prep, device, amp, loss_fn)
+            val = evaluate(net, val_b, prep_e, device, amp, loss_fn)
             record = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                       "val_loss": val["loss"], "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
                       "epoch_time": time.perf_counter() - t0, "images_per_s": stats["seen"] / train_time}

@@ -1,0 +1,231 @@
+"""Compute what the frozen layers compute once: a feature store for fine-tuning with a frozen backbone.
+
+When the frozen part of the network is a pure function of the image (no augmentation before it; frozen
+layers run in eval mode, so batch norm uses its running statistics and dropout is off), its output is the
+same every epoch. `fit` then computes it once per image into a memory-mapped store and trains the rest on
+the stored features:
+- `--finetune head`: the input of the new head (2,048 pooled values per image for ResNet50), any model;
+- `--finetune partial --freeze_stages k`: the output of stage k (ResNet family, EfficientNet, MobileNet, VGG);
+- `--finetune gradual`: the store while only the head trains, full forward passes once stages open.
+With augmentation the default is no store: a fixed set of views is a weaker augmentation than a fresh one each
+epoch. `--feature_cache_views K` stores K augmented views per image (plus the plain one, for validation);
+epoch e trains on view 1 + (e - 1) mod K.
+
+Stored as float16 (float32 with --precision fp32), keyed by everything that changes the content: model,
+weights identity, boundary, preprocessing, image-cache key, dtype, views. Written as `.partial.npy` and
+renamed when complete, so a store cut off mid-write is rebuilt, never read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+from .data import BatchPrep, Batches, CachedImages
+from .hardware import autocast
+from .io import atomic_write_json
+
+
+@dataclass
+class Split:
+    frozen: Callable[[torch.Tensor], torch.Tensor]  # images -> features (eval mode, no grad)
+    rest: nn.Module  # features -> logits (what trains)
+    boundary: str
+
+
+class _Tail(nn.Module):
+    """The trainable part of a partially frozen network, from the boundary's features to the logits."""
+
+    def __init__(self, model: nn.Module, stages: list[nn.Module], family: str):
+        super().__init__()
+        self.model_ref = [model]  # not a submodule: the parameters belong to (and are saved with) the model
+        self.stages = nn.ModuleList(stages)
+        self.family = family
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model_ref[0]
+        for stage in self.stages:
+            x = stage(x)
+        x = torch.flatten(m.avgpool(x), 1)
+        return m.fc(x) if self.family == "resnet" else m.classifier(x)
+
+
+class _HeadInput:
+    """Runs the whole (frozen) model and returns what arrives at the head."""
+
+    def __init__(self, model: nn.Module, head: nn.Module):
+        self.model, self.head = model, head
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        handle = self.head.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+        try:
+            self.model(x)
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+def _family(model: nn.Module) -> str | None:
+    if hasattr(model, "layer4") and hasattr(model, "avgpool") and hasattr(model, "fc"):
+        return "resnet"
+    if isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "avgpool") and \
+            isinstance(getattr(model, "classifier", None), nn.Sequential) and \
+            not type(model.classifier[0]).__name__.startswith("LayerNorm"):
+        return "features"  # EfficientNet, MobileNet v2/v3, VGG
+    return None
+
+
+def split_for_store(model: nn.Module, cfg: Config, head_only: bool) -> Split | str:
+    """Where to cut `model` for a store under `cfg`, or why it cannot be cut."""
+    from .finetune import find_head, stages
+
+    if head_only:
+        head = find_head(model)[1]
+        return Split(_HeadInput(model, head), head, "the head's input")
+    family = _family(model)
+    if family is None:
+        return f"partial freezing of {cfg.model} is not supported by the feature store"
+    parts = stages(model)
+    k = cfg.freeze_stages
+    frozen_modules = [m for stage in parts[:k + 1] for m in stage]
+
+    def frozen(x: torch.Tensor) -> torch.Tensor:
+        for m in frozen_modules:
+            x = m(x)
+        return x
+
+    rest = _Tail(model, [m for stage in parts[k + 1:] for m in stage], family)
+    return Split(frozen, rest, f"the output of stage {k}")
+
+
+def store_key(cfg: Config, images: CachedImages, boundary: str, dtype: np.dtype, pre: dict[str, Any]) -> str:
+    from .data import cache_key
+
+    if cfg.weights.lower() != "none" and Path(cfg.weights).is_file():
+        h = hashlib.sha256()
+        with open(cfg.weights, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        weights = "file:" + h.hexdigest()
+    else:
+        weights = cfg.weights
+    parts = [cfg.model, weights, boundary, json.dumps(pre, sort_keys=True), cache_key(images.files, images.image_size),
+             str(np.dtype(dtype)), str(cfg.feature_cache_views), str(cfg.seed if cfg.feature_cache_views else "")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def default_max_bytes(folder: Path) -> int:
+    """Half the free disk where the store would go: it is memory-mapped, so disk, not RAM, is the limit."""
+    return int(shutil.disk_usage(folder).free * 0.5)
+
+
+def build_store(split: Split, images: CachedImages, prep: BatchPrep, device: torch.device, amp: torch.dtype | None,
+                path: Path, dtype: np.dtype, views: int, seed: int, progress: bool = True) -> np.ndarray:
+    """Features of every valid image (views > 0: that many augmented views each), memory-mapped."""
+    from tqdm import tqdm
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return np.load(path, mmap_mode="r")
+        rows, n = images.valid, len(images.files)
+        blocks = views + 1 if views else 1  # block 0 unaugmented (validation), then the augmented views
+        probe = _features(split, images, rows[:1], prep, device, amp, None)
+        partial = path.with_suffix(".partial.npy")
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(blocks * n, *probe.shape[1:]))
+        batches = Batches(images, rows, 64, device, shuffle=False)
+        with tqdm(total=blocks * len(rows), desc=f"feature store ({split.boundary})", unit="img",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for v in range(blocks):
+                gen = torch.Generator(device=device).manual_seed(seed * 1009 + v) if v > 0 else None
+                done = 0
+                for x, _ in batches.epoch(0):
+                    f = _forward(split, prep(x, gen), device, amp)
+                    idx = rows[done:done + len(f)] + v * n
+                    out[idx] = f.float().cpu().numpy().astype(dtype)
+                    done += len(f)
+                    bar.update(len(f))
+        out.flush()
+        del out
+        os.replace(partial, path)  # complete: only now can a run read it
+        atomic_write_json(path.with_suffix(".json"), {"boundary": split.boundary, "rows": n, "views": blocks,
+                                                       "shape": list(probe.shape[1:]), "dtype": str(np.dtype(dtype))})
+    return np.load(path, mmap_mode="r")
+
+
+@torch.inference_mode()
+def _forward(split: Split, x: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
+    with autocast(device, amp):
+        return split.frozen(x)
+
+
+def _features(split: Split, images: CachedImages, rows: np.ndarray, prep: BatchPrep, device: torch.device,
+              amp: torch.dtype | None, gen: torch.Generator | None) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images.pixels[rows])).to(device).permute(0, 3, 1, 2)
+    return _forward(split, prep(x, gen), device, amp)
+
+
+class FeaturePrep:
+    """The `prep` of stored features: to float32 (the stored dtype is float16), channels_last for 4-D maps."""
+
+    def __init__(self, channels_last: bool):
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = x.float()
+        if x.dim() == 4 and self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def prepare_store(cfg: Config, model: nn.Module, images: CachedImages, prep: BatchPrep, device: torch.device,
+                  amp: torch.dtype | None, progress: bool, log: Callable[[str], None]
+                  ) -> tuple[Split, np.ndarray] | None:
+    """The split and the store for this run, or None (and one line saying why) when training runs without."""
+    if cfg.finetune not in ("head", "partial", "gradual"):
+        return None
+    if cfg.feature_cache == "off":
+        log("feature store off (--feature_cache off): the frozen layers run every epoch")
+        return None
+    if cfg.augment and not cfg.feature_cache_views:
+        log("feature store off: augmentation changes the frozen layers' input every epoch "
+            "(use --augment false, or --feature_cache_views K to store K augmented views)")
+        return None
+    split = split_for_store(model, cfg, head_only=cfg.finetune != "partial")
+    if isinstance(split, str):
+        log(f"feature store off: {split}")
+        return None
+    dtype = np.dtype(np.float32 if cfg.precision == "fp32" else np.float16)
+    was_training = model.training
+    model.eval()  # frozen layers: batch norm on running statistics, dropout off
+    try:
+        shape = _features(split, images, images.valid[:1], prep, device, amp, None).shape[1:]
+        blocks = cfg.feature_cache_views + 1 if cfg.feature_cache_views else 1
+        size = blocks * len(images.files) * int(np.prod(shape)) * dtype.itemsize
+        folder = cfg.resolved_cache_dir() / "features"
+        folder.mkdir(parents=True, exist_ok=True)
+        limit = int(cfg.feature_cache_max * 1e9) if cfg.feature_cache_max else default_max_bytes(folder)
+        if size > limit:
+            log(f"feature store off: it would take {size / 1e9:.2f} GB, over the limit of {limit / 1e9:.2f} GB "
+                f"(--feature_cache_max)")
+            return None
+        path = folder / f"{store_key(cfg, images, split.boundary, dtype, prep.pre.to_dict())}.npy"
+        log(f"feature store: {split.boundary}, {blocks} view(s) x {len(images.files)} images x {tuple(shape)} {dtype}, "
+            f"{size / 1e6:.1f} MB{' (reused)' if path.exists() else ''}: {path}")
+        array = build_store(split, images, prep, device, amp, path, dtype, cfg.feature_cache_views, cfg.seed, progress)
+    finally:
+        model.train(was_training)
+    return split, array
