@@ -1,7 +1,8 @@
 """Part B's head-only fine-tuning of ResNet50, 10 epochs: the assignment's way against cnnlab's, same photos.
 
 Reference (how it is usually written): ImageFolder + per-image Resize/ToTensor/Normalize + DataLoader(2
-workers), torchvision ResNet50 with every parameter but the new fc frozen, fp32, the whole network run
+workers), torchvision ResNet50 with every parameter but the new fc (and layer4, for --strategy partial)
+frozen by requires_grad=False, fp32, the whole network run
 forward over every image every epoch (train split, then the validation split). Its epochs all cost the
 same, so it is timed for --ref_epochs and scaled to --epochs (said in the output).
 cnnlab: `cnnlab train --model resnet50 --finetune head --augment false`: decode once into the image cache,
@@ -28,7 +29,7 @@ from cnnlab.config import make_config
 from cnnlab.train import fit
 
 
-def reference(folder: Path, epochs: int, image_size: int, batch_size: int) -> tuple[float, int]:
+def reference(folder: Path, epochs: int, image_size: int, batch_size: int, strategy: str) -> tuple[float, int]:
     import torchvision
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
@@ -44,8 +45,11 @@ def reference(folder: Path, epochs: int, image_size: int, batch_size: int) -> tu
     model = torchvision.models.resnet50()
     for p in model.parameters():
         p.requires_grad = False
+    if strategy == "partial":  # stem and layer1..3 frozen: layer4 trains with the new head
+        for p in model.layer4.parameters():
+            p.requires_grad = True
     model.fc = nn.Linear(model.fc.in_features, len(data.classes))
-    opt = torch.optim.Adam(model.fc.parameters(), lr=1e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     for _ in range(epochs):
@@ -85,7 +89,7 @@ def main() -> None:
         n_images = result.history and (sum(1 for _ in (root / "train").rglob("*") if _.is_file()))
         say(f"cnnlab: {ours:.1f}s for {args.epochs} epochs, everything included (best val_acc {result.best_val_acc:.3f})")
 
-        ref_time, n = reference(root / "train", args.ref_epochs, args.image_size, args.batch_size)
+        ref_time, n = reference(root / "train", args.ref_epochs, args.image_size, args.batch_size, args.strategy)
         ref = ref_time * args.epochs / args.ref_epochs
         say(f"reference: {ref_time:.1f}s for {args.ref_epochs} epochs, scaled to {args.epochs}: {ref:.1f}s "
             f"({ref_time / args.ref_epochs / n * 1000:.0f} ms per image per epoch)")

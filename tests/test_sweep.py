@@ -276,3 +276,12 @@ def test_two_processes_share_a_postgresql_study(postgres, tiny_data, tmp_path):
     from cnnlab.cli import main
 
     assert main(["sweep-report", str(tmp_path / "sweeps" / "pg"), "--storage", postgres]) == 0
+
+
+def test_processes_joining_a_random_sweep_propose_their_own_points(tiny_data, tmp_path):
+    path = write(tmp_path / "rand2.yaml", {"method": "random", "parameters": {
+        "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}, "epochs": {"value": 1}}})
+    subprocess.run(_sweep_cmd(path, tiny_data, tmp_path, "--workers", "2", "--count", "2"), check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    trials = study_of(tmp_path / "sweeps" / "rand2", "rand2").get_trials()
+    assert len(trials) == 4 and len({t.params["lr"] for t in trials}) == 4

@@ -1,5 +1,6 @@
 """`cnnlab compare RUN...`: runs side by side (scratch vs fine-tuned, strategy vs strategy), as a markdown
-table and one plot of validation accuracy per epoch."""
+table and one plot of validation accuracy per epoch. Setup is what a run does once (decoding into the cache,
+building a feature store); training is the sum of its epochs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .io import atomic_write_text, read_jsonl
 from .visualise import plot_curves
 
 COLUMNS = ("run", "model", "strategy", "trainable / total params", "epochs", "best val_acc", "test acc",
-           "wall time (s)", "images/s")
+           "setup (s)", "training (s)", "images/s")
 
 
 def run_row(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -31,7 +32,8 @@ def run_row(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
            "trainable / total params": f"{summary.get('trainable_params', summary['params']):,} / {summary['params']:,}",
            "epochs": summary["epochs_run"], "best val_acc": f"{summary['best_val_acc']:.4f}",
            "test acc": f"{test_acc:.4f}" if test_acc is not None else "-",
-           "wall time (s)": f"{summary['train_seconds']:.1f}", "images/s": f"{summary['images_per_s']:.1f}"}
+           "setup (s)": f"{summary.get('setup_seconds', 0.0):.1f}", "training (s)": f"{summary['train_seconds']:.1f}",
+           "images/s": f"{summary['images_per_s']:.1f}"}
     return row, read_jsonl(run / "metrics.jsonl")
 
 

@@ -306,12 +306,15 @@ def mask(url: str) -> str:
 
 
 def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None):
+    """Create the study (queueing the grid) or join it. The creator samples with `seed`, so a one-process sweep
+    is reproducible; a process that joins gets a seed of its own, or every process would propose the same
+    points in the same order."""
     import optuna
 
-    sampler, pruner = make_sampler(sweep, seed), make_pruner(sweep, epochs)
+    pruner = make_pruner(sweep, epochs)
     try:
-        study = optuna.create_study(study_name=sweep.name, storage=storage, sampler=sampler, pruner=pruner,
-                                    direction=sweep.direction)
+        study = optuna.create_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep, seed),
+                                    pruner=pruner, direction=sweep.direction)
         study.set_user_attr("sweep", sweep.raw)
         if sweep.method == "grid":  # the creator queues every point once; workers pop them atomically
             names = list(sweep.params)
@@ -319,7 +322,9 @@ def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None):
                 study.enqueue_trial({n: v for n, v in zip(names, combo) if sweep.params[n].distribution != "constant"},
                                     skip_if_exists=False)
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=sweep.name, storage=storage, sampler=sampler, pruner=pruner)
+        own_seed = (seed * 1_000_003 + os.getpid() * 7919 + time.time_ns()) % 2**32
+        study = optuna.load_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep, own_seed),
+                                  pruner=pruner)
     if study.direction.name.lower() != sweep.direction:
         raise CnnlabError(f"study '{sweep.name}' exists with direction {study.direction.name.lower()}; "
                           f"the sweep file asks {sweep.direction}")
@@ -411,7 +416,10 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
         trial.set_user_attr("owner", owner)
         values = suggest(trial, sweep)
         trial.set_user_attr("config", values)
-        name = f"trial-{trial.number:04d}"
+        name, k = f"trial-{trial.number:04d}", 1
+        while (folder / "trials" / name).exists():  # left by an earlier study in this folder: never overwritten
+            k += 1
+            name = f"trial-{trial.number:04d}-{k}"
         cfg = make_config(base, values, {"out": str(folder / "trials"), "name": name})
         trial.set_user_attr("run_dir", str(folder / "trials" / name))
 

@@ -134,6 +134,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     from .finetune import TrainablePlan
     from .tracking import Tracker
 
+    started = time.perf_counter()
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.out) / (cfg.name or default_run_name(cfg))
     if resume and not (run_dir / "last.pt").exists():
@@ -197,6 +198,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
         f"{len(classes)} classes, {device.type}, {'bf16 autocast' if amp else 'fp32'}"
         f"{', channels_last' if cfg.channels_last else ''}")
     tracker = Tracker(cfg, run_dir, group=group, log=log)
+    setup_seconds = time.perf_counter() - started  # decoding, feature store, model build: once per run
     status = "completed"
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -255,7 +257,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
                "params": n_params, "trainable_params": plan.trainable_count(), "model": cfg.model,
                "finetune": cfg.finetune, "train_images": len(train_rows), "val_images": len(val_rows),
                "bad_files": n_bad, "classes": classes, "device": str(device), "precision": str(amp or "fp32"),
-               "train_seconds": sum(r["epoch_time"] for r in history),
+               "train_seconds": sum(r["epoch_time"] for r in history), "setup_seconds": setup_seconds,
                "images_per_s": (sum(r["images_per_s"] for r in history) / len(history)) if history else 0.0,
                "torch": torch.__version__}
     atomic_write_json(run_dir / "summary.json", summary)
