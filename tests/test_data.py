@@ -87,6 +87,9 @@ def test_batches_cover_every_row_once_in_channels_last(tiny_data, cache_dir):
         seen.append(y)
     assert sum(len(y) for y in seen) == len(rows)
     assert sorted(torch.cat(seen).tolist()) == sorted(images.labels[rows].tolist())
+    ordered = Batches(images, rows, 7, torch.device("cpu"), shuffle=False)
+    pixels = torch.cat([x.permute(0, 2, 3, 1).clone() for x, _ in ordered.epoch(0)])  # read with pread
+    assert torch.equal(pixels, torch.from_numpy(np.asarray(images.pixels[rows])))
     first = [y.tolist() for _, y in batches.epoch(5)]
     assert first == [y.tolist() for _, y in batches.epoch(5)] and first != [y.tolist() for _, y in batches.epoch(6)]
 

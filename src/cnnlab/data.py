@@ -226,6 +226,27 @@ class Batches:
         n = len(self.rows)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def _gather(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows of the cache file read with pread into `out`: the page cache serves them, but they are never
+        mapped into this process, so its memory does not grow with the data set (pages touched through a
+        memory map count in its RSS until the kernel reclaims them)."""
+        filename = getattr(self.array, "filename", None)
+        if filename is None:
+            return np.take(self.array, rows, axis=0, out=out)
+        if getattr(self, "_fd", None) is None:
+            self._fd = os.open(filename, os.O_RDONLY)
+        row_bytes = out[0].nbytes
+        flat = out.reshape(len(rows), -1)
+        for i, r in enumerate(rows):
+            got = os.preadv(self._fd, [flat[i]], self.array.offset + int(r) * row_bytes)
+            if got != row_bytes:
+                raise OSError(f"{filename}: short read at row {r} (the cache file is damaged: delete it)")
+        return out
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
 
@@ -249,7 +270,7 @@ class Batches:
                     shape = (len(rows), *self.array.shape[1:])
                     if self._host is None or self._host.shape != shape:
                         self._host = np.empty(shape, dtype=self.array.dtype)
-                    x = torch.from_numpy(np.take(self.array, rows, axis=0, out=self._host))
+                    x = torch.from_numpy(self._gather(rows, self._host))
                 else:
                     x = torch.from_numpy(self.array[rows]).pin_memory().to(self.device, non_blocking=True)
                 y = self.labels[pos.to(self.device)]

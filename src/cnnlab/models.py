@@ -15,13 +15,15 @@ from torch import nn
 from .config import ACTIVATIONS, Config
 from .errors import ConfigError
 
+# In place where the backward needs only the output (ReLU, leaky ReLU, ELU): a 64-image batch at 224 px then
+# keeps one 400 MB activation less per block for the backward pass.
 ACTIVATION_LAYERS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
+    "relu": lambda: nn.ReLU(inplace=True),
     "gelu": nn.GELU,
     "silu": nn.SiLU,
     "mish": nn.Mish,
-    "elu": nn.ELU,
-    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "elu": lambda: nn.ELU(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
     "selu": nn.SELU,
 }
 assert set(ACTIVATION_LAYERS) == set(ACTIVATIONS), "config.ACTIVATIONS and the layers must name the same set"
