@@ -61,7 +61,7 @@ def reference(folder: Path, epochs: int, image_size: int, batch_size: int, strat
             opt.step()
         model.eval()
         with torch.no_grad():
-            for x, y in torch.utils.data.DataLoader(val, batch_size=batch_size, num_workers=2):
+            for x, _ in torch.utils.data.DataLoader(val, batch_size=batch_size, num_workers=2):
                 model(x)
     return time.perf_counter() - start, len(data)
 
@@ -86,7 +86,7 @@ def main() -> None:
         start = time.perf_counter()
         result = fit(cfg, progress=False, log=lambda s: say("  cnnlab: " + s) if "store" in s else None)
         ours = time.perf_counter() - start
-        n_images = result.history and (sum(1 for _ in (root / "train").rglob("*") if _.is_file()))
+        n_images = sum(1 for p in (root / "train").rglob("*") if p.is_file())
         say(f"cnnlab: {ours:.1f}s for {args.epochs} epochs, everything included (best val_acc {result.best_val_acc:.3f})")
 
         ref_time, n = reference(root / "train", args.ref_epochs, args.image_size, args.batch_size, args.strategy)

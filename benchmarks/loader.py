@@ -47,8 +47,8 @@ def main() -> None:
 
         loader = reference_loader(folder, args.image_size, args.batch_size)
         t, seen = time.perf_counter(), 0
-        for epoch in range(args.epochs):
-            for x, y in loader:
+        for _ in range(args.epochs):
+            for _, y in loader:
                 seen += len(y)
         ref = seen / (time.perf_counter() - t)
         say(f"reference ImageFolder + transforms + DataLoader(num_workers=2): {ref:,.0f} img/s")

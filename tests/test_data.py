@@ -44,6 +44,16 @@ def test_cache_is_reused_and_keyed_by_content(tiny_data, cache_dir):
     assert cache_key(files, 32) != key
 
 
+def test_a_damaged_cache_file_is_rebuilt(tiny_data, cache_dir):
+    a = load_images(tiny_data / "train", 32, cache_dir, workers=1, progress=False)
+    npy = next(cache_dir.glob("*.npy"))
+    expected = np.array(a.pixels)
+    del a
+    npy.write_bytes(npy.read_bytes()[:1000])  # cut short, as a full disk would leave it
+    b = load_images(tiny_data / "train", 32, cache_dir, workers=1, progress=False)
+    assert np.array_equal(np.asarray(b.pixels), expected)
+
+
 def test_parallel_and_serial_decode_agree(tiny_data, tmp_path):
     a = load_images(tiny_data / "train", 40, tmp_path / "c1", workers=1, progress=False)
     b = load_images(tiny_data / "train", 40, tmp_path / "c2", workers=2, progress=False)

@@ -9,7 +9,7 @@ from torch import nn
 
 from cnnlab.config import make_config
 from cnnlab.errors import ConfigError, DataError
-from cnnlab.finetune import TrainablePlan, _download_state_dict, find_head, stages
+from cnnlab.finetune import TrainablePlan, _download_state_dict, stages
 from cnnlab.models import create_model
 
 ARCHITECTURES = [("resnet18", 64), ("efficientnet_b0", 64), ("mobilenet_v3_small", 64), ("vgg11", 32),

@@ -21,7 +21,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .decode import DECODE_VERSION, decode_chunk, init_worker
 from .errors import DataError
@@ -103,8 +102,17 @@ def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, work
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (npy.exists() and meta.exists()):
             _build(files, image_size, npy, meta, folder, workers, progress)
-    errors = {int(k): v for k, v in json.loads(meta.read_text())["errors"].items()}
-    return CachedImages(folder, classes, files, labels, np.load(npy, mmap_mode="r"), errors)
+        try:
+            pixels = np.load(npy, mmap_mode="r")
+            errors = {int(k): v for k, v in json.loads(meta.read_text())["errors"].items()}
+            if pixels.shape != (len(files), image_size, image_size, 3):
+                raise ValueError(f"shape {pixels.shape}")
+        except (ValueError, OSError, KeyError, json.JSONDecodeError):  # damaged on disk: decode again, once
+            npy.unlink(missing_ok=True)
+            _build(files, image_size, npy, meta, folder, workers, progress)
+            pixels = np.load(npy, mmap_mode="r")
+            errors = {int(k): v for k, v in json.loads(meta.read_text())["errors"].items()}
+    return CachedImages(folder, classes, files, labels, pixels, errors)
 
 
 def _build(files: list[Path], size: int, npy: Path, meta: Path, folder: Path, workers: int, progress: bool) -> None:

@@ -152,7 +152,7 @@ def write_report(folder: Path, storage_url: str | None = None) -> Path:
         for i in np.argsort(y if maximise else -y):
             pts = [c[0][i] for c in cols] + [yn[i]]
             ax.plot(range(len(pts)), pts, color=cmap(yn[i] if maximise else 1 - yn[i]), alpha=0.8, lw=1.2)
-        for j, (x01, cats, lo, hi, log) in enumerate(cols):
+        for j, (_, cats, lo, hi, log) in enumerate(cols):
             ax.axvline(j, color="black", lw=0.6)
             if cats:  # each category written beside the axis at its height
                 for k, c in enumerate(cats):

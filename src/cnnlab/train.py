@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__
 from .config import Config, save_yaml
 from .data import Batches, BatchPrep, Preprocess, load_images, save_split, stratified_split, write_bad_file_report
-from .errors import CnnlabError, ConfigError
+from .errors import CnnlabError
 from .evaluate import evaluate
 from .hardware import autocast, autocast_dtype, resolve_device
 from .io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl
