@@ -146,16 +146,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from .config import Config
-    from .data import BatchPrep, load_images
-    from .errors import DataError
-    from .evaluate import load_model
+    from .data import BatchPrep
+    from .evaluate import load_model, load_test_images
     from .explain import explain
 
     loaded = load_model(args.checkpoint, _device("cpu"))
     cache = args.cache_dir or Config().resolved_cache_dir()
-    test = load_images(Path(args.data) / "val", loaded.pre.image_size, cache, progress=not args.quiet)
-    if test.classes != loaded.classes:
-        raise DataError(f"{args.data}/val has classes {test.classes}; the checkpoint knows {loaded.classes}")
+    test = load_test_images(loaded, args.data, cache, progress=not args.quiet)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "explain"
     paths = explain(loaded.model, test, test.valid, BatchPrep(loaded.pre, loaded.cfg.channels_last), loaded.classes,
                     out, args.neurons, args.per_neuron, seed=args.seed)

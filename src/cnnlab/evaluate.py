@@ -114,19 +114,27 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def load_test_images(loaded: LoadedModel, data: str | Path, cache_dir: str | Path, progress: bool = True):
+    """`data`/val decoded with the checkpoint's image size; refused when its classes are not the checkpoint's."""
+    from .data import load_images
+
+    test = load_images(Path(data) / "val", loaded.pre.image_size, cache_dir, loaded.cfg.decode_workers, progress)
+    if test.classes != loaded.classes:
+        raise DataError(f"{Path(data) / 'val'} has classes {test.classes}, but the checkpoint was trained on "
+                        f"{loaded.classes}: use data with the same class folders")
+    return test
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.device, cache_dir: str | Path,
                         out_dir: str | Path | None = None, top_k: int = 3, seed: int = 0,
                         progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The test folder (`data`/val), once: metrics.json, the confusion matrix and the prediction grid."""
-    from .data import Batches, load_images
+    from .data import Batches
     from .visualise import plot_confusion, plot_prediction_grid
 
     loaded = load_model(checkpoint, device)
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
-    test = load_images(Path(data) / "val", loaded.pre.image_size, cache_dir, loaded.cfg.decode_workers, progress)
-    if test.classes != loaded.classes:
-        raise DataError(f"{Path(data) / 'val'} has classes {test.classes}, but {checkpoint} was trained on "
-                        f"{loaded.classes}: evaluate on data with the same class folders")
+    test = load_test_images(loaded, data, cache_dir, progress)
     if test.errors:
         log(f"skipped {len(test.errors)} unreadable test file(s): {test.bad_file_report().splitlines()[0]} ...")
     rows = test.valid

@@ -18,15 +18,19 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import __version__
 from .config import Config, save_yaml
 from .data import Batches, BatchPrep, Preprocess, load_images, save_split, stratified_split, write_bad_file_report
 from .errors import CnnlabError
 from .evaluate import evaluate
+from .features import FeaturePrep, prepare_store
+from .finetune import TrainablePlan
 from .hardware import autocast, autocast_dtype, resolve_device
 from .io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl
 from .models import create_model
+from .tracking import Tracker
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -129,11 +133,6 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
         log: Callable[[str], None] = print, group: str | None = None) -> FitResult:
     """Train the model `cfg` describes on `cfg.data`/train (split into train and validation), writing a
     run folder. Never reads `cfg.data`/val: that is the test set, for `cnnlab evaluate` alone."""
-    from tqdm import tqdm
-
-    from .finetune import TrainablePlan
-    from .tracking import Tracker
-
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.out) / (cfg.name or default_run_name(cfg))
@@ -163,25 +162,24 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     plan = TrainablePlan(model, cfg)
     optimizer = make_optimizer(cfg, plan.param_groups(), device)
     train_batches = Batches(images, train_rows, cfg.batch_size, device, shuffle=True, drop_last=True)
-    val_batches = Batches(images, val_rows, max(cfg.batch_size, 128), device, shuffle=False)
+    val_batch_size = max(cfg.batch_size, 128)  # no gradients kept: larger batches cost little memory
+    val_batches = Batches(images, val_rows, val_batch_size, device, shuffle=False)
     scheduler = make_scheduler(cfg, optimizer, len(train_batches))
     amp = autocast_dtype(cfg.precision, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     forward = torch.compile(model) if cfg.compile else model
-    from .features import FeaturePrep, prepare_store
-
     store = prepare_store(cfg, model, images, prep, device, amp, progress, log)
     if store is not None:
         split, array = store
         views = cfg.feature_cache_views + 1 if cfg.feature_cache_views else 1
         feature_train = Batches.of_array(array, images.labels, train_rows, cfg.batch_size, device, shuffle=True,
                                          drop_last=True, views=views)
-        feature_val = Batches.of_array(array, images.labels, val_rows, max(cfg.batch_size, 128), device, shuffle=False)
+        feature_val = Batches.of_array(array, images.labels, val_rows, val_batch_size, device, shuffle=False)
         feature_prep = FeaturePrep(cfg.channels_last)
 
     start_epoch, history, best_acc, best_epoch = 1, [], -1.0, 0
     if resume:
-        state = torch.load(run_dir / "last.pt", map_location=device, weights_only=True)
+        state = load_checkpoint(run_dir / "last.pt", device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -232,7 +230,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
             if improved:
                 best_acc, best_epoch = record["val_acc"], epoch
             extra = {"best_val_acc": best_acc, "best_epoch": best_epoch}
-            if improved:
+            if improved:  # best.pt first: a crash between the two saves only redoes this epoch on resume
                 atomic_torch_save(checkpoint(model, cfg, classes, pre, epoch, history, **extra), run_dir / "best.pt")
             atomic_torch_save(checkpoint(model, cfg, classes, pre, epoch, history, **extra,
                                          optimizer=optimizer.state_dict(),
