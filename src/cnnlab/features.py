@@ -132,7 +132,8 @@ def default_max_bytes(folder: Path) -> int:
 
 
 def build_store(split: Split, images: CachedImages, prep: BatchPrep, device: torch.device, amp: torch.dtype | None,
-                path: Path, dtype: np.dtype, views: int, seed: int, progress: bool = True) -> np.ndarray:
+                path: Path, dtype: np.dtype, shape: tuple[int, ...], views: int, seed: int,
+                progress: bool = True) -> np.ndarray:
     """Features of every valid image (views > 0: that many augmented views each), memory-mapped."""
     from tqdm import tqdm
 
@@ -143,9 +144,8 @@ def build_store(split: Split, images: CachedImages, prep: BatchPrep, device: tor
             return np.load(path, mmap_mode="r")
         rows, n = images.valid, len(images.files)
         blocks = views + 1 if views else 1  # block 0 unaugmented (validation), then the augmented views
-        probe = _features(split, images, rows[:1], prep, device, amp, None)
         partial = path.with_suffix(".partial.npy")
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(blocks * n, *probe.shape[1:]))
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(blocks * n, *shape))
         batches = Batches(images, rows, 64, device, shuffle=False)
         with tqdm(total=blocks * len(rows), desc=f"feature store ({split.boundary})", unit="img",
                   disable=not progress, dynamic_ncols=True) as bar:
@@ -162,7 +162,7 @@ def build_store(split: Split, images: CachedImages, prep: BatchPrep, device: tor
         del out
         os.replace(partial, path)  # complete: only now can a run read it
         atomic_write_json(path.with_suffix(".json"), {"boundary": split.boundary, "rows": n, "views": blocks,
-                                                       "shape": list(probe.shape[1:]), "dtype": str(np.dtype(dtype))})
+                                                       "shape": list(shape), "dtype": str(np.dtype(dtype))})
     return np.load(path, mmap_mode="r")
 
 
@@ -172,10 +172,12 @@ def _forward(split: Split, x: torch.Tensor, device: torch.device, amp: torch.dty
         return split.frozen(x)
 
 
-def _features(split: Split, images: CachedImages, rows: np.ndarray, prep: BatchPrep, device: torch.device,
-              amp: torch.dtype | None, gen: torch.Generator | None) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images.pixels[rows])).to(device).permute(0, 3, 1, 2)
-    return _forward(split, prep(x, gen), device, amp)
+def _feature_shape(split: Split, images: CachedImages, prep: BatchPrep, device: torch.device,
+                   amp: torch.dtype | None) -> tuple[int, ...]:
+    """The shape of one image's features, from one forward pass of the first readable image."""
+    row = images.valid[:1]
+    x = torch.from_numpy(np.ascontiguousarray(images.pixels[row])).to(device).permute(0, 3, 1, 2)
+    return tuple(_forward(split, prep(x), device, amp).shape[1:])
 
 
 class FeaturePrep:
@@ -212,7 +214,7 @@ def prepare_store(cfg: Config, model: nn.Module, images: CachedImages, prep: Bat
     was_training = model.training
     model.eval()  # frozen layers: batch norm on running statistics, dropout off
     try:
-        shape = _features(split, images, images.valid[:1], prep, device, amp, None).shape[1:]
+        shape = _feature_shape(split, images, prep, device, amp)
         blocks = cfg.feature_cache_views + 1 if cfg.feature_cache_views else 1
         size = blocks * len(images.files) * int(np.prod(shape)) * dtype.itemsize
         folder = cfg.resolved_cache_dir() / "features"
@@ -225,7 +227,8 @@ def prepare_store(cfg: Config, model: nn.Module, images: CachedImages, prep: Bat
         path = folder / f"{store_key(cfg, images, split.boundary, dtype, prep.pre.to_dict())}.npy"
         log(f"feature store: {split.boundary}, {blocks} view(s) x {len(images.files)} images x {tuple(shape)} {dtype}, "
             f"{size / 1e6:.1f} MB{' (reused)' if path.exists() else ''}: {path}")
-        array = build_store(split, images, prep, device, amp, path, dtype, cfg.feature_cache_views, cfg.seed, progress)
+        array = build_store(split, images, prep, device, amp, path, dtype, shape, cfg.feature_cache_views,
+                            cfg.seed, progress)
     finally:
         model.train(was_training)
     return split, array

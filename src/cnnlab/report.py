@@ -56,6 +56,11 @@ def _numeric(values: list[Any]) -> tuple[np.ndarray, list[str] | None]:
     return np.array([cats.index(str(v)) for v in values], dtype=float), cats
 
 
+def _spans_decades(x: np.ndarray, cats: list[str] | None) -> bool:
+    """A positive number range of 100x or more (a learning rate) reads better on a log10 axis."""
+    return cats is None and x.min() > 0 and x.max() / x.min() >= 100
+
+
 def correlations(trials: list[Any], names: list[str], metric: str) -> list[dict[str, Any]]:
     """Per parameter: Pearson r and Spearman rho for numbers (log scale when the range spans decades), and for
     categories the correlation ratio eta (the share of the metric's spread that the category explains)."""
@@ -72,7 +77,7 @@ def correlations(trials: list[Any], names: list[str], metric: str) -> list[dict[
             continue
         row: dict[str, Any] = {"parameter": name}
         if (cats is None or cats == ["False", "True"]) and np.ptp(x) > 0:
-            if cats is None and x.min() > 0 and x.max() / x.min() >= 100:
+            if _spans_decades(x, cats):
                 x = np.log10(x)
                 row["scale"] = "log10"
             row["pearson_r"] = float(stats.pearsonr(x, y)[0])
@@ -141,7 +146,7 @@ def write_report(folder: Path, storage_url: str | None = None) -> Path:
         cols = []
         for name in names:
             x, cats = _numeric([t.user_attrs["config"].get(name) for t in trials])
-            log = cats is None and x.min() > 0 and x.max() / x.min() >= 100
+            log = _spans_decades(x, cats)
             if log:
                 x = np.log10(x)
             span = x.max() - x.min()

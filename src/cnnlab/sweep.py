@@ -409,7 +409,7 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     result, start = SweepResult(folder), time.perf_counter()
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start()}
 
-    def objective(trial: Any) -> float:
+    def run_trial(trial: Any) -> float:
         if sweep.method == "grid" and "fixed_params" not in study._storage.get_trial_system_attrs(trial._trial_id):
             trial.set_user_attr("skipped", "grid exhausted while this trial was being created")
             raise optuna.TrialPruned()
@@ -442,6 +442,18 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
         (folder / "errors").mkdir(exist_ok=True)
         atomic_write_text(folder / "errors" / f"trial-{trial.number:04d}.txt", traceback.format_exc())
 
+    last: list[Any] = []  # the trial this process just ran (the study's newest may be another process's)
+
+    def objective(trial: Any) -> float:
+        last.append(trial)
+        try:
+            return run_trial(trial)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except BaseException as e:  # noqa: BLE001 - one trial's failure (OOM, NaN, bad combination) is recorded
+            on_failure(trial, e)
+            raise
+
     n = 0
     while count is None or n < count:
         if sweep.run_cap is not None and runs_counted(study) >= sweep.run_cap:
@@ -450,24 +462,12 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
         if sweep.method == "grid" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             log("grid done: every point has run")
             break
-        trial = None
-
-        def guarded(t: Any) -> float:
-            nonlocal trial
-            trial = t
-            try:
-                return objective(t)
-            except (optuna.TrialPruned, KeyboardInterrupt):
-                raise
-            except BaseException as e:  # noqa: BLE001 - one trial's failure (OOM, NaN, bad combination) is recorded
-                on_failure(t, e)
-                raise
-
-        study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        last.clear()
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
         n += 1
-        if trial is None:
+        if not last:
             continue
-        frozen = study._storage.get_trial(trial._trial_id)
+        frozen = study._storage.get_trial(last[0]._trial_id)
         if frozen.user_attrs.get("skipped"):
             continue
         result.ran += 1
