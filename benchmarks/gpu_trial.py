@@ -6,7 +6,9 @@ GPU). On a machine without a GPU it runs at a smaller size (fewer images, 64 px,
 
 Reference: ImageFolder + per-image RandomResizedCrop/flip/ColorJitter/ToTensor/Normalize in DataLoader
 workers, fp32, the plain training loop users write. cnnlab: `train.fit` (decoded cache, batches on the
-device, batched augmentation, channels_last, bf16 autocast); its cache build is reported separately.
+device, batched augmentation, channels_last, bf16 autocast, cuDNN autotuning, fused optimiser); its cache
+build (nvJPEG on a GPU) is reported separately. Then ResNet50 fine-tuning (--resnet head,full), cnnlab against
+the same plain loop, beside NVIDIA's published figure. GPU utilisation is sampled from nvidia-smi throughout.
 
     python benchmarks/gpu_trial.py [--per_class 1000] [--epochs 7] [--image_size 224]
 Last line: `ratio: N.N` (reference seconds per trial over cnnlab's; higher is better)."""
@@ -17,6 +19,7 @@ import argparse
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,16 +46,41 @@ def make_set(root: Path, per_class: int, val_per_class: int, size: tuple[int, in
                 img.save(d / f"{i:05d}.jpg", quality=90)
 
 
-def gpu_utilisation() -> str:
-    if not shutil.which("nvidia-smi"):
-        return "n/a"
-    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader"],
-                         capture_output=True, text=True)
-    return out.stdout.strip() or "n/a"
+class GpuSampler:
+    """Mean GPU utilisation and peak memory over a block, read from nvidia-smi every 0.2 s in a thread."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, check=False)
+            try:
+                util, mem = (float(v) for v in out.stdout.splitlines()[0].split(","))
+            except (ValueError, IndexError):
+                continue
+            self.samples.append((util, mem))
+
+    def __enter__(self) -> "GpuSampler":
+        if shutil.which("nvidia-smi"):
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def __str__(self) -> str:
+        if not self.samples:
+            return "GPU utilisation n/a"
+        util = sum(u for u, _ in self.samples) / len(self.samples)
+        return f"GPU utilisation {util:.0f}% mean, {max(m for _, m in self.samples) / 1024:.1f} GiB peak"
 
 
-def reference_trial(root: Path, image_size: int, epochs: int, batch_size: int, device: torch.device, workers: int
-                    ) -> tuple[float, int]:
+def reference_trial(root: Path, image_size: int, epochs: int, batch_size: int, device: torch.device, workers: int,
+                    model_name: str = "smallcnn", head_only: bool = False) -> tuple[float, int]:
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
@@ -69,8 +97,13 @@ def reference_trial(root: Path, image_size: int, epochs: int, batch_size: int, d
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(plain, order[:n_val]), batch_size=batch_size,
                                              num_workers=workers)
     torch.manual_seed(0)
-    model = create_model(make_config({"image_size": image_size}), 10).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    extra = {} if model_name == "smallcnn" else {"model": model_name, "finetune": "full"}
+    model = create_model(make_config({"image_size": image_size, **extra}), 10).to(device)
+    if head_only:  # what users write: freeze everything, a new fc
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.fc = nn.Linear(model.fc.in_features, 10).to(device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     start, seen = time.perf_counter(), 0
     for _ in range(epochs):
@@ -91,6 +124,16 @@ def reference_trial(root: Path, image_size: int, epochs: int, batch_size: int, d
     return time.perf_counter() - start, seen
 
 
+def cnnlab_trial(cfg_values: dict) -> tuple[float, float, float, str]:
+    """Seconds, mean training img/s, best val_acc and GPU use of one `fit` (the cache is already built)."""
+    with GpuSampler() as gpu:
+        t = time.perf_counter()
+        result = fit(make_config(cfg_values), progress=False, log=lambda s: None)
+        seconds = time.perf_counter() - t
+    ips = sum(r["images_per_s"] for r in result.history) / len(result.history)
+    return seconds, ips, result.best_val_acc, str(gpu)
+
+
 def main() -> None:
     gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser()
@@ -99,32 +142,46 @@ def main() -> None:
     ap.add_argument("--image_size", type=int, default=224 if gpu else 64)
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=8 if gpu else 2)
+    ap.add_argument("--resnet", default="head,full" if gpu else "", help="ResNet50 fine-tuning trials to time: head, full")
+    ap.add_argument("--resnet_epochs", type=int, default=2 if gpu else 1)
     args = ap.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         t = time.perf_counter()
         make_set(root, args.per_class, max(2, args.per_class // 5), (800, 600))
-        say(f"device: {torch.cuda.get_device_name() if gpu else 'CPU (no GPU: smaller size)'}; "
+        say(f"device: {torch.cuda.get_device_name() if gpu else 'CPU (no GPU: smaller size)'}; torch {torch.__version__}; "
             f"{10 * args.per_class} synthetic 800x600 JPEGs written in {time.perf_counter() - t:.0f}s; "
             f"{args.image_size}px, {args.epochs} epochs, batch {args.batch_size}")
-        cfg = make_config({"data": str(root), "image_size": args.image_size, "epochs": args.epochs,
-                           "batch_size": args.batch_size, "val_fraction": 0.2, "cache_dir": str(Path(tmp) / "cache"),
-                           "out": str(Path(tmp) / "runs"), "name": "warm"})
-        t = time.perf_counter()
+        base = {"data": str(root), "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
+                "val_fraction": 0.2, "cache_dir": str(Path(tmp) / "cache"), "out": str(Path(tmp) / "runs")}
         from cnnlab.data import load_images
+        from cnnlab.hardware import decode_device
 
-        load_images(root / "train", args.image_size, cfg.resolved_cache_dir(), progress=False)
-        build = time.perf_counter() - t
-        say(f"cnnlab cache build (once per data set and size): {build:.1f}s = {10 * args.per_class / build:.0f} img/s")
         t = time.perf_counter()
-        result = fit(cfg, progress=False, log=lambda s: None)
-        ours = time.perf_counter() - t
-        ours_ips = sum(r["images_per_s"] for r in result.history) / len(result.history)
-        say(f"cnnlab trial (split, training, validation, checkpoints): {ours:.1f}s, {ours_ips:,.0f} training img/s, best val_acc {result.best_val_acc:.3f}; "
-            f"GPU: {gpu_utilisation()}")
-        ref, seen = reference_trial(root, args.image_size, args.epochs, args.batch_size, device, args.workers)
-        say(f"reference trial: {ref:.1f}s, {seen / ref:,.0f} img/s; GPU: {gpu_utilisation()}")
+        load_images(root / "train", args.image_size, make_config(base).resolved_cache_dir(), progress=False,
+                    decode_device=decode_device("auto", device))
+        build = time.perf_counter() - t
+        say(f"cnnlab cache build ({'nvJPEG' if gpu else 'PIL'}; once per data set and size): {build:.1f}s = "
+            f"{10 * args.per_class / build:,.0f} img/s")
+        ours, ours_ips, acc, use = cnnlab_trial({**base, "name": "smallcnn"})
+        say(f"cnnlab trial (split, training, validation, checkpoints): {ours:.1f}s, {ours_ips:,.0f} training img/s, "
+            f"best val_acc {acc:.3f}; {use}")
+        with GpuSampler() as gpu_use:
+            ref, seen = reference_trial(root, args.image_size, args.epochs, args.batch_size, device, args.workers)
+        say(f"reference trial: {ref:.1f}s, {seen / ref:,.0f} img/s; {gpu_use}")
+        for strategy in filter(None, args.resnet.split(",")):
+            values = {**base, "name": f"resnet50-{strategy}", "model": "resnet50", "finetune": strategy,
+                      "epochs": args.resnet_epochs, "feature_cache": "off"}  # every epoch through the network
+            sec, ips, _, use = cnnlab_trial(values)
+            with GpuSampler() as gpu_use:
+                r_sec, r_seen = reference_trial(root, args.image_size, args.resnet_epochs, args.batch_size, device,
+                                                args.workers, "resnet50", head_only=strategy == "head")
+            say(f"resnet50 {strategy}: cnnlab {ips:,.0f} training img/s ({sec:.1f}s, {use}); reference "
+                f"{r_seen / r_sec:,.0f} img/s ({r_sec:.1f}s, {gpu_use}); ratio {r_sec / sec:.1f}")
+        if args.resnet:
+            say("published: NVIDIA DeepLearningExamples ResNet50 v1.5, 1x A100 80GB: 2,470 img/s mixed precision, "
+                "938 img/s TF32 (pytorch-21.03 container, DALI)")
     say(f"ratio: {ref / ours:.1f}")
 
 

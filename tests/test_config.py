@@ -77,6 +77,9 @@ def test_wandb_agent_command_line_is_accepted():
     (["info", "--filtrs", "3"], "unknown option --filtrs; did you mean --filters?"),
     (["info", "--dropout=2"], "dropout=2.0: expected float from 0 to 0.95"),
     (["train", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
+    (["train", "--compile", "fast"], "compile='fast': expected one of off, default, reduce-overhead"),
+    (["train", "--data", "/nonexistent", "--device", "cpu", "--decoder", "nvjpeg", "--out", "/tmp/cnnlab-test-runs"],
+     "decoder=nvjpeg needs a CUDA device"),
 ])
 def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
@@ -86,3 +89,15 @@ def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
 
 def test_config_defaults_validate():
     assert make_config() == Config()
+
+
+def test_compile_takes_a_mode_or_a_boolean():
+    from cnnlab.cli import build_parser, config_from_args
+
+    assert [make_config({"compile": v}).compile for v in (True, "true", False, "off", "max-autotune")] == \
+        ["default", "default", "off", "off", "max-autotune"]
+    assert config_from_args(build_parser().parse_args(["train", "--compile"])).compile == "default"
+    assert config_from_args(build_parser().parse_args(["train", "--compile=reduce-overhead"])).compile == "reduce-overhead"
+    old_checkpoint_config = {**Config().to_dict(), "compile": False}  # written before compile took a mode
+    del old_checkpoint_config["decoder"]
+    assert make_config(old_checkpoint_config).compile == "off"

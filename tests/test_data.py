@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cnnlab.data import Batches, BatchPrep, Preprocess, cache_key, load_images, scan_folder, stratified_split
 from cnnlab.decode import load_rgb
@@ -61,6 +62,32 @@ def test_parallel_and_serial_decode_agree(tiny_data, tmp_path):
     assert np.array_equal(a.pixels[0], load_rgb(str(a.files[0]), 40))
 
 
+def test_batched_tensor_decoder_agrees_with_pil_and_reports_the_same_files(tmp_path, cache_dir):
+    """The nvJPEG build path (decode_gpu) run on CPU, torchvision's libjpeg-turbo standing in for nvJPEG:
+    the same files are refused, PNG/GIF/CMYK fall back to PIL, and pixels agree with the PIL path to within
+    what two antialiased resizes differ by. Batches of 4 put bad files beside good ones in one batch."""
+    from cnnlab.decode_gpu import decode_into
+
+    expected = write_bad_files(tmp_path / "train" / "odd")
+    rng = np.random.default_rng(3)
+    for i in range(6):  # smooth photo-like JPEGs of several sizes
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((320 + 40 * i, 240 + 30 * i), Image.BICUBIC).save(tmp_path / "train" / "odd" / f"p{i}.jpg", quality=92)
+    pil = load_images(tmp_path / "train", 48, cache_dir, workers=1, progress=False)
+    tv = load_images(tmp_path / "train", 48, cache_dir, progress=False, decode_device=torch.device("cpu"))
+    assert len(list(cache_dir.glob("*.npy"))) == 2  # each decoder has its own cache entry
+    assert tv.errors.keys() == pil.errors.keys()
+    names = [p.name for p in tv.files]
+    assert {names[i] for i in tv.errors} == {n for n, ok in expected.items() if not ok}
+    diff = np.abs(tv.pixels[tv.valid].astype(int) - pil.pixels[pil.valid].astype(int))
+    assert diff.mean() < 1.5, diff.mean()
+    for i in tv.errors:
+        assert not tv.pixels[i].any()
+    out = np.zeros((len(tv.files), 48, 48, 3), np.uint8)  # batch size independent
+    errors = decode_into(tv.files, 48, out, torch.device("cpu"), batch=4)
+    assert errors == tv.errors and np.array_equal(out, tv.pixels)
+
+
 def test_missing_folder_is_a_clear_error(tmp_path, cache_dir):
     with pytest.raises(DataError, match="cnnlab demo-data"):
         load_images(tmp_path / "nothing", 32, cache_dir)
@@ -113,6 +140,23 @@ def _normalised(x):
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
     return (x.float() / 255 - mean) / std
+
+
+def test_device_resident_batches_equal_streamed_ones_and_share_one_upload(tiny_data, cache_dir):
+    """The GPU path (whole cache uploaded once, batches drawn by index there) forced on CPU."""
+    images = load_images(tiny_data / "train", 32, cache_dir, workers=1, progress=False)
+    train, val = images.valid[::2], images.valid[1::2]
+    cpu = torch.device("cpu")
+    streamed = [(x.clone(), y) for x, y in Batches(images, train, 8, cpu, shuffle=True).epoch(seed=3)]
+    resident_train = Batches(images, train, 8, cpu, shuffle=True, resident=True)
+    resident_val = Batches(images, val, 8, cpu, shuffle=False, resident=True)
+    assert resident_train.resident is resident_val.resident  # one upload for both (and for the next trial)
+    assert resident_train.resident.shape[0] == len(images.files)
+    for (a, ya), (b, yb) in zip(streamed, resident_train.epoch(seed=3), strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    x, y = next(iter(resident_val))
+    assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(np.asarray(images.pixels[val[:8]])))
+    assert torch.equal(y, torch.from_numpy(images.labels[val[:8]]))
 
 
 def test_prep_without_augmentation_is_exact_normalisation():

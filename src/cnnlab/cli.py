@@ -24,8 +24,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for name, f in FIELDS.items():
         default = f.default
         help_text = f"{f.metadata['help']} [{describe(name)}; default {default!r}]".replace("%", "%%")
-        if isinstance(default, bool):
-            g.add_argument(f"--{name}", nargs="?", const="true", default=None, metavar="BOOL", help=help_text)
+        if isinstance(default, bool) or "true" in f.metadata.get("aliases", {}):  # `--compile` alone: true
+            metavar = "BOOL" if isinstance(default, bool) else "MODE"
+            g.add_argument(f"--{name}", nargs="?", const="true", default=None, metavar=metavar, help=help_text)
         else:
             g.add_argument(f"--{name}", default=None, metavar=type(default).__name__.upper(), help=help_text)
 

@@ -23,6 +23,7 @@ FILTER_ORGS = ("same", "double", "pyramid", "half")  # pyramid: the original not
 OPTIMIZERS = ("adam", "adamw", "sgd", "nadam")
 SCHEDULERS = ("none", "cosine", "onecycle")
 FINETUNE = ("none", "head", "partial", "gradual", "full")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _f(default: Any, help: str, **rules: Any) -> Any:
@@ -71,8 +72,12 @@ class Config:
     device: str = _f("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N, mps")
     precision: str = _f("auto", "auto: bf16 autocast where the hardware has bf16, else fp32", choices=("auto", "bf16", "fp32"))
     channels_last: bool = _f(True, "channels_last memory format (faster convolutions on CPU and GPU)")
-    compile: bool = _f(False, "torch.compile the model")
-    decode_workers: int = _f(0, "processes decoding images into the cache (0: one per core)", min=0, max=256)
+    compile: str = _f("off", "torch.compile the model with this mode (true: default)", choices=COMPILE_MODES,
+                      aliases={"true": "default", "false": "off", "on": "default", "yes": "default", "no": "off"})
+    deterministic: bool = _f(False, "bit-identical repeats on GPU too (no cuDNN autotuning; CPU runs always repeat)")
+    decoder: str = _f("auto", "cache build: pil (worker processes), nvjpeg (batches on the GPU), auto (nvjpeg on CUDA)",
+                      choices=("auto", "pil", "nvjpeg"))
+    decode_workers: int = _f(0, "processes decoding images into the cache with PIL (0: one per core)", min=0, max=256)
     cache_dir: str = _f("", "where decoded images are cached (default: $CNNLAB_CACHE or ~/.cache/cnnlab)")
     out: str = _f("runs", "folder that receives run folders")
     name: str = _f("", "run folder name (default: made from the time and the main knobs)")
@@ -172,7 +177,8 @@ def coerce(key: str, value: Any) -> Any:
         return ",".join(str(v) for v in value)
     if value is None:
         raise bad
-    return str(value)
+    aliases = FIELDS[key].metadata.get("aliases", {})  # e.g. compile: true (YAML bool) -> "default"
+    return aliases.get(str(value).strip().lower(), str(value))
 
 
 def check_value(key: str, value: Any) -> Any:

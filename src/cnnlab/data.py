@@ -80,8 +80,9 @@ class CachedImages:
         return "".join(f"{self.files[i]}\t{msg}\n" for i, msg in sorted(self.errors.items()))
 
 
-def cache_key(files: list[Path], image_size: int) -> str:
-    h = hashlib.sha256(f"cnnlab-decode-v{DECODE_VERSION}:{image_size}\n".encode())
+def cache_key(files: list[Path], image_size: int, decoder: str = "pil") -> str:
+    tag = "" if decoder == "pil" else f":{decoder}"  # nvJPEG's resize differs slightly from PIL's: its own cache
+    h = hashlib.sha256(f"cnnlab-decode-v{DECODE_VERSION}:{image_size}{tag}\n".encode())
     for p in files:
         st = p.stat()
         h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -89,19 +90,21 @@ def cache_key(files: list[Path], image_size: int) -> str:
 
 
 def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, workers: int = 0,
-                progress: bool = True) -> CachedImages:
-    """Decode `folder/<class>/*` at `image_size` into the cache (once), then map it read-only."""
+                progress: bool = True, decode_device: torch.device | None = None) -> CachedImages:
+    """Decode `folder/<class>/*` at `image_size` into the cache (once), then map it read-only.
+    Decoding runs in `workers` PIL processes, or, given `decode_device`, with torchvision's decoder on that
+    device (nvJPEG on CUDA) in batches."""
     folder = Path(folder)
     classes, files, labels = scan_folder(folder)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(files, image_size)
+    key = cache_key(files, image_size, "pil" if decode_device is None else f"torchvision-{decode_device.type}")
     npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     # One builder at a time per key: sweep workers that start together wait for the first one's cache.
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (npy.exists() and meta.exists()):
-            _build(files, image_size, npy, meta, folder, workers, progress)
+            _build(files, image_size, npy, meta, folder, workers, progress, decode_device)
         try:
             pixels = np.load(npy, mmap_mode="r")
             errors = {int(k): v for k, v in json.loads(meta.read_text())["errors"].items()}
@@ -109,26 +112,46 @@ def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, work
                 raise ValueError(f"shape {pixels.shape}")
         except (ValueError, OSError, KeyError, json.JSONDecodeError):  # damaged on disk: decode again, once
             npy.unlink(missing_ok=True)
-            _build(files, image_size, npy, meta, folder, workers, progress)
+            _build(files, image_size, npy, meta, folder, workers, progress, decode_device)
             pixels = np.load(npy, mmap_mode="r")
             errors = {int(k): v for k, v in json.loads(meta.read_text())["errors"].items()}
     return CachedImages(folder, classes, files, labels, pixels, errors)
 
 
-def _build(files: list[Path], size: int, npy: Path, meta: Path, folder: Path, workers: int, progress: bool) -> None:
+def _build(files: list[Path], size: int, npy: Path, meta: Path, folder: Path, workers: int, progress: bool,
+           decode_device: torch.device | None) -> None:
     from tqdm import tqdm
 
     partial = npy.with_suffix(".partial.npy")
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
-    del out  # workers write through their own maps; rows of unreadable files stay zero
+    start = time.perf_counter()
+    decoder = "PIL" if decode_device is None else ("nvJPEG" if decode_device.type == "cuda" else "torchvision")
+    bar = tqdm(total=len(files), desc=f"decoding {folder.name}/ at {size}px ({decoder})", unit="img",
+               disable=not progress, dynamic_ncols=True)
+    if decode_device is not None:
+        from .decode_gpu import decode_into
+
+        with bar:
+            errors = decode_into(files, size, out, decode_device, on_progress=bar.update)
+        out.flush()
+        del out
+    else:
+        del out  # workers write through their own maps; rows of unreadable files stay zero
+        errors = _decode_with_workers(files, size, partial, workers, bar)
+    seconds = time.perf_counter() - start
+    atomic_write_json(meta, {"folder": str(folder.resolve()), "image_size": size, "count": len(files),
+                             "decoder": decoder, "errors": {str(k): v for k, v in sorted(errors.items())},
+                             "build_seconds": round(seconds, 2),
+                             "images_per_s": round(len(files) / max(seconds, 1e-9), 1)})
+    os.replace(partial, npy)  # the .npy appears only when complete: a killed build is redone, never half-read
+
+
+def _decode_with_workers(files: list[Path], size: int, partial: Path, workers: int, bar) -> dict[int, str]:
     workers = workers or os.cpu_count() or 1
     chunk = max(1, min(64, math.ceil(len(files) / (workers * 8))))
     jobs = [(list(range(i, min(i + chunk, len(files)))), [str(p) for p in files[i:i + chunk]], size)
             for i in range(0, len(files), chunk)]
     errors: dict[int, str] = {}
-    start = time.perf_counter()
-    bar = tqdm(total=len(files), desc=f"decoding {folder.name}/ at {size}px", unit="img", disable=not progress,
-               dynamic_ncols=True)
     if workers == 1 or len(files) < 64:
         init_worker(str(partial))
         results = map(decode_chunk, jobs)
@@ -150,12 +173,7 @@ def _build(files: list[Path], size: int, npy: Path, meta: Path, folder: Path, wo
             pool.close()
             pool.join()
         bar.close()
-    seconds = time.perf_counter() - start
-    atomic_write_json(meta, {"folder": str(folder.resolve()), "image_size": size, "count": len(files),
-                             "errors": {str(k): v for k, v in sorted(errors.items())},
-                             "build_seconds": round(seconds, 2),
-                             "images_per_s": round(len(files) / max(seconds, 1e-9), 1)})
-    os.replace(partial, npy)  # the .npy appears only when complete: a killed build is redone, never half-read
+    return errors
 
 
 # ---- the split ------------------------------------------------------------------------------------------
@@ -196,13 +214,37 @@ def write_bad_file_report(path: str | Path, *image_sets: CachedImages) -> int:
 
 # ---- batches on the device ----------------------------------------------------------------------------
 
+_UPLOADED: dict[tuple, torch.Tensor] = {}
+
+
+def upload_key(array: np.ndarray, device: torch.device) -> tuple:
+    filename = getattr(array, "filename", None)
+    if filename is None:
+        return (id(array), device)
+    return (filename, os.stat(filename).st_mtime_ns, array.shape, device)
+
+
+def uploaded(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The whole cached array on `device`, uploaded once per process: a run's training and validation batches
+    share one copy, and so do the trials a sweep process runs one after another. Only the latest cache file
+    is kept; an array without a file is uploaded each time."""
+    key = upload_key(array, device)
+    if key in _UPLOADED:
+        return _UPLOADED[key]
+    _UPLOADED.clear()
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    if getattr(array, "filename", None) is not None:
+        _UPLOADED[key] = tensor
+    return tensor
+
+
 class Batches:
     """Batches of (tensor, int64 label) from rows of a cached array: uint8 images (N, H, W, C), yielded as
     NCHW views in channels_last layout, or stored features (any shape), yielded as they are.
 
-    On CUDA the rows are copied to GPU memory once when they fit, and drawn by index there; otherwise each
-    batch is gathered from the memory map (on CPU into a kept buffer: the batch is only valid until the
-    next one is drawn, so copy it to keep it) and copied, pinned and asynchronously, on CUDA."""
+    On CUDA the rows are copied to GPU memory once when they fit, and drawn by index there. Otherwise each
+    batch is read from the cache file into kept host memory (on CPU the batch is only valid until the next
+    one is drawn, so copy it to keep it); on CUDA that memory is pinned and copied to the GPU asynchronously."""
 
     def __init__(self, images: CachedImages, rows: np.ndarray, batch_size: int, device: torch.device,
                  shuffle: bool, drop_last: bool = False, resident: bool | None = None):
@@ -224,11 +266,27 @@ class Batches:
         self.batch_size, self.device, self.shuffle = batch_size, device, shuffle
         self.drop_last = drop_last and len(self.rows) > batch_size
         self.labels = torch.from_numpy(labels[self.rows]).to(device)
-        nbytes = len(self.rows) * array[0].nbytes
         if resident is None:
-            resident = device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]
-        self._host: np.ndarray | None = None
-        self.resident = torch.from_numpy(np.ascontiguousarray(array[self.rows])).to(device) if resident else None
+            resident = device.type == "cuda" and (upload_key(array, device) in _UPLOADED or
+                                                  array.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0])
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self.resident = uploaded(array, device) if resident else None
+        self.rows_on_device = torch.from_numpy(self.rows).to(device) if resident else None
+
+    def _staging(self, b: int) -> torch.Tensor:
+        """Host memory batch `b` is gathered into, kept between batches (fresh memory costs page faults that
+        outweigh the copy). CPU: one buffer, valid until the next batch. CUDA: two pinned buffers in turn,
+        each refilled only once its last asynchronous copy to the GPU has finished."""
+        cuda = self.device.type == "cuda"
+        slot = b % 2 if cuda else 0
+        if slot not in self._buffers:
+            shape = (self.batch_size, *self.array.shape[1:])
+            self._buffers[slot] = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, self.array.dtype)).dtype,
+                                              pin_memory=cuda)
+        if cuda and self._copied[slot] is not None:
+            self._copied[slot].synchronize()
+        return self._buffers[slot]
 
     def __len__(self) -> int:
         n = len(self.rows)
@@ -270,17 +328,16 @@ class Batches:
             pos = pos.sort().values  # ascending rows read the memory map sequentially
             if self.resident is not None:
                 pos_d = pos.to(self.device, non_blocking=True)
-                x = self.resident.index_select(0, pos_d)
+                x = self.resident.index_select(0, self.rows_on_device.index_select(0, pos_d) + offset)
                 y = self.labels.index_select(0, pos_d)
             else:
                 rows = self.rows[pos.numpy()] + offset
-                if self.device.type == "cpu":  # gather into a kept buffer: no page faults on fresh memory
-                    shape = (len(rows), *self.array.shape[1:])
-                    if self._host is None or self._host.shape != shape:
-                        self._host = np.empty(shape, dtype=self.array.dtype)
-                    x = torch.from_numpy(self._gather(rows, self._host))
-                else:
-                    x = torch.from_numpy(self.array[rows]).pin_memory().to(self.device, non_blocking=True)
+                host = self._staging(b)[:len(rows)]
+                x = torch.from_numpy(self._gather(rows, host.numpy()))
+                if self.device.type == "cuda":  # the copy runs while the next batch is gathered
+                    x = x.to(self.device, non_blocking=True)
+                    self._copied[b % 2] = torch.cuda.Event()
+                    self._copied[b % 2].record()
                 y = self.labels[pos.to(self.device)]
             yield (x.permute(0, 3, 1, 2) if self.nhwc else x), y  # NHWC viewed as NCHW is exactly channels_last
 

@@ -115,10 +115,15 @@ def format_metrics(m: dict[str, Any]) -> str:
 
 
 def load_test_images(loaded: LoadedModel, data: str | Path, cache_dir: str | Path, progress: bool = True):
-    """`data`/val decoded with the checkpoint's image size; refused when its classes are not the checkpoint's."""
+    """`data`/val decoded with the checkpoint's image size (and, on a GPU, its decoder); refused when its
+    classes are not the checkpoint's."""
     from .data import load_images
+    from .hardware import decode_device
 
-    test = load_images(Path(data) / "val", loaded.pre.image_size, cache_dir, loaded.cfg.decode_workers, progress)
+    device = next(loaded.model.parameters()).device
+    on_device = decode_device(loaded.cfg.decoder if device.type == "cuda" else "pil", device)
+    test = load_images(Path(data) / "val", loaded.pre.image_size, cache_dir, loaded.cfg.decode_workers, progress,
+                       on_device)
     if test.classes != loaded.classes:
         raise DataError(f"{Path(data) / 'val'} has classes {test.classes}, but the checkpoint was trained on "
                         f"{loaded.classes}: use data with the same class folders")

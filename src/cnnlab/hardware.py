@@ -54,3 +54,37 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cuDNN autotuning picks the fastest convolution algorithms for each shape (the first batches pay for the
+    search); TF32 for the fp32 matrix products that autocast leaves. `deterministic` trades both for
+    bit-identical repeats."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def decode_device(decoder: str, device: torch.device) -> torch.device | None:
+    """Where the cache build decodes JPEGs: None for PIL worker processes, a CUDA device for nvJPEG."""
+    if decoder == "nvjpeg" and device.type != "cuda":
+        raise ConfigError(f"decoder=nvjpeg needs a CUDA device (device is {device}); use --decoder pil or auto")
+    if decoder == "nvjpeg" or (decoder == "auto" and device.type == "cuda"):
+        return device
+    return None
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile with `mode` (off: the model itself). A sweep process compiles one model per trial, each
+    a new graph for the same `forward`: dynamo's in-memory cache is cleared first, or after 8 graphs it would
+    fall back to eager for the rest of the sweep. Inductor's on-disk graph cache still serves repeated shapes,
+    so a second trial of the same architecture compiles in a fraction of the first one's time."""
+    if mode == "off":
+        return model
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(model, mode=None if mode == "default" else mode)

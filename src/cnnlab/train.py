@@ -27,7 +27,7 @@ from .errors import CnnlabError
 from .evaluate import evaluate
 from .features import FeaturePrep, prepare_store
 from .finetune import TrainablePlan
-from .hardware import autocast, autocast_dtype, resolve_device
+from .hardware import autocast, autocast_dtype, compile_model, configure_backends, decode_device, resolve_device
 from .io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl
 from .models import create_model
 from .tracking import Tracker
@@ -135,6 +135,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     run folder. Never reads `cfg.data`/val: that is the test set, for `cnnlab evaluate` alone."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
+    decode_on = decode_device(cfg.decoder, device)
     run_dir = Path(cfg.out) / (cfg.name or default_run_name(cfg))
     if resume and not (run_dir / "last.pt").exists():
         raise CnnlabError(f"{run_dir} has no last.pt to resume from; start it without --resume")
@@ -145,7 +146,9 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     cfg = replace(cfg, name=run_dir.name)
     save_yaml(cfg, run_dir / "config.yaml")
 
-    images = load_images(Path(cfg.data) / "train", cfg.image_size, cfg.resolved_cache_dir(), cfg.decode_workers, progress)
+    configure_backends(device, cfg.deterministic)
+    images = load_images(Path(cfg.data) / "train", cfg.image_size, cfg.resolved_cache_dir(), cfg.decode_workers, progress,
+                         decode_on)
     n_bad = write_bad_file_report(run_dir / "bad_files.txt", images)
     if n_bad:
         log(f"skipped {n_bad} unreadable file(s) of {len(images.files)}: listed in {run_dir / 'bad_files.txt'}")
@@ -167,7 +170,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     scheduler = make_scheduler(cfg, optimizer, len(train_batches))
     amp = autocast_dtype(cfg.precision, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    forward = torch.compile(model) if cfg.compile else model
+    forward = compile_model(model, cfg.compile)
     store = prepare_store(cfg, model, images, prep, device, amp, progress, log)
     if store is not None:
         split, array = store

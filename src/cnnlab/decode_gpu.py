@@ -1,0 +1,97 @@
+"""The cache build with nvJPEG: JPEG files decoded in batches on the GPU (`torchvision.io.decode_jpeg` with
+`device='cuda'`), resized there with antialiasing, and copied back into the cache's rows a batch at a time.
+
+Files are read by a few threads a batch ahead of the decoder. A file that is not a JPEG (PNG, GIF, ...) or
+that nvJPEG refuses (damaged, CMYK, an unusual encoding) goes through the PIL path instead (`decode.load_rgb`)
+and, if that fails too, is reported like any unreadable file. The same function runs on CPU (torchvision's
+libjpeg-turbo decoder), which is how the tests cover it on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .decode import describe_error, load_rgb
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _read(path: Path) -> bytes | BaseException:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        return e
+
+
+def _decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """(3, H, W) uint8 on `device` for each blob, None where it cannot be decoded. The batched call is the
+    fast one; it returns nothing when any image fails, so a failed batch is decoded again one by one."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not blobs:
+        return []
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated in favour of torchcodec
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out: list[torch.Tensor | None] = []
+            for d in data:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+
+def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (size, size, 3) uint8, squashed to a square like the PIL path, antialiased when shrinking."""
+    if image.shape[1:] == (size, size):
+        return image.permute(1, 2, 0)
+    x = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+def decode_into(files: list[Path], size: int, out: np.ndarray, device: torch.device, batch: int = 128,
+                on_progress: Callable[[int], Any] = lambda n: None) -> dict[int, str]:
+    """Decode `files` into rows of `out` ((N, size, size, 3) uint8); return {row: why} for unreadable files."""
+    errors: dict[int, str] = {}
+    chunks = [list(range(i, min(i + batch, len(files)))) for i in range(0, len(files), batch)]
+    with ThreadPoolExecutor(8) as pool:
+        pending = [pool.map(_read, [files[r] for r in chunks[0]])] if chunks else []
+        for k, rows in enumerate(chunks):
+            blobs = list(pending.pop())
+            if k + 1 < len(chunks):  # read the next batch while this one decodes
+                pending.append(pool.map(_read, [files[r] for r in chunks[k + 1]]))
+            jpeg = [i for i, b in enumerate(blobs) if isinstance(b, bytes) and b[:3] == JPEG_MAGIC]
+            decoded = dict(zip(jpeg, _decode_jpegs([blobs[i] for i in jpeg], device)))
+            staged = torch.empty((len(rows), size, size, 3), dtype=torch.uint8, device=device)
+            fallback = []
+            for i in range(len(rows)):
+                image = decoded.get(i)
+                if image is None:
+                    fallback.append(i)
+                else:
+                    staged[i] = resize_square(image, size)
+            out[rows[0]:rows[-1] + 1] = staged.cpu().numpy()
+            for i in fallback:  # not a JPEG, or one nvJPEG refused: PIL decides, and names the error
+                blob = blobs[i]
+                if isinstance(blob, BaseException):
+                    errors[rows[i]] = describe_error(blob)
+                    out[rows[i]] = 0
+                    continue
+                try:
+                    out[rows[i]] = load_rgb(str(files[rows[i]]), size)
+                except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal
+                    errors[rows[i]] = describe_error(e)
+                    out[rows[i]] = 0
+            on_progress(len(rows))
+    return errors
