@@ -24,8 +24,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-
 from common import SHARED, say  # noqa: E402
+
 from cnnlab.config import make_config  # noqa: E402
 from cnnlab.train import fit  # noqa: E402
 

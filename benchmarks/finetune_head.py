@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import photo_folder, say
 from torch import nn
 
-from common import photo_folder, say
 from cnnlab.config import make_config
 from cnnlab.train import fit
 

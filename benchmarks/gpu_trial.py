@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import say
 from PIL import Image
 from torch import nn
 
-from common import say
 from cnnlab.config import make_config
 from cnnlab.models import create_model
 from cnnlab.train import fit

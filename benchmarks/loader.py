@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import photo_folder, reference_loader, say
+
 from cnnlab.data import Batches, BatchPrep, Preprocess, load_images
 
 

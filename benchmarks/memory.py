@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from PIL import Image
-
 from common import say
+from PIL import Image
 
 TARGET = 3 * 1024**3
 

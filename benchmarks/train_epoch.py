@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import photo_folder, reference_loader, say
 from torch import nn
 
-from common import photo_folder, reference_loader, say
 from cnnlab.config import make_config
 from cnnlab.data import Batches, BatchPrep, Preprocess, load_images
 from cnnlab.hardware import autocast_dtype

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import write_bad_files
 from PIL import Image
 
 from cnnlab.data import Batches, BatchPrep, Preprocess, cache_key, load_images, scan_folder, stratified_split
 from cnnlab.decode import load_rgb
 from cnnlab.errors import DataError
-from conftest import write_bad_files
 
 
 def test_bad_files_are_reported_never_fatal(tmp_path, cache_dir):

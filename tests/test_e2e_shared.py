@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import SHARED_DATA
 
 from cnnlab.cli import main
-from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "flowers").is_dir(), reason="../shared/data is absent")
 

@@ -185,7 +185,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"sweep {sweep.name}: {args.workers} worker processes, {args.count or 'all'} trials each")
         return spawn_workers(cleaned, args.workers)
     result = run_sweep(sweep, base, folder, args.storage, args.count, args.seed, progress=not args.quiet)
-    best = f"best {sweep.metric} {result.best_value:.4f} (trial {result.best_trial})" if result.best_value is not None else "no complete trial"
+    best = (f"best {sweep.metric} {result.best_value:.4f} (trial {result.best_trial})"
+            if result.best_value is not None else "no complete trial")
     print(f"sweep {sweep.name}: {result.ran} trials in {result.seconds:.0f}s ({result.complete} complete, "
           f"{result.pruned} pruned, {result.failed} failed); {best}; report: cnnlab sweep-report {folder}")
     return 0

@@ -205,7 +205,8 @@ def validate(cfg: Config) -> Config:
     if cfg.finetune == "partial" and cfg.freeze_stages < 1:
         raise ConfigError("finetune=partial needs freeze_stages >= 1")
     if cfg.model == "smallcnn" and cfg.finetune != "none":
-        raise ConfigError(f"finetune={cfg.finetune!r} needs a torchvision model (model=resnet50, ...); smallcnn trains from scratch")
+        raise ConfigError(f"finetune={cfg.finetune!r} needs a torchvision model (model=resnet50, ...); "
+                          "smallcnn trains from scratch")
     if cfg.model != "smallcnn":
         from .models import check_model_name  # torchvision import only when a torchvision model is asked for
 

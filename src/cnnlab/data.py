@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -232,7 +233,10 @@ def uploaded(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if key in _UPLOADED:
         return _UPLOADED[key]
     _UPLOADED.clear()
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    host = np.array(array) if device.type == "cpu" else np.ascontiguousarray(array)  # CPU: its own writable copy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only map, only read from on its way to the device
+        tensor = torch.from_numpy(host).to(device)
     if getattr(array, "filename", None) is not None:
         _UPLOADED[key] = tensor
     return tensor

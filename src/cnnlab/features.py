@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import BatchPrep, Batches, CachedImages
+from .data import Batches, BatchPrep, CachedImages
 from .hardware import autocast
 from .io import atomic_write_json
 

@@ -195,7 +195,8 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{run_dir.name}: {cfg.model}, {n_params:,} parameters ({plan.trainable_count():,} trainable), {len(train_rows)} train / {len(val_rows)} val images, "
+    log(f"{run_dir.name}: {cfg.model}, {n_params:,} parameters ({plan.trainable_count():,} trainable), "
+        f"{len(train_rows)} train / {len(val_rows)} val images, "
         f"{len(classes)} classes, {device.type}, {'bf16 autocast' if amp else 'fp32'}"
         f"{', channels_last' if cfg.channels_last else ''}")
     tracker = Tracker(cfg, run_dir, group=group, log=log)
