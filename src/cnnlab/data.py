@@ -327,14 +327,16 @@ class Batches:
         else:
             order = torch.arange(n)
         offset = (view % self.views) * self.n_per_view
+        # The epoch's order goes to the device once: a copy from pageable memory per batch would wait for
+        # the GPU to finish its queue every batch. Each batch's positions ascend: sequential reads of the file.
+        order_d = order.to(self.device)
         for b in range(len(self)):
-            pos = order[b * self.batch_size:(b + 1) * self.batch_size]
-            pos = pos.sort().values  # ascending rows read the memory map sequentially
+            pos_d = order_d[b * self.batch_size:(b + 1) * self.batch_size].sort().values
+            y = self.labels.index_select(0, pos_d)
             if self.resident is not None:
-                pos_d = pos.to(self.device, non_blocking=True)
                 x = self.resident.index_select(0, self.rows_on_device.index_select(0, pos_d) + offset)
-                y = self.labels.index_select(0, pos_d)
             else:
+                pos = order[b * self.batch_size:(b + 1) * self.batch_size].sort().values
                 rows = self.rows[pos.numpy()] + offset
                 host = self._staging(b)[:len(rows)]
                 x = torch.from_numpy(self._gather(rows, host.numpy()))
@@ -342,7 +344,6 @@ class Batches:
                     x = x.to(self.device, non_blocking=True)
                     self._copied[b % 2] = torch.cuda.Event()
                     self._copied[b % 2].record()
-                y = self.labels[pos.to(self.device)]
             yield (x.permute(0, 3, 1, 2) if self.nhwc else x), y  # NHWC viewed as NCHW is exactly channels_last
 
 
@@ -379,6 +380,7 @@ class BatchPrep:
         self.pre, self.channels_last = pre, channels_last
         self.scale, self.ratio, self.jitter = scale, ratio, jitter
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _buffers_for(self, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (shape, device)
@@ -410,8 +412,9 @@ class BatchPrep:
     def colour_maps(self, x_nhwc: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image and channel, (gain, offset) taking uint8 values to jittered, normalised ones."""
         b, dev = x_nhwc.shape[0], x_nhwc.device
-        mean = torch.tensor(self.pre.mean, device=dev) * 255
-        std = torch.tensor(self.pre.std, device=dev) * 255
+        if dev not in self._stats:  # made once: a tensor built from a list per batch is a host-to-GPU copy that waits
+            self._stats[dev] = (torch.tensor(self.pre.mean, device=dev) * 255, torch.tensor(self.pre.std, device=dev) * 255)
+        mean, std = self._stats[dev]
         if generator is None or self.jitter <= 0:
             return (1 / std).expand(b, 3), (-mean / std).expand(b, 3)
         u = torch.rand(b, 5, generator=generator, device=dev) * 2 - 1
