@@ -72,9 +72,20 @@ def decode_device(decoder: str, device: torch.device) -> torch.device | None:
     """Where the cache build decodes JPEGs: None for PIL worker processes, a CUDA device for nvJPEG."""
     if decoder == "nvjpeg" and device.type != "cuda":
         raise ConfigError(f"decoder=nvjpeg needs a CUDA device (device is {device}); use --decoder pil or auto")
-    if decoder == "nvjpeg" or (decoder == "auto" and device.type == "cuda"):
+    if decoder == "nvjpeg" and not _torchvision_decodes_jpeg():
+        raise ConfigError("decoder=nvjpeg: this torchvision has no torchvision.io.decode_jpeg; use --decoder pil")
+    if decoder == "nvjpeg" or (decoder == "auto" and device.type == "cuda" and _torchvision_decodes_jpeg()):
         return device
     return None
+
+
+def _torchvision_decodes_jpeg() -> bool:
+    """torchvision 0.29 deprecates its decoders in favour of TorchCodec; a later release may drop them."""
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
