@@ -82,7 +82,7 @@ class CachedImages:
 
 
 def cache_key(files: list[Path], image_size: int, decoder: str = "pil") -> str:
-    tag = "" if decoder == "pil" else f":{decoder}"  # nvJPEG's resize differs slightly from PIL's: its own cache
+    tag = "" if decoder == "pil" else f":{decoder}"  # another decoder's pixels differ slightly: its own cache
     h = hashlib.sha256(f"cnnlab-decode-v{DECODE_VERSION}:{image_size}{tag}\n".encode())
     for p in files:
         st = p.stat()
@@ -99,34 +99,39 @@ def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, work
     classes, files, labels = scan_folder(folder)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(files, image_size, "pil" if decode_device is None else f"torchvision-{decode_device.type}")
+    decoder = "pil" if decode_device is None else ("nvjpeg" if decode_device.type == "cuda" else "torchvision-cpu")
+    key = cache_key(files, image_size, decoder)
     npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    shape = (len(files), image_size, image_size, 3)
     # One builder at a time per key: sweep workers that start together wait for the first one's cache.
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (npy.exists() and meta.exists()):
-            _build(files, image_size, npy, meta, folder, workers, progress, decode_device)
+            _build(files, image_size, npy, meta, folder, workers, progress, decode_device, decoder)
         try:
-            pixels = np.load(npy, mmap_mode="r")
-            errors = {int(k): v for k, v in json.loads(meta.read_text())["errors"].items()}
-            if pixels.shape != (len(files), image_size, image_size, 3):
-                raise ValueError(f"shape {pixels.shape}")
+            pixels, errors = _open_cache(npy, meta, shape)
         except (ValueError, OSError, KeyError, json.JSONDecodeError):  # damaged on disk: decode again, once
             npy.unlink(missing_ok=True)
-            _build(files, image_size, npy, meta, folder, workers, progress, decode_device)
-            pixels = np.load(npy, mmap_mode="r")
-            errors = {int(k): v for k, v in json.loads(meta.read_text())["errors"].items()}
+            _build(files, image_size, npy, meta, folder, workers, progress, decode_device, decoder)
+            pixels, errors = _open_cache(npy, meta, shape)
     return CachedImages(folder, classes, files, labels, pixels, errors)
 
 
+def _open_cache(npy: Path, meta: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, dict[int, str]]:
+    pixels = np.load(npy, mmap_mode="r")
+    errors = {int(k): v for k, v in json.loads(meta.read_text())["errors"].items()}
+    if pixels.shape != shape:
+        raise ValueError(f"shape {pixels.shape}")
+    return pixels, errors
+
+
 def _build(files: list[Path], size: int, npy: Path, meta: Path, folder: Path, workers: int, progress: bool,
-           decode_device: torch.device | None) -> None:
+           decode_device: torch.device | None, decoder: str) -> None:
     from tqdm import tqdm
 
     partial = npy.with_suffix(".partial.npy")
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
     start = time.perf_counter()
-    decoder = "PIL" if decode_device is None else ("nvJPEG" if decode_device.type == "cuda" else "torchvision")
     bar = tqdm(total=len(files), desc=f"decoding {folder.name}/ at {size}px ({decoder})", unit="img",
                disable=not progress, dynamic_ncols=True)
     if decode_device is not None:
@@ -218,10 +223,11 @@ def write_bad_file_report(path: str | Path, *image_sets: CachedImages) -> int:
 _UPLOADED: dict[tuple, torch.Tensor] = {}
 
 
-def upload_key(array: np.ndarray, device: torch.device) -> tuple:
+def upload_key(array: np.ndarray, device: torch.device) -> tuple | None:
+    """What identifies a cache file's upload; None for an array without a file (never kept)."""
     filename = getattr(array, "filename", None)
     if filename is None:
-        return (id(array), device)
+        return None
     return (filename, os.stat(filename).st_mtime_ns, array.shape, device)
 
 
@@ -230,14 +236,15 @@ def uploaded(array: np.ndarray, device: torch.device) -> torch.Tensor:
     share one copy, and so do the trials a sweep process runs one after another. Only the latest cache file
     is kept; an array without a file is uploaded each time."""
     key = upload_key(array, device)
-    if key in _UPLOADED:
+    if key is not None and key in _UPLOADED:
         return _UPLOADED[key]
-    _UPLOADED.clear()
+    if key is not None:
+        _UPLOADED.clear()  # before the new upload: the old one's memory is free for it
     host = np.array(array) if device.type == "cpu" else np.ascontiguousarray(array)  # CPU: its own writable copy
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only map, only read from on its way to the device
         tensor = torch.from_numpy(host).to(device)
-    if getattr(array, "filename", None) is not None:
+    if key is not None:
         _UPLOADED[key] = tensor
     return tensor
 

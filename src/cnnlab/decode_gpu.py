@@ -73,7 +73,7 @@ def decode_into(files: list[Path], size: int, out: np.ndarray, device: torch.dev
                 pending.append(pool.map(_read, [files[r] for r in chunks[k + 1]]))
             jpeg = [i for i, b in enumerate(blobs) if isinstance(b, bytes) and b[:3] == JPEG_MAGIC]
             decoded = dict(zip(jpeg, _decode_jpegs([blobs[i] for i in jpeg], device)))
-            staged = torch.empty((len(rows), size, size, 3), dtype=torch.uint8, device=device)
+            staged = torch.zeros((len(rows), size, size, 3), dtype=torch.uint8, device=device)
             fallback = []
             for i in range(len(rows)):
                 image = decoded.get(i)
@@ -86,12 +86,10 @@ def decode_into(files: list[Path], size: int, out: np.ndarray, device: torch.dev
                 blob = blobs[i]
                 if isinstance(blob, BaseException):
                     errors[rows[i]] = describe_error(blob)
-                    out[rows[i]] = 0
                     continue
                 try:
                     out[rows[i]] = load_rgb(str(files[rows[i]]), size)
-                except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal
+                except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal (its row stays zero)
                     errors[rows[i]] = describe_error(e)
-                    out[rows[i]] = 0
             on_progress(len(rows))
     return errors
