@@ -54,7 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = SHARED / "flowers"
         if not data.is_dir():
-            from cnnlab.demo import make_demo_data
+            from cnnlab.data.demo import make_demo_data
 
             data = make_demo_data(Path(tmp) / "demo", train_per_class=100, val_per_class=10)
         base = {"data": str(data), "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,

@@ -99,7 +99,7 @@ def reference_trial(root: Path, image_size: int, epochs: int, batch_size: int, d
                                              num_workers=workers)
     torch.manual_seed(0)
     extra = {} if model_name == "smallcnn" else {"model": model_name, "finetune": "full"}
-    model = create_model(make_config({"image_size": image_size, **extra}), 10).to(device)
+    model = create_model(make_config({"image_size": image_size, **extra}), 10).module.to(device)
     if head_only:  # what users write: freeze everything, a new fc
         for p in model.parameters():
             p.requires_grad_(False)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from common import photo_folder, reference_loader, say
 
-from cnnlab.data import Batches, BatchPrep, Preprocess, load_images
+from cnnlab.data import Batches, ImageTransform, load_images
+from cnnlab.preprocess import Preprocess
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
         n = len(images.valid)
         say(f"cnnlab cache build (once, reused by every later run): {n} images in {build:.1f}s = {n / build:.0f} img/s")
 
-        prep, gen = BatchPrep(Preprocess(args.image_size)), torch.Generator().manual_seed(0)
+        prep, gen = ImageTransform(Preprocess(args.image_size)), torch.Generator().manual_seed(0)
         batches = Batches(images, images.valid, args.batch_size, torch.device("cpu"), shuffle=True)
         t, seen = time.perf_counter(), 0
         for epoch in range(args.epochs):

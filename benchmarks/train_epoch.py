@@ -18,9 +18,10 @@ from common import photo_folder, reference_loader, say
 from torch import nn
 
 from cnnlab.config import make_config
-from cnnlab.data import Batches, BatchPrep, Preprocess, load_images
+from cnnlab.data import Batches, ImageTransform, load_images
 from cnnlab.hardware import autocast_dtype
 from cnnlab.models import create_model
+from cnnlab.preprocess import Preprocess
 from cnnlab.train import train_one_epoch
 
 
@@ -47,17 +48,17 @@ def main() -> None:
         say(f"cnnlab cache build (once): {time.perf_counter() - t:.1f}s, not counted below")
 
         torch.manual_seed(0)
-        model = create_model(cfg, len(images.classes)).to(memory_format=torch.channels_last)
+        model = create_model(cfg, len(images.classes)).module.to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         batches = Batches(images, images.valid, args.batch_size, cpu, shuffle=True, drop_last=True)
         t = time.perf_counter()
-        stats = train_one_epoch(model, batches.epoch(0), BatchPrep(Preprocess(args.image_size)), opt, None,
+        stats = train_one_epoch(model, batches.epoch(0), ImageTransform(Preprocess(args.image_size)), opt, None,
                                 nn.CrossEntropyLoss(), cpu, amp, torch.Generator().manual_seed(0))
         ours = time.perf_counter() - t
         say(f"cnnlab epoch: {ours:.1f}s, {stats['seen'] / ours:.1f} img/s")
 
         torch.manual_seed(0)
-        model = create_model(cfg, len(images.classes))
+        model = create_model(cfg, len(images.classes)).module
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss_fn = nn.CrossEntropyLoss()
         t, seen = time.perf_counter(), 0

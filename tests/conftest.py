@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cnnlab.config import make_config
-from cnnlab.demo import make_demo_data
+from cnnlab.data.demo import make_demo_data
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

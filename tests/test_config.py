@@ -33,13 +33,21 @@ def test_booleans_in_every_spelling(value, expected):
     ({"batch_norm": "maybe"}, "batch_norm='maybe'"),
     ({"activation": "tanh"}, "one of relu"),
     ({"filter_org": "1,2,3"}, "filter_org"),
-    ({"model": "resnet9000"}, "model='resnet9000'"),
     ({"finetune": "head"}, "needs a torchvision model"),
 ])
 def test_bad_values_are_one_clear_error(source, needle):
     with pytest.raises(ConfigError, match=None) as e:
         make_config(source)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_model_names_are_refused_by_the_model_registry():
+    from cnnlab.models import check_config
+
+    with pytest.raises(ConfigError) as e:
+        check_config(make_config({"model": "resnet9000"}))
+    assert "model='resnet9000'" in str(e.value) and "\n" not in str(e.value)
+    assert main(["info", "--model", "resnet9000"]) == 2
 
 
 def test_yaml_then_flags_flags_win(tmp_path, capsys):
@@ -63,7 +71,8 @@ def test_every_field_is_a_flag_in_both_forms(capsys):
 
 def test_wandb_agent_command_line_is_accepted():
     """What `wandb agent` runs for a sampled config: ${program} --key=value ..."""
-    from cnnlab.cli import build_parser, config_from_args
+    from cnnlab.cli import build_parser
+    from cnnlab.commands import config_from_args
 
     args = build_parser().parse_args(["train", "--activation=mish", "--augment=False", "--batch_norm=True",
                                       "--batch_size=32", "--dense_units=512", "--dropout=0.3", "--epochs=7",
@@ -92,7 +101,8 @@ def test_config_defaults_validate():
 
 
 def test_compile_takes_a_mode_or_a_boolean():
-    from cnnlab.cli import build_parser, config_from_args
+    from cnnlab.cli import build_parser
+    from cnnlab.commands import config_from_args
 
     assert [make_config({"compile": v}).compile for v in (True, "true", False, "off", "max-autotune")] == \
         ["default", "default", "off", "off", "max-autotune"]

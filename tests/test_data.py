@@ -4,9 +4,10 @@ import torch
 from conftest import write_bad_files
 from PIL import Image
 
-from cnnlab.data import Batches, BatchPrep, Preprocess, cache_key, load_images, scan_folder, stratified_split
-from cnnlab.decode import load_rgb
+from cnnlab.data import Batches, DeviceCache, ImageTransform, cache_key, load_images, scan_folder, stratified_split
+from cnnlab.data.decode import load_rgb
 from cnnlab.errors import DataError
+from cnnlab.preprocess import Preprocess
 
 
 def test_bad_files_are_reported_never_fatal(tmp_path, cache_dir):
@@ -66,7 +67,7 @@ def test_batched_tensor_decoder_agrees_with_pil_and_reports_the_same_files(tmp_p
     """The nvJPEG build path (decode_gpu) run on CPU, torchvision's libjpeg-turbo standing in for nvJPEG:
     the same files are refused, PNG/GIF/CMYK fall back to PIL, and pixels agree with the PIL path to within
     what two antialiased resizes differ by. Batches of 4 put bad files beside good ones in one batch."""
-    from cnnlab.decode_gpu import decode_into
+    from cnnlab.data.decode_gpu import decode_into
 
     expected = write_bad_files(tmp_path / "train" / "odd")
     rng = np.random.default_rng(3)
@@ -148,9 +149,12 @@ def test_device_resident_batches_equal_streamed_ones_and_share_one_upload(tiny_d
     train, val = images.valid[::2], images.valid[1::2]
     cpu = torch.device("cpu")
     streamed = [(x.clone(), y) for x, y in Batches(images, train, 8, cpu, shuffle=True).epoch(seed=3)]
-    resident_train = Batches(images, train, 8, cpu, shuffle=True, resident=True)
-    resident_val = Batches(images, val, 8, cpu, shuffle=False, resident=True)
+    shared = DeviceCache()  # owned by the caller: a run, or a sweep process for all its trials
+    resident_train = Batches(images, train, 8, cpu, shuffle=True, resident=True, device_cache=shared)
+    resident_val = Batches(images, val, 8, cpu, shuffle=False, resident=True, device_cache=shared)
     assert resident_train.resident is resident_val.resident  # one upload for both (and for the next trial)
+    other = Batches(images, val, 8, cpu, shuffle=False, resident=True, device_cache=DeviceCache())
+    assert other.resident is not resident_val.resident  # no hidden process-wide cache
     assert resident_train.resident.shape[0] == len(images.files)
     for (a, ya), (b, yb) in zip(streamed, resident_train.epoch(seed=3), strict=True):
         assert torch.equal(a, b) and torch.equal(ya, yb)
@@ -161,15 +165,15 @@ def test_device_resident_batches_equal_streamed_ones_and_share_one_upload(tiny_d
 
 def test_prep_without_augmentation_is_exact_normalisation():
     x = _batch()
-    out = BatchPrep(Preprocess(32))(x)
+    out = ImageTransform(Preprocess(32))(x)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, _normalised(x), atol=1e-5)
-    assert BatchPrep(Preprocess(32), channels_last=False)(x).is_contiguous()
+    assert ImageTransform(Preprocess(32), channels_last=False)(x).is_contiguous()
 
 
 def test_augmentation_is_seeded_and_varied():
     x = _batch()
-    prep = BatchPrep(Preprocess(32))
+    prep = ImageTransform(Preprocess(32))
     a = prep(x, torch.Generator().manual_seed(0)).clone()
     b = prep(x, torch.Generator().manual_seed(0)).clone()
     c = prep(x, torch.Generator().manual_seed(1)).clone()
@@ -179,7 +183,7 @@ def test_augmentation_is_seeded_and_varied():
 
 def test_full_crops_without_jitter_are_the_image_or_its_mirror():
     x = _batch(8)
-    out = BatchPrep(Preprocess(32), scale=(1, 1), ratio=(1, 1), jitter=0)(x, torch.Generator().manual_seed(0))
+    out = ImageTransform(Preprocess(32), scale=(1, 1), ratio=(1, 1), jitter=0)(x, torch.Generator().manual_seed(0))
     ref = _normalised(x)
     flips = 0
     for i in range(8):
@@ -192,7 +196,7 @@ def test_full_crops_without_jitter_are_the_image_or_its_mirror():
 def test_crops_zoom_into_the_image():
     x = torch.zeros(4, 64, 64, 3, dtype=torch.uint8)
     x[:, 16:48, 16:48] = 255  # a white square in the middle
-    out = BatchPrep(Preprocess(64), scale=(0.25, 0.25), ratio=(1, 1), jitter=0)(x.permute(0, 3, 1, 2),
+    out = ImageTransform(Preprocess(64), scale=(0.25, 0.25), ratio=(1, 1), jitter=0)(x.permute(0, 3, 1, 2),
                                                                                  torch.Generator().manual_seed(3))
     white = (out[:, 0] > 0).float().mean(dim=(1, 2))
     assert (white > 0.25).all()  # the square covers a quarter of the image, more of a quarter-area crop

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cnnlab.cli import main
-from cnnlab.download import download, extract_zip, fetch_dataset
+from cnnlab.data.download import download, extract_zip, fetch_dataset
 from cnnlab.errors import DataError
 
 

@@ -10,6 +10,7 @@ from cnnlab.cli import main
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "flowers").is_dir(), reason="../shared/data is absent")
 
 
+@pytest.mark.slow
 def test_train_on_real_flower_photos(tmp_path, capsys):
     argv = ["train", "--data", str(SHARED_DATA / "flowers"), "--image_size=64", "--epochs=2", "--filters=16",
             "--filter_org=double", "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"),

@@ -71,7 +71,7 @@ def test_evaluate_writes_metrics_and_figures_reproducibly(trained, tiny_data, tm
 
 
 def test_evaluate_refuses_other_classes(trained, tmp_path, capsys):
-    from cnnlab.demo import make_demo_data
+    from cnnlab.data.demo import make_demo_data
 
     other = make_demo_data(tmp_path / "other", 2, 2, min_size=40, max_size=48)
     (other / "val" / "star").rename(other / "val" / "planet")

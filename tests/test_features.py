@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
+from cnnlab.checkpoint import load_checkpoint
 from cnnlab.config import make_config
-from cnnlab.train import fit, load_checkpoint
+from cnnlab.train import fit
 
 
 def _cfg(tiny_data, tmp_path, **kw):
@@ -20,6 +21,7 @@ def _cfg(tiny_data, tmp_path, **kw):
     return make_config({**base, **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [{"finetune": "head"}, {"finetune": "partial", "freeze_stages": 3}])
 def test_store_gives_the_same_weights_as_full_forward_passes(tiny_data, tmp_path, strategy, capsys):
     with_store = fit(_cfg(tiny_data, tmp_path, name="store", **strategy), progress=False)
@@ -34,6 +36,7 @@ def test_store_gives_the_same_weights_as_full_forward_passes(tiny_data, tmp_path
         assert abs(ra["val_loss"] - rb["val_loss"]) < 1e-4 and ra["val_acc"] == rb["val_acc"]
 
 
+@pytest.mark.slow
 def test_store_is_reused_and_keyed_by_what_changes_it(tiny_data, tmp_path, capsys):
     fit(_cfg(tiny_data, tmp_path, name="a", finetune="head", epochs=1), progress=False)
     fit(_cfg(tiny_data, tmp_path, name="b", finetune="head", epochs=1, lr=0.01), progress=False)  # head-only knob
@@ -65,6 +68,7 @@ def test_augmentation_turns_the_store_off_unless_views_are_asked(tiny_data, tmp_
     assert "3 view(s) x 160 images" in capsys.readouterr().out and len(r.history) == 2  # plain + 2 augmented
 
 
+@pytest.mark.slow
 def test_gradual_uses_the_store_then_full_passes(tiny_data, tmp_path, capsys):
     r = fit(_cfg(tiny_data, tmp_path, name="g", finetune="gradual", unfreeze_every=1, epochs=3), progress=False)
     out = capsys.readouterr().out
@@ -77,20 +81,24 @@ def test_store_too_large_falls_back_with_a_reason(tiny_data, tmp_path, capsys):
     assert not list((tmp_path / "cache" / "features").glob("*.npy"))
 
 
+@pytest.mark.slow
 def test_a_store_cut_off_mid_write_is_rebuilt(tmp_path):
     """A real process killed with SIGKILL while it writes the store; the next run rebuilds it."""
-    from cnnlab.demo import make_demo_data
+    from cnnlab.data.demo import make_demo_data
 
     data = make_demo_data(tmp_path / "d", 60, 2, min_size=96, max_size=128)
     argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(data), "--model=resnet18", "--finetune=head",
             "--augment=false", "--image_size=96", "--epochs=1", "--cache_dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "runs"), "--quiet"]
-    proc = subprocess.Popen(argv + ["--name=killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv + ["--name=killed"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     features = tmp_path / "cache" / "features"
-    deadline = time.time() + 120
+    for line in proc.stdout:  # the run says when it starts the store: its forward passes take seconds from here
+        if line.startswith("feature store:"):
+            break
+    deadline = time.time() + 60
     while time.time() < deadline and not list(features.glob("*.partial.npy")):
-        time.sleep(0.02)
-    time.sleep(0.3)
+        time.sleep(0.01)  # polling for the file the build opens first thing
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(features.glob("*.partial.npy")) and not [p for p in features.glob("*.npy") if ".partial" not in p.name]

@@ -19,7 +19,7 @@ def test_golden_parameter_count_of_the_assignment_cnn():
 ])
 def test_formula_matches_numel_and_flop_counter(overrides):
     cfg = make_config(overrides)
-    model = create_model(cfg, 10)
+    model = create_model(cfg, 10).module
     formula, measured = smallcnn_cost(cfg, 10), measured_cost(model, cfg.image_size)
     assert formula.params == measured.params == sum(p.numel() for p in model.parameters())
     assert formula.flops == measured.flops
@@ -28,7 +28,7 @@ def test_formula_matches_numel_and_flop_counter(overrides):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_every_activation_trains_a_step(activation):
     cfg = make_config({"activation": activation, "image_size": 32, "filters": 4, "dense_units": 8})
-    model = create_model(cfg, 7)
+    model = create_model(cfg, 7).module
     out = model(torch.randn(3, 3, 32, 32))
     assert out.shape == (3, 7) and torch.isfinite(out).all()
     out.sum().backward()

@@ -12,15 +12,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config
-from .data import BatchPrep, Preprocess
+from .checkpoint import load_checkpoint
+from .config import Config, make_config
+from .data import Batches, ImageTransform, load_images
+from .data.decode import describe_error, load_rgb
 from .errors import DataError
-from .hardware import autocast, autocast_dtype
+from .hardware import autocast, autocast_dtype, decode_device
 from .io import atomic_write_json
+from .models import create_model
+from .preprocess import Preprocess
+from .visualise import plot_confusion, plot_prediction_grid
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], prep: BatchPrep,
+def predict_logits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], transform: Callable,
                    device: torch.device, amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits as float32 on the CPU, labels) for every batch, in order."""
     was_training = model.training
@@ -28,17 +33,17 @@ def predict_logits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     logits, labels = [], []
     for x, y in batches:
         with autocast(device, amp):
-            out = model(prep(x))
+            out = model(transform(x))
         logits.append(out.float())
         labels.append(y)
     model.train(was_training)
     return torch.cat(logits).cpu(), torch.cat(labels).cpu()
 
 
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], prep: BatchPrep,
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], transform: Callable,
              device: torch.device, amp: torch.dtype | None = None, loss_fn: nn.Module | None = None) -> dict[str, float]:
     """Mean loss and accuracy (a fraction) over `batches`."""
-    logits, labels = predict_logits(model, batches, prep, device, amp)
+    logits, labels = predict_logits(model, batches, transform, device, amp)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     return {"loss": float(loss_fn(logits, labels)), "acc": float((logits.argmax(1) == labels).float().mean())}
 
@@ -56,13 +61,9 @@ class LoadedModel:
 
 def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
     """Rebuild the model a checkpoint was trained as (no weights download) and load its weights."""
-    from .config import make_config
-    from .models import create_model
-    from .train import load_checkpoint
-
     state = load_checkpoint(checkpoint, device)
     cfg = make_config({**state["config"], "weights": "none"})
-    model = create_model(cfg, len(state["classes"]))
+    model = create_model(cfg, len(state["classes"])).module
     model.load_state_dict(state["model"])
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     model.eval()
@@ -117,9 +118,6 @@ def format_metrics(m: dict[str, Any]) -> str:
 def load_test_images(loaded: LoadedModel, data: str | Path, cache_dir: str | Path, progress: bool = True):
     """`data`/val decoded with the checkpoint's image size (and, on a GPU, its decoder); refused when its
     classes are not the checkpoint's."""
-    from .data import load_images
-    from .hardware import decode_device
-
     device = next(loaded.model.parameters()).device
     on_device = decode_device(loaded.cfg.decoder if device.type == "cuda" else "pil", device)
     test = load_images(Path(data) / "val", loaded.pre.image_size, cache_dir, loaded.cfg.decode_workers, progress,
@@ -134,9 +132,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
                         out_dir: str | Path | None = None, top_k: int = 3, seed: int = 0,
                         progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The test folder (`data`/val), once: metrics.json, the confusion matrix and the prediction grid."""
-    from .data import Batches
-    from .visualise import plot_confusion, plot_prediction_grid
-
     loaded = load_model(checkpoint, device)
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
     test = load_test_images(loaded, data, cache_dir, progress)
@@ -145,7 +140,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     rows = test.valid
     batches = Batches(test, rows, 128, device, shuffle=False)
     amp = autocast_dtype(loaded.cfg.precision, device)
-    logits, labels = predict_logits(loaded.model, batches, BatchPrep(loaded.pre, loaded.cfg.channels_last), device, amp)
+    logits, labels = predict_logits(loaded.model, batches, ImageTransform(loaded.pre, loaded.cfg.channels_last), device, amp)
     metrics = classification_metrics(logits, labels, loaded.classes, top_k)
     metrics.update({"checkpoint": str(checkpoint), "data": str(Path(data) / "val"), "skipped_files": len(test.errors)})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,8 +155,6 @@ def predict_files(loaded: LoadedModel, paths: list[str], device: torch.device, t
                   ) -> list[dict[str, Any]]:
     """Top-k classes of each image file (any format PIL reads); an unreadable file gets an `error` entry
     and the others are still predicted."""
-    from .decode import describe_error, load_rgb
-
     results: list[dict[str, Any]] = []
     arrays, where = [], []
     for p in paths:
@@ -176,8 +169,8 @@ def predict_files(loaded: LoadedModel, paths: list[str], device: torch.device, t
     if arrays:
         x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
         y = torch.zeros(len(arrays), dtype=torch.long, device=device)
-        prep = BatchPrep(loaded.pre, loaded.cfg.channels_last)
-        logits, _ = predict_logits(loaded.model, [(x, y)], prep, device,
+        transform = ImageTransform(loaded.pre, loaded.cfg.channels_last)
+        logits, _ = predict_logits(loaded.model, [(x, y)], transform, device,
                                    autocast_dtype(loaded.cfg.precision, device))
         probs = logits.softmax(1)
         k = min(top, probs.shape[1])

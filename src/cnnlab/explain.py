@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import BatchPrep, CachedImages
-from .models import ACTIVATION_LAYERS
+from .data import CachedImages, ImageTransform
+from .models.smallcnn import ACTIVATION_LAYERS
 
 ACTIVATION_TYPES = tuple({type(factory()) for factory in ACTIVATION_LAYERS.values()})
 
@@ -117,7 +117,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, classes: torch
     return cam.detach(), classes
 
 
-def explain(model: nn.Module, images: CachedImages, rows: np.ndarray, prep: BatchPrep, classes: list[str],
+def explain(model: nn.Module, images: CachedImages, rows: np.ndarray, transform: ImageTransform, classes: list[str],
             out_dir: str | Path, neurons: int = 10, per_neuron: int = 3, sample: int = 256, seed: int = 0,
             log: Callable[[str], None] = print) -> dict[str, Path]:
     """Write filters.png, guided_backprop.png and gradcam.png into out_dir (fp32 on the CPU: small work)."""
@@ -128,7 +128,7 @@ def explain(model: nn.Module, images: CachedImages, rows: np.ndarray, prep: Batc
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(rows, size=min(sample, len(rows)), replace=False))
     pixels = np.ascontiguousarray(images.pixels[chosen])
-    x_all = prep(torch.from_numpy(pixels).permute(0, 3, 1, 2)).clone()
+    x_all = transform(torch.from_numpy(pixels).permute(0, 3, 1, 2)).clone()
     paths = {"filters": plot_filters(first_conv(model).weight.detach().float().numpy(), out_dir / "filters.png")}
 
     layer = last_conv(model)

@@ -32,9 +32,11 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import Batches, BatchPrep, CachedImages
+from .data import Batches, CachedImages, ImageTransform, cache_key
 from .hardware import autocast
 from .io import atomic_write_json
+from .models import ModelParts, TrainablePlan, stages
+from .sources import VAL_BATCH, EpochData, ImageSource
 
 
 @dataclass
@@ -87,32 +89,28 @@ def _family(model: nn.Module) -> str | None:
     return None
 
 
-def split_for_store(model: nn.Module, cfg: Config, head_only: bool) -> Split | str:
-    """Where to cut `model` for a store under `cfg`, or why it cannot be cut."""
-    from .finetune import find_head, stages
-
+def split_for_store(parts: ModelParts, cfg: Config, head_only: bool) -> Split | str:
+    """Where to cut the model for a store under `cfg`, or why it cannot be cut."""
+    model, head = parts.module, parts.head_module()
     if head_only:
-        head = find_head(model)[1]
         return Split(_HeadInput(model, head), head, "the head's input")
     family = _family(model)
     if family is None:
         return f"partial freezing of {cfg.model} is not supported by the feature store"
-    parts = stages(model)
+    body = stages(model, head)
     k = cfg.freeze_stages
-    frozen_modules = [m for stage in parts[:k + 1] for m in stage]
+    frozen_modules = [m for stage in body[:k + 1] for m in stage]
 
     def frozen(x: torch.Tensor) -> torch.Tensor:
         for m in frozen_modules:
             x = m(x)
         return x
 
-    rest = _Tail(model, [m for stage in parts[k + 1:] for m in stage], family)
+    rest = _Tail(model, [m for stage in body[k + 1:] for m in stage], family)
     return Split(frozen, rest, f"the output of stage {k}")
 
 
 def store_key(cfg: Config, images: CachedImages, boundary: str, dtype: np.dtype, pre: dict[str, Any]) -> str:
-    from .data import cache_key
-
     if cfg.weights.lower() != "none" and Path(cfg.weights).is_file():
         h = hashlib.sha256()
         with open(cfg.weights, "rb") as fh:
@@ -131,7 +129,7 @@ def default_max_bytes(folder: Path) -> int:
     return int(shutil.disk_usage(folder).free * 0.5)
 
 
-def build_store(split: Split, images: CachedImages, prep: BatchPrep, device: torch.device, amp: torch.dtype | None,
+def build_store(split: Split, images: CachedImages, transform: ImageTransform, device: torch.device, amp: torch.dtype | None,
                 path: Path, dtype: np.dtype, shape: tuple[int, ...], views: int, seed: int,
                 progress: bool = True) -> np.ndarray:
     """Features of every valid image (views > 0: that many augmented views each), memory-mapped."""
@@ -153,7 +151,7 @@ def build_store(split: Split, images: CachedImages, prep: BatchPrep, device: tor
                 gen = torch.Generator(device=device).manual_seed(seed * 1009 + v) if v > 0 else None
                 done = 0
                 for x, _ in batches.epoch(0):
-                    f = _forward(split, prep(x, gen), device, amp)
+                    f = _forward(split, transform(x, gen), device, amp)
                     idx = rows[done:done + len(f)] + v * n
                     out[idx] = f.float().cpu().numpy().astype(dtype)
                     done += len(f)
@@ -172,16 +170,16 @@ def _forward(split: Split, x: torch.Tensor, device: torch.device, amp: torch.dty
         return split.frozen(x)
 
 
-def _feature_shape(split: Split, images: CachedImages, prep: BatchPrep, device: torch.device,
+def _feature_shape(split: Split, images: CachedImages, transform: ImageTransform, device: torch.device,
                    amp: torch.dtype | None) -> tuple[int, ...]:
     """The shape of one image's features, from one forward pass of the first readable image."""
     row = images.valid[:1]
     x = torch.from_numpy(np.ascontiguousarray(images.pixels[row])).to(device).permute(0, 3, 1, 2)
-    return tuple(_forward(split, prep(x), device, amp).shape[1:])
+    return tuple(_forward(split, transform(x), device, amp).shape[1:])
 
 
-class FeaturePrep:
-    """The `prep` of stored features: to float32 (the stored dtype is float16), channels_last for 4-D maps."""
+class FeatureTransform:
+    """Stored features -> model input: float32 (the stored dtype is float16), channels_last for 4-D maps."""
 
     def __init__(self, channels_last: bool):
         self.channels_last = channels_last
@@ -193,7 +191,7 @@ class FeaturePrep:
         return x
 
 
-def prepare_store(cfg: Config, model: nn.Module, images: CachedImages, prep: BatchPrep, device: torch.device,
+def prepare_store(cfg: Config, parts: ModelParts, images: CachedImages, transform: ImageTransform, device: torch.device,
                   amp: torch.dtype | None, progress: bool, log: Callable[[str], None]
                   ) -> tuple[Split, np.ndarray] | None:
     """The split and the store for this run, or None (and one line saying why) when training runs without."""
@@ -206,7 +204,8 @@ def prepare_store(cfg: Config, model: nn.Module, images: CachedImages, prep: Bat
         log("feature store off: augmentation changes the frozen layers' input every epoch "
             "(use --augment false, or --feature_cache_views K to store K augmented views)")
         return None
-    split = split_for_store(model, cfg, head_only=cfg.finetune != "partial")
+    split = split_for_store(parts, cfg, head_only=cfg.finetune != "partial")
+    model = parts.module
     if isinstance(split, str):
         log(f"feature store off: {split}")
         return None
@@ -214,7 +213,7 @@ def prepare_store(cfg: Config, model: nn.Module, images: CachedImages, prep: Bat
     was_training = model.training
     model.eval()  # frozen layers: batch norm on running statistics, dropout off
     try:
-        shape = _feature_shape(split, images, prep, device, amp)
+        shape = _feature_shape(split, images, transform, device, amp)
         blocks = cfg.feature_cache_views + 1 if cfg.feature_cache_views else 1
         size = blocks * len(images.files) * int(np.prod(shape)) * dtype.itemsize
         folder = cfg.resolved_cache_dir() / "features"
@@ -224,11 +223,38 @@ def prepare_store(cfg: Config, model: nn.Module, images: CachedImages, prep: Bat
             log(f"feature store off: it would take {size / 1e9:.2f} GB, over the limit of {limit / 1e9:.2f} GB "
                 f"(--feature_cache_max)")
             return None
-        path = folder / f"{store_key(cfg, images, split.boundary, dtype, prep.pre.to_dict())}.npy"
+        path = folder / f"{store_key(cfg, images, split.boundary, dtype, transform.pre.to_dict())}.npy"
         log(f"feature store: {split.boundary}, {blocks} view(s) x {len(images.files)} images x {tuple(shape)} {dtype}, "
             f"{size / 1e6:.1f} MB{' (reused)' if path.exists() else ''}: {path}")
-        array = build_store(split, images, prep, device, amp, path, dtype, shape, cfg.feature_cache_views,
+        array = build_store(split, images, transform, device, amp, path, dtype, shape, cfg.feature_cache_views,
                             cfg.seed, progress)
     finally:
         model.train(was_training)
     return split, array
+
+
+class FeatureSource:
+    """Epochs trained on stored features of the frozen part: always for `partial`, and while only the head
+    trains for `head` and `gradual` (later gradual epochs, with stages open, run on images). With stored
+    augmented views, epoch e reads view 1 + (e - 1) mod K; block 0 (plain) serves validation."""
+
+    def __init__(self, images: ImageSource, split: Split, array: np.ndarray, labels: np.ndarray,
+                 train_rows: np.ndarray, val_rows: np.ndarray, cfg: Config, device: torch.device,
+                 plan: TrainablePlan):
+        self.images, self.split, self.cfg, self.plan = images, split, cfg, plan
+        views = cfg.feature_cache_views + 1 if cfg.feature_cache_views else 1
+        self.train = Batches.of_array(array, labels, train_rows, cfg.batch_size, device, shuffle=True,
+                                      drop_last=True, views=views)
+        self.val = Batches.of_array(array, labels, val_rows, max(cfg.batch_size, VAL_BATCH), device, shuffle=False)
+        self.transform = FeatureTransform(cfg.channels_last)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.images.steps_per_epoch
+
+    def epoch(self, epoch: int, seed: int) -> EpochData:
+        if not (self.cfg.finetune == "partial" or self.plan.head_only(epoch)):
+            return self.images.epoch(epoch, seed)
+        k = self.cfg.feature_cache_views
+        view = 1 + (epoch - 1) % k if k else 0
+        return EpochData(self.split.rest, self.train.epoch(seed, view), self.val, self.transform, augment=False)

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
@@ -40,7 +40,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: list[str], path:
                         color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     ax.set_title("confusion matrix (rows normalised)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_prediction_grid(images: Any, rows: np.ndarray, labels: Any, probs: Any, classes: list[str],
@@ -71,7 +71,7 @@ def plot_prediction_grid(images: Any, rows: np.ndarray, labels: Any, probs: Any,
             ax.set_title(f"true: {name}\npred: {classes[pred]} ({probs[k, pred]:.0%})", fontsize=8, color=colour)
     fig.suptitle("test predictions (green: right, red: wrong)", y=1.0)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -92,7 +92,7 @@ def plot_filters(weights: np.ndarray, path: str | Path) -> Path:
             img = _unit(w.transpose(1, 2, 0)) if w.shape[0] == 3 else _unit(w.mean(0))
             ax.imshow(img, cmap=None if w.shape[0] == 3 else "gray", interpolation="nearest")
     fig.suptitle(f"first convolution layer: {n} filters of {weights.shape[2]}x{weights.shape[3]}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_guided(neurons: list[int], images: list[list[np.ndarray]], maps: list[list[np.ndarray]],
@@ -112,7 +112,7 @@ def plot_guided(neurons: list[int], images: list[list[np.ndarray]], maps: list[l
                 b.set_title("guided backprop", fontsize=7)
     fig.suptitle("last conv layer: top-exciting test images and guided back-propagation", fontsize=10, y=1.01)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_gradcam(images: list[np.ndarray], cams: list[np.ndarray], titles: list[str], path: str | Path,
@@ -127,7 +127,7 @@ def plot_gradcam(images: list[np.ndarray], cams: list[np.ndarray], titles: list[
             ax.set_title(titles[i], fontsize=7)
     fig.suptitle("Grad-CAM of the predicted class (last conv layer)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, key: str = "val_acc") -> Path:
@@ -138,4 +138,4 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, key: st
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

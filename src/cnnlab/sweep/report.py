@@ -14,17 +14,23 @@ import math
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import yaml
 
-from .errors import CnnlabError
-from .io import atomic_write_text
-from .sweep import make_storage, parse_sweep
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from ..errors import CnnlabError  # noqa: E402
+from ..io import atomic_write_text  # noqa: E402
+from ..visualise import save_figure  # noqa: E402
+from .schema import Sweep, parse_sweep  # noqa: E402
+from .storage import make_storage  # noqa: E402
 
 
 def _load(folder: Path, storage_url: str | None):
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     info_path = folder / "sweep_info.json"
     if not info_path.exists():
@@ -40,8 +46,6 @@ def _load(folder: Path, storage_url: str | None):
 
 
 def _trials(study: Any) -> list[Any]:
-    from optuna.trial import TrialState
-
     return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             and "config" in t.user_attrs]
 
@@ -98,27 +102,35 @@ def _value(t: Any) -> float:
 
 
 def write_report(folder: Path, storage_url: str | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.trial import TrialState
-
-    from .visualise import _save
-
-    study, sweep, info = _load(folder, storage_url)
+    study, sweep, _ = _load(folder, storage_url)
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
     trials = _trials(study)
     if not trials:
         raise CnnlabError(f"{folder}: no finished trials to report yet")
-    metric, maximise = sweep.metric, sweep.goal == "maximize"
     names = [n for n, p in sweep.params.items() if p.distribution != "constant"]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    figures: dict[str, Path] = {}
+    figures = {"accuracy_vs_created": plot_over_time(trials, sweep, out / "accuracy_vs_created.png")}
+    if names:
+        figures["parallel_coordinates"] = plot_parallel_coordinates(trials, names, sweep,
+                                                                    out / "parallel_coordinates.png")
+    figures["importance"] = plot_importance(study, names, sweep, out / "importance.png")
+    corr = correlations(trials, names, sweep.metric) if len(trials) >= 3 else []
+    corr_md = "| parameter | Pearson r | Spearman rho | eta |\n|---|---|---|---|\n" + "".join(
+        f"| {r['parameter']}{' (log10)' if r.get('scale') else ''} | {_cell(r, 'pearson_r')} | "
+        f"{_cell(r, 'spearman_rho')} | {_cell(r, 'eta')} |\n" for r in corr)
+    atomic_write_text(out / "correlations.md", corr_md)
+    best_md = write_best(trials, names, sweep, out)
+    atomic_write_text(out / "index.html", _page(study, sweep, figures, corr_md, best_md, out))
+    return out / "index.html"
 
-    # 1. metric against creation time, best so far as a step line
+
+def _cell(r: dict[str, Any], key: str) -> str:
+    return f"{r[key]:.3f}" if key in r else "-"
+
+
+def plot_over_time(trials: list[Any], sweep: Sweep, path: Path) -> Path:
+    """The metric against creation time, best so far as a step line."""
+    maximise = sweep.goal == "maximize"
     ordered = sorted(trials, key=lambda t: t.datetime_start)
     fig, ax = plt.subplots(figsize=(8, 4))
     for state, colour, label in ((TrialState.COMPLETE, "#1f77b4", "complete"), (TrialState.PRUNED, "#bbbbbb", "pruned")):
@@ -133,106 +145,109 @@ def write_report(folder: Path, storage_url: str | None = None) -> Path:
             ys.append(best)
     ax.step(xs, ys, where="post", color="#d62728", label="best so far")
     ax.set_xlabel("created")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(sweep.metric)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.autofmt_xdate()
-    ax.set_title(f"{sweep.name}: {metric} of each trial against its creation time")
-    figures["accuracy_vs_created"] = _save(fig, out / "accuracy_vs_created.png")
+    ax.set_title(f"{sweep.name}: {sweep.metric} of each trial against its creation time")
+    return save_figure(fig, path)
 
-    # 2. parallel coordinates: every parameter scaled to [0, 1] (categories by index), lines coloured by metric
-    if names:
-        fig, ax = plt.subplots(figsize=(1.6 * (len(names) + 1) + 2, 5))
-        cols = []
-        for name in names:
-            x, cats = _numeric([t.user_attrs["config"].get(name) for t in trials])
-            log = _spans_decades(x, cats)
-            if log:
-                x = np.log10(x)
-            span = x.max() - x.min()
-            cols.append(((x - x.min()) / span if span else np.full_like(x, 0.5), cats, x.min(), x.max(), log))
-        y = np.array([_value(t) for t in trials])
-        yn = (y - np.nanmin(y)) / (np.nanmax(y) - np.nanmin(y) or 1)
-        cmap = plt.get_cmap("viridis")
-        for i in np.argsort(y if maximise else -y):
-            pts = [c[0][i] for c in cols] + [yn[i]]
-            ax.plot(range(len(pts)), pts, color=cmap(yn[i] if maximise else 1 - yn[i]), alpha=0.8, lw=1.2)
-        for j, (_, cats, lo, hi, log) in enumerate(cols):
-            ax.axvline(j, color="black", lw=0.6)
-            if cats:  # each category written beside the axis at its height
-                for k, c in enumerate(cats):
-                    ax.text(j + 0.04, k / (len(cats) - 1) if len(cats) > 1 else 0.5, c, fontsize=7, va="center")
-            else:
-                fmt = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}")
-                ax.text(j + 0.04, 0, fmt(lo), fontsize=7, va="center")
-                ax.text(j + 0.04, 1, fmt(hi), fontsize=7, va="center")
-        ax.text(len(cols) + 0.04, 0, f"{np.nanmin(y):.3f}", fontsize=7, va="center")
-        ax.text(len(cols) + 0.04, 1, f"{np.nanmax(y):.3f}", fontsize=7, va="center")
-        ax.axvline(len(cols), color="black", lw=0.6)
-        ax.set_xticks(range(len(names) + 1), names + [metric], rotation=15)
-        ax.set_yticks([])
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"{sweep.name}: parallel coordinates (colour: {metric})")
-        figures["parallel_coordinates"] = _save(fig, out / "parallel_coordinates.png")
 
-    # 3. parameter importance (fANOVA) over complete trials, on Optuna's own parameter names
+def plot_parallel_coordinates(trials: list[Any], names: list[str], sweep: Sweep, path: Path) -> Path:
+    """Every parameter scaled to [0, 1] (categories by index), lines coloured by the metric."""
+    maximise = sweep.goal == "maximize"
+    fig, ax = plt.subplots(figsize=(1.6 * (len(names) + 1) + 2, 5))
+    cols = []
+    for name in names:
+        x, cats = _numeric([t.user_attrs["config"].get(name) for t in trials])
+        log = _spans_decades(x, cats)
+        if log:
+            x = np.log10(x)
+        span = x.max() - x.min()
+        cols.append(((x - x.min()) / span if span else np.full_like(x, 0.5), cats, x.min(), x.max(), log))
+    y = np.array([_value(t) for t in trials])
+    yn = (y - np.nanmin(y)) / (np.nanmax(y) - np.nanmin(y) or 1)
+    cmap = plt.get_cmap("viridis")
+    for i in np.argsort(y if maximise else -y):
+        pts = [c[0][i] for c in cols] + [yn[i]]
+        ax.plot(range(len(pts)), pts, color=cmap(yn[i] if maximise else 1 - yn[i]), alpha=0.8, lw=1.2)
+    for j, (_, cats, lo, hi, log) in enumerate(cols):
+        ax.axvline(j, color="black", lw=0.6)
+        if cats:  # each category written beside the axis at its height
+            for k, c in enumerate(cats):
+                ax.text(j + 0.04, k / (len(cats) - 1) if len(cats) > 1 else 0.5, c, fontsize=7, va="center")
+        else:
+            fmt = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}")
+            ax.text(j + 0.04, 0, fmt(lo), fontsize=7, va="center")
+            ax.text(j + 0.04, 1, fmt(hi), fontsize=7, va="center")
+    ax.text(len(cols) + 0.04, 0, f"{np.nanmin(y):.3f}", fontsize=7, va="center")
+    ax.text(len(cols) + 0.04, 1, f"{np.nanmax(y):.3f}", fontsize=7, va="center")
+    ax.axvline(len(cols), color="black", lw=0.6)
+    ax.set_xticks(range(len(names) + 1), names + [sweep.metric], rotation=15)
+    ax.set_yticks([])
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"{sweep.name}: parallel coordinates (colour: {sweep.metric})")
+    return save_figure(fig, path)
+
+
+def parameter_importance(study: Any, names: list[str]) -> tuple[dict[str, float], str]:
+    """fANOVA importance over complete trials, summed back onto config keys (Optuna sees `lr__u` for some
+    transformed distributions); or {} and why it could not be computed."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 3 or not names:
+        return {}, f"needs at least 3 complete trials (has {len(complete)})"
+    try:
+        raw = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError) as e:  # e.g. every complete trial has the same value
+        return {}, str(e)
     importance: dict[str, float] = {}
-    if len(complete) >= 3 and names:
-        try:
-            raw = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-            for k, v in raw.items():
-                base = k.split("__")[0]
-                importance[base] = importance.get(base, 0.0) + v
-        except (RuntimeError, ValueError) as e:  # e.g. every complete trial has the same value
-            importance, why = {}, str(e)
-    else:
-        why = f"needs at least 3 complete trials (has {len(complete)})"
+    for k, v in raw.items():
+        base = k.split("__")[0]
+        importance[base] = importance.get(base, 0.0) + v
+    return importance, "" if importance else "no parameter varied among the complete trials"
+
+
+def plot_importance(study: Any, names: list[str], sweep: Sweep, path: Path) -> Path:
+    importance, why = parameter_importance(study, names)
     if not importance:
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, f"parameter importance not computable:\n{why}", ha="center", va="center")
-        figures["importance"] = _save(fig, out / "importance.png")
-    else:
-        fig, ax = plt.subplots(figsize=(6, 0.4 * len(importance) + 1.2))
-        items = sorted(importance.items(), key=lambda kv: kv[1])
-        ax.barh([k for k, _ in items], [v for _, v in items], color="#1f77b4")
-        ax.set_xlabel(f"importance for {metric} (fANOVA, {len(complete)} complete trials)")
-        figures["importance"] = _save(fig, out / "importance.png")
+        return save_figure(fig, path)
+    n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(importance) + 1.2))
+    items = sorted(importance.items(), key=lambda kv: kv[1])
+    ax.barh([k for k, _ in items], [v for _, v in items], color="#1f77b4")
+    ax.set_xlabel(f"importance for {sweep.metric} (fANOVA, {n} complete trials)")
+    return save_figure(fig, path)
 
-    # 4. correlation table
-    corr = correlations(trials, names, metric) if len(trials) >= 3 else []
-    def cell(r: dict[str, Any], key: str) -> str:
-        return f"{r[key]:.3f}" if key in r else "-"
 
-    corr_md = "| parameter | Pearson r | Spearman rho | eta |\n|---|---|---|---|\n" + "".join(
-        f"| {r['parameter']}{' (log10)' if r.get('scale') else ''} | {cell(r, 'pearson_r')} | "
-        f"{cell(r, 'spearman_rho')} | {cell(r, 'eta')} |\n" for r in corr)
-    atomic_write_text(out / "correlations.md", corr_md)
-
-    # 5. best trials with their full configs, and best.yaml
-    ranked = sorted(complete, key=lambda t: t.value, reverse=maximise)[:10]
-    best_rows = []
-    for t in ranked:
-        run_config = Path(t.user_attrs.get("run_dir", "")) / "config.yaml"
-        cfg = yaml.safe_load(run_config.read_text()) if run_config.exists() else t.user_attrs["config"]
-        best_rows.append((t, cfg))
-    best_md = f"| trial | {metric} | epochs | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 3) + "\n"
+def write_best(trials: list[Any], names: list[str], sweep: Sweep, out: Path) -> str:
+    """best_trials.md (the ten best complete trials) and best.yaml (the best one's full config); returns the table."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    ranked = sorted(complete, key=lambda t: t.value, reverse=sweep.goal == "maximize")[:10]
+    best_md = f"| trial | {sweep.metric} | epochs | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 3) + "\n"
     best_md += "".join(f"| {t.number} | {t.value:.4f} | {t.user_attrs.get('epochs_run')} | " +
-                       " | ".join(str(t.user_attrs['config'].get(n)) for n in names) + " |\n" for t, _ in best_rows)
+                       " | ".join(str(t.user_attrs['config'].get(n)) for n in names) + " |\n" for t in ranked)
     atomic_write_text(out / "best_trials.md", best_md)
-    if best_rows:
-        cfg = {k: v for k, v in best_rows[0][1].items() if k not in ("name",)}
-        cfg["out"] = "runs"
-        atomic_write_text(out / "best.yaml", f"# best trial {best_rows[0][0].number} of sweep {sweep.name}: "
-                          f"{metric} {best_rows[0][0].value:.4f}\n" + yaml.safe_dump(cfg, sort_keys=False))
+    if ranked:
+        best = ranked[0]
+        run_config = Path(best.user_attrs.get("run_dir", "")) / "config.yaml"
+        cfg = yaml.safe_load(run_config.read_text()) if run_config.exists() else dict(best.user_attrs["config"])
+        cfg = {k: v for k, v in cfg.items() if k != "name"} | {"out": "runs"}
+        atomic_write_text(out / "best.yaml", f"# best trial {best.number} of sweep {sweep.name}: "
+                          f"{sweep.metric} {best.value:.4f}\n" + yaml.safe_dump(cfg, sort_keys=False))
+    return best_md
 
+
+def _page(study: Any, sweep: Sweep, figures: dict[str, Path], corr_md: str, best_md: str, out: Path) -> str:
+    """index.html with every figure embedded, so it opens anywhere as one file."""
     states = {s.name.lower(): sum(1 for t in study.get_trials(deepcopy=False) if t.state == s) for s in TrialState}
     page = [f"<!doctype html><meta charset=utf-8><title>{html.escape(sweep.name)}</title>",
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style>",
             f"<h1>sweep {html.escape(sweep.name)}</h1>",
-            f"<p>method {sweep.method}, metric {metric} ({sweep.goal}), trials: " +
+            f"<p>method {sweep.method}, metric {sweep.metric} ({sweep.goal}), trials: " +
             ", ".join(f"{k} {v}" for k, v in states.items() if v) + "</p>"]
     for key, path in figures.items():
         data = base64.b64encode(path.read_bytes()).decode()
@@ -240,8 +255,7 @@ def write_report(folder: Path, storage_url: str | None = None) -> Path:
     page.append("<h2>correlation with the metric</h2>" + _md_table_to_html(corr_md))
     page.append("<h2>best trials</h2>" + _md_table_to_html(best_md))
     page.append("<p>best.yaml: <code>cnnlab train --config " + html.escape(str(out / "best.yaml")) + "</code></p>")
-    atomic_write_text(out / "index.html", "\n".join(page))
-    return out / "index.html"
+    return "\n".join(page)
 
 
 def _md_table_to_html(md: str) -> str:

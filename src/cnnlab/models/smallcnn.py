@@ -1,8 +1,4 @@
-"""Model registry: `smallcnn` (the 5-block CNN trained from scratch) plus every torchvision classifier.
-
-`create_model(cfg, num_classes)` is the one way a model is built; `model_names()` lists what it accepts.
-The closed-form parameter and FLOP counts of the small CNN live here too, beside the model they describe.
-"""
+"""The 5-block CNN trained from scratch, and its closed-form parameter and FLOP counts beside it."""
 
 from __future__ import annotations
 
@@ -12,8 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import ACTIVATIONS, Config
-from .errors import ConfigError
+from ..config import ACTIVATIONS, Config
+from ..errors import ConfigError
 
 # In place where the backward needs only the output (ReLU, leaky ReLU, ELU): a 64-image batch at 224 px then
 # keeps one 400 MB activation less per block for the backward pass.
@@ -55,38 +51,13 @@ class SmallCNN(nn.Module):
             nn.Linear(dense_units, num_classes),
         )
 
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int) -> "SmallCNN":
+        return cls(cfg.filter_counts(), cfg.kernel_sizes(), cfg.activation, cfg.batch_norm,
+                   cfg.dense_units, cfg.dropout, num_classes, cfg.image_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
-
-
-def _smallcnn(cfg: Config, num_classes: int) -> nn.Module:
-    return SmallCNN(cfg.filter_counts(), cfg.kernel_sizes(), cfg.activation, cfg.batch_norm,
-                    cfg.dense_units, cfg.dropout, num_classes, cfg.image_size)
-
-
-def torchvision_names() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def model_names() -> list[str]:
-    return ["smallcnn", *torchvision_names()]
-
-
-def check_model_name(name: str) -> None:
-    if name != "smallcnn" and name not in torchvision_names():
-        raise ConfigError(f"model={name!r}: expected smallcnn or a torchvision classifier "
-                          f"(see `cnnlab models`), e.g. resnet18, resnet50, efficientnet_v2_s")
-
-
-def create_model(cfg: Config, num_classes: int) -> nn.Module:
-    """Build the model the config names, with a `num_classes`-way output."""
-    if cfg.model == "smallcnn":
-        return _smallcnn(cfg, num_classes)
-    from .finetune import create_pretrained
-
-    return create_pretrained(cfg, num_classes)
 
 
 # ---- parameter and FLOP counts ----------------------------------------------------------------------

@@ -6,11 +6,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 DECODE_VERSION = 1  # bump when decoding changes, so old caches are not reused
-Image.MAX_IMAGE_PIXELS = 400_000_000  # beyond this an image is reported as too large, not decoded
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is reported, never half-grey
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -28,9 +26,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def load_rgb(path: str, size: int) -> np.ndarray:
     """(size, size, 3) uint8, squashed to a square like the reference Resize((size, size)).
-    JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still leaves >= size pixels."""
+    JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still leaves >= size pixels.
+    PIL's own limit stands (its global is never changed, so importing cnnlab changes nothing for the caller):
+    past twice Image.MAX_IMAGE_PIXELS (179 M pixels by default) the file is refused as a decompression bomb;
+    below that the warning is silenced here, since JPEGs decode in draft mode at a fraction of their size."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (size, size))
@@ -48,24 +49,18 @@ def describe_error(e: BaseException) -> str:
 
 
 # ---- worker side of the parallel cache build --------------------------------------------------------
-_out: np.ndarray | None = None
 
-
-def init_worker(npy_path: str) -> None:
-    global _out
-    _out = np.load(npy_path, mmap_mode="r+")
-
-
-def decode_chunk(job: tuple[list[int], list[str], int]) -> list[tuple[int, str | None]]:
-    """Decode files into rows of the shared memory-mapped cache; return (row, error or None) for each."""
-    rows, paths, size = job
-    assert _out is not None
+def decode_chunk(job: tuple[str, list[int], list[str], int]) -> list[tuple[int, str | None]]:
+    """Decode files into rows of the memory-mapped cache file `npy`; return (row, error or None) for each.
+    Each chunk maps the file itself (a few microseconds), so a worker process keeps no state between chunks."""
+    npy, rows, paths, size = job
+    out = np.load(npy, mmap_mode="r+")
     results = []
     for row, path in zip(rows, paths):
         try:
-            _out[row] = load_rgb(path, size)
+            out[row] = load_rgb(path, size)
             results.append((row, None))
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal
             results.append((row, describe_error(e)))
-    _out.flush()
+    out.flush()
     return results

@@ -20,8 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
-from .io import atomic_write_text
+from ..errors import DataError
+from ..io import atomic_write_text
 
 CHUNK = 1 << 20
 

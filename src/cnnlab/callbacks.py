@@ -1,0 +1,131 @@
+"""What `fit` reports through, instead of branches inside its loop (as minGPT's Trainer does): each callback
+sees the `Run` at its start, after every epoch (with that epoch's record) and at its end. Checkpoints, the
+metrics file, the console line, Weights & Biases, early stopping and a sweep's pruning are all callbacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import make_checkpoint, save_checkpoint
+from .config import Config
+from .errors import ConfigError
+from .io import append_jsonl
+from .preprocess import Preprocess
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training after the current epoch; `status` says why (a pruned sweep trial
+    is 'stopped', early stopping 'early_stopped')."""
+
+    def __init__(self, status: str = "stopped"):
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass
+class Run:
+    """The state of one training run, as callbacks see it."""
+
+    cfg: Config
+    run_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    classes: list[str]
+    preprocess: Preprocess
+    log: Callable[[str], None] = print
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    improved: bool = False  # whether the latest epoch is the best so far
+
+
+class Callback:
+    def on_fit_start(self, run: Run) -> None:
+        pass
+
+    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+        pass
+
+    def on_fit_end(self, run: Run) -> None:
+        pass
+
+
+class Checkpoints(Callback):
+    """best.pt when validation accuracy improves, then last.pt (with the optimiser and schedule, for --resume)
+    every epoch. best.pt first: a crash between the two saves only redoes this epoch on resume."""
+
+    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+        def state(**extra: Any) -> dict[str, Any]:
+            return make_checkpoint(run.model, run.cfg, run.classes, run.preprocess, record["epoch"], run.history,
+                                   best_val_acc=run.best_val_acc, best_epoch=run.best_epoch, **extra)
+
+        if run.improved:
+            save_checkpoint(state(), run.run_dir / "best.pt")
+        save_checkpoint(state(optimizer=run.optimizer.state_dict(),
+                              scheduler=run.scheduler.state_dict() if run.scheduler else None), run.run_dir / "last.pt")
+
+
+class MetricsFile(Callback):
+    """One JSON line per epoch in metrics.jsonl, synced: a crash loses at most the line being written."""
+
+    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+        append_jsonl(run.run_dir / "metrics.jsonl", record)
+
+
+class ConsoleLog(Callback):
+    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+        r = record
+        run.log(f"epoch {r['epoch']}/{run.cfg.epochs}  train_loss {r['train_loss']:.4f}  train_acc {r['train_acc']:.4f}  "
+                f"val_loss {r['val_loss']:.4f}  val_acc {r['val_acc']:.4f}  lr {r['lr']:.2e}  "
+                f"{r['epoch_time']:.1f}s  {r['images_per_s']:.0f} img/s{'  *' if run.improved else ''}")
+
+
+class EarlyStopping(Callback):
+    """Stop after `patience` epochs without a better validation accuracy (0: never)."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+
+    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+        if self.patience and record["epoch"] - run.best_epoch >= self.patience:
+            run.log(f"early stop: no better val_acc for {self.patience} epochs "
+                    f"(best {run.best_val_acc:.4f} at epoch {run.best_epoch})")
+            raise StopTraining("early_stopped")
+
+
+class WandbTracker(Callback):
+    """Weights & Biases logging of the config and every epoch's metrics (`--wandb offline|online`; offline needs
+    no account). The local run folder is always written and stays the source of truth."""
+
+    def __init__(self, cfg: Config, group: str | None = None):
+        self.group, self.wandb_run = group, None
+        if cfg.wandb != "off":
+            try:
+                import wandb  # noqa: F401 - refused at once, before any training, when it is missing
+            except ImportError:
+                raise ConfigError(f"wandb={cfg.wandb} needs the wandb package: pip install wandb (or --wandb off)") from None
+
+    def on_fit_start(self, run: Run) -> None:
+        if run.cfg.wandb == "off":
+            return
+        import wandb
+
+        self.wandb_run = wandb.init(project=run.cfg.wandb_project, name=run.run_dir.name, group=self.group,
+                                    mode=run.cfg.wandb, dir=str(run.run_dir), config=run.cfg.to_dict(),
+                                    reinit="create_new")
+        run.log(f"wandb {run.cfg.wandb}: {self.wandb_run.dir}")
+
+    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=int(record["epoch"]))
+
+    def on_fit_end(self, run: Run) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

@@ -1,0 +1,12 @@
+"""Data, in the order it flows: a folder scan and the stratified split (`folders`), the decode-once cache
+(`cache`, decoding in `decode` / `decode_gpu`), batches drawn from the cache on the device (`batches`), and the
+batch transform that normalises and augments them there (`transform`). `demo` writes a synthetic set and
+`download` fetches a real one."""
+
+from .batches import Batches, DeviceCache
+from .cache import CachedImages, cache_key, load_images, write_bad_file_report
+from .folders import save_split, scan_folder, stratified_split
+from .transform import ImageTransform
+
+__all__ = ["Batches", "DeviceCache", "CachedImages", "cache_key", "load_images", "write_bad_file_report",
+           "save_split", "scan_folder", "stratified_split", "ImageTransform"]

@@ -1,0 +1,158 @@
+"""The decode-once cache: a folder's images decoded, converted to RGB and resized once into a memory-mapped
+`.npy` array (N, S, S, 3), keyed by the files' paths, sizes and mtimes, the image size and the decoder.
+Later runs and sweep trials reuse it. One builder at a time per key (a file lock); decoding runs in a pool
+of worker processes (PIL) or in batches on the GPU (nvJPEG).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import atomic_write_json, atomic_write_text
+from .decode import DECODE_VERSION, decode_chunk
+from .folders import scan_folder
+
+
+@dataclass
+class CachedImages:
+    """One folder's images decoded at one size. Rows of unreadable files are zero and left out of `valid`."""
+
+    root: Path
+    classes: list[str]
+    files: list[Path]
+    labels: np.ndarray  # (N,) int64, for every file
+    pixels: np.ndarray  # (N, S, S, 3) uint8, memory-mapped read-only
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why the file could not be read
+
+    @property
+    def valid(self) -> np.ndarray:
+        ok = np.ones(len(self.files), dtype=bool)
+        ok[list(self.errors)] = False
+        return np.flatnonzero(ok)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.pixels.shape[1])
+
+    def bad_file_report(self) -> str:
+        return "".join(f"{self.files[i]}\t{msg}\n" for i, msg in sorted(self.errors.items()))
+
+
+def cache_key(files: list[Path], image_size: int, decoder: str = "pil") -> str:
+    tag = "" if decoder == "pil" else f":{decoder}"  # another decoder's pixels differ slightly: its own cache
+    h = hashlib.sha256(f"cnnlab-decode-v{DECODE_VERSION}:{image_size}{tag}\n".encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, workers: int = 0,
+                progress: bool = True, decode_device: torch.device | None = None) -> CachedImages:
+    """Decode `folder/<class>/*` at `image_size` into the cache (once), then map it read-only.
+    Decoding runs in `workers` PIL processes, or, given `decode_device`, with torchvision's decoder on that
+    device (nvJPEG on CUDA) in batches."""
+    folder = Path(folder)
+    classes, files, labels = scan_folder(folder)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    decoder = "pil" if decode_device is None else ("nvjpeg" if decode_device.type == "cuda" else "torchvision-cpu")
+    key = cache_key(files, image_size, decoder)
+    npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    shape = (len(files), image_size, image_size, 3)
+    # One builder at a time per key: sweep workers that start together wait for the first one's cache.
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (npy.exists() and meta.exists()):
+            _build(files, image_size, npy, meta, folder, workers, progress, decode_device, decoder)
+        try:
+            pixels, errors = _open_cache(npy, meta, shape)
+        except (ValueError, OSError, KeyError, json.JSONDecodeError):  # damaged on disk: decode again, once
+            npy.unlink(missing_ok=True)
+            _build(files, image_size, npy, meta, folder, workers, progress, decode_device, decoder)
+            pixels, errors = _open_cache(npy, meta, shape)
+    return CachedImages(folder, classes, files, labels, pixels, errors)
+
+
+def _open_cache(npy: Path, meta: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, dict[int, str]]:
+    pixels = np.load(npy, mmap_mode="r")
+    errors = {int(k): v for k, v in json.loads(meta.read_text())["errors"].items()}
+    if pixels.shape != shape:
+        raise ValueError(f"shape {pixels.shape}")
+    return pixels, errors
+
+
+def _build(files: list[Path], size: int, npy: Path, meta: Path, folder: Path, workers: int, progress: bool,
+           decode_device: torch.device | None, decoder: str) -> None:
+    from tqdm import tqdm
+
+    partial = npy.with_suffix(".partial.npy")
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
+    start = time.perf_counter()
+    bar = tqdm(total=len(files), desc=f"decoding {folder.name}/ at {size}px ({decoder})", unit="img",
+               disable=not progress, dynamic_ncols=True)
+    if decode_device is not None:
+        from .decode_gpu import decode_into
+
+        with bar:
+            errors = decode_into(files, size, out, decode_device, on_progress=bar.update)
+        out.flush()
+        del out
+    else:
+        del out  # workers write through their own maps; rows of unreadable files stay zero
+        errors = _decode_with_workers(files, size, partial, workers, bar)
+    seconds = time.perf_counter() - start
+    atomic_write_json(meta, {"folder": str(folder.resolve()), "image_size": size, "count": len(files),
+                             "decoder": decoder, "errors": {str(k): v for k, v in sorted(errors.items())},
+                             "build_seconds": round(seconds, 2),
+                             "images_per_s": round(len(files) / max(seconds, 1e-9), 1)})
+    os.replace(partial, npy)  # the .npy appears only when complete: a killed build is redone, never half-read
+
+
+def _decode_with_workers(files: list[Path], size: int, partial: Path, workers: int, bar) -> dict[int, str]:
+    workers = workers or os.cpu_count() or 1
+    chunk = max(1, min(64, math.ceil(len(files) / (workers * 8))))
+    jobs = [(str(partial), list(range(i, min(i + chunk, len(files)))), [str(p) for p in files[i:i + chunk]], size)
+            for i in range(0, len(files), chunk)]
+    errors: dict[int, str] = {}
+    if workers == 1 or len(files) < 64:
+        results = map(decode_chunk, jobs)
+        pool = None
+    else:
+        # fork on Linux: workers start at once and need no `if __name__ == "__main__"` guard in the caller's
+        # script; they only run cnnlab.decode (numpy, PIL), never torch, so torch's threads do not matter
+        method = "fork" if sys.platform == "linux" else "spawn"
+        pool = mp.get_context(method).Pool(workers)
+        results = pool.imap_unordered(decode_chunk, jobs)
+    try:
+        for chunk_results in results:
+            for row, err in chunk_results:
+                if err is not None:
+                    errors[row] = err
+            bar.update(len(chunk_results))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        bar.close()
+    return errors
+
+
+def write_bad_file_report(path: str | Path, *image_sets: CachedImages) -> int:
+    report = "".join(s.bad_file_report() for s in image_sets)
+    count = sum(len(s.errors) for s in image_sets)
+    if count:
+        atomic_write_text(path, report)
+    return count

@@ -1,0 +1,58 @@
+"""A data folder (`ROOT/<split>/<class>/<files>`) and the stratified train/validation split of ROOT/train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from ..io import atomic_write_json
+
+
+def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """Classes (sorted sub-folder names), files and labels of `folder/<class>/*`. Hidden files are
+    skipped; every other file is listed, so a non-image is reported rather than silently ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder: expected ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg "
+                        f"(run `cnnlab demo-data data/demo` or `cnnlab download inaturalist-12k data/`)")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{folder} has no class folders: expected {folder}/<class>/<image files>")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for p in sorted((folder / name).iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                files.append(p)
+                labels.append(label)
+    if not files:
+        raise DataError(f"{folder} has class folders but no files in them")
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def stratified_split(labels: np.ndarray, candidates: np.ndarray, val_fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, a seeded shuffle of that class's rows; round(n * val_fraction) of them (at least one
+    when the class has two or more) go to validation. Same labels, fraction and seed -> same split."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels[candidates]):
+        rows = candidates[labels[candidates] == c]
+        rows = rows[rng.permutation(len(rows))]
+        n_val = int(round(len(rows) * val_fraction))
+        if len(rows) >= 2:
+            n_val = min(max(n_val, 1), len(rows) - 1)
+        else:
+            n_val = 0
+        val.append(rows[:n_val])
+        train.append(rows[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def save_split(path: str | Path, images: Any, train: np.ndarray, val: np.ndarray) -> None:
+    """Paths relative to the data root (train/<class>/<file>), so the split reads the same anywhere."""
+    rel = [str(p.relative_to(images.root.parent)) for p in images.files]
+    atomic_write_json(path, {"root": str(images.root.parent.resolve()), "classes": images.classes,
+                             "train": [rel[i] for i in train], "val": [rel[i] for i in val]})

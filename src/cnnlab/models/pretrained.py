@@ -1,0 +1,145 @@
+"""Pretrained torchvision classifiers: weights (an enum name or a local file), and a new head.
+
+- `create_pretrained(cfg, n)`: torchvision model + weights + `n`-way head, returned with the head's name and
+  the weights' preprocessing as data (`ModelParts`).
+- `find_head(model)`: the classifier layer, found generically (the last layer producing the 1,000 logits).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..errors import ConfigError, DataError
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .parts import ModelParts
+
+ORIGINAL_CLASSES = 1000  # every torchvision classifier is built for ImageNet-1k
+
+
+def resolve_weights(model_name: str, weights: str):
+    """None, a local file Path, or a torchvision WeightsEnum member."""
+    import torchvision
+
+    if weights.lower() == "none":
+        return None
+    if weights.endswith((".pth", ".pt", ".safetensors", ".bin")) or Path(weights).exists():
+        path = Path(weights)
+        if not path.is_file():
+            raise ConfigError(f"weights={weights!r}: file not found")
+        return path
+    enum = torchvision.models.get_model_weights(model_name)
+    try:
+        return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        names = ", ".join(["DEFAULT", *enum.__members__])
+        raise ConfigError(f"weights={weights!r} for {model_name}: expected none, a file path, or one of {names}") from None
+
+
+def _download_state_dict(weights) -> dict[str, torch.Tensor]:
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise DataError(
+            f"could not download {weights} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"torchvision looks for it at {cache}: copy the file {Path(weights.url).name} there, "
+            f"or pass --weights /path/to/{Path(weights.url).name}") from None
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file, never executing pickled code; a cnnlab
+    checkpoint's `model` entry is taken too."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: expected a state dict (name -> tensor)")
+    return state
+
+
+def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str, head_name: str) -> None:
+    """Load every tensor whose name and shape match; only the head may differ (another class count)."""
+    own = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not k.startswith(head_name + ".")
+               and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise DataError(f"{source} does not fit {type(model).__name__}: {len(missing)} tensors missing or of "
+                        f"another shape, e.g. {missing[0]}")
+    model.load_state_dict(usable, strict=False)
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The layer that produces the ImageNet logits: the last Linear (or 1x1 Conv2d, SqueezeNet) in module order
+    with 1,000 outputs."""
+    found = None
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Linear) and m.out_features == ORIGINAL_CLASSES) or \
+           (isinstance(m, nn.Conv2d) and m.out_channels == ORIGINAL_CLASSES and m.kernel_size == (1, 1)):
+            found = (name, m)
+    if found is None:
+        raise ConfigError(f"cannot find the classifier layer of {type(model).__name__}")
+    return found
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    name, old = find_head(model)
+    new = (nn.Linear(old.in_features, num_classes) if isinstance(old, nn.Linear)
+           else nn.Conv2d(old.in_channels, num_classes, 1))
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], new)
+    return name
+
+
+def create_pretrained(cfg: Config, num_classes: int) -> ModelParts:
+    import torchvision
+
+    weights = resolve_weights(cfg.model, cfg.weights)
+    kwargs: dict[str, Any] = {}
+    if cfg.model in ("inception_v3", "googlenet"):
+        kwargs = {"aux_logits": True, "init_weights": weights is None}
+    model = torchvision.models.get_model(cfg.model, weights=None, **kwargs)
+    head = find_head(model)[0]
+    if isinstance(weights, Path):
+        _load_matching(model, load_weights_file(weights), str(weights), head)
+    elif weights is not None:
+        _load_matching(model, _download_state_dict(weights), str(weights), head)
+    if cfg.model in ("inception_v3", "googlenet"):  # auxiliary heads only help ImageNet training: drop them
+        model.aux_logits = False
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+    head = replace_head(model, num_classes)
+    return ModelParts(model, head, preprocess_for(cfg, weights))
+
+
+def preprocess_for(cfg: Config, weights) -> Preprocess:
+    """Mean and std from the weights' metadata (ImageNet's otherwise); image size as configured, except
+    that the config's default 224 gives way to the weights' own crop size (299 for Inception v3)."""
+    size, mean, std = cfg.image_size, IMAGENET_MEAN, IMAGENET_STD
+    if weights is not None and not isinstance(weights, Path):
+        t = weights.transforms()
+        mean, std = tuple(t.mean), tuple(t.std)
+        if cfg.image_size == 224:
+            size = int(t.crop_size[0])
+    elif cfg.model == "inception_v3" and cfg.image_size == 224:
+        size = 299
+    return Preprocess(size, mean, std)
+
+

@@ -1,0 +1,44 @@
+"""Where an epoch's batches come from, behind one interface: `source.epoch(epoch, seed)` gives the network to
+run, the training batches, the validation batches and the transform that turns a batch into model input.
+`ImageSource` draws images from the decoded cache; `features.FeatureSource` draws stored features of a
+frozen backbone (and falls back to images in the epochs where the frozen part changes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+from .data import Batches, CachedImages, DeviceCache, ImageTransform
+
+VAL_BATCH = 128  # validation keeps no gradients: larger batches cost little memory
+
+
+@dataclass
+class EpochData:
+    net: nn.Module | Callable[[torch.Tensor], torch.Tensor]  # what runs forward (and trains) this epoch
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    val: Batches
+    transform: Callable[..., torch.Tensor]  # batch -> model input; augments when given a generator
+    augment: bool
+
+
+class ImageSource:
+    def __init__(self, forward: nn.Module, images: CachedImages, train_rows: np.ndarray, val_rows: np.ndarray,
+                 cfg: Config, device: torch.device, transform: ImageTransform, device_cache: DeviceCache | None):
+        self.forward, self.transform, self.augment = forward, transform, cfg.augment
+        self.train = Batches(images, train_rows, cfg.batch_size, device, shuffle=True, drop_last=True,
+                             device_cache=device_cache)
+        self.val = Batches(images, val_rows, max(cfg.batch_size, VAL_BATCH), device, shuffle=False,
+                           device_cache=device_cache)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train)
+
+    def epoch(self, epoch: int, seed: int) -> EpochData:
+        return EpochData(self.forward, self.train.epoch(seed), self.val, self.transform, self.augment)

@@ -1,0 +1,316 @@
+"""Sweeps on Optuna, through its public API only: `run_sweep` runs trials in this process through `train.fit`
+(the one training path); each epoch's metric reaches Optuna through a callback, which is where hyperband
+pruning hooks in.
+
+- grid: the study's creator queues every point once; workers pop them atomically (no point runs twice).
+- random: RandomSampler; bayes: TPE (multivariate, constant liar).
+- A process killed mid-trial leaves a RUNNING trial: the next sweep process on that machine marks it failed and
+  re-queues its parameters once (RDB storages also do this across machines through Optuna's heartbeat).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import socket
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from ..callbacks import Callback, Run, StopTraining
+from ..config import FIELDS, coerce, make_config
+from ..data import DeviceCache
+from ..errors import CnnlabError
+from ..io import atomic_write_json, atomic_write_text
+from ..train import fit
+from .schema import Sweep
+from .storage import make_storage, mask
+
+ORPHAN = "orphan:"  # study user attribute per orphaned trial number: why it failed
+
+
+def suggest(trial: Any, sweep: Sweep) -> dict[str, Any]:
+    """The trial's config values. Distributions Optuna lacks (normal, weighted categorical, quantised log)
+    are drawn as a uniform `NAME__u` that Optuna models, then transformed; the real value is what is logged."""
+    out: dict[str, Any] = {}
+    for p in sweep.params.values():
+        d = p.distribution
+        if d == "constant":
+            out[p.name] = p.values[0]
+        elif d == "categorical":
+            out[p.name] = trial.suggest_categorical(p.name, p.values)
+        elif d == "categorical_w_probabilities":
+            u = trial.suggest_float(p.name + "__u", 0.0, 1.0)
+            cum = list(itertools.accumulate(p.probabilities))
+            out[p.name] = p.values[next((i for i, c in enumerate(cum) if u <= c), len(cum) - 1)]
+        elif d == "int_uniform":
+            out[p.name] = trial.suggest_int(p.name, int(p.min), int(p.max))
+        elif d == "uniform":
+            out[p.name] = trial.suggest_float(p.name, p.min, p.max)
+        elif d == "q_uniform":
+            out[p.name] = _quantise(trial.suggest_float(p.name + "__u", p.min, p.max), p.q or 1.0)
+        elif d in ("log_uniform", "q_log_uniform"):  # min/max are natural logs of the bounds
+            v = trial.suggest_float(p.name, math.exp(p.min), math.exp(p.max), log=True)
+            out[p.name] = _quantise(v, p.q) if d.startswith("q_") else v
+        elif d in ("log_uniform_values", "inv_log_uniform_values"):
+            out[p.name] = trial.suggest_float(p.name, p.min, p.max, log=True)  # 1/x of log-uniform is log-uniform
+        elif d == "inv_log_uniform":
+            out[p.name] = 1.0 / trial.suggest_float(p.name + "__inv", math.exp(p.min), math.exp(p.max), log=True)
+        elif d == "q_log_uniform_values":
+            out[p.name] = _quantise(trial.suggest_float(p.name + "__u", p.min, p.max, log=True), p.q or 1.0)
+        else:  # normal family via the inverse CDF of a uniform draw
+            u = trial.suggest_float(p.name + "__u", 1e-6, 1 - 1e-6)
+            v = statistics.NormalDist(p.mu, p.sigma).inv_cdf(u)
+            v = math.exp(v) if "log" in d else v
+            out[p.name] = _quantise(v, p.q or 1.0) if d.startswith("q_") else v
+        out[p.name] = _native(p.name, out[p.name])
+    return out
+
+
+def _quantise(v: float, q: float | None) -> float:
+    return v if not q else round(round(v / q) * q, 10)
+
+
+def _native(name: str, v: Any) -> Any:
+    """Integers for integer fields (a quantised float 64.0 becomes 64)."""
+    return coerce(name, v) if FIELDS[name].type in ("int", int) else v
+
+
+def make_sampler(sweep: Sweep, seed: int):
+    if sweep.method == "bayes":
+        # TPE: handles categorical and conditional spaces, is cheap per trial, and with constant_liar several
+        # workers do not all propose the same point; the GP sampler models continuous spaces better but the
+        # assignment's space is mostly categorical.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=8)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(sweep: Sweep, epochs: int | None):
+    if sweep.hyperband is None:
+        return optuna.pruners.NopPruner()
+    hb = sweep.hyperband
+    return optuna.pruners.HyperbandPruner(min_resource=hb["min_iter"], max_resource=hb.get("max_iter", epochs or "auto"),
+                                          reduction_factor=hb["eta"])
+
+
+def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None):
+    """Create the study (queueing the grid) or join it. The creator samples with `seed`, so a one-process sweep
+    is reproducible; a process that joins gets a seed of its own, or every process would propose the same
+    points in the same order."""
+    pruner = make_pruner(sweep, epochs)
+    try:
+        study = optuna.create_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep, seed),
+                                    pruner=pruner, direction=sweep.direction)
+        study.set_user_attr("sweep", sweep.raw)
+        if sweep.method == "grid":  # the creator queues every point once; workers pop them atomically
+            names = list(sweep.params)
+            for combo in itertools.product(*(sweep.params[n].values for n in names)):
+                study.enqueue_trial({n: v for n, v in zip(names, combo) if sweep.params[n].distribution != "constant"},
+                                    user_attrs={"grid_point": True}, skip_if_exists=False)
+    except optuna.exceptions.DuplicatedStudyError:
+        own_seed = (seed * 1_000_003 + os.getpid() * 7919 + time.time_ns()) % 2**32
+        study = optuna.load_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep, own_seed),
+                                  pruner=pruner)
+    if study.direction.name.lower() != sweep.direction:
+        raise CnnlabError(f"study '{sweep.name}' exists with direction {study.direction.name.lower()}; "
+                          f"the sweep file asks {sweep.direction}")
+    return study
+
+
+def _alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def recover_orphans(study: Any, log: Callable[[str], None]) -> int:
+    """RUNNING trials of dead processes on this machine: marked failed, their parameters queued once."""
+    host, recovered = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner")
+        if not owner or owner["host"] != host or _alive(owner["pid"], owner["started"]):
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # finished meanwhile, or another process recovered it first
+        study.set_user_attr(f"{ORPHAN}{t.number}", "orphaned: its sweep process died")
+        if "retry_of" not in t.user_attrs:
+            study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "grid_point"}
+                                | {"retry_of": t.number})
+            log(f"trial {t.number} was orphaned by a killed process: marked failed, parameters queued again")
+        recovered += 1
+    return recovered
+
+
+def orphans(study: Any) -> dict[int, str]:
+    return {int(k[len(ORPHAN):]): v for k, v in study.user_attrs.items() if k.startswith(ORPHAN)}
+
+
+def runs_counted(study: Any) -> int:
+    """Trials that count towards run_cap: every started one, except orphans whose retry counts instead."""
+    lost = orphans(study)
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING
+               and t.number not in lost and not t.user_attrs.get("skipped"))
+
+
+@dataclass
+class SweepResult:
+    folder: Path
+    ran: int = 0
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    best_value: float | None = None
+    best_trial: int | None = None
+    seconds: float = 0.0
+
+
+class Pruning(Callback):
+    """Reports each epoch's metric to the trial; hyperband decides whether the trial stops there."""
+
+    def __init__(self, trial: Any, metric: str, epochs: int):
+        self.trial, self.metric, self.epochs = trial, metric, epochs
+
+    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+        self.trial.report(record[self.metric], record["epoch"])
+        if record["epoch"] < self.epochs and self.trial.should_prune():  # at the last epoch there is nothing to save
+            raise StopTraining("stopped")
+
+
+@dataclass
+class Objective:
+    """One trial: the sweep's values on top of the base config, trained by `fit` into its own run folder. A
+    failure (bad combination, out of memory, NaN loss) is recorded with its traceback and the sweep goes on."""
+
+    sweep: Sweep
+    base: dict[str, Any]
+    folder: Path
+    progress: bool
+    owner: dict[str, Any]
+    device_cache: DeviceCache = field(default_factory=DeviceCache)  # one upload of the image cache per process
+    last: int | None = None  # the number of the trial this process ran last
+
+    def __call__(self, trial: Any) -> float:
+        self.last = trial.number
+        try:
+            return self.train(trial)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except BaseException as e:  # noqa: BLE001 - recorded, then raised for Optuna to mark the trial failed
+            trial.set_user_attr("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            (self.folder / "errors").mkdir(exist_ok=True)
+            atomic_write_text(self.folder / "errors" / f"trial-{trial.number:04d}.txt", traceback.format_exc())
+            raise
+
+    def train(self, trial: Any) -> float:
+        if self.sweep.method == "grid" and not trial.user_attrs.get("grid_point"):
+            trial.set_user_attr("skipped", "grid exhausted while this trial was being created")
+            raise optuna.TrialPruned()
+        trial.set_user_attr("owner", self.owner)
+        values = suggest(trial, self.sweep)
+        trial.set_user_attr("config", values)
+        name, k = f"trial-{trial.number:04d}", 1
+        while (self.folder / "trials" / name).exists():  # left by an earlier study in this folder: never overwritten
+            k += 1
+            name = f"trial-{trial.number:04d}-{k}"
+        cfg = make_config(self.base, values, {"out": str(self.folder / "trials"), "name": name})
+        trial.set_user_attr("run_dir", str(self.folder / "trials" / name))
+        fitted = fit(cfg, callbacks=[Pruning(trial, self.sweep.metric, cfg.epochs)], progress=self.progress,
+                     log=lambda s: None, group=self.sweep.name, device_cache=self.device_cache)
+        seen = [r[self.sweep.metric] for r in fitted.history]
+        best = max(seen) if self.sweep.goal == "maximize" else min(seen)
+        trial.set_user_attr("epochs_run", len(fitted.history))
+        if fitted.status == "stopped":
+            trial.set_user_attr("pruned_value", best)
+            raise optuna.TrialPruned()
+        return best
+
+
+def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_url: str | None = None,
+              count: int | None = None, seed: int = 0, progress: bool = True,
+              log: Callable[[str], None] = print) -> SweepResult:
+    """Run up to `count` trials (None: until run_cap or the grid is done) in this process."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base_cfg = make_config(base, {k: p.values[0] for k, p in sweep.params.items() if p.distribution == "constant"})
+    epochs = base_cfg.epochs if "epochs" not in sweep.params or sweep.params["epochs"].distribution == "constant" else None
+    study = open_study(sweep, make_storage(storage_url, folder), seed, epochs)
+    atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(sweep.raw, sort_keys=False))
+    atomic_write_json(folder / "sweep_info.json", {"name": sweep.name, "storage": mask(storage_url) if storage_url else None,
+                                                    "base": base})
+    recover_orphans(study, log)
+    if count is None and sweep.run_cap is None and sweep.method != "grid":
+        raise CnnlabError("random and bayes sweeps need --count or run_cap in the sweep file")
+    result, start = SweepResult(folder), time.perf_counter()
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start()}
+    objective = Objective(sweep, base, folder, progress, owner)
+    n = 0
+    while (count is None or n < count) and not _finished(study, sweep, log):
+        objective.last = None
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        n += 1
+        if objective.last is not None:
+            _tally(result, study, sweep, objective.last, log)
+    result.seconds = time.perf_counter() - start
+    try:
+        result.best_value, result.best_trial = study.best_value, study.best_trial.number
+    except ValueError:
+        pass
+    return result
+
+
+def _finished(study: Any, sweep: Sweep, log: Callable[[str], None]) -> bool:
+    if sweep.run_cap is not None and runs_counted(study) >= sweep.run_cap:
+        log(f"run_cap {sweep.run_cap} reached")
+        return True
+    if sweep.method == "grid" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        log("grid done: every point has run")
+        return True
+    return False
+
+
+def _tally(result: SweepResult, study: Any, sweep: Sweep, number: int, log: Callable[[str], None]) -> None:
+    """Count the trial this process just ran (the study's newest may be another process's) and print its line."""
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    if frozen.user_attrs.get("skipped"):
+        return
+    result.ran += 1
+    result.complete += frozen.state == TrialState.COMPLETE
+    result.pruned += frozen.state == TrialState.PRUNED
+    result.failed += frozen.state == TrialState.FAIL
+    log(_trial_line(study, frozen, sweep))
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process(os.getpid()).create_time()
+
+
+def _trial_line(study: Any, t: Any, sweep: Sweep) -> str:
+    params = " ".join(f"{k}={_short(v)}" for k, v in t.user_attrs.get("config", {}).items())
+    state = t.state.name.lower()
+    value = t.value if t.value is not None else t.user_attrs.get("pruned_value")
+    try:
+        best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+    except ValueError:
+        best = "no complete trial yet"
+    what = f"{sweep.metric} {value:.4f}" if value is not None else t.user_attrs.get("error", "")
+    return f"trial {t.number:>3} {state:<8} {what:<24} epochs {t.user_attrs.get('epochs_run', 0)}  {params}  | {best}"
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,185 @@
+"""The Weights & Biases sweep schema, read and checked: method, metric, parameters (value / values /
+distribution, nested parameter blocks), early_terminate (hyperband), run_cap; program/command are kept for
+wandb and ignored. A malformed file is refused before any trial starts, naming the parameter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import FIELDS, check_value, read_yaml
+from ..errors import ConfigError
+from ..models import check_model_name
+
+METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+METHODS = ("grid", "random", "bayes")
+DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
+                 "log_uniform_values", "q_log_uniform", "q_log_uniform_values", "inv_log_uniform",
+                 "inv_log_uniform_values", "normal", "q_normal", "log_normal", "q_log_normal",
+                 "categorical_w_probabilities")
+IGNORED_KEYS = ("program", "command", "name", "description", "project", "entity", "controller")
+
+
+class SweepError(ConfigError):
+    """A malformed sweep file: the message names the parameter, like wandb's own validation."""
+
+
+@dataclass
+class Param:
+    name: str
+    distribution: str
+    values: list[Any] = field(default_factory=list)
+    probabilities: list[float] | None = None
+    min: float = 0.0
+    max: float = 0.0
+    q: float | None = None
+    mu: float = 0.0
+    sigma: float = 1.0
+
+
+@dataclass
+class Sweep:
+    name: str
+    method: str
+    metric: str
+    goal: str
+    params: dict[str, Param]
+    hyperband: dict[str, int] | None
+    run_cap: int | None
+    raw: dict[str, Any]
+
+    @property
+    def direction(self) -> str:
+        return "maximize" if self.goal == "maximize" else "minimize"
+
+
+def _bad(name: str, why: str) -> SweepError:
+    return SweepError(f"invalid sweep config: parameter '{name}': {why}")
+
+
+def _parse_param(name: str, spec: Any) -> Param:
+    if name not in FIELDS:
+        raise _bad(name, f"not a cnnlab config key (known: {', '.join(FIELDS)})")
+    if not isinstance(spec, dict):
+        raise _bad(name, "expected a mapping with value, values or distribution")
+    unknown = set(spec) - {"value", "values", "distribution", "min", "max", "q", "mu", "sigma", "probabilities"}
+    if unknown:
+        raise _bad(name, f"unknown field(s) {', '.join(sorted(unknown))}")
+
+    def checked(v: Any) -> Any:  # a value the config refuses is refused now, not in trial 17
+        try:
+            check_value(name, v)
+            if name == "model":
+                check_model_name(str(v))
+        except ConfigError as e:
+            raise _bad(name, str(e)) from None
+        return v
+
+    dist = spec.get("distribution")
+    if dist is not None and dist not in DISTRIBUTIONS:
+        raise _bad(name, f"unknown distribution '{dist}' (expected one of {', '.join(DISTRIBUTIONS)})")
+    if "value" in spec:
+        return Param(name, "constant", [checked(spec["value"])])
+    if "values" in spec:
+        values = spec["values"]
+        if not isinstance(values, list) or not values:
+            raise _bad(name, "values must be a non-empty list")
+        values = [checked(v) for v in values]
+        probs = spec.get("probabilities")
+        if probs is not None:
+            if len(probs) != len(values) or any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+                raise _bad(name, "probabilities must be one non-negative number per value, summing to 1")
+            return Param(name, "categorical_w_probabilities", values, list(map(float, probs)))
+        return Param(name, "categorical", values)
+    if dist in ("normal", "q_normal", "log_normal", "q_log_normal"):
+        sigma = float(spec.get("sigma", 1.0))
+        if sigma <= 0:
+            raise _bad(name, "sigma must be positive")
+        return Param(name, dist, mu=float(spec.get("mu", 0.0)), sigma=sigma, q=spec.get("q"))
+    if "min" not in spec or "max" not in spec:
+        raise _bad(name, "needs value, values, or min and max")
+    lo, hi = spec["min"], spec["max"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
+        raise _bad(name, "min and max must be numbers")
+    if lo >= hi:
+        raise _bad(name, f"min ({lo}) must be less than max ({hi})")
+    if dist is None:
+        dist = "int_uniform" if isinstance(lo, int) and isinstance(hi, int) else "uniform"
+    if dist in ("log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values") and lo <= 0:
+        raise _bad(name, f"{dist} needs min > 0")
+    q = spec.get("q")
+    if q is not None and q <= 0:
+        raise _bad(name, "q must be positive")
+    if dist == "int_uniform" and not (isinstance(lo, int) and isinstance(hi, int)):
+        raise _bad(name, "int_uniform needs integer min and max")
+    for edge in (lo, hi):
+        if dist in ("int_uniform", "uniform", "q_uniform"):
+            checked(edge)
+    return Param(name, dist, min=float(lo), max=float(hi), q=None if q is None else float(q))
+
+
+def _flatten(params: dict[str, Any], into: dict[str, Param]) -> None:
+    """W&B nested `parameters` blocks group keys; their leaves are config keys themselves."""
+    for name, spec in params.items():
+        if isinstance(spec, dict) and "parameters" in spec:
+            if not isinstance(spec["parameters"], dict):
+                raise _bad(name, "nested parameters must be a mapping")
+            _flatten(spec["parameters"], into)
+        else:
+            if name in into:
+                raise _bad(name, "given twice")
+            into[name] = _parse_param(name, spec)
+
+
+def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
+    if not isinstance(raw, dict):
+        raise SweepError("invalid sweep config: expected a mapping at the top level")
+    unknown = set(raw) - {"method", "metric", "parameters", "early_terminate", "run_cap", *IGNORED_KEYS}
+    if unknown:
+        raise SweepError(f"invalid sweep config: unknown top-level key(s) {', '.join(sorted(unknown))}")
+    method = raw.get("method")
+    if method not in METHODS:
+        raise SweepError(f"invalid sweep config: method '{method}' is not one of {', '.join(METHODS)}")
+    metric = raw.get("metric") or {"name": "val_acc", "goal": "maximize"}
+    if metric.get("name") not in METRICS:
+        raise SweepError(f"invalid sweep config: metric name '{metric.get('name')}': cnnlab logs {', '.join(METRICS)}")
+    goal = metric.get("goal", "minimize")
+    if goal not in ("maximize", "minimize"):
+        raise SweepError(f"invalid sweep config: metric goal '{goal}' is not maximize or minimize")
+    if not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
+        raise SweepError("invalid sweep config: 'parameters' must be a non-empty mapping")
+    params: dict[str, Param] = {}
+    _flatten(raw["parameters"], params)
+    if method == "grid":
+        for p in params.values():
+            if p.distribution not in ("constant", "categorical"):
+                raise _bad(p.name, "grid search needs value or values, not a distribution")
+    hyperband = None
+    et = raw.get("early_terminate")
+    if et is not None:
+        if not isinstance(et, dict) or et.get("type") != "hyperband":
+            raise SweepError("invalid sweep config: early_terminate type must be hyperband")
+        eta = int(et.get("eta", 3))
+        if eta < 2:
+            raise SweepError("invalid sweep config: early_terminate eta must be at least 2")
+        if "min_iter" in et:
+            hyperband = {"min_iter": int(et["min_iter"]), "eta": eta}
+            if "max_iter" in et:
+                hyperband["max_iter"] = int(et["max_iter"])
+        elif "max_iter" in et:
+            s = int(et.get("s", 0))
+            if s < 1:
+                raise SweepError("invalid sweep config: early_terminate with max_iter needs s (the number of brackets)")
+            hyperband = {"min_iter": max(1, int(et["max_iter"] / eta ** (s - 1))), "max_iter": int(et["max_iter"]),
+                         "eta": eta}
+        else:
+            raise SweepError("invalid sweep config: early_terminate needs min_iter or max_iter")
+    run_cap = raw.get("run_cap")
+    if run_cap is not None and (not isinstance(run_cap, int) or run_cap < 1):
+        raise SweepError("invalid sweep config: run_cap must be a positive integer")
+    return Sweep(str(raw.get("name") or name), method, metric["name"], goal, params, hyperband, run_cap, raw)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    return parse_sweep(read_yaml(path, "sweep", SweepError), Path(path).stem)
