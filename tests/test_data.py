@@ -85,7 +85,7 @@ def test_batched_tensor_decoder_agrees_with_pil_and_reports_the_same_files(tmp_p
     for i in tv.errors:
         assert not tv.pixels[i].any()
     out = np.zeros((len(tv.files), 48, 48, 3), np.uint8)  # batch size independent
-    errors = decode_into(tv.files, 48, out, torch.device("cpu"), batch=4)
+    errors = decode_into(tv.files, (48, 0.0, "bilinear"), out, torch.device("cpu"), batch=4)
     assert errors == tv.errors and np.array_equal(out, tv.pixels)
 
 

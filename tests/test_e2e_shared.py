@@ -32,3 +32,29 @@ def test_full_size_jpegs_and_the_gif_placeholder_decode(tmp_path):
     images = load_images(SHARED_DATA / "hymenoptera" / "train", 96, tmp_path / "cache", progress=False)
     assert images.classes == ["ants", "bees"] and len(images.files) == 245
     assert len(images.valid) + len(images.errors) == 245
+
+
+SHARED_WEIGHTS = SHARED_DATA.parent / "weights" / "tf_efficientnet_lite0.safetensors"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="../shared/weights is absent")
+def test_real_imagenet_weights_fine_tuned_head_only_on_real_photos(tmp_path, capsys):
+    """EfficientNet-Lite0 with its real ImageNet weights, head only, 2 epochs: ants vs bees on the test folder."""
+    pytest.importorskip("timm")
+    data = SHARED_DATA / "hymenoptera"
+    run = tmp_path / "runs" / "lite0"
+    assert main(["train", "--data", str(data), "--model", "timm/tf_efficientnet_lite0", "--weights", str(SHARED_WEIGHTS),
+                 "--finetune", "head", "--augment", "false", "--epochs", "2", "--cache_dir", str(tmp_path / "cache"),
+                 "--out", str(tmp_path / "runs"), "--name", "lite0", "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["preprocess"]["mean"] == [0.5, 0.5, 0.5] and summary["preprocess"]["crop"] == 0.875
+    assert main(["evaluate", str(run / "best.pt"), "--data", str(data), "--cache_dir", str(tmp_path / "cache"),
+                 "--quiet"]) == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == 153 and metrics["accuracy"] >= 0.9  # measured: 0.941
+    bees = sorted((data / "val" / "bees").glob("*.jpg"))[:8]
+    capsys.readouterr()
+    assert main(["predict", str(run / "best.pt"), *map(str, bees), "--json"]) == 0
+    answers = [r["top"][0]["class"] for r in json.loads(capsys.readouterr().out)]
+    assert answers.count("bees") >= 6, answers

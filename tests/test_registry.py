@@ -31,9 +31,11 @@ def build_skeleton(name: str) -> nn.Module:
         return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
-def test_the_registry_lists_smallcnn_and_every_torchvision_classifier():
+def test_the_registry_lists_smallcnn_every_torchvision_and_every_timm_classifier():
+    timm = pytest.importorskip("timm")
     names = model_names()
-    assert names[0] == "smallcnn" and len(names) == 1 + len(torchvision_names()) >= 80
+    assert names == ["smallcnn", *torchvision_names(), *("timm/" + n for n in timm.list_models())]
+    assert len(torchvision_names()) >= 80 and len(names) > 1000
 
 
 @pytest.mark.slow

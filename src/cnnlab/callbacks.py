@@ -4,6 +4,7 @@ metrics file, the console line, Weights & Biases, early stopping and a sweep's p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +42,7 @@ class Run:
     log: Callable[[str], None] = print
     history: list[dict[str, Any]] = field(default_factory=list)
     best_val_acc: float = -1.0
+    best_val_loss: float = math.inf  # of the best epoch: breaks ties of accuracy
     best_epoch: int = 0
     improved: bool = False  # whether the latest epoch is the best so far
 
@@ -63,7 +65,8 @@ class Checkpoints(Callback):
     def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
         def state(**extra: Any) -> dict[str, Any]:
             return make_checkpoint(run.model, run.cfg, run.classes, run.preprocess, record["epoch"], run.history,
-                                   best_val_acc=run.best_val_acc, best_epoch=run.best_epoch, **extra)
+                                   best_val_acc=run.best_val_acc, best_val_loss=run.best_val_loss,
+                                   best_epoch=run.best_epoch, **extra)
 
         if run.improved:
             save_checkpoint(state(), run.run_dir / "best.pt")

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="download from here instead of the data set's usual address")
     p.add_argument("--sha256", help="expected SHA-256 of the archive")
 
-    sub.add_parser("models", help=COMMANDS["models"][1])
+    p = sub.add_parser("models", help=COMMANDS["models"][1])
+    p.add_argument("--grep", metavar="WORD", help="only names containing WORD (case-insensitive)")
 
     p = sub.add_parser("sweep", help=COMMANDS["sweep"][1], allow_abbrev=False)
     p.add_argument("sweep_file", help="a W&B sweep YAML (method, metric, parameters, early_terminate, run_cap)")
@@ -131,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ncnnlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cnnlab evaluate ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -84,7 +84,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import model_names
 
-    print("\n".join(model_names()))
+    names = [n for n in model_names() if not args.grep or args.grep.lower() in n.lower()]
+    if not names:
+        raise CnnlabError(f"no model name contains {args.grep!r}: try a shorter word, or `cnnlab models` for all")
+    print("\n".join(names))
     return 0
 
 

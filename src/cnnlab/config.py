@@ -53,6 +53,9 @@ class Config:
     freeze_stages: int = _f(0, "with finetune=partial: the stem and this many stages stay frozen", min=0, max=64)
     unfreeze_every: int = _f(1, "with finetune=gradual: unfreeze one more stage every this many epochs", min=1, max=1000)
     lr_backbone: float = _f(0.0, "learning rate of pretrained layers (0: same as lr)", min=0.0, max=10.0)
+    mean: str = _f("", "input normalisation mean, three comma-separated values (default: the weights' own; ImageNet's "
+                   "for smallcnn)")
+    std: str = _f("", "input normalisation std, three comma-separated values (default: the weights' own)")
     feature_cache: str = _f("auto", "frozen backbone: compute its output once into a store (auto) or every epoch (off)",
                             choices=("auto", "off"))
     feature_cache_max: float = _f(0.0, "largest feature store in GB (0: half the free disk where it goes)", min=0.0, max=1e6)
@@ -100,6 +103,22 @@ class Config:
     def kernel_sizes(self) -> list[int]:
         ks = _int_list(self.kernel_size, "kernel_size", None)
         return ks * 5 if len(ks) == 1 else ks
+
+    def normalisation(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """The --mean / --std overrides (None where not given)."""
+        def three(key: str) -> tuple[float, ...] | None:
+            text = getattr(self, key).replace(" ", "").strip("[]()")
+            if not text:
+                return None
+            try:
+                values = tuple(float(v) for v in text.split(","))
+            except ValueError:
+                values = ()
+            if len(values) != 3 or (key == "std" and min(values) <= 0):
+                raise ConfigError(f"{key}={getattr(self, key)!r}: expected three comma-separated numbers like 0.5,0.5,0.5"
+                                  + (" (all above 0)" if key == "std" else ""))
+            return values
+        return three("mean"), three("std")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -203,6 +222,7 @@ def validate(cfg: Config) -> Config:
         except ConfigError as e:
             raise ConfigError(f"{e}; or one of {', '.join(FILTER_ORGS)}") from None
     cfg.kernel_sizes()
+    cfg.normalisation()
     if cfg.finetune == "partial" and cfg.freeze_stages < 1:
         raise ConfigError("finetune=partial needs freeze_stages >= 1")
     if cfg.model == "smallcnn" and cfg.finetune != "none":

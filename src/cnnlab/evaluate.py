@@ -121,7 +121,7 @@ def load_test_images(loaded: LoadedModel, data: str | Path, cache_dir: str | Pat
     device = next(loaded.model.parameters()).device
     on_device = decode_device(loaded.cfg.decoder if device.type == "cuda" else "pil", device)
     test = load_images(Path(data) / "val", loaded.pre.image_size, cache_dir, loaded.cfg.decode_workers, progress,
-                       on_device)
+                       on_device, loaded.pre.crop, loaded.pre.interpolation)
     if test.classes != loaded.classes:
         raise DataError(f"{Path(data) / 'val'} has classes {test.classes}, but the checkpoint was trained on "
                         f"{loaded.classes}: use data with the same class folders")
@@ -159,7 +159,7 @@ def predict_files(loaded: LoadedModel, paths: list[str], device: torch.device, t
     arrays, where = [], []
     for p in paths:
         try:
-            arrays.append(load_rgb(p, loaded.pre.image_size))
+            arrays.append(load_rgb(p, loaded.pre.image_size, loaded.pre.crop, loaded.pre.interpolation))
             where.append(len(results))
             results.append({"file": p})
         except FileNotFoundError:

@@ -24,13 +24,23 @@ from tqdm import tqdm
 from .callbacks import Callback, Checkpoints, ConsoleLog, EarlyStopping, MetricsFile, Run, StopTraining, WandbTracker
 from .checkpoint import load_checkpoint
 from .config import Config, save_yaml
-from .data import CachedImages, DeviceCache, ImageTransform, load_images, save_split, stratified_split, write_bad_file_report
+from .data import (
+    CachedImages,
+    DeviceCache,
+    ImageTransform,
+    list_classes,
+    load_images,
+    save_split,
+    stratified_split,
+    write_bad_file_report,
+)
 from .errors import CnnlabError
 from .evaluate import evaluate
 from .features import FeatureSource, prepare_store
 from .hardware import autocast, autocast_dtype, compile_model, configure_backends, decode_device, resolve_device
 from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .models import ModelParts, TrainablePlan, check_config, create_model
+from .preprocess import Preprocess
 from .sources import ImageSource
 
 __all__ = ["fit", "FitResult", "StopTraining", "TrainingDiverged", "Callback", "train_one_epoch", "load_checkpoint"]
@@ -123,12 +133,14 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     started = time.perf_counter()
     check_config(cfg)
     device = resolve_device(cfg.device)
+    decoder = decode_device(cfg.decoder, device)
     tracker = WandbTracker(cfg, group)  # refuses --wandb without the package before anything is written
+    classes = list_classes(Path(cfg.data) / "train")
+    torch.manual_seed(cfg.seed)
+    parts = create_model(cfg, len(classes))  # first: its preprocessing decides how images are decoded
     cfg, run_dir = open_run_dir(cfg, resume)
     configure_backends(device, cfg.deterministic)
-    images, train_rows, val_rows = load_data(cfg, run_dir, device, progress, log)
-    torch.manual_seed(cfg.seed)
-    parts = create_model(cfg, len(images.classes))
+    images, train_rows, val_rows = load_data(cfg, parts.preprocess, run_dir, decoder, progress, log)
     parts.module.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     plan = TrainablePlan(parts, cfg)
     amp = autocast_dtype(cfg.precision, device)
@@ -142,19 +154,20 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     log(f"{run_dir.name}: {cfg.model}, {sum(p.numel() for p in run.model.parameters()):,} parameters "
         f"({plan.trainable_count():,} trainable), {len(train_rows)} train / {len(val_rows)} val images, "
         f"{len(run.classes)} classes, {device.type}, {'bf16 autocast' if amp else 'fp32'}"
-        f"{', channels_last' if cfg.channels_last else ''}")
+        f"{', channels_last' if cfg.channels_last else ''}; input {parts.preprocess.describe()}")
     setup_seconds = time.perf_counter() - started  # decoding, feature store, model build: once per run
     everyone = [Checkpoints(), MetricsFile(), ConsoleLog(), tracker, *callbacks, EarlyStopping(cfg.early_stop)]
     epoch_loop = EpochLoop(run, source, plan, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), device, amp)
     status = epoch_loop.train(range(start_epoch, cfg.epochs + 1), everyone, progress)
     summary = write_summary(run, plan, status, setup_seconds, device, amp,
-                            {"train_images": len(train_rows), "val_images": len(val_rows), "bad_files": len(images.errors)})
+                            {"train_images": len(train_rows), "val_images": len(val_rows), "bad_files": len(images.errors),
+                             "preprocess": parts.preprocess.to_dict()})
     return FitResult(run_dir, run.best_val_acc, run.best_epoch, summary["history"], status)
 
 
 def default_run_name(cfg: Config) -> str:
     knobs = f"{cfg.filters}{cfg.filter_org}-{cfg.activation}" if cfg.model == "smallcnn" else cfg.finetune
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{knobs}".replace(",", "_")
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{knobs}".replace(",", "_").replace("/", "-")
 
 
 def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
@@ -171,11 +184,12 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def load_data(cfg: Config, run_dir: Path, device: torch.device, progress: bool, log: Callable[[str], None]
-              ) -> tuple[CachedImages, np.ndarray, np.ndarray]:
-    """ROOT/train decoded (once, into the cache), unreadable files reported, and the seeded stratified split."""
-    images = load_images(Path(cfg.data) / "train", cfg.image_size, cfg.resolved_cache_dir(), cfg.decode_workers,
-                         progress, decode_device(cfg.decoder, device))
+def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device | None, progress: bool,
+              log: Callable[[str], None]) -> tuple[CachedImages, np.ndarray, np.ndarray]:
+    """ROOT/train decoded with the model's geometry (once, into the cache), unreadable files reported, and the
+    seeded stratified split."""
+    images = load_images(Path(cfg.data) / "train", pre.image_size, cfg.resolved_cache_dir(), cfg.decode_workers,
+                         progress, decoder, pre.crop, pre.interpolation)
     n_bad = write_bad_file_report(run_dir / "bad_files.txt", images)
     if n_bad:
         log(f"skipped {n_bad} unreadable file(s) of {len(images.files)}: listed in {run_dir / 'bad_files.txt'}")
@@ -205,9 +219,16 @@ def restore(run: Run) -> int:
     if run.scheduler is not None:
         run.scheduler.load_state_dict(state["scheduler"])
     run.history, run.best_val_acc, run.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
+    run.best_val_loss = state.get("best_val_loss", math.inf)
     atomic_write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
     run.log(f"resuming {run.run_dir} after epoch {state['epoch']}")
     return int(state["epoch"])
+
+
+def is_better(record: dict[str, Any], run: Run) -> bool:
+    """Validation accuracy decides; at equal accuracy (a small validation set saturates) the lower loss wins."""
+    return record["val_acc"] > run.best_val_acc or (record["val_acc"] == run.best_val_acc
+                                                    and record["val_loss"] < run.best_val_loss)
 
 
 @dataclass
@@ -227,9 +248,10 @@ class EpochLoop:
             for epoch in epochs:
                 record = self.epoch(epoch, progress)
                 self.run.history.append(record)
-                self.run.improved = record["val_acc"] > self.run.best_val_acc
+                self.run.improved = is_better(record, self.run)
                 if self.run.improved:
-                    self.run.best_val_acc, self.run.best_epoch = record["val_acc"], epoch
+                    self.run.best_val_acc, self.run.best_val_loss = record["val_acc"], record["val_loss"]
+                    self.run.best_epoch = epoch
                 for callback in callbacks:
                     callback.on_epoch_end(self.run, record)
         except StopTraining as stop:
@@ -264,7 +286,7 @@ class EpochLoop:
 
 
 def write_summary(run: Run, plan: TrainablePlan, status: str, setup_seconds: float, device: torch.device,
-                  amp: torch.dtype | None, counts: dict[str, int]) -> dict[str, Any]:
+                  amp: torch.dtype | None, counts: dict[str, Any]) -> dict[str, Any]:
     """summary.json, from the metrics file (every epoch, resumed ones included); returned with the history."""
     history = read_jsonl(run.run_dir / "metrics.jsonl")
     summary = {"status": status, "best_val_acc": run.best_val_acc, "best_epoch": run.best_epoch,

@@ -50,8 +50,11 @@ class CachedImages:
         return "".join(f"{self.files[i]}\t{msg}\n" for i, msg in sorted(self.errors.items()))
 
 
-def cache_key(files: list[Path], image_size: int, decoder: str = "pil") -> str:
+def cache_key(files: list[Path], image_size: int, decoder: str = "pil", crop: float = 0.0,
+              interpolation: str = "bilinear") -> str:
     tag = "" if decoder == "pil" else f":{decoder}"  # another decoder's pixels differ slightly: its own cache
+    if crop or interpolation != "bilinear":  # the plain squash keeps the key it always had
+        tag += f":crop{crop:g}:{interpolation}"
     h = hashlib.sha256(f"cnnlab-decode-v{DECODE_VERSION}:{image_size}{tag}\n".encode())
     for p in files:
         st = p.stat()
@@ -60,8 +63,10 @@ def cache_key(files: list[Path], image_size: int, decoder: str = "pil") -> str:
 
 
 def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, workers: int = 0,
-                progress: bool = True, decode_device: torch.device | None = None) -> CachedImages:
-    """Decode `folder/<class>/*` at `image_size` into the cache (once), then map it read-only.
+                progress: bool = True, decode_device: torch.device | None = None, crop: float = 0.0,
+                interpolation: str = "bilinear") -> CachedImages:
+    """Decode `folder/<class>/*` at `image_size` into the cache (once), then map it read-only. `crop` and
+    `interpolation` are the decode geometry of `Preprocess` (0: the whole image squashed to a square).
     Decoding runs in `workers` PIL processes, or, given `decode_device`, with torchvision's decoder on that
     device (nvJPEG on CUDA) in batches."""
     folder = Path(folder)
@@ -69,19 +74,20 @@ def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, work
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     decoder = "pil" if decode_device is None else ("nvjpeg" if decode_device.type == "cuda" else "torchvision-cpu")
-    key = cache_key(files, image_size, decoder)
+    geometry = (image_size, crop, interpolation)
+    key = cache_key(files, image_size, decoder, crop, interpolation)
     npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     shape = (len(files), image_size, image_size, 3)
     # One builder at a time per key: sweep workers that start together wait for the first one's cache.
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (npy.exists() and meta.exists()):
-            _build(files, image_size, npy, meta, folder, workers, progress, decode_device, decoder)
+            _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder)
         try:
             pixels, errors = _open_cache(npy, meta, shape)
         except (ValueError, OSError, KeyError, json.JSONDecodeError):  # damaged on disk: decode again, once
             npy.unlink(missing_ok=True)
-            _build(files, image_size, npy, meta, folder, workers, progress, decode_device, decoder)
+            _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder)
             pixels, errors = _open_cache(npy, meta, shape)
     return CachedImages(folder, classes, files, labels, pixels, errors)
 
@@ -94,10 +100,11 @@ def _open_cache(npy: Path, meta: Path, shape: tuple[int, ...]) -> tuple[np.ndarr
     return pixels, errors
 
 
-def _build(files: list[Path], size: int, npy: Path, meta: Path, folder: Path, workers: int, progress: bool,
+def _build(files: list[Path], geometry: tuple[int, float, str], npy: Path, meta: Path, folder: Path, workers: int, progress: bool,
            decode_device: torch.device | None, decoder: str) -> None:
     from tqdm import tqdm
 
+    size = geometry[0]
     partial = npy.with_suffix(".partial.npy")
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
     start = time.perf_counter()
@@ -107,24 +114,26 @@ def _build(files: list[Path], size: int, npy: Path, meta: Path, folder: Path, wo
         from .decode_gpu import decode_into
 
         with bar:
-            errors = decode_into(files, size, out, decode_device, on_progress=bar.update)
+            errors = decode_into(files, geometry, out, decode_device, on_progress=bar.update)
         out.flush()
         del out
     else:
         del out  # workers write through their own maps; rows of unreadable files stay zero
-        errors = _decode_with_workers(files, size, partial, workers, bar)
+        errors = _decode_with_workers(files, geometry, partial, workers, bar)
     seconds = time.perf_counter() - start
-    atomic_write_json(meta, {"folder": str(folder.resolve()), "image_size": size, "count": len(files),
+    atomic_write_json(meta, {"folder": str(folder.resolve()), "image_size": size, "crop": geometry[1],
+                             "interpolation": geometry[2], "count": len(files),
                              "decoder": decoder, "errors": {str(k): v for k, v in sorted(errors.items())},
                              "build_seconds": round(seconds, 2),
                              "images_per_s": round(len(files) / max(seconds, 1e-9), 1)})
     os.replace(partial, npy)  # the .npy appears only when complete: a killed build is redone, never half-read
 
 
-def _decode_with_workers(files: list[Path], size: int, partial: Path, workers: int, bar) -> dict[int, str]:
+def _decode_with_workers(files: list[Path], geometry: tuple[int, float, str], partial: Path, workers: int, bar
+                         ) -> dict[int, str]:
     workers = workers or os.cpu_count() or 1
     chunk = max(1, min(64, math.ceil(len(files) / (workers * 8))))
-    jobs = [(str(partial), list(range(i, min(i + chunk, len(files)))), [str(p) for p in files[i:i + chunk]], size)
+    jobs = [(str(partial), list(range(i, min(i + chunk, len(files)))), [str(p) for p in files[i:i + chunk]], *geometry)
             for i in range(0, len(files), chunk)]
     errors: dict[int, str] = {}
     if workers == 1 or len(files) < 64:

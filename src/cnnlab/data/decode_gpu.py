@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode import describe_error, load_rgb
+from .decode import crop_box, describe_error, load_rgb
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -52,17 +52,24 @@ def _decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor
             return out
 
 
-def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) uint8 -> (size, size, 3) uint8, squashed to a square like the PIL path, antialiased when shrinking."""
+def resize_square(image: torch.Tensor, size: int, crop: float = 0.0, interpolation: str = "bilinear") -> torch.Tensor:
+    """(3, H, W) uint8 -> (size, size, 3) uint8 with the PIL path's geometry (the whole image squashed, or its
+    central crop), antialiased when shrinking."""
+    box = crop_box(image.shape[2], image.shape[1], crop)
+    if box is not None:
+        left, top, right, bottom = (round(v) for v in box)
+        image = image[:, top:bottom, left:right]
     if image.shape[1:] == (size, size):
         return image.permute(1, 2, 0)
-    x = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(image[None].float(), size=(size, size), mode=interpolation, antialias=True, align_corners=False)
     return x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
 
 
-def decode_into(files: list[Path], size: int, out: np.ndarray, device: torch.device, batch: int = 128,
-                on_progress: Callable[[int], Any] = lambda n: None) -> dict[int, str]:
-    """Decode `files` into rows of `out` ((N, size, size, 3) uint8); return {row: why} for unreadable files."""
+def decode_into(files: list[Path], geometry: tuple[int, float, str], out: np.ndarray, device: torch.device,
+                batch: int = 128, on_progress: Callable[[int], Any] = lambda n: None) -> dict[int, str]:
+    """Decode `files` into rows of `out` ((N, size, size, 3) uint8) with `geometry` (size, crop, interpolation);
+    return {row: why} for unreadable files."""
+    size = geometry[0]
     errors: dict[int, str] = {}
     chunks = [list(range(i, min(i + batch, len(files)))) for i in range(0, len(files), batch)]
     with ThreadPoolExecutor(8) as pool:
@@ -80,7 +87,7 @@ def decode_into(files: list[Path], size: int, out: np.ndarray, device: torch.dev
                 if image is None:
                     fallback.append(i)
                 else:
-                    staged[i] = resize_square(image, size)
+                    staged[i] = resize_square(image, *geometry)
             out[rows[0]:rows[-1] + 1] = staged.cpu().numpy()
             for i in fallback:  # not a JPEG, or one nvJPEG refused: PIL decides, and names the error
                 blob = blobs[i]
@@ -88,7 +95,7 @@ def decode_into(files: list[Path], size: int, out: np.ndarray, device: torch.dev
                     errors[rows[i]] = describe_error(blob)
                     continue
                 try:
-                    out[rows[i]] = load_rgb(str(files[rows[i]]), size)
+                    out[rows[i]] = load_rgb(str(files[rows[i]]), *geometry)
                 except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal (its row stays zero)
                     errors[rows[i]] = describe_error(e)
             on_progress(len(rows))

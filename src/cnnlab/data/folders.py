@@ -11,9 +11,8 @@ from ..errors import DataError
 from ..io import atomic_write_json
 
 
-def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
-    """Classes (sorted sub-folder names), files and labels of `folder/<class>/*`. Hidden files are
-    skipped; every other file is listed, so a non-image is reported rather than silently ignored."""
+def list_classes(folder: Path) -> list[str]:
+    """The sorted class sub-folder names of `folder` (hidden ones skipped)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: expected ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg "
@@ -21,6 +20,14 @@ def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} has no class folders: expected {folder}/<class>/<image files>")
+    return classes
+
+
+def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """Classes (sorted sub-folder names), files and labels of `folder/<class>/*`. Hidden files are
+    skipped; every other file is listed, so a non-image is reported rather than silently ignored."""
+    folder = Path(folder)
+    classes = list_classes(folder)
     files, labels = [], []
     for label, name in enumerate(classes):
         for p in sorted((folder / name).iterdir()):

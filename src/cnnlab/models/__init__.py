@@ -1,12 +1,17 @@
-"""Models: `smallcnn` (the 5-block CNN trained from scratch, `smallcnn`) plus every torchvision classifier
-(`pretrained`), and what trains when fine-tuning (`plan`). `create_model(cfg, n)` is the one way a model is
-built; it returns `ModelParts` (the module, its head's name, its preprocessing)."""
+"""Models: `smallcnn` (the 5-block CNN trained from scratch), every torchvision classifier (`pretrained`) and,
+with the timm extra, every timm classifier as `timm/<name>` (`from_timm`); what trains when fine-tuning
+(`plan`). `create_model(cfg, n)` is the one way a model is built; it returns `ModelParts` (the module, its
+head's name, its preprocessing, with --mean/--std applied)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from ..config import Config
 from ..errors import ConfigError
 from ..preprocess import Preprocess
+from .from_timm import PREFIX as TIMM_PREFIX
+from .from_timm import check_timm_name, timm_names
 from .parts import ModelParts
 from .plan import TrainablePlan, stages
 from .smallcnn import SmallCNN, measured_cost, smallcnn_cost
@@ -21,13 +26,16 @@ def torchvision_names() -> list[str]:
 
 
 def model_names() -> list[str]:
-    return [SCRATCH, *torchvision_names()]
+    """smallcnn, torchvision's classifiers, then timm's (prefixed timm/, when timm is installed)."""
+    return [SCRATCH, *torchvision_names(), *timm_names()]
 
 
 def check_model_name(name: str) -> None:
-    if name != SCRATCH and name not in torchvision_names():
-        raise ConfigError(f"model={name!r}: expected smallcnn or a torchvision classifier "
-                          f"(see `cnnlab models`), e.g. resnet18, resnet50, efficientnet_v2_s")
+    if name.startswith(TIMM_PREFIX):
+        check_timm_name(name)
+    elif name != SCRATCH and name not in torchvision_names():
+        raise ConfigError(f"model={name!r}: expected smallcnn, a torchvision classifier or timm/<name> "
+                          f"(see `cnnlab models`), e.g. resnet18, resnet50, timm/tf_efficientnet_lite0")
 
 
 def check_config(cfg: Config) -> Config:
@@ -41,10 +49,18 @@ def create_model(cfg: Config, num_classes: int) -> ModelParts:
     check_model_name(cfg.model)
     if cfg.model == SCRATCH:
         model = SmallCNN.from_config(cfg, num_classes)
-        return ModelParts(model, f"classifier.{len(model.classifier) - 1}", Preprocess(cfg.image_size))
-    from .pretrained import create_pretrained
+        parts = ModelParts(model, f"classifier.{len(model.classifier) - 1}", Preprocess(cfg.image_size))
+    elif cfg.model.startswith(TIMM_PREFIX):
+        from .from_timm import create_timm
 
-    return create_pretrained(cfg, num_classes)
+        parts = create_timm(cfg, num_classes)
+    else:
+        from .pretrained import create_pretrained
+
+        parts = create_pretrained(cfg, num_classes)
+    mean, std = cfg.normalisation()
+    parts.preprocess = replace(parts.preprocess, mean=mean or parts.preprocess.mean, std=std or parts.preprocess.std)
+    return parts
 
 
 __all__ = ["ModelParts", "TrainablePlan", "stages", "SmallCNN", "measured_cost", "smallcnn_cost", "model_names",

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import ConfigError
+from .from_timm import is_timm_model, timm_stages
 from .parts import ModelParts
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -17,6 +18,8 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 def stages(model: nn.Module, head: nn.Module) -> list[list[nn.Module]]:
     """The body from input to output as [stem, stage 1, stage 2, ...], the head excluded."""
+    if is_timm_model(model):
+        return timm_stages(model, head)
     if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
         stem = [m for n, m in model.named_children() if n in ("conv1", "bn1", "relu", "maxpool")]
         return [stem] + [[getattr(model, f"layer{i}")] for i in range(1, 5)]

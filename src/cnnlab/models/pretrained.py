@@ -72,16 +72,24 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str, head_name: str) -> None:
-    """Load every tensor whose name and shape match; only the head may differ (another class count)."""
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str, head_name: str, name: str) -> None:
+    """Load a weights file into `model`: every tensor must match in name and shape, except the head's (it may
+    have another class count). Anything else is refused in one line naming the model, the file and the first
+    mismatching keys: never a silent partial load."""
     own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    def body(k: str) -> bool:
+        return not k.startswith(head_name + ".") and not k.endswith("num_batches_tracked")
+    missing = [k for k in own if body(k) and k not in state]
+    unexpected = [k for k in state if body(k) and k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                if body(k) and k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        parts = [f"{len(v)} {what} (first: {', '.join(v[:3])})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if v]
+        raise DataError(f"{source} does not fit model {name}: " + "; ".join(parts) +
+                        ": pass weights saved from this architecture")
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in usable and not k.startswith(head_name + ".")
-               and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise DataError(f"{source} does not fit {type(model).__name__}: {len(missing)} tensors missing or of "
-                        f"another shape, e.g. {missing[0]}")
     model.load_state_dict(usable, strict=False)
 
 
@@ -117,9 +125,9 @@ def create_pretrained(cfg: Config, num_classes: int) -> ModelParts:
     model = torchvision.models.get_model(cfg.model, weights=None, **kwargs)
     head = find_head(model)[0]
     if isinstance(weights, Path):
-        _load_matching(model, load_weights_file(weights), str(weights), head)
+        load_matching(model, load_weights_file(weights), str(weights), head, cfg.model)
     elif weights is not None:
-        _load_matching(model, _download_state_dict(weights), str(weights), head)
+        load_matching(model, _download_state_dict(weights), str(weights), head, cfg.model)
     if cfg.model in ("inception_v3", "googlenet"):  # auxiliary heads only help ImageNet training: drop them
         model.aux_logits = False
         for aux in ("AuxLogits", "aux1", "aux2"):
@@ -130,16 +138,16 @@ def create_pretrained(cfg: Config, num_classes: int) -> ModelParts:
 
 
 def preprocess_for(cfg: Config, weights) -> Preprocess:
-    """Mean and std from the weights' metadata (ImageNet's otherwise); image size as configured, except
-    that the config's default 224 gives way to the weights' own crop size (299 for Inception v3)."""
-    size, mean, std = cfg.image_size, IMAGENET_MEAN, IMAGENET_STD
+    """The weights' own preprocessing: mean, std, interpolation and crop (crop size over resize size, 224/256)
+    from the enum's transforms; ImageNet's standard ones for a local file. The image size is as configured,
+    except that the config's default 224 gives way to the weights' own crop size (299 for Inception v3)."""
+    size, mean, std, crop, interpolation = cfg.image_size, IMAGENET_MEAN, IMAGENET_STD, 224 / 256, "bilinear"
     if weights is not None and not isinstance(weights, Path):
         t = weights.transforms()
         mean, std = tuple(t.mean), tuple(t.std)
+        crop, interpolation = t.crop_size[0] / t.resize_size[0], t.interpolation.value
         if cfg.image_size == 224:
             size = int(t.crop_size[0])
     elif cfg.model == "inception_v3" and cfg.image_size == 224:
         size = 299
-    return Preprocess(size, mean, std)
-
-
+    return Preprocess(size, mean, std, crop, interpolation)
