@@ -87,7 +87,7 @@ def main() -> None:
         data = SHARED / data_name
         results[data_name] = [run(data, name, flags, out, cache) for name, flags in runs]
         say(f"\n{data_name}: test = {data}/val")
-        say(f"| strategy | test accuracy (95% CI) | trainable params | epochs | wall time | train img/s |")
+        say("| strategy | test accuracy (95% CI) | trainable params | epochs | wall time | train img/s |")
         say("|---|---|---|---|---|---|")
         for r in results[data_name]:
             say(f"| {r['name']} | {r['acc']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) | {r['trainable']:,} | "
