@@ -78,6 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root, what = photo_folder(Path(tmp))
         extra = {"finetune": "partial", "freeze_stages": 3} if args.strategy == "partial" else {"finetune": "head"}
+        extra["weights"] = "random"  # the cost is the same as with ImageNet weights, which cannot be downloaded here
         cfg = make_config({"data": str(root), "model": "resnet50", "augment": False, "epochs": args.epochs,
                            "image_size": args.image_size, "batch_size": args.batch_size, "cache_dir": str(Path(tmp) / "cache"),
                            "out": str(Path(tmp) / "runs"), "name": "bench", **extra})

@@ -50,7 +50,7 @@ RUNS = {
 
 
 def run(data: Path, name: str, flags: list[str], out: Path, cache: Path) -> dict:
-    folder = name.split(" ")[0] + ("-scratch" if "scratch" in name else "")
+    folder = name.split(" ")[0]
     run_dir = out / data.name / folder
     start = time.perf_counter()
     code = cnnlab(["train", "--data", str(data), *flags, "--out", str(out / data.name), "--name", folder,

@@ -98,7 +98,7 @@ def reference_trial(root: Path, image_size: int, epochs: int, batch_size: int, d
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(plain, order[:n_val]), batch_size=batch_size,
                                              num_workers=workers)
     torch.manual_seed(0)
-    extra = {} if model_name == "smallcnn" else {"model": model_name, "finetune": "full"}
+    extra = {} if model_name == "smallcnn" else {"model": model_name, "finetune": "full", "weights": "random"}
     model = create_model(make_config({"image_size": image_size, **extra}), 10).module.to(device)
     if head_only:  # what users write: freeze everything, a new fc
         for p in model.parameters():
@@ -172,7 +172,7 @@ def main() -> None:
             ref, seen = reference_trial(root, args.image_size, args.epochs, args.batch_size, device, args.workers)
         say(f"reference trial: {ref:.1f}s, {seen / ref:,.0f} img/s; {gpu_use}")
         for strategy in filter(None, args.resnet.split(",")):
-            values = {**base, "name": f"resnet50-{strategy}", "model": "resnet50", "finetune": strategy,
+            values = {**base, "name": f"resnet50-{strategy}", "model": "resnet50", "finetune": strategy, "weights": "random",
                       "epochs": args.resnet_epochs, "feature_cache": "off"}  # every epoch through the network
             sec, ips, _, use = cnnlab_trial(values)
             with GpuSampler() as gpu_use:

@@ -33,7 +33,13 @@ def test_booleans_in_every_spelling(value, expected):
     ({"batch_norm": "maybe"}, "batch_norm='maybe'"),
     ({"activation": "tanh"}, "one of relu"),
     ({"filter_org": "1,2,3"}, "filter_org"),
-    ({"finetune": "head"}, "needs a torchvision model"),
+    ({"finetune": "head"}, "needs a pretrained model"),
+    ({"weights": "DEFAULT"}, "smallcnn has no pretrained weights"),
+    ({"model": "resnet18", "finetune": "head"}, "add --weights DEFAULT"),
+    ({"model": "resnet18", "weights": "DEFAULT"}, "write --finetune full"),
+    ({"model": "resnet18", "weights": "DEFAULT", "finetune": "full", "freeze_stages": 2}, "only applies with --finetune partial"),
+    ({"model": "resnet18", "weights": "DEFAULT", "finetune": "head", "unfreeze_every": 2}, "only applies with --finetune gradual"),
+    ({"model": "resnet18", "weights": "DEFAULT", "finetune": "head", "lr_backbone": 1e-4}, "only applies when pretrained layers train"),
 ])
 def test_bad_values_are_one_clear_error(source, needle):
     with pytest.raises(ConfigError, match=None) as e:

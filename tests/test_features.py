@@ -17,7 +17,7 @@ from cnnlab.train import fit
 def _cfg(tiny_data, tmp_path, **kw):
     base = dict(data=str(tiny_data), model="resnet18", image_size=32, augment=False, precision="fp32", epochs=2,
                 batch_size=16, out=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), decode_workers=1,
-                optimizer="sgd", lr=0.05)
+                optimizer="sgd", lr=0.05, weights="random")
     return make_config({**base, **kw})
 
 
@@ -90,7 +90,7 @@ def test_a_store_cut_off_mid_write_is_rebuilt(tmp_path):
     from cnnlab.data.demo import make_demo_data
 
     data = make_demo_data(tmp_path / "d", 60, 2, min_size=96, max_size=128)
-    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(data), "--model=resnet18", "--finetune=head",
+    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(data), "--model=resnet18", "--finetune=head", "--weights=random",
             "--augment=false", "--image_size=96", "--epochs=1", "--cache_dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "runs"), "--quiet"]
     proc = subprocess.Popen(argv + ["--name=killed"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

@@ -33,25 +33,25 @@ def _steps(cfg, n=3, size=32):
 
 
 def test_head_strategy_changes_only_the_head_and_keeps_frozen_bn_statistics():
-    model, plan, changed = _steps(make_config({"model": "resnet18", "finetune": "head"}))
+    model, plan, changed = _steps(make_config({"model": "resnet18", "finetune": "head", "weights": "random"}))
     assert changed == {"fc.weight", "fc.bias"}  # running means/vars of every frozen BN untouched too
     assert plan.trainable_count() == 512 * 4 + 4
 
 
 def test_partial_freezes_stem_and_first_k_stages():
-    _, _, changed = _steps(make_config({"model": "resnet18", "finetune": "partial", "freeze_stages": 2}))
+    _, _, changed = _steps(make_config({"model": "resnet18", "finetune": "partial", "freeze_stages": 2, "weights": "random"}))
     assert not any(k.startswith(("conv1", "bn1", "layer1.", "layer2.")) for k in changed)
     assert any(k.startswith("layer3.") for k in changed) and any(k.startswith("layer4.") for k in changed)
     assert "layer3.0.bn1.running_mean" in changed  # trainable stages keep training their BN
 
 
 def test_full_changes_everything():
-    _, _, changed = _steps(make_config({"model": "resnet18", "finetune": "full"}))
+    _, _, changed = _steps(make_config({"model": "resnet18", "finetune": "full", "weights": "random"}))
     assert any(k.startswith("conv1") for k in changed) and "fc.weight" in changed
 
 
 def test_gradual_opens_one_stage_per_period_from_the_top():
-    cfg = make_config({"model": "resnet18", "finetune": "gradual", "unfreeze_every": 2})
+    cfg = make_config({"model": "resnet18", "finetune": "gradual", "unfreeze_every": 2, "weights": "random"})
     parts = create_model(cfg, 4)
     model = parts.module
     plan = TrainablePlan(parts, cfg)
@@ -66,13 +66,13 @@ def test_gradual_opens_one_stage_per_period_from_the_top():
 
 
 def test_discriminative_learning_rates():
-    cfg = make_config({"model": "resnet18", "finetune": "full", "lr": 1e-3, "lr_backbone": 1e-4})
+    cfg = make_config({"model": "resnet18", "finetune": "full", "lr": 1e-3, "lr_backbone": 1e-4, "weights": "random"})
     groups = TrainablePlan(create_model(cfg, 4), cfg).param_groups()
     assert [g["lr"] for g in groups] == [1e-4, 1e-3] and len(groups[1]["params"]) == 2
 
 
 def test_partial_refuses_more_stages_than_the_model_has():
-    cfg = make_config({"model": "resnet18", "finetune": "partial", "freeze_stages": 9})
+    cfg = make_config({"model": "resnet18", "finetune": "partial", "freeze_stages": 9, "weights": "random"})
     with pytest.raises(ConfigError, match="at most 4"):
         TrainablePlan(create_model(cfg, 4), cfg)
 
@@ -153,7 +153,8 @@ def test_finetune_run_records_preprocessing_and_compares(tiny_data, tmp_path, ca
     assert main(["train", *common, "--name=scratch", "--filters=8", "--dense_units=16"]) == 0
     for strategy in ("head", "partial", "gradual", "full"):
         extra = ["--freeze_stages=2"] if strategy == "partial" else []
-        assert main(["train", *common, f"--name={strategy}", "--model=resnet18", f"--finetune={strategy}", *extra]) == 0
+        assert main(["train", *common, f"--name={strategy}", "--model=resnet18", f"--finetune={strategy}", "--weights=random",
+                     *extra]) == 0
     from cnnlab.checkpoint import load_checkpoint
 
     state = load_checkpoint(tmp_path / "runs" / "head" / "best.pt")

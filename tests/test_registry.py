@@ -59,7 +59,7 @@ SMALL_MODELS = [n for n in torchvision_names() if weights_meta(n)["num_params"] 
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_every_small_model_trains_a_step_with_a_partial_plan(name):
     torch.manual_seed(0)
-    cfg = make_config({"model": name, "finetune": "partial", "freeze_stages": 1})
+    cfg = make_config({"model": name, "finetune": "partial", "freeze_stages": 1, "weights": "random"})
     parts = create_model(cfg, 7)
     plan = TrainablePlan(parts, cfg)
     size = max(64, *weights_meta(name)["min_size"])

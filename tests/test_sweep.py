@@ -292,3 +292,23 @@ def test_processes_joining_a_random_sweep_propose_their_own_points(tiny_data, tm
                    stdout=subprocess.DEVNULL)
     trials = study_of(tmp_path / "sweeps" / "rand2", "rand2").get_trials()
     assert len(trials) == 4 and len({t.params["lr"] for t in trials}) == 4
+
+
+def test_shipped_sweep_files_parse():
+    root = Path(__file__).resolve().parents[1] / "sweeps"
+    for name in ("partA", "partB"):
+        sweep = load_sweep(root / f"{name}.yaml")
+        assert sweep.name == name and sweep.method == "bayes" and sweep.metric == "val_acc"
+
+
+@pytest.mark.slow
+def test_knobs_a_strategy_does_not_use_are_dropped_not_failed(tiny_data, tmp_path):
+    """A W&B sweep cannot make freeze_stages conditional on finetune=partial: head trials run without it."""
+    path = write(tmp_path / "b.yaml", {"method": "grid", "parameters": {
+        "finetune": {"values": ["head", "partial"]}, "freeze_stages": {"values": [2]}, "epochs": {"value": 1}}})
+    base = {**tiny_base(tiny_data, tmp_path / "cache"), "model": "resnet18", "weights": "random", "augment": False}
+    result = run_sweep(load_sweep(path), base, tmp_path / "sw", progress=False, log=lambda s: None)
+    assert result.complete == 2 and result.failed == 0
+    configs = {t.user_attrs["config"]["finetune"]: t.user_attrs["config"] for t in study_of(tmp_path / "sw", "b").get_trials()}
+    assert configs["head"] == {"finetune": "head", "epochs": 1}
+    assert configs["partial"] == {"finetune": "partial", "freeze_stages": 2, "epochs": 1}

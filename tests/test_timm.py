@@ -32,7 +32,9 @@ def test_timm_model_takes_its_pretrained_configs_preprocessing():
 @pytest.mark.parametrize("strategy", ["head", "partial", "gradual", "full"])
 def test_every_strategy_on_timm_models(name, strategy):
     torch.manual_seed(0)
-    cfg = make_config({"model": f"timm/{name}", "finetune": strategy, "freeze_stages": 2, "lr_backbone": 1e-4,
+    cfg = make_config({"model": f"timm/{name}", "finetune": strategy, "weights": "random",
+                       "freeze_stages": 2 if strategy == "partial" else 0,
+                       "lr_backbone": 1e-4 if strategy in ("partial", "gradual", "full") else 0,
                        "image_size": 64 if "vit" not in name else 224})
     parts = create_model(cfg, 4)
     model = parts.module

@@ -40,7 +40,9 @@ class Config:
     augment: bool = _f(True, "random resized crop, horizontal flip and colour jitter on training batches")
     # model
     model: str = _f("smallcnn", "smallcnn or any torchvision classification model name")
-    weights: str = _f("none", "torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), none, or a .pth/.safetensors path")
+    weights: str = _f("none", "pretrained weights: a torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a timm tag "
+                      "(DEFAULT, in1k, ...) for timm/ models, a .pth/.safetensors file, none (no pretrained weights), "
+                      "or random (a randomly initialised backbone, frozen on purpose: cost measurements)")
     filters: int = _f(32, "filters in the first conv layer; filter_org derives the other four", min=1, max=4096)
     filter_org: str = _f("same", "same | double (alias pyramid) | half | five comma-separated counts like 16,32,64,128,256")
     kernel_size: str = _f("3", "conv kernel size: one value, or five comma-separated values")
@@ -49,10 +51,15 @@ class Config:
     dropout: float = _f(0.2, "dropout before the output layer", min=0.0, max=0.95)
     dense_units: int = _f(256, "units in the dense layer", min=1, max=65536)
     # fine-tuning (torchvision models)
-    finetune: str = _f("none", "what trains: none (everything, from scratch) | head | partial | gradual | full", choices=FINETUNE)
-    freeze_stages: int = _f(0, "with finetune=partial: the stem and this many stages stay frozen", min=0, max=64)
-    unfreeze_every: int = _f(1, "with finetune=gradual: unfreeze one more stage every this many epochs", min=1, max=1000)
-    lr_backbone: float = _f(0.0, "learning rate of pretrained layers (0: same as lr)", min=0.0, max=10.0)
+    finetune: str = _f("none", "what trains, starting from --weights: none (no pretrained weights: every layer trains "
+                       "from scratch) | head (only the new head) | partial (all but the stem and the first "
+                       "--freeze_stages stages) | gradual (the head, then one more stage every --unfreeze_every epochs) "
+                       "| full (every layer)", choices=FINETUNE)
+    freeze_stages: int = _f(0, "with finetune=partial only: the stem and this many stages stay frozen", min=0, max=64)
+    unfreeze_every: int = _f(1, "with finetune=gradual only: unfreeze one more stage every this many epochs", min=1,
+                             max=1000)
+    lr_backbone: float = _f(0.0, "with finetune=partial, gradual or full: learning rate of the pretrained layers "
+                            "(0: the same as lr)", min=0.0, max=10.0)
     mean: str = _f("", "input normalisation mean, three comma-separated values (default: the weights' own; ImageNet's "
                    "for smallcnn)")
     std: str = _f("", "input normalisation std, three comma-separated values (default: the weights' own)")
@@ -223,12 +230,47 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{e}; or one of {', '.join(FILTER_ORGS)}") from None
     cfg.kernel_sizes()
     cfg.normalisation()
+    check_finetuning(cfg)
+    return cfg  # whether `model` names a known architecture is checked by models.check_config
+
+
+APPLIES_WITH = {"freeze_stages": ("partial",), "unfreeze_every": ("gradual",),
+                "lr_backbone": ("partial", "gradual", "full")}
+
+
+def applicable(values: dict[str, Any], finetune: str) -> dict[str, Any]:
+    """A sweep trial's values without the knobs its strategy does not use (a W&B sweep cannot make a parameter
+    conditional on another): those keep their defaults, and the trial's logged config says so."""
+    return {k: v for k, v in values.items() if finetune in APPLIES_WITH.get(k, (finetune,))}
+
+
+def check_finetuning(cfg: Config) -> None:
+    """Combinations that would silently do something else than asked are refused, saying what to write."""
+    pretrained = cfg.weights.lower() not in ("none", "random")
     if cfg.finetune == "partial" and cfg.freeze_stages < 1:
         raise ConfigError("finetune=partial needs freeze_stages >= 1")
     if cfg.model == "smallcnn" and cfg.finetune != "none":
-        raise ConfigError(f"finetune={cfg.finetune!r} needs a torchvision model (model=resnet50, ...); "
-                          "smallcnn trains from scratch")
-    return cfg  # whether `model` names a known architecture is checked by models.check_config
+        raise ConfigError(f"finetune={cfg.finetune!r} needs a pretrained model (model=resnet50, timm/..., see "
+                          "`cnnlab models`); smallcnn trains from scratch")
+    if cfg.model == "smallcnn" and cfg.weights.lower() != "none":
+        raise ConfigError(f"weights={cfg.weights!r}: smallcnn has no pretrained weights and trains from scratch; "
+                          "drop --weights, or fine-tune a pretrained model (--model resnet50 --finetune head)")
+    if cfg.finetune == "none" and pretrained:
+        raise ConfigError(f"finetune=none trains from scratch, but weights={cfg.weights!r} is set: write "
+                          "--finetune full to train every layer from those weights (or head, partial, gradual)")
+    if cfg.finetune != "none" and cfg.weights.lower() == "none":
+        raise ConfigError(f"finetune={cfg.finetune} needs pretrained weights (a frozen or fine-tuned random network "
+                          "learns little): add --weights DEFAULT (or a weights file), or --finetune none to train "
+                          "from scratch (--weights random freezes a random backbone on purpose)")
+    if cfg.freeze_stages and cfg.finetune != "partial":
+        raise ConfigError(f"freeze_stages={cfg.freeze_stages} only applies with --finetune partial "
+                          f"(finetune is {cfg.finetune})")
+    if cfg.unfreeze_every != 1 and cfg.finetune != "gradual":
+        raise ConfigError(f"unfreeze_every={cfg.unfreeze_every} only applies with --finetune gradual "
+                          f"(finetune is {cfg.finetune})")
+    if cfg.lr_backbone and cfg.finetune not in ("partial", "gradual", "full"):
+        raise ConfigError(f"lr_backbone={cfg.lr_backbone:g} only applies when pretrained layers train "
+                          f"(--finetune partial, gradual or full; finetune is {cfg.finetune})")
 
 
 def make_config(*sources: dict[str, Any]) -> Config:
@@ -248,7 +290,12 @@ def read_yaml(path: str | Path, what: str = "config", error: type[ConfigError] =
     except FileNotFoundError:
         raise error(f"{what} file {path} not found") from None
     except yaml.YAMLError as e:
-        raise error(f"{what} file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        raise error(f"{where}: {problem}{f' ({context})' if context else ''}: the {what} file is not valid YAML"
+                    ) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

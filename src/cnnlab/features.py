@@ -117,6 +117,8 @@ def store_key(cfg: Config, images: CachedImages, boundary: str, dtype: np.dtype,
             while block := fh.read(1 << 20):
                 h.update(block)
         weights = "file:" + h.hexdigest()
+    elif cfg.weights.lower() in ("none", "random"):  # the backbone is what this seed initialised
+        weights = f"random:{cfg.seed}"
     else:
         weights = cfg.weights
     parts = [cfg.model, weights, boundary, json.dumps(pre, sort_keys=True), cache_key(images.files, images.image_size),

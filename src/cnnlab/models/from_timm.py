@@ -48,7 +48,7 @@ def check_timm_name(model: str) -> None:
 
 
 def _weights_file(weights: str) -> Path | None:
-    if weights.lower() == "none":
+    if weights.lower() in ("none", "random"):
         return None
     if weights.endswith((".pth", ".pt", ".safetensors", ".bin")) or Path(weights).exists():
         path = Path(weights).expanduser()
@@ -65,7 +65,7 @@ def create_timm(cfg: Config, num_classes: int) -> ModelParts:
     name = cfg.model.removeprefix(PREFIX)
     check_timm_name(cfg.model)
     path = _weights_file(cfg.weights)
-    online = cfg.weights.lower() != "none" and path is None
+    online = cfg.weights.lower() not in ("none", "random") and path is None
     if online:  # timm's pretrained tags: DEFAULT is the architecture's default tag
         tagged = name if cfg.weights == "DEFAULT" else f"{name}.{cfg.weights}"
         try:

@@ -25,7 +25,7 @@ def resolve_weights(model_name: str, weights: str):
     """None, a local file Path, or a torchvision WeightsEnum member."""
     import torchvision
 
-    if weights.lower() == "none":
+    if weights.lower() in ("none", "random"):
         return None
     if weights.endswith((".pth", ".pt", ".safetensors", ".bin")) or Path(weights).exists():
         path = Path(weights)

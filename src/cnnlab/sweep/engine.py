@@ -26,7 +26,7 @@ import yaml
 from optuna.trial import TrialState
 
 from ..callbacks import Callback, Run, StopTraining
-from ..config import FIELDS, coerce, make_config
+from ..config import FIELDS, applicable, coerce, make_config
 from ..data import DeviceCache
 from ..errors import CnnlabError
 from ..io import atomic_write_json, atomic_write_text
@@ -220,6 +220,7 @@ class Objective:
             raise optuna.TrialPruned()
         trial.set_user_attr("owner", self.owner)
         values = suggest(trial, self.sweep)
+        values = applicable(values, values.get("finetune", make_config(self.base).finetune))
         trial.set_user_attr("config", values)
         name, k = f"trial-{trial.number:04d}", 1
         while (self.folder / "trials" / name).exists():  # left by an earlier study in this folder: never overwritten
