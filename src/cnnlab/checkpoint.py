@@ -34,8 +34,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
         raise CnnlabError(f"checkpoint {path} not found: expected runs/<name>/best.pt or last.pt")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CnnlabError(f"{path} is not a readable cnnlab checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - PyTorch's own message advises weights_only=False: never repeat that
+        raise CnnlabError(f"{path} is not a cnnlab checkpoint ({type(e).__name__} while reading it safely): expected "
+                          f"runs/<name>/best.pt or last.pt, or the run folder itself") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CnnlabError(f"{path} is not a cnnlab checkpoint (no config/model inside)")
     return state

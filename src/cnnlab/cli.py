@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Sequence
 
+from . import __version__
 from .commands import COMMANDS
 from .config import FIELDS, describe
 from .errors import CnnlabError
@@ -19,9 +20,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+MODEL_KEYS = ("image_size", "model", "weights", "filters", "filter_org", "kernel_size", "activation", "batch_norm",
+              "dropout", "dense_units")  # what `cnnlab info` needs: the architecture, not the training
+
+
+def _add_config_flags(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     g = p.add_argument_group("config (YAML keys and sweep parameters have the same names)")
     for name, f in FIELDS.items():
+        if only is not None and name not in only:
+            continue
         default = f.default
         help_text = f"{f.metadata['help']} [{describe(name)}; default {default!r}]".replace("%", "%%")
         if isinstance(default, bool) or "true" in f.metadata.get("aliases", {}):  # `--compile` alone: true
@@ -31,30 +38,38 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(f"--{name}", default=None, metavar=type(default).__name__.upper(), help=help_text)
 
 
+CHECKPOINT_HELP = "a run folder (runs/<name>: its best.pt) or a checkpoint file (best.pt, last.pt)"
+DEVICE_HELP = "auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps [default: auto]"
+CACHE_HELP = "where decoded images are cached [default: $CNNLAB_CACHE or ~/.cache/cnnlab]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help=COMMANDS["train"][1], allow_abbrev=False)
     p.add_argument("--config", help="YAML file of config keys; flags given here win")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are drawn on a terminal only; a redirected run writes a line per epoch)")
     _add_config_flags(p)
 
     p = sub.add_parser("info", help=COMMANDS["info"][1], allow_abbrev=False)
-    p.add_argument("--config")
-    p.add_argument("--num_classes", type=int, default=10)
-    _add_config_flags(p)
+    p.add_argument("--config", help="YAML file of config keys (only the model's are used); flags given here win")
+    p.add_argument("--num_classes", type=int, help="classes of the output layer [default: those of --data, else 10]")
+    p.add_argument("--data", help="data root: its train/ class folders set the number of classes")
+    _add_config_flags(p, MODEL_KEYS)
 
     p = sub.add_parser("demo-data", help=COMMANDS["demo-data"][1], allow_abbrev=False)
-    p.add_argument("root", nargs="?", default="data/demo")
-    p.add_argument("--train_per_class", type=int, default=100)
-    p.add_argument("--val_per_class", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("root", nargs="?", default="data/demo", help="where train/ and val/ go [default: data/demo]")
+    p.add_argument("--train_per_class", type=int, default=100, help="training images per class [default: 100]")
+    p.add_argument("--val_per_class", type=int, default=30, help="test images per class, in val/ [default: 30]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shapes, colours and noise [default: 0]")
 
     p = sub.add_parser("download", help=COMMANDS["download"][1], allow_abbrev=False)
     p.add_argument("dataset", help="inaturalist-12k")
-    p.add_argument("dest", nargs="?", default="data")
+    p.add_argument("dest", nargs="?", default="data", help="folder that receives the archive and its contents [default: data]")
     p.add_argument("--url", help="download from here instead of the data set's usual address")
     p.add_argument("--sha256", help="expected SHA-256 of the archive")
 
@@ -64,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help=COMMANDS["sweep"][1], allow_abbrev=False)
     p.add_argument("sweep_file", help="a W&B sweep YAML (method, metric, parameters, early_terminate, run_cap)")
     p.add_argument("--count", type=int, help="trials this process runs (default: until run_cap or the grid is done)")
-    p.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study")
+    p.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study [default: 1]")
     p.add_argument("--storage", help="Optuna RDB URL shared by many machines (default: a journal file in the sweep folder)")
-    p.add_argument("--sweeps_dir", dest="out_root", default="sweeps", help="where sweep folders go")
-    p.add_argument("--sampler_seed", dest="seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--sweeps_dir", dest="out_root", default="sweeps", help="where sweep folders go [default: sweeps]")
+    p.add_argument("--sampler_seed", dest="seed", type=int, default=0, help="seed of the sampler [default: 0]")
     p.add_argument("--config", help="YAML of base config keys for every trial")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars: one line per trial")
     _add_config_flags(p)
 
     p = sub.add_parser("sweep-report", help=COMMANDS["sweep-report"][1], allow_abbrev=False)
@@ -78,34 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help=COMMANDS["compare"][1], allow_abbrev=False)
     p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--out", default="compare", help="folder for compare.md and compare.png")
+    p.add_argument("--out", default="compare", help="folder for compare.md and compare.png [default: compare]")
 
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1], allow_abbrev=False)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="data root; its val/ folder is the test set")
-    p.add_argument("--top", type=int, default=3, help="k of the top-k accuracy")
+    p.add_argument("--top", type=int, default=3, help="k of the top-k accuracy [default: 3]")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prediction grid's sample")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--cache_dir", default="")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prediction grid's sample [default: 0]")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--cache_dir", default="", help=CACHE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("predict", help=COMMANDS["predict"][1], allow_abbrev=False)
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image [default: 3]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser("explain", help=COMMANDS["explain"][1], allow_abbrev=False)
-    p.add_argument("checkpoint")
-    p.add_argument("--data", required=True)
-    p.add_argument("--neurons", type=int, default=10, help="last-conv channels to show")
-    p.add_argument("--per_neuron", type=int, default=3, help="top-exciting test images per neuron")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--data", required=True, help="data root; its val/ test images are the ones explained")
+    p.add_argument("--neurons", type=int, default=10, help="last-conv channels to show [default: 10]")
+    p.add_argument("--per_neuron", type=int, default=3, help="top-exciting test images per neuron [default: 3]")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, explain/)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache_dir", default="")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Grad-CAM sample [default: 0]")
+    p.add_argument("--cache_dir", default="", help=CACHE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 

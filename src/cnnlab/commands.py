@@ -12,6 +12,21 @@ from .config import FIELDS, Config, load_yaml, make_config
 from .errors import CnnlabError
 
 
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars go to a terminal only: redirected to a file, a run writes one line per epoch instead."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def checkpoint_path(path: str) -> Path:
+    """A checkpoint file, or a run folder (its best.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "best.pt").is_file():
+            raise CnnlabError(f"{p} is a folder without best.pt: give a run folder (runs/<name>) or a checkpoint file")
+        return p / "best.pt"
+    return p
+
+
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config flags given on the command line."""
     return {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
@@ -34,18 +49,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not saved.exists():
             raise CnnlabError(f"{run} is not a run folder (no config.yaml); expected runs/<name>")
         cfg = make_config(load_yaml(saved), config_overrides(args), {"out": str(run.parent), "name": run.name})
-        result = fit(cfg, resume=True, progress=not args.quiet)
+        result = fit(cfg, resume=True, progress=show_progress(args))
     else:
-        result = fit(config_from_args(args), progress=not args.quiet)
+        result = fit(config_from_args(args), progress=show_progress(args))
     print(f"best val_acc {result.best_val_acc:.4f} at epoch {result.best_epoch}; run folder {result.run_dir}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .data import list_classes
     from .models import create_model, measured_cost, smallcnn_cost
 
     cfg = config_from_args(args)
-    n = args.num_classes
+    n = args.num_classes or (len(list_classes(Path(args.data) / "train")) if args.data else 10)
     parts = create_model(cfg, n)
     size = parts.preprocess.image_size
     measured = measured_cost(parts.module, size)
@@ -101,8 +117,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint, format_metrics
 
     cache = args.cache_dir or Config().resolved_cache_dir()
+    args.checkpoint = checkpoint_path(args.checkpoint)
     metrics = evaluate_checkpoint(args.checkpoint, args.data, _device(args.device), cache, args.out, args.top,
-                                  args.seed, progress=not args.quiet)
+                                  args.seed, progress=show_progress(args))
     print(format_metrics(metrics))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
     print(f"wrote {out}/metrics.json, confusion.png, predictions.png")
@@ -115,7 +132,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .evaluate import load_model, predict_files
 
     device = _device(args.device)
-    results = predict_files(load_model(args.checkpoint, device), args.images, device, args.top)
+    results = predict_files(load_model(checkpoint_path(args.checkpoint), device), args.images, device, args.top)
     if args.json:
         print(json.dumps(results, indent=2))
     for r in results:
@@ -131,9 +148,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .evaluate import load_model, load_test_images
     from .explain import explain
 
+    args.checkpoint = checkpoint_path(args.checkpoint)
     loaded = load_model(args.checkpoint, _device("cpu"))
     cache = args.cache_dir or Config().resolved_cache_dir()
-    test = load_test_images(loaded, args.data, cache, progress=not args.quiet)
+    test = load_test_images(loaded, args.data, cache, progress=show_progress(args))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "explain"
     paths = explain(loaded.model, test, test.valid, ImageTransform(loaded.pre, loaded.cfg.channels_last), loaded.classes,
                     out, args.neurons, args.per_neuron, seed=args.seed)
@@ -146,6 +164,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import load_sweep, make_storage, open_study, run_sweep, spawn_workers
 
     sweep = load_sweep(args.sweep_file)
+    for warning in sweep.warnings:
+        print(f"cnnlab sweep: warning: {warning}", file=sys.stderr)
     base = {**(load_yaml(args.config) if args.config else {}), **config_overrides(args)}
     config = check_config(make_config(base))  # refuse bad base flags before anything starts
     folder = Path(args.out_root) / sweep.name
@@ -165,7 +185,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 cleaned.append(a)
         print(f"sweep {sweep.name}: {args.workers} worker processes, {args.count or 'all'} trials each")
         return spawn_workers(cleaned, args.workers)
-    result = run_sweep(sweep, base, folder, args.storage, args.count, args.seed, progress=not args.quiet)
+    result = run_sweep(sweep, base, folder, args.storage, args.count, args.seed, progress=show_progress(args))
     best = (f"best {sweep.metric} {result.best_value:.4f} (trial {result.best_trial})"
             if result.best_value is not None else "no complete trial")
     print(f"sweep {sweep.name}: {result.ran} trials in {result.seconds:.0f}s ({result.complete} complete, "

@@ -24,14 +24,19 @@ def run_row(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     summary = json.loads((run / "summary.json").read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     test = run / "eval" / "metrics.json"
-    test_acc = json.loads(test.read_text())["accuracy"] if test.exists() else None
+    metrics = json.loads(test.read_text()) if test.exists() else None
+    test_acc = "-" if metrics is None else f"{metrics['accuracy']:.4f}"
+    evaluated = metrics.get("checkpoint_epoch") if metrics else None
+    if metrics is not None and Path(metrics["checkpoint"]).name == "best.pt" and evaluated != summary["best_epoch"]:
+        # the run trained on (--resume) after this evaluation: its best.pt is another model now
+        test_acc += f" (stale: best.pt of epoch {evaluated if evaluated is not None else '?'}; run cnnlab evaluate again)"
     strategy = "scratch" if cfg["model"] == "smallcnn" or cfg.get("finetune") == "none" else cfg["finetune"]
     if strategy == "partial":
         strategy += f" (freeze {cfg['freeze_stages']})"
     row = {"run": run.name, "model": cfg["model"], "strategy": strategy,
            "trainable / total params": f"{summary.get('trainable_params', summary['params']):,} / {summary['params']:,}",
            "epochs": summary["epochs_run"], "best val_acc": f"{summary['best_val_acc']:.4f}",
-           "test acc": f"{test_acc:.4f}" if test_acc is not None else "-",
+           "test acc": test_acc,
            "setup (s)": f"{summary.get('setup_seconds', 0.0):.1f}", "training (s)": f"{summary['train_seconds']:.1f}",
            "images/s": f"{summary['images_per_s']:.1f}"}
     return row, read_jsonl(run / "metrics.jsonl")

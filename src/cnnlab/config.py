@@ -166,7 +166,8 @@ def describe(key: str) -> str:
         return "one of " + ", ".join(f.metadata["choices"])
     parts = [t.__name__]
     if "min" in f.metadata:
-        parts.append(f"from {f.metadata['min']:g} to {f.metadata['max']:g}")
+        lo, hi = f.metadata["min"], f.metadata["max"]
+        parts.append(f"from {lo:,} to {hi:,}" if t is int else f"from {lo:g} to {hi:g}")
     return " ".join(parts)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from .data import Batches, ImageTransform, load_images
 from .data.decode import describe_error, load_rgb
 from .errors import DataError
 from .hardware import autocast, autocast_dtype, decode_device
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 from .models import create_model
 from .preprocess import Preprocess
 from .visualise import plot_confusion, plot_prediction_grid
@@ -62,12 +63,22 @@ class LoadedModel:
 def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
     """Rebuild the model a checkpoint was trained as (no weights download) and load its weights."""
     state = load_checkpoint(checkpoint, device)
-    cfg = make_config({**state["config"], "weights": "none"})
+    saved = state["config"]  # the weights come from the checkpoint: nothing to download or read besides it
+    cfg = make_config({**saved, "weights": "none" if saved.get("finetune", "none") == "none" else "random"})
     model = create_model(cfg, len(state["classes"])).module
     model.load_state_dict(state["model"])
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     model.eval()
     return LoadedModel(model, cfg, list(state["classes"]), Preprocess.from_dict(state["preprocess"]), state)
+
+
+def sha256_of(path: Path) -> str:
+    """Which checkpoint an evaluation used, so a later --resume cannot pair new training with an old test score."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -136,13 +147,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
     test = load_test_images(loaded, data, cache_dir, progress)
     if test.errors:
-        log(f"skipped {len(test.errors)} unreadable test file(s): {test.bad_file_report().splitlines()[0]} ...")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "bad_files.txt", test.bad_file_report())
+        log(f"skipped {len(test.errors)} unreadable test file(s): listed in {out_dir / 'bad_files.txt'}")
     rows = test.valid
     batches = Batches(test, rows, 128, device, shuffle=False)
     amp = autocast_dtype(loaded.cfg.precision, device)
     logits, labels = predict_logits(loaded.model, batches, ImageTransform(loaded.pre, loaded.cfg.channels_last), device, amp)
     metrics = classification_metrics(logits, labels, loaded.classes, top_k)
-    metrics.update({"checkpoint": str(checkpoint), "data": str(Path(data) / "val"), "skipped_files": len(test.errors)})
+    metrics.update({"checkpoint": str(checkpoint), "checkpoint_epoch": int(loaded.state["epoch"]),
+                    "checkpoint_sha256": sha256_of(Path(checkpoint)), "data": str(Path(data) / "val"),
+                    "skipped_files": len(test.errors)})
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)
     plot_confusion(metrics["confusion"], loaded.classes, out_dir / "confusion.png")

@@ -142,6 +142,8 @@ def explain(model: nn.Module, images: CachedImages, rows: np.ndarray, transform:
     peaks = torch.cat(peaks)  # (images, channels)
     picked = torch.linspace(0, peaks.shape[1] - 1, min(neurons, peaks.shape[1])).round().long().tolist() \
         if peaks.shape[1] > neurons else list(range(peaks.shape[1]))
+    if neurons > peaks.shape[1]:
+        log(f"--neurons {neurons}: the last conv layer has {peaks.shape[1]} channels, so all {peaks.shape[1]} are shown")
     row_images, row_maps, row_scores = [], [], []
     for c in picked:
         top = peaks[:, c].topk(min(per_neuron, len(x_all))).indices

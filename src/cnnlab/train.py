@@ -221,7 +221,11 @@ def restore(run: Run) -> int:
     run.history, run.best_val_acc, run.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
     run.best_val_loss = state.get("best_val_loss", math.inf)
     atomic_write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
-    run.log(f"resuming {run.run_dir} after epoch {state['epoch']}")
+    if state["epoch"] >= run.cfg.epochs:
+        run.log(f"{run.run_dir} has finished all {state['epoch']} epochs; to train it further: "
+                f"cnnlab train --resume {run.run_dir} --epochs {state['epoch'] + 10}")
+    else:
+        run.log(f"resuming {run.run_dir} after epoch {state['epoch']}")
     return int(state["epoch"])
 
 

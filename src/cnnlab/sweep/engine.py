@@ -199,6 +199,7 @@ class Objective:
     folder: Path
     progress: bool
     owner: dict[str, Any]
+    log: Callable[[str], None] = print
     device_cache: DeviceCache = field(default_factory=DeviceCache)  # one upload of the image cache per process
     last: int | None = None  # the number of the trial this process ran last
 
@@ -222,6 +223,7 @@ class Objective:
         values = suggest(trial, self.sweep)
         values = applicable(values, values.get("finetune", make_config(self.base).finetune))
         trial.set_user_attr("config", values)
+        self.log(f"trial {trial.number:>3} started  " + " ".join(f"{k}={_short(v)}" for k, v in values.items()))
         name, k = f"trial-{trial.number:04d}", 1
         while (self.folder / "trials" / name).exists():  # left by an earlier study in this folder: never overwritten
             k += 1
@@ -243,7 +245,7 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
               count: int | None = None, seed: int = 0, progress: bool = True,
               log: Callable[[str], None] = print) -> SweepResult:
     """Run up to `count` trials (None: until run_cap or the grid is done) in this process."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our own one line, not Optuna's traceback
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base_cfg = make_config(base, {k: p.values[0] for k, p in sweep.params.items() if p.distribution == "constant"})
@@ -257,7 +259,7 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
         raise CnnlabError("random and bayes sweeps need --count or run_cap in the sweep file")
     result, start = SweepResult(folder), time.perf_counter()
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start()}
-    objective = Objective(sweep, base, folder, progress, owner)
+    objective = Objective(sweep, base, folder, progress, owner, log)
     n = 0
     while (count is None or n < count) and not _finished(study, sweep, log):
         objective.last = None
@@ -309,8 +311,12 @@ def _trial_line(study: Any, t: Any, sweep: Sweep) -> str:
         best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
     except ValueError:
         best = "no complete trial yet"
-    what = f"{sweep.metric} {value:.4f}" if value is not None else t.user_attrs.get("error", "")
-    return f"trial {t.number:>3} {state:<8} {what:<24} epochs {t.user_attrs.get('epochs_run', 0)}  {params}  | {best}"
+    line = f"trial {t.number:>3} {state:<8} "
+    if value is not None:
+        return line + f"{sweep.metric} {value:.4f}  epochs {t.user_attrs.get('epochs_run', 0)}  {params}  | {best}"
+    error = t.user_attrs.get("error", "")
+    error = error if len(error) <= 100 else error[:97] + "..."
+    return line + f"{params}  | {error} (traceback: errors/trial-{t.number:04d}.txt)"
 
 
 def _short(v: Any) -> str:

@@ -4,6 +4,7 @@ wandb and ignored. A malformed file is refused before any trial starts, naming t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Sweep:
     hyperband: dict[str, int] | None
     run_cap: int | None
     raw: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)  # legal but probably not meant
 
     @property
     def direction(self) -> str:
@@ -178,7 +180,18 @@ def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
     run_cap = raw.get("run_cap")
     if run_cap is not None and (not isinstance(run_cap, int) or run_cap < 1):
         raise SweepError("invalid sweep config: run_cap must be a positive integer")
-    return Sweep(str(raw.get("name") or name), method, metric["name"], goal, params, hyperband, run_cap, raw)
+    return Sweep(str(raw.get("name") or name), method, metric["name"], goal, params, hyperband, run_cap, raw,
+                 [w for p in params.values() if (w := _hint(p))])
+
+
+def _hint(p: Param) -> str | None:
+    """W&B's log_uniform takes natural-log bounds: bounds that look like values (1e-4 to 1e-2) are almost
+    always meant as log_uniform_values. The schema is followed; the user is told."""
+    if p.distribution in ("log_uniform", "q_log_uniform", "inv_log_uniform") and 0 <= p.min < p.max <= 1:
+        return (f"parameter '{p.name}': {p.distribution} takes min/max as natural logs, so it samples "
+                f"e^{p.min:g} to e^{p.max:g} ({math.exp(p.min):.4g} to {math.exp(p.max):.4g}); for bounds given as "
+                f"values write distribution: {p.distribution}_values")
+    return None
 
 
 def load_sweep(path: str | Path) -> Sweep:

@@ -1,0 +1,99 @@
+"""A newcomer's usual mistakes and first questions: each answered in one line, with the fix."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cnnlab.cli import main
+from cnnlab.sweep import load_sweep
+
+
+@pytest.mark.parametrize("text,where,problem", [
+    ("a: {b: 1\nc: 2\n", ":2:2:", "expected ',' or '}'"),
+    ("lr: 1\n\tfilters: 2\n", ":2:1:", "cannot start any token"),
+])
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_yaml_errors_say_file_line_column_and_problem(tmp_path, capsys, text, where, problem, command):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    argv = ["train", "--config", str(path)] if command == "train" else ["sweep", str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path}{where}" in err and problem in err and len(err.splitlines()) == 1
+
+
+def test_version_and_help_texts(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("cnnlab ")
+    from cnnlab.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["info"].format_help()
+    assert "--epochs" not in text and "--filters" in text  # info shows the architecture's flags only
+    train = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "2,147,483,647" in train and "e+09" not in train
+
+
+def test_info_counts_the_classes_of_the_data(tiny_data, capsys):
+    (tiny_data / "train" / "checker").exists()
+    assert main(["info", "--data", str(tiny_data), "--image_size", "32", "--filters", "4"]) == 0
+    assert "10 classes" in capsys.readouterr().out
+
+
+def test_evaluate_takes_a_run_folder_and_refuses_a_non_checkpoint_safely(tiny_cfg, tiny_data, tmp_path, capsys):
+    from cnnlab.train import fit
+
+    run = fit(tiny_cfg(epochs=1), progress=False).run_dir
+    assert main(["evaluate", str(run), "--data", str(tiny_data), "--cache_dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["checkpoint_epoch"] == 1 and len(metrics["checkpoint_sha256"]) == 64
+    fake = tmp_path / "model.pt"
+    fake.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(["evaluate", str(fake), "--data", str(tiny_data)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a cnnlab checkpoint" in err and "weights_only=False" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_marks_a_test_score_of_an_older_best_checkpoint(tiny_cfg, tiny_data, tmp_path, capsys):
+    from cnnlab.train import fit
+
+    cfg = tiny_cfg(epochs=1, lr=3e-3)
+    run = fit(cfg, progress=False).run_dir
+    assert main(["evaluate", str(run), "--data", str(tiny_data), "--cache_dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "4", "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert ("stale" in table) == (summary["best_epoch"] != 1)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert "has finished all 4 epochs" in capsys.readouterr().out
+
+
+def test_log_uniform_bounds_that_look_like_values_are_followed_but_warned(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"method": "random", "parameters": {
+        "lr": {"distribution": "log_uniform", "min": 1e-4, "max": 1e-2},
+        "dropout": {"distribution": "log_uniform", "min": -3, "max": -1}}}))
+    sweep = load_sweep(path)
+    assert len(sweep.warnings) == 1 and "lr" in sweep.warnings[0] and "log_uniform_values" in sweep.warnings[0]
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_one_line_and_progress_bars_never_reach_a_file(tiny_data, tmp_path):
+    path = tmp_path / "fail.yaml"  # a combination the config refuses: a frozen backbone without weights
+    path.write_text(yaml.safe_dump({"method": "grid", "parameters": {"model": {"value": "resnet18"},
+                                                                     "finetune": {"values": ["head"]}}}))
+    argv = [sys.executable, "-m", "cnnlab.cli", "sweep", str(path), "--data", str(tiny_data), "--image_size=32",
+            "--filters=4", "--dense_units=8", "--batch_norm=false", "--cache_dir", str(tmp_path / "cache"),
+            "--sweeps_dir", str(tmp_path / "sweeps")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("trial") and " fail " in ln]
+    assert len(lines) == 1 and "ConfigError: finetune=head needs pretrained weights" in lines[0] and "errors/trial-0000.txt" in lines[0]
+    assert "Traceback" not in done.stdout + done.stderr and "\r" not in done.stderr  # no bars in a file
+    assert (tmp_path / "sweeps" / "fail" / "errors" / "trial-0000.txt").read_text().startswith("Traceback")
