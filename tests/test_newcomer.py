@@ -97,3 +97,25 @@ def test_a_failed_trial_is_one_line_and_progress_bars_never_reach_a_file(tiny_da
     assert len(lines) == 1 and "ConfigError: finetune=head needs pretrained weights" in lines[0] and "errors/trial-0000.txt" in lines[0]
     assert "Traceback" not in done.stdout + done.stderr and "\r" not in done.stderr  # no bars in a file
     assert (tmp_path / "sweeps" / "fail" / "errors" / "trial-0000.txt").read_text().startswith("Traceback")
+
+
+def test_predict_takes_folders_recursively_in_bounded_batches(tiny_cfg, tiny_data, tmp_path, capsys):
+    from cnnlab.evaluate import load_model, predict_files
+    from cnnlab.train import fit
+
+    run = fit(tiny_cfg(epochs=1), progress=False).run_dir
+    photos = tmp_path / "photos"
+    (photos / "deeper").mkdir(parents=True)
+    import shutil
+
+    for i, f in enumerate(sorted((tiny_data / "val").rglob("*.jpg"))):
+        shutil.copy(f, (photos / "deeper" if i % 2 else photos) / f"{i:03d}.jpg")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(photos)]) == 1  # one file failed, the others are predicted
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 40 and "broken.jpg" in err and len(err.strip().splitlines()) == 1
+    loaded = load_model(run / "best.pt", __import__("torch").device("cpu"))
+    files = [str(p) for p in sorted(photos.rglob("*.jpg"))]
+    stream = predict_files(loaded, files, __import__("torch").device("cpu"), batch=7)
+    assert [r["file"] for r in stream] == files  # in order, seven at a time

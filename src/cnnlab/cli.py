@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help=COMMANDS["predict"][1], allow_abbrev=False)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads) or folders of them (recursively)")
     p.add_argument("--top", type=int, default=3, help="classes shown per image [default: 3]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)

@@ -129,18 +129,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate import load_model, predict_files
+    from .evaluate import expand_paths, load_model, predict_files
 
     device = _device(args.device)
-    results = predict_files(load_model(checkpoint_path(args.checkpoint), device), args.images, device, args.top)
+    paths = expand_paths(args.images)
+    if not paths:
+        raise CnnlabError(f"no files in {', '.join(args.images)}: give image files or folders holding them")
+    results, failed = [], 0
+    for r in predict_files(load_model(checkpoint_path(args.checkpoint), device), paths, device, args.top):
+        if "error" in r:
+            failed += 1
+            print(f"cnnlab predict: {r['file']}: {r['error']}", file=sys.stderr)
+        if args.json:
+            results.append(r)
+        elif "error" not in r:
+            print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]), flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
-    for r in results:
-        if "error" in r:
-            print(f"cnnlab predict: {r['file']}: {r['error']}", file=sys.stderr)
-        elif not args.json:
-            print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]))
-    return 1 if any("error" in r for r in results) else 0
+    return 1 if failed else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -166,31 +166,43 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     return metrics
 
 
-def predict_files(loaded: LoadedModel, paths: list[str], device: torch.device, top: int = 3
-                  ) -> list[dict[str, Any]]:
-    """Top-k classes of each image file (any format PIL reads); an unreadable file gets an `error` entry
-    and the others are still predicted."""
-    results: list[dict[str, Any]] = []
-    arrays, where = [], []
-    for p in paths:
-        try:
-            arrays.append(load_rgb(p, loaded.pre.image_size, loaded.pre.crop, loaded.pre.interpolation))
-            where.append(len(results))
-            results.append({"file": p})
-        except FileNotFoundError:
-            results.append({"file": p, "error": "no such file"})
-        except Exception as e:  # noqa: BLE001 - reported per file
-            results.append({"file": p, "error": describe_error(e)})
-    if arrays:
-        x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
-        y = torch.zeros(len(arrays), dtype=torch.long, device=device)
-        transform = ImageTransform(loaded.pre, loaded.cfg.channels_last)
-        logits, _ = predict_logits(loaded.model, [(x, y)], transform, device,
-                                   autocast_dtype(loaded.cfg.precision, device))
-        probs = logits.softmax(1)
-        k = min(top, probs.shape[1])
-        values, indices = probs.topk(k, dim=1)
-        for row, i in enumerate(where):
-            results[i]["top"] = [{"class": loaded.classes[int(c)], "prob": float(v)}
-                                 for v, c in zip(values[row], indices[row])]
-    return results
+def expand_paths(paths: list[str]) -> list[str]:
+    """Files as given; folders replaced by every file below them (recursively, sorted, hidden ones skipped)."""
+    out: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += [str(f) for f in sorted(p.rglob("*")) if f.is_file()
+                    and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        else:
+            out.append(str(p))
+    return out
+
+
+def predict_files(loaded: LoadedModel, paths: list[str], device: torch.device, top: int = 3, batch: int = 64
+                  ) -> Iterator[dict[str, Any]]:
+    """Top-k classes of each image file (any format PIL reads), in order, `batch` images at a time, so memory
+    stays bounded however many files there are; an unreadable file gets an `error` entry and the others are
+    still predicted."""
+    transform = ImageTransform(loaded.pre, loaded.cfg.channels_last)
+    amp = autocast_dtype(loaded.cfg.precision, device)
+    for start in range(0, len(paths), batch):
+        results: list[dict[str, Any]] = []
+        arrays, where = [], []
+        for p in paths[start:start + batch]:
+            try:
+                arrays.append(load_rgb(p, loaded.pre.image_size, loaded.pre.crop, loaded.pre.interpolation))
+                where.append(len(results))
+                results.append({"file": p})
+            except FileNotFoundError:
+                results.append({"file": p, "error": "no such file"})
+            except Exception as e:  # noqa: BLE001 - reported per file
+                results.append({"file": p, "error": describe_error(e)})
+        if arrays:
+            x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
+            y = torch.zeros(len(arrays), dtype=torch.long, device=device)
+            probs = predict_logits(loaded.model, [(x, y)], transform, device, amp)[0].softmax(1)
+            values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
+            for row, i in enumerate(where):
+                results[i]["top"] = [{"class": loaded.classes[int(c)], "prob": float(v)}
+                                     for v, c in zip(values[row], indices[row])]
+        yield from results
