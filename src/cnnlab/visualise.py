@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
@@ -118,7 +119,7 @@ def plot_guided(neurons: list[int], images: list[list[np.ndarray]], maps: list[l
 def plot_gradcam(images: list[np.ndarray], cams: list[np.ndarray], titles: list[str], path: str | Path,
                  cols: int = 6) -> Path:
     rows = int(np.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.3 + 0.4), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
@@ -126,7 +127,7 @@ def plot_gradcam(images: list[np.ndarray], cams: list[np.ndarray], titles: list[
             ax.imshow(cams[i], cmap="jet", alpha=0.45, extent=(0, images[i].shape[1], images[i].shape[0], 0))
             ax.set_title(titles[i], fontsize=7)
     fig.suptitle("Grad-CAM of the predicted class (last conv layer)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.2)  # room for each image's two-line title below the row above
     return save_figure(fig, path)
 
 
@@ -135,6 +136,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, key: st
     for name, history in runs.items():
         ax.plot([r["epoch"] for r in history], [r[key] for r in history], marker="o", ms=3, label=name)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.25
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
