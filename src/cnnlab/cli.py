@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_file", help="a W&B sweep YAML (method, metric, parameters, early_terminate, run_cap)")
     p.add_argument("--count", type=int, help="trials this process runs (default: until run_cap or the grid is done)")
     p.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study [default: 1]")
-    p.add_argument("--storage", help="Optuna RDB URL shared by many machines (default: a journal file in the sweep folder)")
+    p.add_argument("--storage", help="Optuna RDB URL shared by many machines, or set $CNNLAB_STORAGE (keeps a password "
+                   "out of `ps`) [default: a journal file in the sweep folder]")
     p.add_argument("--sweeps_dir", dest="out_root", default="sweeps", help="where sweep folders go [default: sweeps]")
     p.add_argument("--sampler_seed", dest="seed", type=int, default=0, help="seed of the sampler [default: 0]")
     p.add_argument("--config", help="YAML of base config keys for every trial")
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep-report", help=COMMANDS["sweep-report"][1], allow_abbrev=False)
     p.add_argument("folder", help="the sweep folder, sweeps/<name>")
-    p.add_argument("--storage", help="the RDB URL the sweep used, if it used one")
+    p.add_argument("--storage", help="the RDB URL the sweep used, if it used one [default: $CNNLAB_STORAGE]")
 
     p = sub.add_parser("compare", help=COMMANDS["compare"][1], allow_abbrev=False)
     p.add_argument("runs", nargs="+", help="run folders")

@@ -4,6 +4,7 @@ Heavy modules (torch, optuna, matplotlib) are imported inside each command, so `
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -169,6 +170,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .models import check_config
     from .sweep import load_sweep, make_storage, open_study, run_sweep, spawn_workers
 
+    args.storage = args.storage or os.environ.get("CNNLAB_STORAGE")  # keeps a password out of `ps`
     sweep = load_sweep(args.sweep_file)
     for warning in sweep.warnings:
         print(f"cnnlab sweep: warning: {warning}", file=sys.stderr)
@@ -202,7 +204,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_sweep_report(args: argparse.Namespace) -> int:
     from .sweep.report import write_report
 
-    out = write_report(Path(args.folder), args.storage)
+    out = write_report(Path(args.folder), args.storage or os.environ.get("CNNLAB_STORAGE"))
     print(f"wrote {out}")
     return 0
 

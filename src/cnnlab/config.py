@@ -231,6 +231,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{e}; or one of {', '.join(FILTER_ORGS)}") from None
     cfg.kernel_sizes()
     cfg.normalisation()
+    if cfg.model == "smallcnn" and cfg.image_size < 32:
+        raise ConfigError(f"image_size={cfg.image_size}: the small CNN halves the image five times, so it needs at "
+                          "least 32")
     check_finetuning(cfg)
     return cfg  # whether `model` names a known architecture is checked by models.check_config
 

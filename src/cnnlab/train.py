@@ -34,7 +34,7 @@ from .data import (
     stratified_split,
     write_bad_file_report,
 )
-from .errors import CnnlabError
+from .errors import CnnlabError, DataError
 from .evaluate import evaluate
 from .features import FeatureSource, prepare_store
 from .hardware import autocast, autocast_dtype, compile_model, configure_backends, decode_device, resolve_device
@@ -136,6 +136,9 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     decoder = decode_device(cfg.decoder, device)
     tracker = WandbTracker(cfg, group)  # refuses --wandb without the package before anything is written
     classes = list_classes(Path(cfg.data) / "train")
+    if len(classes) < 2:
+        raise DataError(f"{Path(cfg.data) / 'train'} has one class folder ({classes[0]}): a classifier needs at "
+                        "least two, each holding its images")
     torch.manual_seed(cfg.seed)
     parts = create_model(cfg, len(classes))  # first: its preprocessing decides how images are decoded
     cfg, run_dir = open_run_dir(cfg, resume)
@@ -170,6 +173,19 @@ def default_run_name(cfg: Config) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{knobs}".replace(",", "_").replace("/", "-")
 
 
+def claim_folder(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ...: the first that this process creates itself (mkdir is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        candidate = path if k == 1 else path.with_name(f"{path.name}-{k}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise CnnlabError(f"{path.parent} holds 10,000 runs named {path.name}: choose a --name")
+
+
 def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
     """The run folder (made), with the config it holds saved; the config gets the folder's name."""
     run_dir = Path(cfg.out) / (cfg.name or default_run_name(cfg))
@@ -178,6 +194,8 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise CnnlabError(f"{run_dir} already holds a run: resume it with `cnnlab train --resume {run_dir}` "
                           f"or choose another --name")
+    if not resume and not cfg.name:  # a made-up name is claimed atomically: two runs started in the same second
+        run_dir = claim_folder(run_dir)  # (a shell loop, a sweep launcher) get two folders
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, name=run_dir.name)
     save_yaml(cfg, run_dir / "config.yaml")
@@ -191,6 +209,9 @@ def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device
     images = load_images(Path(cfg.data) / "train", pre.image_size, cfg.resolved_cache_dir(), cfg.decode_workers,
                          progress, decoder, pre.crop, pre.interpolation)
     n_bad = write_bad_file_report(run_dir / "bad_files.txt", images)
+    if n_bad == len(images.files):
+        raise DataError(f"none of the {n_bad} files in {Path(cfg.data) / 'train'} is a readable image: see "
+                        f"{run_dir / 'bad_files.txt'} for why, file by file")
     if n_bad:
         log(f"skipped {n_bad} unreadable file(s) of {len(images.files)}: listed in {run_dir / 'bad_files.txt'}")
     train_rows, val_rows = stratified_split(images.labels, images.valid, cfg.val_fraction, cfg.seed)

@@ -12,14 +12,19 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import DataError
 from ..io import atomic_write_json, atomic_write_text
 from .decode import DECODE_VERSION, decode_chunk
 from .folders import scan_folder
@@ -82,12 +87,12 @@ def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, work
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (npy.exists() and meta.exists()):
-            _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder)
+            _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder, lock.fileno())
         try:
             pixels, errors = _open_cache(npy, meta, shape)
         except (ValueError, OSError, KeyError, json.JSONDecodeError):  # damaged on disk: decode again, once
             npy.unlink(missing_ok=True)
-            _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder)
+            _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder, lock.fileno())
             pixels, errors = _open_cache(npy, meta, shape)
     return CachedImages(folder, classes, files, labels, pixels, errors)
 
@@ -101,7 +106,7 @@ def _open_cache(npy: Path, meta: Path, shape: tuple[int, ...]) -> tuple[np.ndarr
 
 
 def _build(files: list[Path], geometry: tuple[int, float, str], npy: Path, meta: Path, folder: Path, workers: int, progress: bool,
-           decode_device: torch.device | None, decoder: str) -> None:
+           decode_device: torch.device | None, decoder: str, lock_fd: int | None = None) -> None:
     from tqdm import tqdm
 
     size = geometry[0]
@@ -119,7 +124,7 @@ def _build(files: list[Path], geometry: tuple[int, float, str], npy: Path, meta:
         del out
     else:
         del out  # workers write through their own maps; rows of unreadable files stay zero
-        errors = _decode_with_workers(files, geometry, partial, workers, bar)
+        errors = _decode_with_workers(files, geometry, partial, workers, bar, lock_fd)
     seconds = time.perf_counter() - start
     atomic_write_json(meta, {"folder": str(folder.resolve()), "image_size": size, "crop": geometry[1],
                              "interpolation": geometry[2], "count": len(files),
@@ -129,34 +134,57 @@ def _build(files: list[Path], geometry: tuple[int, float, str], npy: Path, meta:
     os.replace(partial, npy)  # the .npy appears only when complete: a killed build is redone, never half-read
 
 
-def _decode_with_workers(files: list[Path], geometry: tuple[int, float, str], partial: Path, workers: int, bar
-                         ) -> dict[int, str]:
+def _decode_with_workers(files: list[Path], geometry: tuple[int, float, str], partial: Path, workers: int, bar,
+                         lock_fd: int | None = None) -> dict[int, str]:
     workers = workers or os.cpu_count() or 1
     chunk = max(1, min(64, math.ceil(len(files) / (workers * 8))))
     jobs = [(str(partial), list(range(i, min(i + chunk, len(files)))), [str(p) for p in files[i:i + chunk]], *geometry)
             for i in range(0, len(files), chunk)]
     errors: dict[int, str] = {}
-    if workers == 1 or len(files) < 64:
-        results = map(decode_chunk, jobs)
-        pool = None
-    else:
-        # fork on Linux: workers start at once and need no `if __name__ == "__main__"` guard in the caller's
-        # script; they only run cnnlab.decode (numpy, PIL), never torch, so torch's threads do not matter
-        method = "fork" if sys.platform == "linux" else "spawn"
-        pool = mp.get_context(method).Pool(workers)
-        results = pool.imap_unordered(decode_chunk, jobs)
+
+    def take(chunk_results: list[tuple[int, str | None]]) -> None:
+        errors.update({row: err for row, err in chunk_results if err is not None})
+        bar.update(len(chunk_results))
+
     try:
-        for chunk_results in results:
-            for row, err in chunk_results:
-                if err is not None:
-                    errors[row] = err
-            bar.update(len(chunk_results))
+        if workers == 1 or len(files) < 64:
+            for job in jobs:
+                take(decode_chunk(job))
+        else:
+            _decode_in_processes(jobs, workers, take, lock_fd)
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         bar.close()
     return errors
+
+
+def _decode_in_processes(jobs: list[tuple], workers: int, take: Any, lock_fd: int | None) -> None:
+    """A pool whose death is noticed: a worker killed (OOM killer, kill -9) breaks the pool at once, and the
+    run stops with one line instead of waiting forever; on any exit (Ctrl-C included) the workers are ended,
+    so none of them keeps the cache's lock. Fork on Linux: workers start at once and only run
+    cnnlab.data.decode (numpy, PIL), never torch."""
+    import psutil
+
+    before = {c.pid for c in psutil.Process().children()}
+    method = "fork" if sys.platform == "linux" else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
+                               initargs=(lock_fd,))
+    try:
+        for future in as_completed([pool.submit(decode_chunk, job) for job in jobs]):
+            take(future.result())
+    except BrokenProcessPool:
+        raise DataError("a decode worker died (killed, or out of memory) while the image cache was built: run again "
+                        "(decoding restarts from the beginning), with --decode_workers 1 if memory is short") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in psutil.Process().children():
+            if child.pid not in before:
+                child.kill()
+
+
+def _init_worker(lock_fd: int | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone answers it
+    if lock_fd is not None:  # the forked copy of the cache lock's descriptor would keep the lock held
+        os.close(lock_fd)
 
 
 def write_bad_file_report(path: str | Path, *image_sets: CachedImages) -> int:

@@ -5,6 +5,7 @@ wandb and ignored. A malformed file is refused before any trial starts, naming t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,11 @@ def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
     run_cap = raw.get("run_cap")
     if run_cap is not None and (not isinstance(run_cap, int) or run_cap < 1):
         raise SweepError("invalid sweep config: run_cap must be a positive integer")
-    return Sweep(str(raw.get("name") or name), method, metric["name"], goal, params, hyperband, run_cap, raw,
+    sweep_name = str(raw.get("name") or name)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", sweep_name):
+        raise SweepError(f"invalid sweep config: name {sweep_name!r}: a sweep's name is its folder's, so use letters, "
+                         "digits, '.', '_' and '-' only (no '/', no leading dot)")
+    return Sweep(sweep_name, method, metric["name"], goal, params, hyperband, run_cap, raw,
                  [w for p in params.values() if (w := _hint(p))])
 
 

@@ -1,0 +1,132 @@
+"""Faults a careful (or hostile) user meets: each ends in one clear line, nothing hangs, nothing blocks the next run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from cnnlab.data.demo import make_demo_data
+
+
+@pytest.fixture(scope="module")
+def big_photos(tmp_path_factory):
+    """Enough large JPEGs that decoding them takes seconds: time to reach into the build."""
+    return make_demo_data(tmp_path_factory.mktemp("big"), train_per_class=80, val_per_class=1, seed=3,
+                          min_size=400, max_size=560)
+
+
+def _train(data, tmp_path, name):
+    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(data), "--image_size=224", "--epochs=1",
+            "--filters=4", "--dense_units=8", "--decode_workers=2", "--cache_dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "runs"), f"--name={name}", "--quiet"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_workers(proc, tmp_path):
+    deadline = time.time() + 60
+    while time.time() < deadline:  # polling for the events: the build's file exists and its workers run
+        workers = psutil.Process(proc.pid).children()
+        if len(workers) >= 2 and list((tmp_path / "cache").glob("*.partial.npy")):
+            return workers
+        time.sleep(0.01)
+    raise AssertionError("the cache build never started its workers")
+
+
+@pytest.mark.slow
+def test_a_killed_decode_worker_stops_the_run_with_one_line_and_frees_the_cache(big_photos, tmp_path):
+    proc = _train(big_photos, tmp_path, "killed")
+    worker = _wait_for_workers(proc, tmp_path)[0]
+    worker.kill()  # as the OOM killer would
+    out, err = proc.communicate(timeout=30)  # before: waited forever, holding the cache's lock
+    assert proc.returncode == 2 and "a decode worker died" in err and len(err.strip().splitlines()) == 1, err
+    again = _train(big_photos, tmp_path, "again")  # the lock is free, the half-built cache is rebuilt
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_cache_build_ends_promptly_without_a_traceback(big_photos, tmp_path):
+    proc = _train(big_photos, tmp_path, "interrupted")
+    workers = _wait_for_workers(proc, tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.strip() == "cnnlab train: interrupted", err
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    again = _train(big_photos, tmp_path, "again")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+
+
+def test_runs_started_together_never_share_a_folder(tiny_cfg, tmp_path):
+    from cnnlab.train import claim_folder, fit
+
+    first = claim_folder(tmp_path / "runs" / "same-second")
+    assert claim_folder(tmp_path / "runs" / "same-second") == first.with_name("same-second-2")
+    a, b = (fit(tiny_cfg(name="", epochs=1), progress=False) for _ in range(2))
+    assert a.run_dir != b.run_dir and (a.run_dir / "summary.json").exists() and (b.run_dir / "summary.json").exists()
+
+
+def test_a_sweep_name_must_be_one_safe_folder_name():
+    from cnnlab.sweep import SweepError, parse_sweep
+
+    for bad in ("../../x", "a/b", ".hidden", "a b"):
+        with pytest.raises(SweepError, match="name"):
+            parse_sweep({"name": bad, "method": "grid", "parameters": {"lr": {"values": [0.1]}}}, "file")
+
+
+def test_data_that_cannot_train_stops_before_any_work(tmp_path, capsys):
+    from PIL import Image
+
+    from cnnlab.cli import main
+
+    one = tmp_path / "one" / "train" / "cats"
+    one.mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(one / "a.jpg")
+    unreadable = tmp_path / "bad" / "train"
+    for c in ("a", "b"):
+        (unreadable / c).mkdir(parents=True)
+        (unreadable / c / "x.jpg").write_text("not an image")
+    common = ["--image_size=32", "--out", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(["train", "--data", str(tmp_path / "one"), *common]) == 2
+    assert "one class folder (cats)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    assert main(["train", "--data", str(tmp_path / "bad"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "none of the 2 files" in err and "bad_files.txt" in err and len(err.splitlines()) == 1
+    assert main(["train", "--data", str(tmp_path / "one"), "--image_size=16", *common[1:]]) == 2
+    assert "needs at least 32" in capsys.readouterr().err
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    from cnnlab.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "shared.txt", "x")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_storage_url_can_come_from_the_environment(tiny_data, tmp_path, monkeypatch):
+    import optuna
+    import yaml
+
+    from cnnlab.cli import main
+
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump({"method": "grid", "parameters": {"filters": {"values": [4]}, "epochs": {"value": 1}}}))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    monkeypatch.setenv("CNNLAB_STORAGE", url)
+    assert main(["sweep", str(path), "--data", str(tiny_data), "--image_size=32", "--dense_units=8", "--quiet",
+                 "--cache_dir", str(tmp_path / "cache"), "--sweeps_dir", str(tmp_path / "sweeps")]) == 0
+    study = optuna.load_study(study_name="env", storage=url)
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]
+    assert main(["sweep-report", str(tmp_path / "sweeps" / "env")]) == 0
