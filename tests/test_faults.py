@@ -130,3 +130,69 @@ def test_the_storage_url_can_come_from_the_environment(tiny_data, tmp_path, monk
     study = optuna.load_study(study_name="env", storage=url)
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]
     assert main(["sweep-report", str(tmp_path / "sweeps" / "env")]) == 0
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("metric", "val_acc", "metric 'val_acc': expected a mapping"),
+    ("metric", {"name": "val_acc", "goal": "up"}, "goal 'up'"),
+    ("early_terminate", {"type": "hyperband", "eta": "x", "min_iter": 1}, "eta 'x'"),
+    ("early_terminate", {"type": "hyperband", "min_iter": 0}, "min_iter 0"),
+    ("early_terminate", {"type": "hyperband", "max_iter": 9}, "needs s"),
+    ("early_terminate", {"type": "hyperband", "min_iter": 1, "etta": 2}, "unknown field(s) etta"),
+    ("early_terminate", "hyperband", "type: hyperband"),
+    ("run_cap", True, "run_cap"),
+    ("parameters", {"lr": {"values": [0.1, 0.01], "probabilities": 0.5}}, "probabilities"),
+    ("parameters", {"lr": {"values": [0.1, 0.01], "probabilities": [1.0]}}, "probabilities"),
+    ("parameters", {"lr": {"distribution": "normal", "mu": 0.01, "sigma": "wide"}}, "sigma 'wide'"),
+    ("parameters", {"lr": {"distribution": "q_uniform", "min": 0.1, "max": 0.5, "q": -1}}, "q -1"),
+])
+def test_every_malformed_sweep_field_is_one_line_exit_2(tmp_path, capsys, field, value, needle):
+    import yaml
+
+    from cnnlab.cli import main
+
+    sweep = {"method": "random", "parameters": {"lr": {"values": [0.1]}}, field: value}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(path), "--count", "1", "--sweeps_dir", str(tmp_path / "sweeps")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.slow
+def test_an_edited_sweep_file_or_other_base_flags_never_join_the_old_study(tiny_data, tmp_path, capsys):
+    import yaml
+
+    from cnnlab.cli import main
+
+    path = tmp_path / "grid.yaml"
+    common = ["--data", str(tiny_data), "--image_size=32", "--dense_units=8", "--epochs=1", "--quiet",
+              "--cache_dir", str(tmp_path / "cache"), "--sweeps_dir", str(tmp_path / "sweeps")]
+    path.write_text(yaml.safe_dump({"method": "grid", "parameters": {"filters": {"values": [4]}}}))
+    assert main(["sweep", str(path), *common]) == 0
+    path.write_text(yaml.safe_dump({"method": "grid", "parameters": {"filters": {"values": [4, 8]}}}))
+    capsys.readouterr()
+    assert main(["sweep", str(path), *common]) == 2
+    err = capsys.readouterr().err
+    assert "exists with another sweep file: parameters was" in err and "name: grid-2" in err
+    path.write_text(yaml.safe_dump({"method": "grid", "parameters": {"filters": {"values": [4]}}}))
+    assert main(["sweep", str(path), *common, "--lr", "0.01"]) == 2
+    assert "another base config (flags): lr was" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_settings_but_takes_more_epochs(tiny_cfg, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from cnnlab.cli import main
+    from cnnlab.train import fit
+
+    run = fit(tiny_cfg(epochs=1), progress=False).run_dir
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"].startswith("/")  # resumable from anywhere
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--image_size", "48"]) == 2
+    assert "image_size=48 differs from its 32" in capsys.readouterr().err
+    assert yaml.safe_load((run / "config.yaml").read_text())["image_size"] == 32  # untouched
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2

@@ -166,3 +166,23 @@ def test_finetune_run_records_preprocessing_and_compares(tiny_data, tmp_path, ca
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert table.count("\n") == 7 and "| head | resnet18 | head | 5,130 / 11,181,642 | 1 |" in table  # 512 x 10 + 10
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+
+
+def test_a_tampered_file_in_the_hub_cache_is_never_unpickled(tmp_path, monkeypatch):
+    """The real enum entry; its file in the hub cache replaced by a pickle that would run code when loaded."""
+    import pickle
+
+    import torchvision
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.save({"fc.weight": Payload()}, cached, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(DataError, match="could not download"):
+        _download_state_dict(weights)  # check_hash would also refuse it: weights_only refuses before that
+    assert not (tmp_path / "pwned").exists()

@@ -12,6 +12,8 @@ from typing import Any, Callable
 from .config import FIELDS, Config, load_yaml, make_config
 from .errors import CnnlabError
 
+RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
+
 
 def show_progress(args: argparse.Namespace) -> bool:
     """Progress bars go to a terminal only: redirected to a file, a run writes one line per epoch instead."""
@@ -49,7 +51,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = run / "config.yaml"
         if not saved.exists():
             raise CnnlabError(f"{run} is not a run folder (no config.yaml); expected runs/<name>")
-        cfg = make_config(load_yaml(saved), config_overrides(args), {"out": str(run.parent), "name": run.name})
+        before = make_config(load_yaml(saved))
+        cfg = make_config(before.to_dict(), config_overrides(args), {"out": str(run.parent), "name": run.name})
+        changed = [k for k in FIELDS if k not in RESUME_MAY_CHANGE + ("out", "name")
+                   and getattr(cfg, k) != getattr(before, k)]
+        if changed:
+            k = changed[0]
+            raise CnnlabError(f"--resume continues {run} as it was trained: {k}={getattr(cfg, k)!r} differs from its "
+                              f"{getattr(before, k)!r}; only {', '.join(RESUME_MAY_CHANGE)} may change (for other "
+                              f"settings start a new run with --name)")
         result = fit(cfg, resume=True, progress=show_progress(args))
     else:
         result = fit(config_from_args(args), progress=show_progress(args))
@@ -175,6 +185,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for warning in sweep.warnings:
         print(f"cnnlab sweep: warning: {warning}", file=sys.stderr)
     base = {**(load_yaml(args.config) if args.config else {}), **config_overrides(args)}
+    if "data" in base:  # the same data wherever the command is run from
+        base["data"] = str(Path(base["data"]).resolve())
     config = check_config(make_config(base))  # refuse bad base flags before anything starts
     folder = Path(args.out_root) / sweep.name
     if args.workers > 1:

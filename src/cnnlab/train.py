@@ -197,7 +197,7 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
     if not resume and not cfg.name:  # a made-up name is claimed atomically: two runs started in the same second
         run_dir = claim_folder(run_dir)  # (a shell loop, a sweep launcher) get two folders
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = replace(cfg, name=run_dir.name)
+    cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()))  # --resume works from anywhere
     save_yaml(cfg, run_dir / "config.yaml")
     return cfg, run_dir
 

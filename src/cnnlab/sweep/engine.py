@@ -11,6 +11,7 @@ pruning hooks in.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import socket
@@ -31,7 +32,7 @@ from ..data import DeviceCache
 from ..errors import CnnlabError
 from ..io import atomic_write_json, atomic_write_text
 from ..train import fit
-from .schema import Sweep
+from .schema import Sweep, SweepError
 from .storage import make_storage, mask
 
 ORPHAN = "orphan:"  # study user attribute per orphaned trial number: why it failed
@@ -119,10 +120,26 @@ def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None):
         own_seed = (seed * 1_000_003 + os.getpid() * 7919 + time.time_ns()) % 2**32
         study = optuna.load_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep, own_seed),
                                   pruner=pruner)
+        refuse_changes("sweep file", study.user_attrs.get("sweep", {}), sweep.raw, SEARCH_KEYS, sweep.name)
     if study.direction.name.lower() != sweep.direction:
         raise CnnlabError(f"study '{sweep.name}' exists with direction {study.direction.name.lower()}; "
                           f"the sweep file asks {sweep.direction}")
     return study
+
+
+SEARCH_KEYS = ("method", "metric", "parameters", "early_terminate")  # what defines a study's search
+MACHINE_KEYS = ("cache_dir", "decode_workers", "device")  # may differ from process to process of one sweep
+
+
+def refuse_changes(what: str, before: dict[str, Any], now: dict[str, Any], keys: Any, name: str) -> None:
+    """A sweep continued under the same name must be the same sweep: joining a study with another search space or
+    other base settings would mix two experiments in one table."""
+    changed = [k for k in keys if before.get(k) != now.get(k)]
+    if changed:
+        k = changed[0]
+        raise SweepError(f"sweep '{name}' exists with another {what}: {k} was {before.get(k)!r}, now {now.get(k)!r}; "
+                         f"to start a new sweep give it another name (name: {name}-2 in the sweep file), or "
+                         f"run it as it was")
 
 
 def _alive(pid: int, started: float) -> bool:
@@ -250,6 +267,11 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     folder.mkdir(parents=True, exist_ok=True)
     base_cfg = make_config(base, {k: p.values[0] for k, p in sweep.params.items() if p.distribution == "constant"})
     epochs = base_cfg.epochs if "epochs" not in sweep.params or sweep.params["epochs"].distribution == "constant" else None
+    info = folder / "sweep_info.json"
+    if info.exists():
+        before = json.loads(info.read_text()).get("base", {})
+        refuse_changes("base config (flags)", before, base, sorted((set(before) | set(base)) - set(MACHINE_KEYS)),
+                       sweep.name)
     study = open_study(sweep, make_storage(storage_url, folder), seed, epochs)
     atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(sweep.raw, sort_keys=False))
     atomic_write_json(folder / "sweep_info.json", {"name": sweep.name, "storage": mask(storage_url) if storage_url else None,

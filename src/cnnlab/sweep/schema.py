@@ -91,15 +91,18 @@ def _parse_param(name: str, spec: Any) -> Param:
         values = [checked(v) for v in values]
         probs = spec.get("probabilities")
         if probs is not None:
-            if len(probs) != len(values) or any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+            if not isinstance(probs, list) or not all(isinstance(p, (int, float)) and not isinstance(p, bool)
+                                                      for p in probs) \
+                    or len(probs) != len(values) or any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
                 raise _bad(name, "probabilities must be one non-negative number per value, summing to 1")
             return Param(name, "categorical_w_probabilities", values, list(map(float, probs)))
         return Param(name, "categorical", values)
+    for key in ("mu", "sigma", "q"):
+        v = spec.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or (key != "mu" and v <= 0)):
+            raise _bad(name, f"{key} {v!r}: expected a {'positive ' if key != 'mu' else ''}number")
     if dist in ("normal", "q_normal", "log_normal", "q_log_normal"):
-        sigma = float(spec.get("sigma", 1.0))
-        if sigma <= 0:
-            raise _bad(name, "sigma must be positive")
-        return Param(name, dist, mu=float(spec.get("mu", 0.0)), sigma=sigma, q=spec.get("q"))
+        return Param(name, dist, mu=float(spec.get("mu", 0.0)), sigma=float(spec.get("sigma", 1.0)), q=spec.get("q"))
     if "min" not in spec or "max" not in spec:
         raise _bad(name, "needs value, values, or min and max")
     lo, hi = spec["min"], spec["max"]
@@ -112,8 +115,6 @@ def _parse_param(name: str, spec: Any) -> Param:
     if dist in ("log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values") and lo <= 0:
         raise _bad(name, f"{dist} needs min > 0")
     q = spec.get("q")
-    if q is not None and q <= 0:
-        raise _bad(name, "q must be positive")
     if dist == "int_uniform" and not (isinstance(lo, int) and isinstance(hi, int)):
         raise _bad(name, "int_uniform needs integer min and max")
     for edge in (lo, hi):
@@ -145,6 +146,9 @@ def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
     if method not in METHODS:
         raise SweepError(f"invalid sweep config: method '{method}' is not one of {', '.join(METHODS)}")
     metric = raw.get("metric") or {"name": "val_acc", "goal": "maximize"}
+    if not isinstance(metric, dict):
+        raise SweepError(f"invalid sweep config: metric {metric!r}: expected a mapping like "
+                         "{name: val_acc, goal: maximize}")
     if metric.get("name") not in METRICS:
         raise SweepError(f"invalid sweep config: metric name '{metric.get('name')}': cnnlab logs {', '.join(METRICS)}")
     goal = metric.get("goal", "minimize")
@@ -158,28 +162,9 @@ def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
         for p in params.values():
             if p.distribution not in ("constant", "categorical"):
                 raise _bad(p.name, "grid search needs value or values, not a distribution")
-    hyperband = None
-    et = raw.get("early_terminate")
-    if et is not None:
-        if not isinstance(et, dict) or et.get("type") != "hyperband":
-            raise SweepError("invalid sweep config: early_terminate type must be hyperband")
-        eta = int(et.get("eta", 3))
-        if eta < 2:
-            raise SweepError("invalid sweep config: early_terminate eta must be at least 2")
-        if "min_iter" in et:
-            hyperband = {"min_iter": int(et["min_iter"]), "eta": eta}
-            if "max_iter" in et:
-                hyperband["max_iter"] = int(et["max_iter"])
-        elif "max_iter" in et:
-            s = int(et.get("s", 0))
-            if s < 1:
-                raise SweepError("invalid sweep config: early_terminate with max_iter needs s (the number of brackets)")
-            hyperband = {"min_iter": max(1, int(et["max_iter"] / eta ** (s - 1))), "max_iter": int(et["max_iter"]),
-                         "eta": eta}
-        else:
-            raise SweepError("invalid sweep config: early_terminate needs min_iter or max_iter")
+    hyperband = _hyperband(raw.get("early_terminate"))
     run_cap = raw.get("run_cap")
-    if run_cap is not None and (not isinstance(run_cap, int) or run_cap < 1):
+    if run_cap is not None and (isinstance(run_cap, bool) or not isinstance(run_cap, int) or run_cap < 1):
         raise SweepError("invalid sweep config: run_cap must be a positive integer")
     sweep_name = str(raw.get("name") or name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", sweep_name):
@@ -197,6 +182,38 @@ def _hint(p: Param) -> str | None:
                 f"e^{p.min:g} to e^{p.max:g} ({math.exp(p.min):.4g} to {math.exp(p.max):.4g}); for bounds given as "
                 f"values write distribution: {p.distribution}_values")
     return None
+
+
+def _positive_int(et: dict[str, Any], key: str, default: int | None, least: int) -> int | None:
+    value = et.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SweepError(f"invalid sweep config: early_terminate {key} {value!r}: expected a whole number of at "
+                         f"least {least}")
+    return value
+
+
+def _hyperband(et: Any) -> dict[str, int] | None:
+    """W&B's early_terminate (hyperband with min_iter, or max_iter and s; eta) as Optuna's hyperband settings."""
+    if et is None:
+        return None
+    if not isinstance(et, dict) or et.get("type") != "hyperband":
+        raise SweepError("invalid sweep config: early_terminate: expected a mapping with type: hyperband")
+    unknown = set(et) - {"type", "min_iter", "max_iter", "s", "eta", "strict"}
+    if unknown:
+        raise SweepError(f"invalid sweep config: early_terminate: unknown field(s) {', '.join(sorted(unknown))} "
+                         "(accepted: type, min_iter, max_iter, s, eta)")
+    eta = _positive_int(et, "eta", 3, 2)
+    min_iter, max_iter = _positive_int(et, "min_iter", None, 1), _positive_int(et, "max_iter", None, 1)
+    if min_iter is not None:
+        return {"min_iter": min_iter, "eta": eta} | ({"max_iter": max_iter} if max_iter else {})
+    if max_iter is None:
+        raise SweepError("invalid sweep config: early_terminate needs min_iter, or max_iter and s")
+    s = _positive_int(et, "s", None, 1)
+    if s is None:
+        raise SweepError("invalid sweep config: early_terminate with max_iter needs s (the number of brackets)")
+    return {"min_iter": max(1, int(max_iter / eta ** (s - 1))), "max_iter": max_iter, "eta": eta}
 
 
 def load_sweep(path: str | Path) -> Sweep:
