@@ -72,8 +72,12 @@ class Config:
     lr: float = _f(1e-3, "peak learning rate", min=1e-7, max=10.0)
     momentum: float = _f(0.9, "SGD momentum (and beta1 for the Adam family)", min=0.0, max=0.999)
     weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", min=0.0, max=1.0)
-    scheduler: str = _f("none", "learning-rate schedule, stepped every batch", choices=SCHEDULERS)
+    scheduler: str = _f("none", "learning-rate schedule, stepped every batch: none (constant), cosine (to 0, after "
+                        "--warmup_epochs of linear warm-up), onecycle", choices=SCHEDULERS)
+    warmup_epochs: float = _f(0.0, "with scheduler=cosine: epochs of linear warm-up from 0 to lr", min=0.0, max=1000.0)
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss", min=0.0, max=0.5)
+    tta: bool = _f(False, "test-time augmentation: validation, evaluate and predict average the logits of each image "
+                   "and its mirror image")
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)", min=0.0, max=1e6)
     batch_size: int = _f(64, "training batch size", min=1, max=65536)
     epochs: int = _f(10, "training epochs", min=1, max=10000)

@@ -27,24 +27,30 @@ from .visualise import plot_confusion, plot_prediction_grid
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], transform: Callable,
-                   device: torch.device, amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits as float32 on the CPU, labels) for every batch, in order."""
+                   device: torch.device, amp: torch.dtype | None = None, tta: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits as float32 on the CPU, labels) for every batch, in order; with `tta`, the mean of the logits of
+    each image and its mirror image."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
     for x, y in batches:
         with autocast(device, amp):
-            out = model(transform(x))
-        logits.append(out.float())
+            x = transform(x)
+            out = model(x).float()
+            if tta:
+                out = (out + model(x.flip(3)).float()) / 2
+        logits.append(out)
         labels.append(y)
     model.train(was_training)
     return torch.cat(logits).cpu(), torch.cat(labels).cpu()
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], transform: Callable,
-             device: torch.device, amp: torch.dtype | None = None, loss_fn: nn.Module | None = None) -> dict[str, float]:
+             device: torch.device, amp: torch.dtype | None = None, loss_fn: nn.Module | None = None,
+             tta: bool = False) -> dict[str, float]:
     """Mean loss and accuracy (a fraction) over `batches`."""
-    logits, labels = predict_logits(model, batches, transform, device, amp)
+    logits, labels = predict_logits(model, batches, transform, device, amp, tta)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     return {"loss": float(loss_fn(logits, labels)), "acc": float((logits.argmax(1) == labels).float().mean())}
 
@@ -153,7 +159,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     rows = test.valid
     batches = Batches(test, rows, 128, device, shuffle=False)
     amp = autocast_dtype(loaded.cfg.precision, device)
-    logits, labels = predict_logits(loaded.model, batches, ImageTransform(loaded.pre, loaded.cfg.channels_last), device, amp)
+    logits, labels = predict_logits(loaded.model, batches, ImageTransform(loaded.pre, loaded.cfg.channels_last), device, amp,
+                                    loaded.cfg.tta)
     metrics = classification_metrics(logits, labels, loaded.classes, top_k)
     metrics.update({"checkpoint": str(checkpoint), "checkpoint_epoch": int(loaded.state["epoch"]),
                     "checkpoint_sha256": sha256_of(Path(checkpoint)), "data": str(Path(data) / "val"),
@@ -200,7 +207,7 @@ def predict_files(loaded: LoadedModel, paths: list[str], device: torch.device, t
         if arrays:
             x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
             y = torch.zeros(len(arrays), dtype=torch.long, device=device)
-            probs = predict_logits(loaded.model, [(x, y)], transform, device, amp)[0].softmax(1)
+            probs = predict_logits(loaded.model, [(x, y)], transform, device, amp, loaded.cfg.tta)[0].softmax(1)
             values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
             for row, i in enumerate(where):
                 results[i]["top"] = [{"class": loaded.classes[int(c)], "prob": float(v)}

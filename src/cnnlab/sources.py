@@ -25,12 +25,13 @@ class EpochData:
     val: Batches
     transform: Callable[..., torch.Tensor]  # batch -> model input; augments when given a generator
     augment: bool
+    tta: bool = False  # validate on each image and its mirror image
 
 
 class ImageSource:
     def __init__(self, forward: nn.Module, images: CachedImages, train_rows: np.ndarray, val_rows: np.ndarray,
                  cfg: Config, device: torch.device, transform: ImageTransform, device_cache: DeviceCache | None):
-        self.forward, self.transform, self.augment = forward, transform, cfg.augment
+        self.forward, self.transform, self.augment, self.tta = forward, transform, cfg.augment, cfg.tta
         self.train = Batches(images, train_rows, cfg.batch_size, device, shuffle=True, drop_last=True,
                              device_cache=device_cache)
         self.val = Batches(images, val_rows, max(cfg.batch_size, VAL_BATCH), device, shuffle=False,
@@ -41,4 +42,4 @@ class ImageSource:
         return len(self.train)
 
     def epoch(self, epoch: int, seed: int) -> EpochData:
-        return EpochData(self.forward, self.train.epoch(seed), self.val, self.transform, self.augment)
+        return EpochData(self.forward, self.train.epoch(seed), self.val, self.transform, self.augment, self.tta)

@@ -81,11 +81,22 @@ def make_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.devi
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, round(cfg.warmup_epochs * steps_per_epoch)))
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=total, cycle_momentum=False)
     return None
+
+
+def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
+    """The learning rate's factor at step t: linear from 1/warmup to 1 over `warmup` steps, then half a cosine
+    from 1 down to 0 at step `total` (with warmup 0: CosineAnnealingLR's curve)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
 
 
 # ---- one epoch -----------------------------------------------------------------------------------------
@@ -304,7 +315,7 @@ class EpochLoop:
         if not math.isfinite(stats["train_loss"]):
             raise TrainingDiverged(f"epoch {epoch}: the training loss is {stats['train_loss']}; "
                                    f"try a lower --lr (now {cfg.lr:g}) or --grad_clip 1")
-        val = evaluate(data.net, data.val, data.transform, self.device, self.amp, self.loss_fn)
+        val = evaluate(data.net, data.val, data.transform, self.device, self.amp, self.loss_fn, data.tta)
         return {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                 "val_loss": val["loss"], "val_acc": val["acc"], "lr": run.optimizer.param_groups[0]["lr"],
                 "epoch_time": time.perf_counter() - t0, "images_per_s": stats["seen"] / train_time}

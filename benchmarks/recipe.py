@@ -1,0 +1,98 @@
+"""Which from-scratch recipe should be cnnlab's default: every candidate in RECIPES, several seeds each, on real
+photos (../shared/data/flowers; the synthetic demo set with --data demo), each run trained by `cnnlab train` and
+scored by `cnnlab evaluate` on the test folder (val/). Prints mean ± std of test accuracy and the wall time per
+run (cache build included; the cache is shared, so only the first run of all pays for it).
+
+    python benchmarks/recipe.py [--data flowers|demo] [--image_size 128] [--epochs 8] [--seeds 3] [--only NAME]
+Last line: `ratio: N.N` (the best recipe's mean test accuracy over the old default's)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import SHARED, say
+
+from cnnlab.cli import main as cnnlab
+
+# Every candidate, as flags on top of --data/--image_size/--epochs/--seed. "old default" is cnnlab's recipe
+# before this benchmark existed (Adam 1e-3, constant, no weight decay, no label smoothing).
+RECIPES: dict[str, list[str]] = {
+    "old default (adam 1e-3 constant)": ["--optimizer", "adam", "--lr", "1e-3", "--scheduler", "none",
+                                         "--weight_decay", "0", "--label_smoothing", "0", "--tta", "false"],
+    "adamw 2e-3 cosine warm-up 1, wd 0.05, ls 0.1": ["--optimizer", "adamw", "--lr", "2e-3", "--scheduler", "cosine",
+                                                    "--warmup_epochs", "1", "--weight_decay", "0.05",
+                                                    "--label_smoothing", "0.1", "--tta", "false"],
+    "... + flip TTA": ["--optimizer", "adamw", "--lr", "2e-3", "--scheduler", "cosine", "--warmup_epochs", "1",
+                       "--weight_decay", "0.05", "--label_smoothing", "0.1", "--tta", "true"],
+    "sgd nesterov 0.05 cosine warm-up 1, wd 5e-4, ls 0.1, TTA": [
+        "--optimizer", "sgd", "--lr", "0.05", "--scheduler", "cosine", "--warmup_epochs", "1", "--weight_decay", "5e-4",
+        "--label_smoothing", "0.1", "--tta", "true"],
+    "adamw recipe + TTA, 16 filters doubling": ["--optimizer", "adamw", "--lr", "2e-3", "--scheduler", "cosine",
+                                                "--warmup_epochs", "1", "--weight_decay", "0.05",
+                                                "--label_smoothing", "0.1", "--tta", "true", "--filters", "16",
+                                                "--filter_org", "double"],
+}
+
+
+def run(data: Path, flags: list[str], seed: int, args: argparse.Namespace, work: Path, name: str) -> tuple[float, float]:
+    out = work / "runs"
+    start = time.perf_counter()
+    code = cnnlab(["train", "--data", str(data), "--image_size", str(args.image_size), "--epochs", str(args.epochs),
+                   "--seed", str(seed), *flags, "--out", str(out), "--name", name, "--cache_dir", str(work / "cache"),
+                   "--quiet"])
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"{name} failed (exit {code})")
+    cnnlab(["evaluate", str(out / name), "--data", str(data), "--cache_dir", str(work / "cache"), "--quiet"])
+    return json.loads((out / name / "eval" / "metrics.json").read_text())["accuracy"], seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="flowers", help="flowers (../shared/data) or demo (written here)")
+    ap.add_argument("--image_size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only", help="run only the recipes whose name contains this")
+    args = ap.parse_args()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
+    say(f"{os.cpu_count()} cores, CPU flags {cpu}, torch {torch.__version__}; {args.data} at {args.image_size} px, "
+        f"{args.epochs} epochs, {args.seeds} seeds")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.data == "demo":
+            from cnnlab.data.demo import make_demo_data
+
+            data = make_demo_data(work / "demo")
+        else:
+            data = SHARED / args.data
+            if not data.is_dir():
+                say(f"skipped: {data} is absent (use --data demo)")
+                return
+        table = {}
+        for i, (name, recipe) in enumerate(RECIPES.items()):
+            if args.only and args.only not in name:
+                continue
+            results = [run(data, recipe, seed, args, work, f"r{i}-s{seed}") for seed in range(args.seeds)]
+            accs, secs = [a for a, _ in results], [s for _, s in results]
+            table[name] = accs
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            say(f"| {name} | {statistics.mean(accs):.3f} ± {std:.3f} | {', '.join(f'{a:.3f}' for a in accs)} | "
+                f"{statistics.mean(secs):.0f} s |")
+    old = next((v for k, v in table.items() if k.startswith("old default")), None)
+    if old and len(table) > 1:
+        best = max(table, key=lambda k: statistics.mean(table[k]))
+        say(f"best: {best}")
+        say(f"ratio: {statistics.mean(table[best]) / statistics.mean(old):.2f}")
+
+
+if __name__ == "__main__":
+    main()
