@@ -1,0 +1,98 @@
+"""The plain pipeline course students write, then `cnnlab train` with its defaults, on the same photos, same
+5-block CNN, same epochs, one right after the other: test accuracy on val/ and wall time end to end (cnnlab's
+cache build included).
+
+Plain: ImageFolder + per-image PIL Resize((s, s)) / ToTensor / Normalize, DataLoader(batch 64, shuffle, 2 workers),
+fp32 NCHW, Adam 1e-3 constant, no augmentation, cross-entropy; the model is cnnlab's SmallCNN with the default
+config (5 x 32 filters, batch norm, 256 dense units), trained on all of train/ and scored on val/ after the last
+epoch. cnnlab: `cnnlab train --data D --image_size S --epochs E --seed K`, then `cnnlab evaluate`.
+
+    python benchmarks/plain_vs_default.py [--data flowers] [--image_size 128] [--epochs 8] [--seeds 1]
+Last line: `ratio: N.N` (plain wall time over cnnlab's; higher is better)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import SHARED, say
+from torch import nn
+
+from cnnlab.cli import main as cnnlab
+from cnnlab.config import make_config
+from cnnlab.models import create_model
+
+
+def plain(data: Path, image_size: int, epochs: int, seed: int) -> tuple[float, float]:
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    torch.manual_seed(seed)
+    tf = T.Compose([T.Resize((image_size, image_size)), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    train, test = ImageFolder(str(data / "train"), tf), ImageFolder(str(data / "val"), tf)
+    model = create_model(make_config({"image_size": image_size}), len(train.classes)).module
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for x, y in torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, num_workers=2):
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(test, batch_size=128, num_workers=2):
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct / len(test), time.perf_counter() - start
+
+
+def ours(data: Path, image_size: int, epochs: int, seed: int, work: Path) -> tuple[float, float]:
+    start = time.perf_counter()
+    name = f"default-{seed}"
+    assert cnnlab(["train", "--data", str(data), "--image_size", str(image_size), "--epochs", str(epochs),
+                   "--seed", str(seed), "--out", str(work / "runs"), "--name", name,
+                   "--cache_dir", str(work / f"cache-{seed}"), "--quiet"]) == 0
+    assert cnnlab(["evaluate", str(work / "runs" / name), "--data", str(data), "--cache_dir", str(work / f"cache-{seed}"),
+                   "--quiet"]) == 0
+    seconds = time.perf_counter() - start
+    return json.loads((work / "runs" / name / "eval" / "metrics.json").read_text())["accuracy"], seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="flowers")
+    ap.add_argument("--image_size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=1)
+    args = ap.parse_args()
+    data = SHARED / args.data
+    if not data.is_dir():
+        say(f"skipped: {data} is absent")
+        return
+    torch.set_num_threads(2)
+    rows = {"plain": [], "cnnlab": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            rows["plain"].append(plain(data, args.image_size, args.epochs, seed))
+            say(f"plain  seed {seed}: test {rows['plain'][-1][0]:.3f} in {rows['plain'][-1][1]:.0f} s")
+            rows["cnnlab"].append(ours(data, args.image_size, args.epochs, seed, Path(tmp)))
+            say(f"cnnlab seed {seed}: test {rows['cnnlab'][-1][0]:.3f} in {rows['cnnlab'][-1][1]:.0f} s (cache build "
+                "included: each seed decodes afresh)")
+    for name, r in rows.items():
+        accs = [a for a, _ in r]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        say(f"| {name} | {statistics.mean(accs):.3f} ± {std:.3f} | {statistics.mean(s for _, s in r):.0f} s |")
+    say(f"ratio: {statistics.mean(s for _, s in rows['plain']) / statistics.mean(s for _, s in rows['cnnlab']):.1f}")
+
+
+if __name__ == "__main__":
+    main()
