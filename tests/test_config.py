@@ -9,7 +9,7 @@ from cnnlab.config import FIELDS, Config, ConfigError, coerce, make_config
     ("same", [32] * 5), ("double", [32, 64, 128, 256, 512]), ("pyramid", [32, 64, 128, 256, 512]),
     ("half", [32, 16, 8, 4, 2]), ("16,32,64,64,128", [16, 32, 64, 64, 128])])
 def test_filter_organisations(org, expected):
-    assert make_config({"filter_org": org}).filter_counts() == expected
+    assert make_config({"filters": 32, "filter_org": org}).filter_counts() == expected
 
 
 def test_half_never_below_one_and_kernel_lists():
@@ -59,7 +59,7 @@ def test_unknown_model_names_are_refused_by_the_model_registry():
 def test_yaml_then_flags_flags_win(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"lr": 0.01, "filters": 16, "activation": "gelu"}))
-    assert main(["info", "--config", str(path), "--filters=8", "--image_size", "64"]) == 0
+    assert main(["info", "--config", str(path), "--filters=8", "--filter_org=same", "--image_size", "64"]) == 0
     out = capsys.readouterr().out
     assert "filters [8, 8, 8, 8, 8]" in out and "64x64" in out
 

@@ -17,7 +17,7 @@ from cnnlab.train import fit
 def _cfg(tiny_data, tmp_path, **kw):
     base = dict(data=str(tiny_data), model="resnet18", image_size=32, augment=False, precision="fp32", epochs=2,
                 batch_size=16, out=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), decode_workers=1,
-                optimizer="sgd", lr=0.05, weights="random")
+                optimizer="sgd", lr=0.05, weights="random", tta=False)  # stored features have no mirror image
     return make_config({**base, **kw})
 
 

@@ -190,7 +190,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path):
                        log=lambda s: None)
     assert (result.failed, result.complete) == (1, 1)
     failed = [t for t in study_of(tmp_path / "sw", "fail").get_trials() if t.state.name == "FAIL"][0]
-    assert "too small for 5 pooling layers" in failed.user_attrs["error"]
+    assert "image_size=16" in failed.user_attrs["error"] and "needs at least 32" in failed.user_attrs["error"]
     assert (tmp_path / "sw" / "errors" / f"trial-{failed.number:04d}.txt").exists()
 
 

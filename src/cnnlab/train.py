@@ -43,7 +43,7 @@ from .models import ModelParts, TrainablePlan, check_config, create_model
 from .preprocess import Preprocess
 from .sources import ImageSource
 
-__all__ = ["fit", "FitResult", "StopTraining", "TrainingDiverged", "Callback", "train_one_epoch", "load_checkpoint"]
+__all__ = ["fit", "FitResult", "StopTraining", "TrainingDiverged", "Callback", "train_one_epoch"]
 
 
 class TrainingDiverged(CnnlabError):
