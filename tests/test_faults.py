@@ -62,12 +62,24 @@ def test_ctrl_c_during_the_cache_build_ends_promptly_without_a_traceback(big_pho
 
 
 def test_runs_started_together_never_share_a_folder(tiny_cfg, tmp_path):
-    from cnnlab.train import claim_folder, fit
+    from cnnlab.train import claim_folder, default_run_name, fit
 
     first = claim_folder(tmp_path / "runs" / "same-second")
     assert claim_folder(tmp_path / "runs" / "same-second") == first.with_name("same-second-2")
     a, b = (fit(tiny_cfg(name="", epochs=1), progress=False) for _ in range(2))
     assert a.run_dir != b.run_dir and (a.run_dir / "summary.json").exists() and (b.run_dir / "summary.json").exists()
+    # the bug CI met: a finished run already holds the made-up name of this very second (and of the next few)
+    import datetime
+
+    cfg = tiny_cfg(name="", epochs=1)
+    now = datetime.datetime.now()
+    for ahead in range(6):
+        stamp = (now + datetime.timedelta(seconds=ahead)).strftime("%Y%m%d-%H%M%S")
+        taken = tmp_path / "runs" / default_run_name(cfg).replace(now.strftime("%Y%m%d-%H%M%S"), stamp)
+        taken.mkdir(parents=True, exist_ok=True)
+        (taken / "metrics.jsonl").write_text("{}\n")
+    c = fit(cfg, progress=False)  # before the fix: "already holds a run"
+    assert (c.run_dir / "summary.json").exists() and c.run_dir.name.endswith("-2")
 
 
 def test_a_sweep_name_must_be_one_safe_folder_name():

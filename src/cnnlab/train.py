@@ -202,11 +202,11 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
     run_dir = Path(cfg.out) / (cfg.name or default_run_name(cfg))
     if resume and not (run_dir / "last.pt").exists():
         raise CnnlabError(f"{run_dir} has no last.pt to resume from; start it without --resume")
-    if not resume and (run_dir / "metrics.jsonl").exists():
-        raise CnnlabError(f"{run_dir} already holds a run: resume it with `cnnlab train --resume {run_dir}` "
-                          f"or choose another --name")
     if not resume and not cfg.name:  # a made-up name is claimed atomically: two runs started in the same second
         run_dir = claim_folder(run_dir)  # (a shell loop, a sweep launcher) get two folders
+    elif not resume and (run_dir / "metrics.jsonl").exists():
+        raise CnnlabError(f"{run_dir} already holds a run: resume it with `cnnlab train --resume {run_dir}` "
+                          f"or choose another --name")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()))  # --resume works from anywhere
     save_yaml(cfg, run_dir / "config.yaml")
