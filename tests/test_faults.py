@@ -72,14 +72,15 @@ def test_runs_started_together_never_share_a_folder(tiny_cfg, tmp_path):
     import datetime
 
     cfg = tiny_cfg(name="", epochs=1)
-    now = datetime.datetime.now()
+    now, taken = datetime.datetime.now(), set()
     for ahead in range(6):
         stamp = (now + datetime.timedelta(seconds=ahead)).strftime("%Y%m%d-%H%M%S")
-        taken = tmp_path / "runs" / default_run_name(cfg).replace(now.strftime("%Y%m%d-%H%M%S"), stamp)
-        taken.mkdir(parents=True, exist_ok=True)
-        (taken / "metrics.jsonl").write_text("{}\n")
+        folder = tmp_path / "runs" / default_run_name(cfg).replace(now.strftime("%Y%m%d-%H%M%S"), stamp)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text("{}\n")
+        taken.add(folder)
     c = fit(cfg, progress=False)  # before the fix: "already holds a run"
-    assert (c.run_dir / "summary.json").exists() and c.run_dir.name.endswith("-2")
+    assert (c.run_dir / "summary.json").exists() and c.run_dir not in taken | {a.run_dir, b.run_dir}
 
 
 def test_a_sweep_name_must_be_one_safe_folder_name():
