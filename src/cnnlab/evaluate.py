@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from .data import Batches, ImageTransform, load_images
 from .data.decode import describe_error, load_rgb
 from .errors import DataError
 from .hardware import autocast, autocast_dtype, decode_device
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, sha256_of
 from .models import create_model
 from .preprocess import Preprocess
 from .visualise import plot_confusion, plot_prediction_grid
@@ -76,15 +75,6 @@ def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     model.eval()
     return LoadedModel(model, cfg, list(state["classes"]), Preprocess.from_dict(state["preprocess"]), state)
-
-
-def sha256_of(path: Path) -> str:
-    """Which checkpoint an evaluation used, so a later --resume cannot pair new training with an old test score."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -163,7 +153,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
                                     loaded.cfg.tta)
     metrics = classification_metrics(logits, labels, loaded.classes, top_k)
     metrics.update({"checkpoint": str(checkpoint), "checkpoint_epoch": int(loaded.state["epoch"]),
-                    "checkpoint_sha256": sha256_of(Path(checkpoint)), "data": str(Path(data) / "val"),
+                    "checkpoint_sha256": sha256_of(checkpoint),  # which best.pt: --resume may replace it
+                    "data": str(Path(data) / "val"),
                     "skipped_files": len(test.errors)})
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -34,7 +34,7 @@ from torch import nn
 from .config import Config
 from .data import Batches, CachedImages, ImageTransform, cache_key
 from .hardware import autocast
-from .io import atomic_write_json
+from .io import atomic_write_json, sha256_of
 from .models import ModelParts, TrainablePlan, stages
 from .sources import VAL_BATCH, EpochData, ImageSource
 
@@ -112,11 +112,7 @@ def split_for_store(parts: ModelParts, cfg: Config, head_only: bool) -> Split | 
 
 def store_key(cfg: Config, images: CachedImages, boundary: str, dtype: np.dtype, pre: dict[str, Any]) -> str:
     if cfg.weights.lower() != "none" and Path(cfg.weights).is_file():
-        h = hashlib.sha256()
-        with open(cfg.weights, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        weights = "file:" + h.hexdigest()
+        weights = "file:" + sha256_of(cfg.weights)
     elif cfg.weights.lower() in ("none", "random"):  # the backbone is what this seed initialised
         weights = f"random:{cfg.seed}"
     else:

@@ -8,7 +8,6 @@ members that would land outside the destination, and a marker file makes a rerun
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import re
 import shutil
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, sha256_of
 
 CHUNK = 1 << 20
 
@@ -36,14 +35,6 @@ class Dataset:
 DATASETS = {
     "inaturalist-12k": Dataset("https://storage.googleapis.com/wandb_datasets/nature_12K.zip", "inaturalist_12K"),
 }
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _total_from(resp: http.client.HTTPResponse, have: int) -> int | None:

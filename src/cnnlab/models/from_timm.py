@@ -6,8 +6,6 @@ timm's own parameter groups (`group_matcher`, the ones its layer-wise learning-r
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
 from ..config import Config
@@ -47,24 +45,13 @@ def check_timm_name(model: str) -> None:
         raise ConfigError(f"model={model!r}: timm has no architecture {name!r} (see `cnnlab models --grep WORD`)")
 
 
-def _weights_file(weights: str) -> Path | None:
-    if weights.lower() in ("none", "random"):
-        return None
-    if weights.endswith((".pth", ".pt", ".safetensors", ".bin")) or Path(weights).exists():
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"weights={weights!r}: file not found")
-        return path
-    return None
-
-
 def create_timm(cfg: Config, num_classes: int) -> ModelParts:
-    from .pretrained import load_matching, load_weights_file
+    from .pretrained import load_matching, load_weights_file, weights_file
 
     timm = _timm()
     name = cfg.model.removeprefix(PREFIX)
     check_timm_name(cfg.model)
-    path = _weights_file(cfg.weights)
+    path = weights_file(cfg.weights)
     online = cfg.weights.lower() not in ("none", "random") and path is None
     if online:  # timm's pretrained tags: DEFAULT is the architecture's default tag
         tagged = name if cfg.weights == "DEFAULT" else f"{name}.{cfg.weights}"

@@ -21,16 +21,27 @@ from .parts import ModelParts
 ORIGINAL_CLASSES = 1000  # every torchvision classifier is built for ImageNet-1k
 
 
+def weights_file(weights: str) -> Path | None:
+    """The local weights file `--weights` names (~ expanded), None when it names no file (none, random, a
+    torchvision or timm tag); a name that looks like a file but is missing is refused."""
+    if weights.lower() in ("none", "random"):
+        return None
+    path = Path(weights).expanduser()
+    if weights.endswith((".pth", ".pt", ".safetensors", ".bin")) or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"weights={weights!r}: file not found")
+        return path
+    return None
+
+
 def resolve_weights(model_name: str, weights: str):
     """None, a local file Path, or a torchvision WeightsEnum member."""
     import torchvision
 
     if weights.lower() in ("none", "random"):
         return None
-    if weights.endswith((".pth", ".pt", ".safetensors", ".bin")) or Path(weights).exists():
-        path = Path(weights)
-        if not path.is_file():
-            raise ConfigError(f"weights={weights!r}: file not found")
+    path = weights_file(weights)
+    if path is not None:
         return path
     enum = torchvision.models.get_model_weights(model_name)
     try:
