@@ -1,6 +1,7 @@
 """Faults a careful (or hostile) user meets: each ends in one clear line, nothing hangs, nothing blocks the next run."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 import psutil
 import pytest
 
+from cnnlab.cli import main
 from cnnlab.data.demo import make_demo_data
 
 
@@ -209,3 +211,108 @@ def test_resume_refuses_changed_settings_but_takes_more_epochs(tiny_cfg, tmp_pat
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
+
+
+def _limited(max_file_bytes):
+    """preexec_fn: the kernel refuses to grow any file past `max_file_bytes` (EFBIG, a real write error, as a
+    full disk gives ENOSPC; Python ignores SIGXFSZ, so the write fails instead of killing the process)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_file(tiny_cfg, tmp_path):
+    from cnnlab.train import fit
+
+    cfg = tiny_cfg(epochs=1, dense_units=256, name="r")
+    run = fit(cfg, progress=False, log=lambda s: None).run_dir
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".pt"}
+    limit = min(len(b) for b in before.values()) // 2  # checkpoints no longer fit; the small files still do
+    proc = subprocess.run([sys.executable, "-m", "cnnlab.cli", "train", "--resume", str(run), "--epochs=2", "--quiet"],
+                          capture_output=True, text=True, preexec_fn=_limited(limit), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "could not write" in err[0] and "File too large" in err[0] and "is kept" in err[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".pt"} == before  # the good files stand
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
+    assert main(["train", "--resume", str(run), "--epochs=2", "--quiet"]) == 0  # and the run goes on from there
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_decoding(tiny_data, tmp_path):
+    from cnnlab.errors import StorageError
+    from cnnlab.io import check_free_space
+
+    with pytest.raises(StorageError, match=r"needs .* GB in .* GB free: free some space, or choose another --cache_dir"):
+        check_free_space(tmp_path, shutil.disk_usage(tmp_path).free + 2**30, "the image cache")
+    # Space that runs out after the check (another process, a quota) fails the allocation, not a write into the map:
+    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(tiny_data), "--image_size=128", "--epochs=1",
+            "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), "--quiet"]
+    proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=_limited(2**20), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "image cache" in proc.stderr and "could not be allocated" in proc.stderr
+    assert not list((tmp_path / "cache").glob("*.npy"))  # no partial cache left to mistake for one
+
+
+def test_a_jpeg_over_the_pixel_limit_never_reaches_the_batch_decoder(tmp_path):
+    """nvJPEG (and torchvision's CPU decoder, which stands in for it here) allocate whatever a header claims: a
+    20,000 x 20,000 header on a few hundred bytes took 6.4 GB. It is now refused from its header, like PIL does."""
+    script = """
+import io, resource, struct, sys
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+from cnnlab.data.decode_gpu import decode_into
+buf = io.BytesIO()
+Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "JPEG")
+b = bytearray(buf.getvalue())
+struct.pack_into(">HH", b, b.index(b"\\xff\\xc0") + 5, 20000, 20000)  # the frame header's height and width
+path = Path(sys.argv[1]) / "bomb.jpg"
+path.write_bytes(bytes(b))
+errors = decode_into([path], (32, 0.0, "bilinear"), np.zeros((1, 32, 32, 3), np.uint8), torch.device("cpu"))
+print(errors.get(0))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True,
+                         timeout=300).stdout.splitlines()
+    assert out[0].startswith("image too large to decode safely")
+    assert int(out[1]) < 2000, f"peak memory {out[1]} MB"
+
+
+def test_a_file_replaced_with_its_old_size_and_mtime_is_decoded_again(tmp_path):
+    from PIL import Image
+
+    from cnnlab.data import load_images
+
+    for c, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (40, 40), colour).save(tmp_path / "train" / c / "x.bmp")
+    first = load_images(tmp_path / "train", 32, tmp_path / "cache", workers=1, progress=False)
+    assert first.pixels[0, 0, 0, 0] > 200
+    target, donor = tmp_path / "train" / "a" / "x.bmp", tmp_path / "train" / "b" / "x.bmp"
+    st = target.stat()
+    assert donor.stat().st_size == st.st_size  # uncompressed: only the colour differs
+    target.write_bytes(donor.read_bytes())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as they were
+    again = load_images(tmp_path / "train", 32, tmp_path / "cache", workers=1, progress=False)
+    assert again.pixels[0, 0, 0, 0] < 50 and again.pixels[0, 0, 0, 2] > 200
+
+
+def test_an_unrelated_os_error_never_deletes_a_valid_cache(tiny_data, tmp_path):
+    """Mapping the cache fails for want of address space (ENOMEM): before, the cache was deleted as 'damaged'."""
+    from cnnlab.data import load_images
+
+    load_images(tiny_data / "train", 512, tmp_path / "cache", workers=1, progress=False)  # 160 images: 126 MB
+    npy = next((tmp_path / "cache").glob("*.npy"))
+    script = f"""
+import resource, psutil
+from cnnlab.data import load_images
+room = psutil.Process().memory_info().vms + 64 * 2**20  # less than the cache's 126 MB map
+resource.setrlimit(resource.RLIMIT_AS, (room, room))
+try:
+    load_images({str(tiny_data / 'train')!r}, 512, {str(tmp_path / 'cache')!r}, workers=1, progress=False)
+except OSError as e:
+    print("OSError", e.errno)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "OSError 12" in out.stdout, out.stdout + out.stderr
+    assert npy.exists() and npy.stat().st_size > 120 * 2**20

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import os
 import sys
 from typing import Sequence
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The machine, not cnnlab, ran out of something: one line, not a traceback (files are written atomically).
+RESOURCE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -151,6 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `cnnlab evaluate ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:
+        if e.errno not in RESOURCE_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"cnnlab {args.command}: error: {e.strerror}{where}: free some disk space or memory, or check the "
+              "folder's permissions, then run again (finished work is kept)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,3 +11,7 @@ class ConfigError(CnnlabError, ValueError):
 
 class DataError(CnnlabError):
     """A data folder, image or download is missing or malformed."""
+
+
+class StorageError(CnnlabError):
+    """A file could not be written (disk full, quota, permissions, an I/O error); what was there is kept."""

@@ -34,7 +34,7 @@ from torch import nn
 from .config import Config
 from .data import Batches, CachedImages, ImageTransform, cache_key
 from .hardware import autocast
-from .io import atomic_write_json, sha256_of
+from .io import atomic_write_json, new_mapped_array, sha256_of
 from .models import ModelParts, TrainablePlan, stages
 from .sources import VAL_BATCH, EpochData, ImageSource
 
@@ -141,7 +141,7 @@ def build_store(split: Split, images: CachedImages, transform: ImageTransform, d
         rows, n = images.valid, len(images.files)
         blocks = views + 1 if views else 1  # block 0 unaugmented (validation), then the augmented views
         partial = path.with_suffix(".partial.npy")
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(blocks * n, *shape))
+        out = new_mapped_array(partial, dtype, (blocks * n, *shape), "the feature store")
         batches = Batches(images, rows, 64, device, shuffle=False)
         with tqdm(total=blocks * len(rows), desc=f"feature store ({split.boundary})", unit="img",
                   disable=not progress, dynamic_ncols=True) as bar:

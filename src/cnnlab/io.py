@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import StorageError
 
-def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """`write(file_object)` into a temp file beside `path`, synced, then renamed over it. On a full disk or any
+    other I/O error, one StorageError naming the file; the previous `path`, if any, is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any other tool's files
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise StorageError(f"could not write {path} ({e.strerror or e}); {kept}: free some disk space or check the "
+                           "folder's permissions, then run again") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -34,7 +48,7 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic(path, lambda fh: fh.write(text), "w")
+    atomic_write(path, lambda fh: fh.write(text), "w")
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -44,15 +58,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 
-    _atomic(path, lambda fh: torch.save(obj, fh), "wb")
+    buffer = io.BytesIO()  # serialised first: torch's zip writer turns a failed write (disk full) into an
+    torch.save(obj, buffer)  # opaque RuntimeError; a plain write of the bytes keeps the OSError and its reason
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()), "wb")
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """One JSON line, flushed and synced: a crash loses at most the line being written."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise StorageError(f"could not append to {path} ({e.strerror or e}); the lines before are kept: free some "
+                           "disk space or check the folder's permissions, then run again") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -76,3 +96,32 @@ def sha256_of(path: str | Path) -> str:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse, before writing anything, to start a file that the disk cannot hold."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise StorageError(f"{what} needs {needed / 1e9:.2f} GB in {folder}, which has {free / 1e9:.2f} GB free: free "
+                           "some space, or choose another --cache_dir (or $CNNLAB_CACHE)")
+
+
+def new_mapped_array(path: Path, dtype: Any, shape: tuple[int, ...], what: str) -> Any:
+    """A new `.npy` file at `path`, memory-mapped for writing, with its blocks allocated now. Writing into a sparse
+    map on a disk that fills up meanwhile kills the process with SIGBUS; here the space is checked and taken
+    before any work, and a disk that cannot give it is one StorageError naming `what` (nothing is left behind)."""
+    import numpy as np
+
+    check_free_space(path.parent, int(np.prod(shape)) * np.dtype(dtype).itemsize, what)
+    try:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, path.stat().st_size)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise StorageError(f"{what} could not be allocated in {path.parent} ({e.strerror}): free some space, or "
+                           "choose another --cache_dir (or $CNNLAB_CACHE)") from None
+    return out

@@ -1,5 +1,8 @@
 """The decode-once cache: a folder's images decoded, converted to RGB and resized once into a memory-mapped
-`.npy` array (N, S, S, 3), keyed by the files' paths, sizes and mtimes, the image size and the decoder.
+`.npy` array (N, S, S, 3), keyed by the files' paths, sizes, mtimes and ctimes, the image size and the decoder.
+The ctime is what a user cannot set back: a file replaced or rewritten in place, even with its old size and
+mtime restored, gets a new one and so a new cache. (Hashing every file's bytes would also catch this, at the
+cost of reading the whole data set on every run; a chmod or a copy of the folder costs one rebuild instead.)
 Later runs and sweep trials reuse it. One builder at a time per key (a file lock); decoding runs in a pool
 of worker processes (PIL) or in batches on the GPU (nvJPEG).
 """
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, new_mapped_array
 from .decode import DECODE_VERSION, decode_chunk
 from .folders import scan_folder
 
@@ -63,7 +66,7 @@ def cache_key(files: list[Path], image_size: int, decoder: str = "pil", crop: fl
     h = hashlib.sha256(f"cnnlab-decode-v{DECODE_VERSION}:{image_size}{tag}\n".encode())
     for p in files:
         st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -90,7 +93,8 @@ def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, work
             _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder, lock.fileno())
         try:
             pixels, errors = _open_cache(npy, meta, shape)
-        except (ValueError, OSError, KeyError, json.JSONDecodeError):  # damaged on disk: decode again, once
+        except (ValueError, KeyError, FileNotFoundError):  # damaged on disk: decode again, once (another OSError,
+            # such as too many open files or no memory for the map, says nothing against the cache: it propagates)
             npy.unlink(missing_ok=True)
             _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder, lock.fileno())
             pixels, errors = _open_cache(npy, meta, shape)
@@ -111,7 +115,7 @@ def _build(files: list[Path], geometry: tuple[int, float, str], npy: Path, meta:
 
     size = geometry[0]
     partial = npy.with_suffix(".partial.npy")
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
+    out = new_mapped_array(partial, np.uint8, (len(files), size, size, 3), f"the image cache of {folder} at {size}px")
     start = time.perf_counter()
     bar = tqdm(total=len(files), desc=f"decoding {folder.name}/ at {size}px ({decoder})", unit="img",
                disable=not progress, dynamic_ncols=True)
@@ -136,7 +140,7 @@ def _build(files: list[Path], geometry: tuple[int, float, str], npy: Path, meta:
 
 def _decode_with_workers(files: list[Path], geometry: tuple[int, float, str], partial: Path, workers: int, bar,
                          lock_fd: int | None = None) -> dict[int, str]:
-    workers = workers or os.cpu_count() or 1
+    workers = min(workers or os.cpu_count() or 1, os.cpu_count() or 1)  # more processes than cores only cost memory
     chunk = max(1, min(64, math.ceil(len(files) / (workers * 8))))
     jobs = [(str(partial), list(range(i, min(i + chunk, len(files)))), [str(p) for p in files[i:i + chunk]], *geometry)
             for i in range(0, len(files), chunk)]

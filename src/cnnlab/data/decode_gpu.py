@@ -9,6 +9,7 @@ libjpeg-turbo decoder), which is how the tests cover it on a machine without a G
 
 from __future__ import annotations
 
+import io
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .decode import crop_box, describe_error, load_rgb
 
@@ -28,6 +30,19 @@ def _read(path: Path) -> bytes | BaseException:
         return path.read_bytes()
     except OSError as e:
         return e
+
+
+def within_pixel_limit(blob: bytes) -> bool:
+    """Whether PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS) admits the image, judged from its
+    header alone: nvJPEG allocates whatever size a header claims, so a file over the limit, or one whose header
+    PIL cannot read, goes to the PIL path, which refuses it with the reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(blob)):
+                return True
+    except Exception:  # noqa: BLE001 - DecompressionBombError or an unreadable header: PIL names it
+        return False
 
 
 def _decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
@@ -78,7 +93,8 @@ def decode_into(files: list[Path], geometry: tuple[int, float, str], out: np.nda
             blobs = list(pending.pop())
             if k + 1 < len(chunks):  # read the next batch while this one decodes
                 pending.append(pool.map(_read, [files[r] for r in chunks[k + 1]]))
-            jpeg = [i for i, b in enumerate(blobs) if isinstance(b, bytes) and b[:3] == JPEG_MAGIC]
+            jpeg = [i for i, b in enumerate(blobs)
+                    if isinstance(b, bytes) and b[:3] == JPEG_MAGIC and within_pixel_limit(b)]
             decoded = dict(zip(jpeg, _decode_jpegs([blobs[i] for i in jpeg], device)))
             staged = torch.zeros((len(rows), size, size, 3), dtype=torch.uint8, device=device)
             fallback = []
