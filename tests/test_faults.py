@@ -316,3 +316,13 @@ except OSError as e:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "OSError 12" in out.stdout, out.stdout + out.stderr
     assert npy.exists() and npy.stat().st_size > 120 * 2**20
+
+
+def test_sweep_workers_are_bounded_by_the_cores(tmp_path, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nmethod: grid\nparameters:\n  lr:\n    values: [0.001]\n")
+    for workers in (0, (os.cpu_count() or 1) + 1):
+        assert main(["sweep", str(sweep), "--workers", str(workers), "--sweeps_dir", str(tmp_path / "sweeps")]) == 2
+        err = capsys.readouterr().err
+        assert f"--workers {workers}: this machine has {os.cpu_count()} cores" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "sweeps").exists()

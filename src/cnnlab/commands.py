@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import FIELDS, Config, load_yaml, make_config
-from .errors import CnnlabError
+from .errors import CnnlabError, ConfigError
 
 RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
 
@@ -181,6 +181,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import load_sweep, make_storage, open_study, run_sweep, spawn_workers
 
     args.storage = args.storage or os.environ.get("CNNLAB_STORAGE")  # keeps a password out of `ps`
+    cores = os.cpu_count() or 1
+    if not 1 <= args.workers <= cores:  # each worker trains with cores/workers threads: more only cost memory
+        raise ConfigError(f"--workers {args.workers}: this machine has {cores} cores; use 1 to {cores} worker "
+                          "processes (more machines can join the same --storage)")
     sweep = load_sweep(args.sweep_file)
     for warning in sweep.warnings:
         print(f"cnnlab sweep: warning: {warning}", file=sys.stderr)
