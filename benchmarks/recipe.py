@@ -34,10 +34,14 @@ RECIPES: dict[str, list[str]] = {
     "sgd nesterov 0.05 cosine warm-up 1, wd 5e-4, ls 0.1, TTA": [
         "--optimizer", "sgd", "--lr", "0.05", "--scheduler", "cosine", "--warmup_epochs", "1", "--weight_decay", "5e-4",
         "--label_smoothing", "0.1", "--tta", "true"],
-    "adamw recipe + TTA, 16 filters doubling": ["--optimizer", "adamw", "--lr", "2e-3", "--scheduler", "cosine",
-                                                "--warmup_epochs", "1", "--weight_decay", "0.05",
-                                                "--label_smoothing", "0.1", "--tta", "true", "--filters", "16",
-                                                "--filter_org", "double"],
+    # cnnlab's defaults as they are now (the adamw recipe + TTA with 16 doubling filters), then one change each
+    "default (as is)": [],
+    "default, crop_min 0.5": ["--crop_min", "0.5"],
+    "default, crop_min 0.35, jitter 0.1": ["--crop_min", "0.35", "--jitter", "0.1"],
+    "default, flips only (crop_min 1, jitter 0)": ["--crop_min", "1", "--jitter", "0"],
+    "default, ema 0.99": ["--ema", "0.99"],
+    "default, batch 32": ["--batch_size", "32"],
+    "default, lr 4e-3": ["--lr", "4e-3"],
 }
 
 
@@ -60,7 +64,7 @@ def main() -> None:
     ap.add_argument("--image_size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--only", help="run only the recipes whose name contains this")
+    ap.add_argument("--only", help="run only the recipes whose name contains one of these |-separated words")
     args = ap.parse_args()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
@@ -79,7 +83,7 @@ def main() -> None:
                 return
         table = {}
         for i, (name, recipe) in enumerate(RECIPES.items()):
-            if args.only and args.only not in name:
+            if args.only and not any(word in name for word in args.only.split("|")):
                 continue
             results = [run(data, recipe, seed, args, work, f"r{i}-s{seed}") for seed in range(args.seeds)]
             accs, secs = [a for a, _ in results], [s for _, s in results]

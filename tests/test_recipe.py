@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnnlab.config import make_config
 from cnnlab.data.demo import make_demo_data
 from cnnlab.evaluate import predict_logits
-from cnnlab.train import fit, make_scheduler, warmup_cosine
+from cnnlab.train import Callback, StopTraining, fit, make_scheduler, train_one_epoch, warmup_cosine
 
 
 def test_warmup_rises_linearly_then_cosine_falls_to_zero():
@@ -48,6 +49,46 @@ def test_label_smoothing_is_the_loss_the_config_names():
     logp = logits.log_softmax(1)[0]
     expected = -(0.8 * logp[0] + 0.1 * logp[1] + 0.1 * logp[2])  # 1 - 0.3 + 0.3/3 on the true class
     assert torch.isclose(smooth(logits, target), expected)
+
+
+def test_ema_after_every_step_is_the_decayed_average_of_the_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
+    seen = []
+    train_one_epoch(model, batches, lambda x, g: x, opt, None, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                    None, None, after_step=lambda: (ema.update_parameters(model), seen.append(model.weight.detach().clone())))
+    expected = seen[0]  # the first update takes the weights as they are, then each step decays
+    for w in seen[1:]:
+        expected = 0.9 * expected + 0.1 * w
+    assert len(seen) == 4 and torch.allclose(ema.module.weight, expected, atol=1e-6)
+    assert not torch.allclose(ema.module.weight, model.weight)
+
+
+class StopAfter(Callback):
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_epoch_end(self, run, record):
+        if record["epoch"] == self.epochs:
+            raise StopTraining()
+
+
+def test_with_ema_best_pt_holds_the_average_and_a_resume_repeats_the_run(tiny_cfg):
+    one = fit(tiny_cfg(ema=0.9, epochs=1, name="one"), progress=False, log=lambda s: None)
+    best = torch.load(one.run_dir / "best.pt", weights_only=True)
+    last = torch.load(one.run_dir / "last.pt", weights_only=True)
+    average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert average.keys() == best["model"].keys()
+    assert all(torch.equal(best["model"][k], average[k]) for k in average)  # validated and kept: the average
+    assert any(not torch.equal(last["model"][k], average[k]) for k in average)  # last.pt: the trained weights too
+    straight = fit(tiny_cfg(ema=0.9, epochs=3, name="straight"), progress=False, log=lambda s: None).history
+    fit(tiny_cfg(ema=0.9, epochs=3, name="resumed"), [StopAfter(2)], progress=False, log=lambda s: None)
+    resumed = fit(tiny_cfg(ema=0.9, epochs=3, name="resumed"), resume=True, progress=False, log=lambda s: None).history
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in h]
+    assert strip(resumed) == strip(straight)
 
 
 OLD_RECIPE = {"optimizer": "adam", "lr": 1e-3, "scheduler": "none", "warmup_epochs": 0, "weight_decay": 0.0,

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from .checkpoint import make_checkpoint, save_checkpoint
 from .config import Config
@@ -45,6 +46,12 @@ class Run:
     best_val_loss: float = math.inf  # of the best epoch: breaks ties of accuracy
     best_epoch: int = 0
     improved: bool = False  # whether the latest epoch is the best so far
+    ema: AveragedModel | None = None  # with --ema: the average that is validated and kept as best.pt
+
+    @property
+    def result_model(self) -> nn.Module:
+        """The weights this run validates and keeps: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 class Callback:
@@ -60,18 +67,20 @@ class Callback:
 
 class Checkpoints(Callback):
     """best.pt when validation accuracy improves, then last.pt (with the optimiser and schedule, for --resume)
-    every epoch. best.pt first: a crash between the two saves only redoes this epoch on resume."""
+    every epoch. best.pt first: a crash between the two saves only redoes this epoch on resume. With --ema,
+    best.pt holds the average (what was validated) and last.pt the trained weights plus the average."""
 
     def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
-        def state(**extra: Any) -> dict[str, Any]:
-            return make_checkpoint(run.model, run.cfg, run.classes, run.preprocess, record["epoch"], run.history,
+        def state(model: nn.Module, **extra: Any) -> dict[str, Any]:
+            return make_checkpoint(model, run.cfg, run.classes, run.preprocess, record["epoch"], run.history,
                                    best_val_acc=run.best_val_acc, best_val_loss=run.best_val_loss,
                                    best_epoch=run.best_epoch, **extra)
 
         if run.improved:
-            save_checkpoint(state(), run.run_dir / "best.pt")
-        save_checkpoint(state(optimizer=run.optimizer.state_dict(),
-                              scheduler=run.scheduler.state_dict() if run.scheduler else None), run.run_dir / "last.pt")
+            save_checkpoint(state(run.result_model), run.run_dir / "best.pt")
+        save_checkpoint(state(run.model, optimizer=run.optimizer.state_dict(),
+                              scheduler=run.scheduler.state_dict() if run.scheduler else None,
+                              ema=run.ema.state_dict() if run.ema is not None else None), run.run_dir / "last.pt")
 
 
 class MetricsFile(Callback):

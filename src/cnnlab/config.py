@@ -38,6 +38,10 @@ class Config:
     image_size: int = _f(224, "images are resized to image_size x image_size once, into the cache", min=16, max=1024)
     val_fraction: float = _f(0.2, "fraction of train/ held out, stratified, for validation", min=0.01, max=0.9)
     augment: bool = _f(True, "random resized crop, horizontal flip and colour jitter on training batches")
+    crop_min: float = _f(0.25, "with augment: the random resized crop's smallest area, as a fraction of the image "
+                               "(1: flips only, no crops)", min=0.05, max=1.0)
+    jitter: float = _f(0.2, "with augment: strength of the brightness, contrast and colour-balance jitter (0: off)",
+                       min=0.0, max=1.0)
     # model
     model: str = _f("smallcnn", "smallcnn or any torchvision classification model name")
     weights: str = _f("none", "pretrained weights: a torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a timm tag "
@@ -77,6 +81,8 @@ class Config:
     scheduler: str = _f("cosine", "learning-rate schedule, stepped every batch: none (constant), cosine (to 0, after "
                         "--warmup_epochs of linear warm-up), onecycle", choices=SCHEDULERS)
     warmup_epochs: float = _f(1.0, "with scheduler=cosine: epochs of linear warm-up from 0 to lr", min=0.0, max=1000.0)
+    ema: float = _f(0.0, "decay of an exponential moving average of the weights and batch-norm statistics, updated "
+                          "every step; validation, best.pt and evaluate use the average (0: off)", min=0.0, max=0.9999)
     label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy loss", min=0.0, max=0.5)
     tta: bool = _f(True, "test-time augmentation: validation, evaluate and predict average the logits of each image "
                    "and its mirror image")

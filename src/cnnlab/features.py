@@ -118,7 +118,9 @@ def store_key(cfg: Config, images: CachedImages, boundary: str, dtype: np.dtype,
     else:
         weights = cfg.weights
     parts = [cfg.model, weights, boundary, json.dumps(pre, sort_keys=True), cache_key(images.files, images.image_size),
-             str(np.dtype(dtype)), str(cfg.feature_cache_views), str(cfg.seed if cfg.feature_cache_views else "")]
+             str(np.dtype(dtype)), str(cfg.feature_cache_views)]
+    if cfg.feature_cache_views:  # the stored views are drawn with this seed and this augmentation strength
+        parts += [str(cfg.seed), f"{cfg.crop_min:g}", f"{cfg.jitter:g}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .callbacks import Callback, Checkpoints, ConsoleLog, EarlyStopping, MetricsFile, Run, StopTraining, WandbTracker
@@ -104,9 +106,9 @@ def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], transform: Callable,
                     optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: nn.Module, device: torch.device,
                     amp: torch.dtype | None, aug: torch.Generator | None, grad_clip: float = 0.0,
-                    bar: Any = None) -> dict[str, float]:
+                    bar: Any = None, after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over `batches`. Loss and accuracy are summed on the device and read once at the end,
-    so the GPU never waits for the host inside an epoch."""
+    so the GPU never waits for the host inside an epoch. `after_step` runs after every optimiser step."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -123,6 +125,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step()
         loss_sum += loss.detach().float() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
@@ -162,6 +166,8 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     optimizer = make_optimizer(cfg, plan.param_groups(), device)
     run = Run(cfg, run_dir, parts.module, optimizer, make_scheduler(cfg, optimizer, source.steps_per_epoch),
               images.classes, parts.preprocess, log)
+    if cfg.ema:
+        run.ema = AveragedModel(parts.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     start_epoch = restore(run) + 1 if resume else 1
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -234,7 +240,7 @@ def make_source(cfg: Config, parts: ModelParts, plan: TrainablePlan, images: Cac
                 val_rows: np.ndarray, device: torch.device, amp: torch.dtype | None, device_cache: DeviceCache | None,
                 progress: bool, log: Callable[[str], None]) -> ImageSource | FeatureSource:
     """Images from the cache, or stored features of the frozen backbone where the strategy allows one."""
-    transform = ImageTransform(parts.preprocess, cfg.channels_last)
+    transform = ImageTransform(parts.preprocess, cfg.channels_last, scale=(cfg.crop_min, 1.0), jitter=cfg.jitter)
     source = ImageSource(compile_model(parts.module, cfg.compile), images, train_rows, val_rows, cfg, device,
                          transform, device_cache)
     store = prepare_store(cfg, parts, images, transform, device, amp, progress, log)
@@ -248,6 +254,8 @@ def restore(run: Run) -> int:
     state = load_checkpoint(run.run_dir / "last.pt", next(run.model.parameters()).device)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
     if run.scheduler is not None:
         run.scheduler.load_state_dict(state["scheduler"])
     run.history, run.best_val_acc, run.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
@@ -259,6 +267,21 @@ def restore(run: Run) -> int:
     else:
         run.log(f"resuming {run.run_dir} after epoch {state['epoch']}")
     return int(state["epoch"])
+
+
+@contextmanager
+def weights_of(model: nn.Module, source: nn.Module) -> Iterator[None]:
+    """`model` holds `source`'s parameters and buffers inside the block, its own again after it. Copied in
+    place, so a compiled wrapper of `model`, or a part of it (a head on stored features), sees them too."""
+    if source is model:
+        yield
+        return
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(source.state_dict())
+    try:
+        yield
+    finally:
+        model.load_state_dict(own)
 
 
 def is_better(record: dict[str, Any], run: Run) -> bool:
@@ -309,13 +332,15 @@ class EpochLoop:
         t0 = time.perf_counter()
         with tqdm(total=self.source.steps_per_epoch * cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", unit="img",
                   disable=not progress, leave=False, dynamic_ncols=True) as bar:
+            update_ema = (lambda: run.ema.update_parameters(run.model)) if run.ema is not None else None
             stats = train_one_epoch(data.net, data.train, data.transform, run.optimizer, run.scheduler, self.loss_fn,
-                                    self.device, self.amp, aug, cfg.grad_clip, bar)
+                                    self.device, self.amp, aug, cfg.grad_clip, bar, update_ema)
         train_time = time.perf_counter() - t0
         if not math.isfinite(stats["train_loss"]):
             raise TrainingDiverged(f"epoch {epoch}: the training loss is {stats['train_loss']}; "
                                    f"try a lower --lr (now {cfg.lr:g}) or --grad_clip 1")
-        val = evaluate(data.net, data.val, data.transform, self.device, self.amp, self.loss_fn, data.tta)
+        with weights_of(run.model, run.result_model):  # data.net shares its parameters with run.model
+            val = evaluate(data.net, data.val, data.transform, self.device, self.amp, self.loss_fn, data.tta)
         return {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                 "val_loss": val["loss"], "val_acc": val["acc"], "lr": run.optimizer.param_groups[0]["lr"],
                 "epoch_time": time.perf_counter() - t0, "images_per_s": stats["seen"] / train_time}
