@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,6 +117,17 @@ def test_a_part_longer_than_the_servers_file_is_not_taken_as_complete(server, tm
     assert download(server.url + "/f.bin", tmp_path / "f.bin", progress=False).read_bytes() == new
     assert server.ranges[-2:] == ["bytes=149999-", None]
     assert not (tmp_path / "f.bin.part").exists() and not (tmp_path / "f.bin.part.json").exists()
+
+
+def test_a_whole_part_left_before_its_rename_is_finished_without_downloading_again(server, tmp_path):
+    body = b"w" * 50_000
+    server.files["/w.bin"] = body
+    download(server.url + "/w.bin", tmp_path / "w.bin", progress=False)
+    (tmp_path / "w.bin").rename(tmp_path / "w.bin.part")  # as a crash between the last byte and the rename leaves it
+    (tmp_path / "w.bin.part.json").write_text(json.dumps({"url": server.url + "/w.bin", "validator": None,
+                                                           "total": len(body)}))
+    assert download(server.url + "/w.bin", tmp_path / "w.bin", progress=False).read_bytes() == body
+    assert server.ranges[-1] == "bytes=50000-"  # answered 416: nothing was sent again
 
 
 @pytest.mark.parametrize("honour_if_range", [True, False])
