@@ -16,6 +16,7 @@ def test_golden_parameter_count_of_the_assignment_cnn():
     {}, {"batch_norm": False}, {"filter_org": "double", "filters": 16}, {"filter_org": "half", "filters": 64},
     {"kernel_size": "3,3,5,5,7", "dense_units": 128, "image_size": 100},
     {"filter_org": "8,16,16,32,48", "kernel_size": 4, "image_size": 64},
+    {"global_pool": True, "image_size": 128}, {"global_pool": True, "image_size": 50, "batch_norm": False},
 ])
 def test_formula_matches_numel_and_flop_counter(overrides):
     cfg = make_config(overrides)

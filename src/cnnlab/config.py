@@ -56,6 +56,8 @@ class Config:
     batch_norm: bool = _f(True, "batch norm after each convolution")
     dropout: float = _f(0.2, "dropout before the output layer", min=0.0, max=0.95)
     dense_units: int = _f(256, "units in the dense layer", min=1, max=65536)
+    global_pool: bool = _f(False, "average the last block's map over space before the dense layer (false: flatten "
+                                  "it, as the assignment's network does)")
     # fine-tuning (torchvision models)
     finetune: str = _f("none", "what trains, starting from --weights: none (no pretrained weights: every layer trains "
                        "from scratch) | head (only the new head) | partial (all but the stem and the first "

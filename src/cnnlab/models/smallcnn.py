@@ -30,7 +30,8 @@ class SmallCNN(nn.Module):
     dropout -> linear. `features[i][0]` is block i's convolution; `classifier[-1]` is the output layer."""
 
     def __init__(self, filters: list[int], kernels: list[int], activation: str, batch_norm: bool,
-                 dense_units: int, dropout: float, num_classes: int, image_size: int, in_channels: int = 3):
+                 dense_units: int, dropout: float, num_classes: int, image_size: int, in_channels: int = 3,
+                 global_pool: bool = False):
         super().__init__()
         blocks, c_in, size = [], in_channels, image_size
         for c, k in zip(filters, kernels):
@@ -43,7 +44,10 @@ class SmallCNN(nn.Module):
         if size < 1:
             raise ConfigError(f"image_size={image_size} is too small for 5 pooling layers: use at least 32")
         self.features = nn.Sequential(*blocks)
+        if global_pool:
+            size = 1
         self.classifier = nn.Sequential(
+            *([nn.AdaptiveAvgPool2d(1)] if global_pool else []),
             nn.Flatten(),
             nn.Linear(c_in * size * size, dense_units),
             ACTIVATION_LAYERS[activation](),
@@ -54,7 +58,7 @@ class SmallCNN(nn.Module):
     @classmethod
     def from_config(cls, cfg: Config, num_classes: int) -> "SmallCNN":
         return cls(cfg.filter_counts(), cfg.kernel_sizes(), cfg.activation, cfg.batch_norm,
-                   cfg.dense_units, cfg.dropout, num_classes, cfg.image_size)
+                   cfg.dense_units, cfg.dropout, num_classes, cfg.image_size, global_pool=cfg.global_pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -76,7 +80,8 @@ def smallcnn_cost(cfg: Config, num_classes: int) -> Cost:
     """Closed form. Block i (input size s_i x s_i, c_{i-1} -> c_i channels, kernel k_i, 'same' padding):
         params_i = k_i^2 c_{i-1} c_i + (2 c_i with batch norm, else c_i for the conv bias)
         flops_i  = 2 k_i^2 c_{i-1} c_i s_i^2,  and s_{i+1} = floor(s_i / 2)
-    Dense (n units) on the s_6 x s_6 x c_5 map, then the output layer (C classes):
+    Dense (n units) on the s_6 x s_6 x c_5 map (with global_pool, its c_5 channel means: s_6 = 1), then the
+    output layer (C classes):
         params = (s_6^2 c_5 + 1) n + (n + 1) C,    flops = 2 s_6^2 c_5 n + 2 n C
     With m filters in every layer, kernel k, image s and no batch norm this is the assignment's
     sum_i (k^2 m^2 + m) + ... ; the FLOPs drop the bias adds, batch norm, activations and pooling, as
@@ -88,6 +93,8 @@ def smallcnn_cost(cfg: Config, num_classes: int) -> Cost:
         flops += 2 * k * k * c_in * c * s * s
         c_in, s = c, s // 2
     n = cfg.dense_units
+    if cfg.global_pool:  # the map averaged to c_5 values (the mean's adds are not counted, as for pooling)
+        s = 1
     params += (s * s * c_in + 1) * n + (n + 1) * num_classes
     flops += 2 * s * s * c_in * n + 2 * n * num_classes
     return Cost(params, flops)
