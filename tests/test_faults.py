@@ -257,7 +257,7 @@ def test_a_jpeg_over_the_pixel_limit_never_reaches_the_batch_decoder(tmp_path):
     """nvJPEG (and torchvision's CPU decoder, which stands in for it here) allocate whatever a header claims: a
     20,000 x 20,000 header on a few hundred bytes took 6.4 GB. It is now refused from its header, like PIL does."""
     script = """
-import io, resource, struct, sys
+import io, struct, sys
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
@@ -270,12 +270,12 @@ path = Path(sys.argv[1]) / "bomb.jpg"
 path.write_bytes(bytes(b))
 errors = decode_into([path], (32, 0.0, "bilinear"), np.zeros((1, 32, 32, 3), np.uint8), torch.device("cpu"))
 print(errors.get(0))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024)
 """
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True,
                          timeout=300).stdout.splitlines()
     assert out[0].startswith("image too large to decode safely")
-    assert int(out[1]) < 2000, f"peak memory {out[1]} MB"
+    assert int(out[1]) < 2000, f"peak memory {out[1]} MB"  # VmHWM: ru_maxrss would inherit pytest's own peak
 
 
 def test_a_file_replaced_with_its_old_size_and_mtime_is_decoded_again(tmp_path):
