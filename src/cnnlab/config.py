@@ -37,10 +37,12 @@ class Config:
     data: str = _f("data/demo", "data root holding train/<class>/ and val/<class>/ (val/ is the test set)")
     image_size: int = _f(224, "images are resized to image_size x image_size once, into the cache", min=16, max=1024)
     val_fraction: float = _f(0.2, "fraction of train/ held out, stratified, for validation", min=0.01, max=0.9)
-    augment: bool = _f(True, "random resized crop, horizontal flip and colour jitter on training batches")
-    crop_min: float = _f(0.25, "with augment: the random resized crop's smallest area, as a fraction of the image "
-                               "(1: flips only, no crops)", min=0.05, max=1.0)
-    jitter: float = _f(0.2, "with augment: strength of the brightness, contrast and colour-balance jitter (0: off)",
+    augment: bool = _f(True, "augment training batches: horizontal flips, random resized crops (see crop_min) and "
+                             "colour jitter (see jitter)")
+    crop_min: float = _f(1.0, "with augment: the random resized crop's smallest area, as a fraction of the image (1: "
+                              "whole-area crops of jittered aspect ratio, the measured best for short runs; 0.25 is "
+                              "Inception-style)", min=0.05, max=1.0)
+    jitter: float = _f(0.0, "with augment: strength of the brightness, contrast and colour-balance jitter (0: off)",
                        min=0.0, max=1.0)
     # model
     model: str = _f("smallcnn", "smallcnn or any torchvision classification model name")
