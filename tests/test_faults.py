@@ -25,7 +25,10 @@ def _train(data, tmp_path, name):
     argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(data), "--image_size=224", "--epochs=1",
             "--filters=4", "--dense_units=8", "--decode_workers=2", "--cache_dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "runs"), f"--name={name}", "--quiet"]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGINT's default action restored in the child, as a terminal gives it: pytest started in the background by a
+    # non-interactive shell (`cmd &`) ignores SIGINT, and an ignored signal stays ignored across exec
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_workers(proc, tmp_path):
