@@ -4,8 +4,8 @@ cache build included).
 
 Plain: ImageFolder + per-image PIL Resize((s, s)) / ToTensor / Normalize, DataLoader(batch 64, shuffle, 2 workers),
 fp32 NCHW, Adam 1e-3 constant, no augmentation, cross-entropy; the model is cnnlab's SmallCNN with the default
-config (5 x 32 filters, batch norm, 256 dense units), trained on all of train/ and scored on val/ after the last
-epoch. cnnlab: `cnnlab train --data D --image_size S --epochs E --seed K`, then `cnnlab evaluate`.
+config (16 filters doubling, batch norm, 256 dense units), trained on all of train/ and scored on val/ after the
+last epoch. cnnlab: `cnnlab train --data D --image_size S --epochs E --seed K`, then `cnnlab evaluate`.
 
     python benchmarks/plain_vs_default.py [--data flowers] [--image_size 128] [--epochs 8] [--seeds 1]
 Last line: `ratio: N.N` (plain wall time over cnnlab's; higher is better)."""
