@@ -35,7 +35,7 @@ from .config import Config
 from .data import Batches, CachedImages, ImageTransform, cache_key
 from .hardware import autocast
 from .io import atomic_write_json, new_mapped_array, sha256_of
-from .models import ModelParts, TrainablePlan, stages
+from .models import ModelParts, TrainablePlan, stages, weights_file
 from .sources import VAL_BATCH, EpochData, ImageSource
 
 
@@ -111,8 +111,9 @@ def split_for_store(parts: ModelParts, cfg: Config, head_only: bool) -> Split | 
 
 
 def store_key(cfg: Config, images: CachedImages, boundary: str, dtype: np.dtype, pre: dict[str, Any]) -> str:
-    if cfg.weights.lower() != "none" and Path(cfg.weights).is_file():
-        weights = "file:" + sha256_of(cfg.weights)
+    path = weights_file(cfg.weights)  # the rule create_model reads --weights by: ~ expanded, tags are no file
+    if path is not None:
+        weights = "file:" + sha256_of(path)
     elif cfg.weights.lower() in ("none", "random"):  # the backbone is what this seed initialised
         weights = f"random:{cfg.seed}"
     else:

@@ -28,16 +28,14 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
         raise StorageError(f"could not write {path} ({e.strerror or e}); {kept}: free some disk space or check the "
                            "folder's permissions, then run again") from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _umask() -> int:

@@ -140,7 +140,8 @@ def _build(files: list[Path], geometry: tuple[int, float, str], npy: Path, meta:
 
 def _decode_with_workers(files: list[Path], geometry: tuple[int, float, str], partial: Path, workers: int, bar,
                          lock_fd: int | None = None) -> dict[int, str]:
-    workers = min(workers or os.cpu_count() or 1, os.cpu_count() or 1)  # more processes than cores only cost memory
+    cores = os.cpu_count() or 1
+    workers = min(workers or cores, cores)  # more processes than cores only cost memory
     chunk = max(1, min(64, math.ceil(len(files) / (workers * 8))))
     jobs = [(str(partial), list(range(i, min(i + chunk, len(files)))), [str(p) for p in files[i:i + chunk]], *geometry)
             for i in range(0, len(files), chunk)]

@@ -14,6 +14,7 @@ from .from_timm import PREFIX as TIMM_PREFIX
 from .from_timm import check_timm_name, timm_names
 from .parts import ModelParts
 from .plan import TrainablePlan, stages
+from .pretrained import weights_file
 from .smallcnn import SmallCNN, measured_cost, smallcnn_cost
 
 SCRATCH = "smallcnn"
@@ -64,4 +65,4 @@ def create_model(cfg: Config, num_classes: int) -> ModelParts:
 
 
 __all__ = ["ModelParts", "TrainablePlan", "stages", "SmallCNN", "measured_cost", "smallcnn_cost", "model_names",
-           "check_model_name", "check_config", "create_model", "torchvision_names"]
+           "check_model_name", "check_config", "create_model", "torchvision_names", "weights_file"]
