@@ -173,8 +173,15 @@ def _decode_in_processes(jobs: list[tuple], workers: int, take: Any, lock_fd: in
     method = "fork" if sys.platform == "linux" else "spawn"
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
                                initargs=(lock_fd,))
+    # Workers are forked by the first submit; with SIGINT blocked meanwhile, a Ctrl-C in that instant waits in the
+    # parent (raised once unblocked) instead of reaching a worker before its initializer ignores it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        for future in as_completed([pool.submit(decode_chunk, job) for job in jobs]):
+        futures = [pool.submit(decode_chunk, job) for job in jobs]
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        for future in as_completed(futures):
             take(future.result())
     except BrokenProcessPool:
         raise DataError("a decode worker died (killed, or out of memory) while the image cache was built: run again "
@@ -188,6 +195,7 @@ def _decode_in_processes(jobs: list[tuple], workers: int, take: Any, lock_fd: in
 
 def _init_worker(lock_fd: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone answers it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # forked with it blocked: a pending one is dropped
     if lock_fd is not None:  # the forked copy of the cache lock's descriptor would keep the lock held
         os.close(lock_fd)
 
