@@ -7,7 +7,7 @@ from cnnlab.models import create_model, measured_cost, smallcnn_cost
 
 def test_golden_parameter_count_of_the_assignment_cnn():
     # 5 x 32 filters, 3x3, batch norm, 256 dense units, 224 px, 10 classes (conv bias dropped under batch norm)
-    cfg = make_config({"filters": 32, "filter_org": "same"})
+    cfg = make_config({"filters": 32, "filter_org": "same", "conv1_stride": 1})
     assert smallcnn_cost(cfg, 10).params == 442_282
     assert smallcnn_cost(cfg, 10).flops == 394_589_184
 
@@ -17,6 +17,8 @@ def test_golden_parameter_count_of_the_assignment_cnn():
     {"kernel_size": "3,3,5,5,7", "dense_units": 128, "image_size": 100},
     {"filter_org": "8,16,16,32,48", "kernel_size": 4, "image_size": 64},
     {"global_pool": True, "image_size": 128}, {"global_pool": True, "image_size": 50, "batch_norm": False},
+    {"conv1_stride": 2, "image_size": 128}, {"conv1_stride": 2, "image_size": 101, "kernel_size": "4,3,3,3,3"},
+    {"conv1_stride": 3, "image_size": 100, "kernel_size": 5, "global_pool": True},
 ])
 def test_formula_matches_numel_and_flop_counter(overrides):
     cfg = make_config(overrides)
@@ -39,3 +41,31 @@ def test_every_activation_trains_a_step(activation):
 def test_image_too_small_for_five_pools():
     with pytest.raises(ConfigError, match="needs at least 32"):  # refused with the config, before any work
         make_config({"image_size": 16})
+
+
+def test_first_stride_is_2_from_128_px_unless_set():
+    assert make_config({"image_size": 128}).first_stride() == 2
+    assert make_config({"image_size": 127}).first_stride() == 1
+    assert make_config({"image_size": 224, "conv1_stride": 1}).first_stride() == 1
+    model = create_model(make_config({"image_size": 128}), 5).module
+    assert model.features[0][0].stride == (2, 2)
+    assert model(torch.zeros(2, 3, 128, 128)).shape == (2, 5)
+    with pytest.raises(ConfigError, match="after a stride-2 first convolution, so it needs at least 64"):
+        make_config({"image_size": 48, "conv1_stride": 2})
+
+
+def test_a_checkpoint_saved_before_conv1_stride_existed_loads_as_stride_1(tmp_path):
+    """Its config has no conv1_stride key: it was trained at stride 1, whatever the default is now."""
+    from cnnlab.checkpoint import make_checkpoint, save_checkpoint
+    from cnnlab.evaluate import load_model
+
+    cfg = make_config({"image_size": 128, "filters": 4, "dense_units": 8, "conv1_stride": 1})
+    parts = create_model(cfg, 3)
+    model = parts.module
+    state = make_checkpoint(model, cfg, ["a", "b", "c"], parts.preprocess, epoch=1, history=[])
+    del state["config"]["conv1_stride"]
+    save_checkpoint(state, tmp_path / "best.pt")
+    loaded = load_model(tmp_path / "best.pt", torch.device("cpu"))
+    assert loaded.cfg.conv1_stride == 1 and loaded.model.features[0][0].stride == (1, 1)
+    x = torch.randn(2, 3, 128, 128)
+    assert torch.allclose(loaded.model(x), model.eval()(x), atol=1e-5)  # loaded channels_last: other sum order

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import FIELDS, Config, load_yaml, make_config
+from .config import FIELDS, Config, load_yaml, make_config, saved_config
 from .errors import CnnlabError, ConfigError
 
 RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = run / "config.yaml"
         if not saved.exists():
             raise CnnlabError(f"{run} is not a run folder (no config.yaml); expected runs/<name>")
-        before = make_config(load_yaml(saved))
+        before = saved_config(load_yaml(saved))
         cfg = make_config(before.to_dict(), config_overrides(args), {"out": str(run.parent), "name": run.name})
         changed = [k for k in FIELDS if k not in RESUME_MAY_CHANGE + ("out", "name")
                    and getattr(cfg, k) != getattr(before, k)]
@@ -79,8 +79,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"model {cfg.model}, {n} classes, {size}x{size} input")
     if cfg.model == "smallcnn":
         formula = smallcnn_cost(cfg, n)
-        print(f"filters {cfg.filter_counts()}, kernels {cfg.kernel_sizes()}, dense {cfg.dense_units}, "
-              f"batch_norm {cfg.batch_norm}")
+        print(f"filters {cfg.filter_counts()}, kernels {cfg.kernel_sizes()}, first conv stride {cfg.first_stride()}"
+              f"{' (auto)' if cfg.conv1_stride == 0 else ''}, dense {cfg.dense_units}, batch_norm {cfg.batch_norm}, "
+              f"{'global average pool' if cfg.global_pool else 'flatten'}")
         print(f"parameters: {formula.params:,} (formula)  {measured.params:,} (sum of p.numel())")
         print(f"forward FLOPs per image: {formula.flops:,} = {formula.gflops:.3f} GFLOP (formula)  "
               f"{measured.flops:,} (torch.utils.flop_counter)")

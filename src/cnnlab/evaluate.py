@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .config import Config, make_config
+from .config import Config, saved_config
 from .data import Batches, ImageTransform, load_images
 from .data.decode import describe_error, load_rgb
 from .errors import DataError
@@ -69,7 +69,7 @@ def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
     """Rebuild the model a checkpoint was trained as (no weights download) and load its weights."""
     state = load_checkpoint(checkpoint, device)
     saved = state["config"]  # the weights come from the checkpoint: nothing to download or read besides it
-    cfg = make_config({**saved, "weights": "none" if saved.get("finetune", "none") == "none" else "random"})
+    cfg = saved_config(saved, {"weights": "none" if saved.get("finetune", "none") == "none" else "random"})
     model = create_model(cfg, len(state["classes"])).module
     model.load_state_dict(state["model"])
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)

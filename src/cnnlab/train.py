@@ -215,6 +215,8 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
                           f"or choose another --name")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()))  # --resume works from anywhere
+    if cfg.model == "smallcnn":  # the stride it trains with, not "auto": a later auto rule cannot change the model
+        cfg = replace(cfg, conv1_stride=cfg.first_stride())
     save_yaml(cfg, run_dir / "config.yaml")
     return cfg, run_dir
 

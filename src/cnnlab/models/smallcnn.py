@@ -31,16 +31,18 @@ class SmallCNN(nn.Module):
 
     def __init__(self, filters: list[int], kernels: list[int], activation: str, batch_norm: bool,
                  dense_units: int, dropout: float, num_classes: int, image_size: int, in_channels: int = 3,
-                 global_pool: bool = False):
+                 global_pool: bool = False, conv1_stride: int = 1):
         super().__init__()
         blocks, c_in, size = [], in_channels, image_size
-        for c, k in zip(filters, kernels):
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c, k, padding="same", bias=not batch_norm)]
+        for i, (c, k) in enumerate(zip(filters, kernels)):
+            stride = conv1_stride if i == 0 else 1
+            padding = "same" if stride == 1 else (k - 1) // 2  # torch allows 'same' only at stride 1
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c, k, stride, padding, bias=not batch_norm)]
             if batch_norm:
                 layers.append(nn.BatchNorm2d(c))
             layers += [ACTIVATION_LAYERS[activation](), nn.MaxPool2d(2)]
             blocks.append(nn.Sequential(*layers))
-            c_in, size = c, size // 2
+            c_in, size = c, conv_output_size(size, k, stride) // 2
         if size < 1:
             raise ConfigError(f"image_size={image_size} is too small for 5 pooling layers: use at least 32")
         self.features = nn.Sequential(*blocks)
@@ -58,10 +60,16 @@ class SmallCNN(nn.Module):
     @classmethod
     def from_config(cls, cfg: Config, num_classes: int) -> "SmallCNN":
         return cls(cfg.filter_counts(), cfg.kernel_sizes(), cfg.activation, cfg.batch_norm,
-                   cfg.dense_units, cfg.dropout, num_classes, cfg.image_size, global_pool=cfg.global_pool)
+                   cfg.dense_units, cfg.dropout, num_classes, cfg.image_size, global_pool=cfg.global_pool,
+                   conv1_stride=cfg.first_stride())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def conv_output_size(size: int, kernel: int, stride: int) -> int:
+    """Side of a convolution's output: `size` at stride 1 ('same' padding), else with padding (k - 1) // 2."""
+    return size if stride == 1 else (size + 2 * ((kernel - 1) // 2) - kernel) // stride + 1
 
 
 # ---- parameter and FLOP counts ----------------------------------------------------------------------
@@ -79,7 +87,9 @@ class Cost:
 def smallcnn_cost(cfg: Config, num_classes: int) -> Cost:
     """Closed form. Block i (input size s_i x s_i, c_{i-1} -> c_i channels, kernel k_i, 'same' padding):
         params_i = k_i^2 c_{i-1} c_i + (2 c_i with batch norm, else c_i for the conv bias)
-        flops_i  = 2 k_i^2 c_{i-1} c_i s_i^2,  and s_{i+1} = floor(s_i / 2)
+        flops_i  = 2 k_i^2 c_{i-1} c_i o_i^2,  and s_{i+1} = floor(o_i / 2)
+    where o_i = s_i is the conv's output side ('same' padding); a first conv of stride t > 1 is padded by
+    floor((k_1 - 1) / 2), so o_1 = floor((s_1 + 2 floor((k_1 - 1) / 2) - k_1) / t) + 1.
     Dense (n units) on the s_6 x s_6 x c_5 map (with global_pool, its c_5 channel means: s_6 = 1), then the
     output layer (C classes):
         params = (s_6^2 c_5 + 1) n + (n + 1) C,    flops = 2 s_6^2 c_5 n + 2 n C
@@ -88,10 +98,11 @@ def smallcnn_cost(cfg: Config, num_classes: int) -> Cost:
     torch.utils.flop_counter does, so the two numbers can be compared exactly."""
     params = flops = 0
     c_in, s = 3, cfg.image_size
-    for c, k in zip(cfg.filter_counts(), cfg.kernel_sizes()):
+    for i, (c, k) in enumerate(zip(cfg.filter_counts(), cfg.kernel_sizes())):
+        o = conv_output_size(s, k, cfg.first_stride() if i == 0 else 1)
         params += k * k * c_in * c + (2 * c if cfg.batch_norm else c)
-        flops += 2 * k * k * c_in * c * s * s
-        c_in, s = c, s // 2
+        flops += 2 * k * k * c_in * c * o * o
+        c_in, s = c, o // 2
     n = cfg.dense_units
     if cfg.global_pool:  # the map averaged to c_5 values (the mean's adds are not counted, as for pooling)
         s = 1
