@@ -50,6 +50,13 @@ RECIPES: dict[str, list[str]] = {
     "flips, crop_min 0.8, jitter 0.1": ["--crop_min", "0.8", "--jitter", "0.1"],
     "flips, sgd nesterov 0.05, wd 5e-4": [*FLIPS, "--optimizer", "sgd", "--lr", "0.05", "--weight_decay", "5e-4"],
     "flips, global average pool": [*FLIPS, "--global_pool", "true"],
+    # a stride-2 first convolution: blocks 2-5 on maps half as wide, a quarter of the FLOPs
+    "default, conv1_stride 2": ["--conv1_stride", "2"],
+    "default, conv1_stride 2, global average pool": ["--conv1_stride", "2", "--global_pool", "true"],
+    "stride 2, batch 32": ["--conv1_stride", "2", "--batch_size", "32"],
+    "stride 2, kernel 5 in the first block": ["--conv1_stride", "2", "--kernel_size", "5,3,3,3,3"],
+    "stride 2, 24 filters doubling": ["--conv1_stride", "2", "--filters", "24"],
+    "stride 2, 32 filters doubling": ["--conv1_stride", "2", "--filters", "32"],
 }
 
 
