@@ -57,6 +57,8 @@ RECIPES: dict[str, list[str]] = {
     "stride 2, kernel 5 in the first block": ["--conv1_stride", "2", "--kernel_size", "5,3,3,3,3"],
     "stride 2, 24 filters doubling": ["--conv1_stride", "2", "--filters", "24"],
     "stride 2, 32 filters doubling": ["--conv1_stride", "2", "--filters", "32"],
+    "stride 2, val_fraction 0.1 (10% more training images)": ["--conv1_stride", "2", "--val_fraction", "0.1"],
+    "stride 2, dropout 0.5": ["--conv1_stride", "2", "--dropout", "0.5"],
 }
 
 

@@ -67,7 +67,7 @@ def main() -> None:
         storage = make_storage(None, folder)
         study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
         best = study.best_trial
-        say(f"best trial {best.number}: val_acc {best.value:.4f}, config:\n"
+        say(f"best trial {best.number}: val_acc {best.value:.4f}, its sweep parameters:\n"
             + yaml.safe_dump(best.user_attrs["config"], sort_keys=False))
         run_dir = best.user_attrs["run_dir"]
         assert cnnlab(["evaluate", run_dir, "--data", str(data), "--cache_dir", str(work / "cache"), "--quiet"]) == 0
