@@ -175,12 +175,13 @@ def _decode_in_processes(jobs: list[tuple], workers: int, take: Any, lock_fd: in
                                initargs=(lock_fd,))
     # Workers are forked by the first submit; with SIGINT blocked meanwhile, a Ctrl-C in that instant waits in the
     # parent (raised once unblocked) instead of reaching a worker before its initializer ignores it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # The Ctrl-C that unblocking raises lands inside the outer try, whose finally ends the workers.
     try:
-        futures = [pool.submit(decode_chunk, job) for job in jobs]
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            futures = [pool.submit(decode_chunk, job) for job in jobs]
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         for future in as_completed(futures):
             take(future.result())
     except BrokenProcessPool:
