@@ -38,5 +38,12 @@ def reference_loader(folder: Path, image_size: int, batch_size: int, workers: in
                                        num_workers=workers, persistent_workers=False)
 
 
+def cpu_flags() -> str:
+    """The CPU features that decide fp32 vs bf16 speed, as named in /proc/cpuinfo (empty where it is absent)."""
+    info = Path("/proc/cpuinfo")
+    flags = info.read_text() if info.exists() else ""
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
+
+
 def say(*args) -> None:
     print(*args, flush=True, file=sys.stdout)

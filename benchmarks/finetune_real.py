@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHARED, say
+from common import SHARED, cpu_flags, say
 
 from cnnlab.cli import main as cnnlab
 
@@ -75,9 +75,8 @@ def main() -> None:
     if not WEIGHTS.is_file() or not SHARED.is_dir():
         say(f"skipped: needs {WEIGHTS} and {SHARED} (the developers' ../shared folder)")
         return
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    say(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU flags {' '.join(cpu)}, "
+    cpu = cpu_flags()
+    say(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU flags {cpu}, "
         f"torch {torch.__version__}")
     out, cache = Path(args.out), Path(args.out) / "cache"
     results: dict[str, list[dict]] = {}

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHARED, say
+from common import SHARED, cpu_flags, say
 
 from cnnlab.cli import main as cnnlab
 
@@ -83,8 +83,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only", help="run only the recipes whose name contains one of these |-separated words")
     args = ap.parse_args()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
+    cpu = cpu_flags()
     say(f"{os.cpu_count()} cores, CPU flags {cpu}, torch {torch.__version__}; {args.data} at {args.image_size} px, "
         f"{args.epochs} epochs, {args.seeds} seeds")
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 import torch
 import yaml
-from common import SHARED, say
+from common import SHARED, cpu_flags, say
 
 from cnnlab.cli import main as cnnlab
 from cnnlab.sweep import make_storage
@@ -39,8 +39,7 @@ def main() -> None:
     if not data.is_dir():
         say(f"skipped: {data} is absent")
         return
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
+    cpu = cpu_flags()
     space = yaml.safe_load((REPO / "sweeps" / "partA.yaml").read_text())
     if args.max_filters:
         space["parameters"]["filters"]["values"] = [f for f in space["parameters"]["filters"]["values"]
