@@ -319,9 +319,14 @@ def make_config(*sources: dict[str, Any]) -> Config:
 SAVED_BEFORE_THE_KEY: dict[str, Any] = {"conv1_stride": 1}
 
 
+def saved_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's values, with each key it predates set to the value it meant then."""
+    return {**SAVED_BEFORE_THE_KEY, **values}
+
+
 def saved_config(values: dict[str, Any], *overrides: dict[str, Any]) -> Config:
     """The config a run folder's config.yaml or a checkpoint holds, then `overrides`; validated."""
-    return make_config({**SAVED_BEFORE_THE_KEY, **values}, *overrides)
+    return make_config(saved_values(values), *overrides)
 
 
 def read_yaml(path: str | Path, what: str = "config", error: type[ConfigError] = ConfigError) -> Any:

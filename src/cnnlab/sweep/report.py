@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from ..config import SAVED_BEFORE_THE_KEY  # noqa: E402
+from ..config import saved_values  # noqa: E402
 from ..errors import CnnlabError  # noqa: E402
 from ..io import atomic_write_text  # noqa: E402
 from ..visualise import save_figure  # noqa: E402
@@ -240,7 +240,7 @@ def write_best(trials: list[Any], names: list[str], sweep: Sweep, out: Path) -> 
         best = ranked[0]
         run_config = Path(best.user_attrs.get("run_dir", "")) / "config.yaml"
         cfg = yaml.safe_load(run_config.read_text()) if run_config.exists() else dict(best.user_attrs["config"])
-        cfg = SAVED_BEFORE_THE_KEY | {k: v for k, v in cfg.items() if k != "name"} | {"out": "runs"}
+        cfg = saved_values({k: v for k, v in cfg.items() if k != "name"}) | {"out": "runs"}
         atomic_write_text(out / "best.yaml", f"# best trial {best.number} of sweep {sweep.name}: "
                           f"{sweep.metric} {best.value:.4f}\n" + yaml.safe_dump(cfg, sort_keys=False))
     return best_md
