@@ -69,3 +69,44 @@ def test_a_checkpoint_saved_before_conv1_stride_existed_loads_as_stride_1(tmp_pa
     assert loaded.cfg.conv1_stride == 1 and loaded.model.features[0][0].stride == (1, 1)
     x = torch.randn(2, 3, 128, 128)
     assert torch.allclose(loaded.model(x), model.eval()(x), atol=1e-5)  # loaded channels_last: other sum order
+
+
+def correlated_images(n: int = 40, size: int = 24) -> torch.Tensor:
+    """uint8 (n, size, size, 3) images whose pixels are correlated across channels and neighbours, like photos."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size + 2, size + 2, generator=g), 3, 1)  # smooth
+    tint = torch.rand(n, 3, 1, 1, generator=g)
+    x = 0.6 * base + 0.3 * tint + 0.1 * torch.rand(n, 3, size, size, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_whitening_makes_the_first_layer_responses_decorrelated_with_unit_variance(batch_norm):
+    from cnnlab.models import whiten_first_conv
+
+    cfg = make_config({"image_size": 32, "filters": 8, "kernel_size": 3, "batch_norm": batch_norm})
+    model = create_model(cfg, 3).module
+    images, mean, std = correlated_images(), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    assert whiten_first_conv(model, images, mean, std, eps=0.0) == 8
+    conv = model.features[0][0]
+    x = (images.permute(0, 3, 1, 2).double() / 255 - torch.tensor(mean, dtype=torch.float64)[:, None, None]) \
+        / torch.tensor(std, dtype=torch.float64)[:, None, None]
+    responses = torch.nn.functional.conv2d(x, conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                                           stride=3).permute(0, 2, 3, 1).reshape(-1, 8)
+    first_half = responses[:, :4]
+    cov = torch.cov(first_half.T, correction=0)
+    assert torch.allclose(cov, torch.eye(4, dtype=torch.float64), atol=1e-4)  # whitened (float32 weights)
+    assert torch.equal(conv.weight[4:], -conv.weight[:4])  # each filter paired with its negative
+    if not batch_norm:  # the bias centres the responses (no batch norm to do it)
+        assert first_half.mean(0).abs().max() < 1e-4
+
+
+def test_whitening_fills_at_most_twice_the_patch_dimension_and_keeps_the_rest():
+    from cnnlab.models import whiten_first_conv
+
+    cfg = make_config({"image_size": 32, "filters": 10, "filter_org": "same", "kernel_size": 1})
+    model = create_model(cfg, 3).module
+    before = model.features[0][0].weight.detach().clone()
+    assert whiten_first_conv(model, correlated_images(), (0.5,) * 3, (0.25,) * 3) == 6  # 1x1x3 patches: 3 pairs
+    after = model.features[0][0].weight
+    assert not torch.equal(after[:6], before[:6]) and torch.equal(after[6:], before[6:])

@@ -92,7 +92,7 @@ def test_with_ema_best_pt_holds_the_average_and_a_resume_repeats_the_run(tiny_cf
 
 
 OLD_RECIPE = {"optimizer": "adam", "lr": 1e-3, "scheduler": "none", "warmup_epochs": 0, "weight_decay": 0.0,
-              "label_smoothing": 0.0, "tta": False, "filters": 32, "filter_org": "same"}
+              "label_smoothing": 0.0, "tta": False, "filters": 32, "filter_org": "same", "conv1_init": "kaiming"}
 
 
 @pytest.mark.slow
@@ -105,3 +105,14 @@ def test_the_default_recipe_beats_the_old_constant_lr_recipe(tmp_path):
     new = fit(make_config(base, {"name": "default"}), progress=False, log=lambda s: None)
     old = fit(make_config(base, OLD_RECIPE, {"name": "old"}), progress=False, log=lambda s: None)
     assert new.best_val_acc >= old.best_val_acc + 0.05, (new.best_val_acc, old.best_val_acc)
+
+
+def test_a_whitened_first_conv_learns_faster_than_a_random_one(tmp_path):
+    """The demo shapes, 3 epochs without augmentation, same seed: only the first conv's init differs (measured
+    on seeds 0-2: 0.31/0.36/0.29 against 0.14/0.10/0.11 validation accuracy)."""
+    data = make_demo_data(tmp_path / "demo", train_per_class=40, val_per_class=2, seed=5)
+    base = {"data": str(data), "image_size": 48, "epochs": 3, "seed": 0, "augment": False, "decode_workers": 1,
+            "out": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")}
+    whitened = fit(make_config(base, {"conv1_init": "whiten", "name": "whiten"}), progress=False, log=lambda s: None)
+    random = fit(make_config(base, {"conv1_init": "kaiming", "name": "kaiming"}), progress=False, log=lambda s: None)
+    assert whitened.best_val_acc >= random.best_val_acc + 0.1, (whitened.best_val_acc, random.best_val_acc)

@@ -58,6 +58,10 @@ class Config:
                               "At 2 the other four blocks work on maps half as wide, about a quarter of the FLOPs: "
                               "measured as accurate at 128 px and 5x faster (see the README's recipe section)",
                            min=0, max=4)
+    conv1_init: str = _f("whiten", "initial weights of the first convolution: whiten (set from the covariance of "
+                                   "patches of 256 training images, so the first layer starts out passing "
+                                   "decorrelated features; measured to learn faster, see the README's recipe "
+                                   "section) or kaiming (torch's random init)", choices=("whiten", "kaiming"))
     activation: str = _f("relu", "activation after each conv and the dense layer", choices=ACTIVATIONS)
     batch_norm: bool = _f(True, "batch norm after each convolution")
     dropout: float = _f(0.2, "dropout before the output layer", min=0.0, max=0.95)
@@ -316,7 +320,7 @@ def make_config(*sources: dict[str, Any]) -> Config:
 
 # Keys added to Config after run folders and checkpoints were first written, with the value a saved config
 # that lacks them meant: a later default must not change the architecture an older checkpoint was trained as.
-SAVED_BEFORE_THE_KEY: dict[str, Any] = {"conv1_stride": 1}
+SAVED_BEFORE_THE_KEY: dict[str, Any] = {"conv1_stride": 1, "conv1_init": "kaiming"}
 
 
 def saved_values(values: dict[str, Any]) -> dict[str, Any]:

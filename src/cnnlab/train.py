@@ -41,7 +41,7 @@ from .evaluate import evaluate
 from .features import FeatureSource, prepare_store
 from .hardware import autocast, autocast_dtype, compile_model, configure_backends, decode_device, resolve_device
 from .io import atomic_write_json, atomic_write_text, read_jsonl
-from .models import ModelParts, TrainablePlan, check_config, create_model
+from .models import ModelParts, SmallCNN, TrainablePlan, check_config, create_model, whiten_first_conv
 from .preprocess import Preprocess
 from .sources import ImageSource
 
@@ -159,6 +159,8 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     cfg, run_dir = open_run_dir(cfg, resume)
     configure_backends(device, cfg.deterministic)
     images, train_rows, val_rows = load_data(cfg, parts.preprocess, run_dir, decoder, progress, log)
+    if isinstance(parts.module, SmallCNN) and cfg.conv1_init == "whiten" and not resume:
+        init_first_conv(parts.module, images, train_rows, parts.preprocess, cfg.seed)
     parts.module.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     plan = TrainablePlan(parts, cfg)
     amp = autocast_dtype(cfg.precision, device)
@@ -249,6 +251,13 @@ def make_source(cfg: Config, parts: ModelParts, plan: TrainablePlan, images: Cac
     if store is None:
         return source
     return FeatureSource(source, *store, images.labels, train_rows, val_rows, cfg, device, plan)
+
+
+def init_first_conv(model: SmallCNN, images: CachedImages, train_rows: np.ndarray, pre: Preprocess, seed: int,
+                    sample: int = 256) -> None:
+    """Patch-whitening init of the first convolution from a seeded sample of training images (never val/)."""
+    rows = np.sort(np.random.default_rng(seed).choice(train_rows, size=min(sample, len(train_rows)), replace=False))
+    whiten_first_conv(model, torch.from_numpy(np.asarray(images.pixels[rows])), pre.mean, pre.std)
 
 
 def restore(run: Run) -> int:

@@ -15,7 +15,7 @@ from .from_timm import check_timm_name, timm_names
 from .parts import ModelParts
 from .plan import TrainablePlan, stages
 from .pretrained import weights_file
-from .smallcnn import SmallCNN, measured_cost, smallcnn_cost
+from .smallcnn import SmallCNN, measured_cost, smallcnn_cost, whiten_first_conv
 
 SCRATCH = "smallcnn"
 
@@ -65,4 +65,5 @@ def create_model(cfg: Config, num_classes: int) -> ModelParts:
 
 
 __all__ = ["ModelParts", "TrainablePlan", "stages", "SmallCNN", "measured_cost", "smallcnn_cost", "model_names",
-           "check_model_name", "check_config", "create_model", "torchvision_names", "weights_file"]
+           "check_model_name", "check_config", "create_model", "torchvision_names", "weights_file",
+           "whiten_first_conv"]

@@ -72,6 +72,38 @@ def conv_output_size(size: int, kernel: int, stride: int) -> int:
     return size if stride == 1 else (size + 2 * ((kernel - 1) // 2) - kernel) // stride + 1
 
 
+@torch.no_grad()
+def whiten_first_conv(model: SmallCNN, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                      eps: float = 5e-4) -> int:
+    """Initialise the first convolution from the data, as airbench does (patch whitening): its filters become
+    the leading eigenvectors of the covariance of the normalised k x k input patches, each scaled by
+    1 / sqrt(eigenvalue + eps) and paired with its negative, so the activation keeps both signs of a response.
+    The first layer then starts out passing decorrelated, equally scaled patch features instead of random
+    projections dominated by brightness. Filters beyond 2 * 3k^2 keep their random init. Without batch norm
+    the bias centres the responses. `images`: (N, H, W, 3) uint8. Returns how many filters were set."""
+    conv = model.features[0][0]
+    c_out, c_in, k, _ = conv.weight.shape
+    dim = c_in * k * k
+    m = torch.tensor(mean, dtype=torch.float64)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float64)[:, None, None]
+    products, sums, count = torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0
+    for chunk in images.split(64):
+        x = (chunk.permute(0, 3, 1, 2).double() / 255 - m) / s
+        patches = nn.functional.unfold(x, k, stride=k).transpose(1, 2).reshape(-1, dim)  # non-overlapping
+        products += patches.T @ patches
+        sums += patches.sum(0)
+        count += len(patches)
+    centre = sums / count
+    values, vectors = torch.linalg.eigh(products / count - torch.outer(centre, centre))  # ascending
+    pairs = min(c_out // 2, dim)
+    top = vectors[:, -pairs:].flip(1).T / torch.sqrt(values[-pairs:].flip(0).clamp(min=0) + eps)[:, None]
+    filters = torch.cat([top, -top])
+    conv.weight[: 2 * pairs] = filters.reshape(2 * pairs, c_in, k, k).to(conv.weight.dtype)
+    if conv.bias is not None:
+        conv.bias[: 2 * pairs] = -(filters @ centre).to(conv.bias.dtype)
+    return 2 * pairs
+
+
 # ---- parameter and FLOP counts ----------------------------------------------------------------------
 
 @dataclass
