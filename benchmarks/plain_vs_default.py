@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import SHARED, say
+from common import SHARED, cpu_flags, say
 from torch import nn
 
 from cnnlab.cli import main as cnnlab
@@ -82,6 +83,8 @@ def main() -> None:
         say(f"skipped: {data} is absent")
         return
     torch.set_num_threads(2)
+    say(f"{os.cpu_count()} cores, CPU flags {cpu_flags()}, torch {torch.__version__}; {args.data} at {args.image_size} px, "
+        f"{args.epochs} epochs, {args.seeds} seed(s)")
     default_stride = make_config({"image_size": args.image_size}).first_stride()
     plains = {"plain, stride-1 first conv (the assignment's)": 1,
               f"plain, cnnlab's default network (first conv stride {default_stride})": default_stride}
