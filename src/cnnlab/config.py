@@ -59,7 +59,7 @@ class Config:
                               "At 2 the other four blocks work on maps half as wide, about a quarter of the FLOPs: "
                               "measured as accurate at 128 px and 5x faster (see the README's recipe section)",
                            min=0, max=4)
-    conv1_init: str = _f("whiten", "initial weights of the first convolution: whiten (set from the covariance of "
+    conv1_init: str = _f("whiten", "smallcnn's first convolution's initial weights: whiten (set from the covariance of "
                                    "patches of 256 training images, so the first layer starts out passing "
                                    "decorrelated features; measured to learn faster, see the README's recipe "
                                    "section) or kaiming (torch's random init)", choices=("whiten", "kaiming"))
