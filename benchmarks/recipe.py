@@ -74,6 +74,8 @@ RECIPES.update({
     "whitened first conv (the default)": ["--conv1_init", "whiten"],
     "whitened, weight decay 0.2": ["--conv1_init", "whiten", "--weight_decay", "0.2"],
     "whitened, lr 3e-3": ["--conv1_init", "whiten", "--lr", "3e-3"],
+    "whitened, warm-up 0.5 epoch": ["--conv1_init", "whiten", "--warmup_epochs", "0.5"],
+    "whitened, batch 32": ["--conv1_init", "whiten", "--batch_size", "32"],
 })
 
 
