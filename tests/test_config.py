@@ -90,6 +90,7 @@ def test_wandb_agent_command_line_is_accepted():
 
 @pytest.mark.parametrize("argv,needle", [
     (["info", "--filtrs", "3"], "unknown option --filtrs; did you mean --filters?"),
+    (["info", "--epochs", "3"], "unknown option --epochs: cnnlab info does not use it (see cnnlab info --help)"),
     (["info", "--dropout=2"], "dropout=2.0: expected float from 0 to 0.95"),
     (["train", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
     (["train", "--compile", "fast"], "compile='fast': expected one of off, default, reduce-overhead"),
@@ -100,6 +101,13 @@ def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_info_takes_every_architecture_knob(capsys):
+    assert main(["info", "--image_size", "128", "--conv1_stride", "1", "--conv1_init", "kaiming",
+                 "--global_pool", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "first conv stride 1, first conv init kaiming" in out and "global average pool" in out
 
 
 def test_config_defaults_validate():

@@ -21,8 +21,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-MODEL_KEYS = ("image_size", "model", "weights", "filters", "filter_org", "kernel_size", "activation", "batch_norm",
-              "dropout", "dense_units")  # what `cnnlab info` needs: the architecture, not the training
+# what `cnnlab info` needs: the architecture, not the training
+MODEL_KEYS = ("image_size", "model", "weights", "filters", "filter_org", "kernel_size", "conv1_stride", "conv1_init",
+              "activation", "batch_norm", "dropout", "dense_units", "global_pool")
 
 
 def _add_config_flags(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
@@ -142,7 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         flag = unknown[0].split("=")[0]
         close = difflib.get_close_matches(flag.lstrip("-"), list(FIELDS), n=1)
-        hint = f"; did you mean --{close[0]}?" if close else f"; see cnnlab {args.command} --help"
+        if flag.lstrip("-") in FIELDS:  # a real config key this command does not take (a training key given to info)
+            hint = f": cnnlab {args.command} does not use it (see cnnlab {args.command} --help)"
+        else:
+            hint = f"; did you mean --{close[0]}?" if close else f"; see cnnlab {args.command} --help"
         print(f"cnnlab {args.command}: error: unknown option {flag}{hint}", file=sys.stderr)
         return 2
     try:
