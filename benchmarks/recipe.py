@@ -76,6 +76,9 @@ RECIPES.update({
     "whitened, lr 3e-3": ["--conv1_init", "whiten", "--lr", "3e-3"],
     "whitened, warm-up 0.5 epoch": ["--conv1_init", "whiten", "--warmup_epochs", "0.5"],
     "whitened, batch 32": ["--conv1_init", "whiten", "--batch_size", "32"],
+    "whitened, kernel 5 in the first block": ["--conv1_init", "whiten", "--kernel_size", "5,3,3,3,3"],
+    "whitened, weight decay 0.2, warm-up 0.5 epoch": ["--conv1_init", "whiten", "--weight_decay", "0.2",
+                                                      "--warmup_epochs", "0.5"],
 })
 
 
