@@ -29,6 +29,7 @@ FLIPS = ["--crop_min", "1", "--jitter", "0"]  # augmentation: horizontal flips (
 STEPS_1_TO_3 = ["--conv1_stride", "1", "--conv1_init", "kaiming", "--crop_min", "0.25", "--jitter", "0.2"]
 OLD_WIDTH = ["--filters", "32", "--filter_org", "same"]  # step 1's lines before 16 filters doubling won
 STEP_4 = ["--conv1_stride", "2", "--conv1_init", "kaiming"]  # before the whitening knob
+STEP_5 = ["--conv1_init", "whiten"]
 CANDIDATES: dict[str, list[str]] = {
     # step 1
     "old default (adam 1e-3 constant)": [
@@ -71,14 +72,13 @@ RECIPES.update({
     "stride 2, val_fraction 0.1 (10% more training images)": [*STEP_4, "--val_fraction", "0.1"],
     "stride 2, dropout 0.5": [*STEP_4, "--dropout", "0.5"],
     # step 5: the first convolution initialised by patch whitening (conv1_init whiten, the default now)
-    "whitened first conv (the default)": ["--conv1_init", "whiten"],
-    "whitened, weight decay 0.2": ["--conv1_init", "whiten", "--weight_decay", "0.2"],
-    "whitened, lr 3e-3": ["--conv1_init", "whiten", "--lr", "3e-3"],
-    "whitened, warm-up 0.5 epoch": ["--conv1_init", "whiten", "--warmup_epochs", "0.5"],
-    "whitened, batch 32": ["--conv1_init", "whiten", "--batch_size", "32"],
-    "whitened, kernel 5 in the first block": ["--conv1_init", "whiten", "--kernel_size", "5,3,3,3,3"],
-    "whitened, weight decay 0.2, warm-up 0.5 epoch": ["--conv1_init", "whiten", "--weight_decay", "0.2",
-                                                      "--warmup_epochs", "0.5"],
+    "whitened first conv (the default)": [*STEP_5],
+    "whitened, weight decay 0.2": [*STEP_5, "--weight_decay", "0.2"],
+    "whitened, lr 3e-3": [*STEP_5, "--lr", "3e-3"],
+    "whitened, warm-up 0.5 epoch": [*STEP_5, "--warmup_epochs", "0.5"],
+    "whitened, batch 32": [*STEP_5, "--batch_size", "32"],
+    "whitened, kernel 5 in the first block": [*STEP_5, "--kernel_size", "5,3,3,3,3"],
+    "whitened, weight decay 0.2, warm-up 0.5 epoch": [*STEP_5, "--weight_decay", "0.2", "--warmup_epochs", "0.5"],
 })
 
 

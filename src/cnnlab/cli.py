@@ -142,10 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(int(threads))
     if unknown:
         flag = unknown[0].split("=")[0]
-        close = difflib.get_close_matches(flag.lstrip("-"), list(FIELDS), n=1)
         if flag.lstrip("-") in FIELDS:  # a real config key this command does not take (a training key given to info)
             hint = f": cnnlab {args.command} does not use it (see cnnlab {args.command} --help)"
         else:
+            close = difflib.get_close_matches(flag.lstrip("-"), list(FIELDS), n=1)
             hint = f"; did you mean --{close[0]}?" if close else f"; see cnnlab {args.command} --help"
         print(f"cnnlab {args.command}: error: unknown option {flag}{hint}", file=sys.stderr)
         return 2
