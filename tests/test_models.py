@@ -38,6 +38,32 @@ def test_every_activation_trains_a_step(activation):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_each_block_computes_conv_bn_activation_then_pool(activation):
+    """Monotone activations run after the pool (cheaper): outputs and gradients must be the textbook order's."""
+    torch.manual_seed(0)
+    model = create_model(make_config({"image_size": 32, "filters": 4, "activation": activation}), 3).module
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+
+    def textbook(x: torch.Tensor) -> torch.Tensor:
+        for block in model.features:
+            conv, bn = block[0], block[1]
+            act = next(m for m in block if not isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.MaxPool2d)))
+            x = torch.nn.functional.max_pool2d(act(bn(conv(x)).clone()), 2)
+        return model.classifier(x)
+
+    torch.manual_seed(1)
+    ours = model(x)
+    grads = torch.autograd.grad(ours.square().sum(), list(model.parameters()))
+    torch.manual_seed(1)  # the same dropout mask
+    reference = textbook(x)
+    reference_grads = torch.autograd.grad(reference.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(ours, reference)
+    for g, r in zip(grads, reference_grads):
+        torch.testing.assert_close(g, r)
+
+
 def test_image_too_small_for_five_pools():
     with pytest.raises(ConfigError, match="needs at least 32"):  # refused with the config, before any work
         make_config({"image_size": 16})
