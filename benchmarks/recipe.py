@@ -26,10 +26,12 @@ from cnnlab.cli import main as cnnlab
 # are pinned to their old values in the earlier steps' candidates, so each line still runs what it measured.
 FLIPS = ["--crop_min", "1", "--jitter", "0"]  # augmentation: horizontal flips (and aspect jitter) only
 # steps 1-3 ran before the stride and whitening knobs, with Inception-style augmentation (crop 25-100%, jitter 0.2)
-STEPS_1_TO_3 = ["--conv1_stride", "1", "--conv1_init", "kaiming", "--crop_min", "0.25", "--jitter", "0.2"]
+STEPS_1_TO_3 = ["--conv1_stride", "1", "--conv1_init", "kaiming", "--conv_init", "kaiming", "--crop_min", "0.25",
+                "--jitter", "0.2"]
 OLD_WIDTH = ["--filters", "32", "--filter_org", "same"]  # step 1's lines before 16 filters doubling won
-STEP_4 = ["--conv1_stride", "2", "--conv1_init", "kaiming"]  # before the whitening knob
-STEP_5 = ["--conv1_init", "whiten"]
+STEP_4 = ["--conv1_stride", "2", "--conv1_init", "kaiming", "--conv_init", "kaiming"]  # before the whitening knob
+STEP_5 = ["--conv1_init", "whiten", "--conv_init", "kaiming"]  # before the dirac knob
+STEP_6 = ["--conv_init", "dirac"]
 CANDIDATES: dict[str, list[str]] = {
     # step 1
     "old default (adam 1e-3 constant)": [
@@ -71,14 +73,16 @@ RECIPES.update({
     "stride 2, 32 filters doubling": [*STEP_4, "--filters", "32"],
     "stride 2, val_fraction 0.1 (10% more training images)": [*STEP_4, "--val_fraction", "0.1"],
     "stride 2, dropout 0.5": [*STEP_4, "--dropout", "0.5"],
-    # step 5: the first convolution initialised by patch whitening (conv1_init whiten, the default now)
-    "whitened first conv (the default)": [*STEP_5],
+    # step 5: the first convolution initialised by patch whitening (conv1_init whiten)
+    "whitened first conv (the default then)": [*STEP_5],
     "whitened, weight decay 0.2": [*STEP_5, "--weight_decay", "0.2"],
     "whitened, lr 3e-3": [*STEP_5, "--lr", "3e-3"],
     "whitened, warm-up 0.5 epoch": [*STEP_5, "--warmup_epochs", "0.5"],
     "whitened, batch 32": [*STEP_5, "--batch_size", "32"],
     "whitened, kernel 5 in the first block": [*STEP_5, "--kernel_size", "5,3,3,3,3"],
     "whitened, weight decay 0.2, warm-up 0.5 epoch": [*STEP_5, "--weight_decay", "0.2", "--warmup_epochs", "0.5"],
+    # step 6: blocks 2-5 start as identities (conv_init dirac, the default now)
+    "whitened, dirac convs (the default)": [*STEP_6],
 })
 
 

@@ -105,9 +105,10 @@ def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
 
 def test_info_takes_every_architecture_knob(capsys):
     assert main(["info", "--image_size", "128", "--conv1_stride", "1", "--conv1_init", "kaiming",
-                 "--global_pool", "true"]) == 0
+                 "--conv_init", "kaiming", "--global_pool", "true"]) == 0
     out = capsys.readouterr().out
-    assert "first conv stride 1, first conv init kaiming" in out and "global average pool" in out
+    assert "first conv stride 1, first conv init kaiming, other convs' init kaiming" in out
+    assert "global average pool" in out
 
 
 def test_config_defaults_validate():

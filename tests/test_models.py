@@ -64,6 +64,23 @@ def test_each_block_computes_conv_bn_activation_then_pool(activation):
         torch.testing.assert_close(g, r)
 
 
+def test_dirac_init_passes_each_blocks_input_through_its_first_filters_and_keeps_the_rest():
+    config = {"image_size": 64, "filters": 8, "filter_org": "8,16,16,8,8", "batch_norm": False}
+    torch.manual_seed(0)
+    dirac = create_model(make_config({**config, "conv_init": "dirac"}), 3).module
+    torch.manual_seed(0)
+    kaiming = create_model(make_config({**config, "conv_init": "kaiming"}), 3).module
+    torch.testing.assert_close(dirac.features[0][0].weight, kaiming.features[0][0].weight)  # conv1_init sets the first
+    for block, plain in list(zip(dirac.features, kaiming.features))[1:]:
+        conv = block[0]
+        c_out, c_in = conv.weight.shape[:2]
+        x = torch.randn(2, c_in, 8, 8)
+        kept = min(c_out, c_in)
+        torch.testing.assert_close(conv(x)[:, :kept] - conv.bias[:kept, None, None], x[:, :kept])
+        torch.testing.assert_close(conv.weight[c_in:], plain[0].weight[c_in:])  # beyond c_in: torch's init
+        torch.testing.assert_close(conv.bias, plain[0].bias)
+
+
 def test_image_too_small_for_five_pools():
     with pytest.raises(ConfigError, match="needs at least 32"):  # refused with the config, before any work
         make_config({"image_size": 16})

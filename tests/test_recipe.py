@@ -92,7 +92,8 @@ def test_with_ema_best_pt_holds_the_average_and_a_resume_repeats_the_run(tiny_cf
 
 
 OLD_RECIPE = {"optimizer": "adam", "lr": 1e-3, "scheduler": "none", "warmup_epochs": 0, "weight_decay": 0.0,
-              "label_smoothing": 0.0, "tta": False, "filters": 32, "filter_org": "same", "conv1_init": "kaiming"}
+              "label_smoothing": 0.0, "tta": False, "filters": 32, "filter_org": "same", "conv1_init": "kaiming",
+              "conv_init": "kaiming"}
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 # what `cnnlab info` needs: the architecture, not the training
 MODEL_KEYS = ("image_size", "model", "weights", "filters", "filter_org", "kernel_size", "conv1_stride", "conv1_init",
-              "activation", "batch_norm", "dropout", "dense_units", "global_pool")
+              "conv_init", "activation", "batch_norm", "dropout", "dense_units", "global_pool")
 
 
 def _add_config_flags(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:

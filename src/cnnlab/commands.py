@@ -81,6 +81,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         formula = smallcnn_cost(cfg, n)
         print(f"filters {cfg.filter_counts()}, kernels {cfg.kernel_sizes()}, first conv stride {cfg.first_stride()}"
               f"{' (auto)' if cfg.conv1_stride == 0 else ''}, first conv init {cfg.conv1_init}, "
+              f"other convs' init {cfg.conv_init}, "
               f"dense {cfg.dense_units}, batch_norm {cfg.batch_norm}, "
               f"{'global average pool' if cfg.global_pool else 'flatten'}")
         print(f"parameters: {formula.params:,} (formula)  {measured.params:,} (sum of p.numel())")

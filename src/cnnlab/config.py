@@ -63,6 +63,10 @@ class Config:
                                    "patches of 256 training images, so the first layer starts out passing "
                                    "decorrelated features; measured to learn faster, see the README's recipe "
                                    "section) or kaiming (torch's random init)", choices=("whiten", "kaiming"))
+    conv_init: str = _f("dirac", "smallcnn's other four convolutions' initial weights: dirac (each conv's first "
+                                 "in_channels filters start as the identity, passing their input through; the rest "
+                                 "keep torch's init; measured to learn faster, see the README's recipe section) or "
+                                 "kaiming (torch's random init)", choices=("dirac", "kaiming"))
     activation: str = _f("relu", "activation after each conv and the dense layer", choices=ACTIVATIONS)
     batch_norm: bool = _f(True, "batch norm after each convolution")
     dropout: float = _f(0.2, "dropout before the output layer", min=0.0, max=0.95)
@@ -321,7 +325,7 @@ def make_config(*sources: dict[str, Any]) -> Config:
 
 # Keys added to Config after run folders and checkpoints were first written, with the value a saved config
 # that lacks them meant: a later default must not change the architecture an older checkpoint was trained as.
-SAVED_BEFORE_THE_KEY: dict[str, Any] = {"conv1_stride": 1, "conv1_init": "kaiming"}
+SAVED_BEFORE_THE_KEY: dict[str, Any] = {"conv1_stride": 1, "conv1_init": "kaiming", "conv_init": "kaiming"}
 
 
 def saved_values(values: dict[str, Any]) -> dict[str, Any]:

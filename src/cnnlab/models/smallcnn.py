@@ -31,17 +31,23 @@ assert set(ACTIVATION_LAYERS) == set(ACTIVATIONS), "config.ACTIVATIONS and the l
 class SmallCNN(nn.Module):
     """Five blocks of conv -> [batch norm] -> activation -> 2x2 max-pool, then dense -> activation ->
     dropout -> linear. With a non-decreasing activation (MONOTONE) a block pools before the activation: the
-    same function, computed faster. `features[i][0]` is block i's convolution; `classifier[-1]` is the output layer."""
+    same function, computed faster. With conv_init="dirac" the first in_channels filters of blocks 2-5 start as
+    the identity (airbench's init): the network starts out close to a shallower one. `features[i][0]` is block
+    i's convolution; `classifier[-1]` is the output layer."""
 
     def __init__(self, filters: list[int], kernels: list[int], activation: str, batch_norm: bool,
                  dense_units: int, dropout: float, num_classes: int, image_size: int, in_channels: int = 3,
-                 global_pool: bool = False, conv1_stride: int = 1):
+                 global_pool: bool = False, conv1_stride: int = 1, conv_init: str = "kaiming"):
         super().__init__()
         blocks, c_in, size = [], in_channels, image_size
         for i, (c, k) in enumerate(zip(filters, kernels)):
             stride = conv1_stride if i == 0 else 1
             padding = "same" if stride == 1 else (k - 1) // 2  # torch allows 'same' only at stride 1
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c, k, stride, padding, bias=not batch_norm)]
+            conv = nn.Conv2d(c_in, c, k, stride, padding, bias=not batch_norm)
+            if i > 0 and conv_init == "dirac":
+                with torch.no_grad():
+                    nn.init.dirac_(conv.weight[:c_in])  # after torch's init, so the seeded draws stay the same
+            layers: list[nn.Module] = [conv]
             if batch_norm:
                 layers.append(nn.BatchNorm2d(c))
             act = ACTIVATION_LAYERS[activation]()
@@ -66,7 +72,7 @@ class SmallCNN(nn.Module):
     def from_config(cls, cfg: Config, num_classes: int) -> "SmallCNN":
         return cls(cfg.filter_counts(), cfg.kernel_sizes(), cfg.activation, cfg.batch_norm,
                    cfg.dense_units, cfg.dropout, num_classes, cfg.image_size, global_pool=cfg.global_pool,
-                   conv1_stride=cfg.first_stride())
+                   conv1_stride=cfg.first_stride(), conv_init=cfg.conv_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
