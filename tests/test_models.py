@@ -130,10 +130,10 @@ def test_whitening_makes_the_first_layer_responses_decorrelated_with_unit_varian
     cfg = make_config({"image_size": 32, "filters": 8, "kernel_size": 3, "batch_norm": batch_norm})
     model = create_model(cfg, 3).module
     images, mean, std = correlated_images(), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    assert whiten_first_conv(model, images, mean, std, eps=0.0) == 8
-    conv = model.features[0][0]
     x = (images.permute(0, 3, 1, 2).double() / 255 - torch.tensor(mean, dtype=torch.float64)[:, None, None]) \
         / torch.tensor(std, dtype=torch.float64)[:, None, None]
+    assert whiten_first_conv(model, x.split(16), eps=0.0) == 8
+    conv = model.features[0][0]
     responses = torch.nn.functional.conv2d(x, conv.weight.double(), None if conv.bias is None else conv.bias.double(),
                                            stride=3).permute(0, 2, 3, 1).reshape(-1, 8)
     first_half = responses[:, :4]
@@ -150,6 +150,7 @@ def test_whitening_fills_at_most_twice_the_patch_dimension_and_keeps_the_rest():
     cfg = make_config({"image_size": 32, "filters": 10, "filter_org": "same", "kernel_size": 1})
     model = create_model(cfg, 3).module
     before = model.features[0][0].weight.detach().clone()
-    assert whiten_first_conv(model, correlated_images(), (0.5,) * 3, (0.25,) * 3) == 6  # 1x1x3 patches: 3 pairs
+    x = (correlated_images().permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    assert whiten_first_conv(model, [x]) == 6  # 1x1x3 patches: 3 pairs
     after = model.features[0][0].weight
     assert not torch.equal(after[:6], before[:6]) and torch.equal(after[6:], before[6:])

@@ -255,9 +255,12 @@ def make_source(cfg: Config, parts: ModelParts, plan: TrainablePlan, images: Cac
 
 def init_first_conv(model: SmallCNN, images: CachedImages, train_rows: np.ndarray, pre: Preprocess, seed: int,
                     sample: int = 256) -> None:
-    """Patch-whitening init of the first convolution from a seeded sample of training images (never val/)."""
+    """Patch-whitening init of the first convolution from a seeded sample of training images (never val/),
+    normalised by the training's own transform."""
     rows = np.sort(np.random.default_rng(seed).choice(train_rows, size=min(sample, len(train_rows)), replace=False))
-    whiten_first_conv(model, torch.from_numpy(np.asarray(images.pixels[rows])), pre.mean, pre.std)
+    transform = ImageTransform(pre, channels_last=False)  # reuses its output buffer: each chunk is used at once
+    whiten_first_conv(model, (transform(torch.from_numpy(np.asarray(images.pixels[rows[i:i + 64]])).permute(0, 3, 1, 2))
+                              for i in range(0, len(rows), 64)))
 
 
 def restore(run: Run) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -84,23 +84,20 @@ def conv_output_size(size: int, kernel: int, stride: int) -> int:
 
 
 @torch.no_grad()
-def whiten_first_conv(model: SmallCNN, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                      eps: float = 5e-4) -> int:
+def whiten_first_conv(model: SmallCNN, batches: Iterable[torch.Tensor], eps: float = 5e-4) -> int:
     """Initialise the first convolution from the data, as airbench does (patch whitening): its filters become
     the leading eigenvectors of the covariance of the normalised k x k input patches, each scaled by
     1 / sqrt(eigenvalue + eps) and paired with its negative, so the activation keeps both signs of a response.
     The first layer then starts out passing decorrelated, equally scaled patch features instead of random
     projections. Filters beyond 2 * 3k^2 keep their random init. Without batch norm
-    the bias centres the responses. `images`: (N, H, W, 3) uint8. Returns how many filters were set."""
+    the bias centres the responses. `batches`: normalised model input, (B, C, H, W) floats, as the training's
+    transform makes it. Returns how many filters were set."""
     conv = model.features[0][0]
     c_out, c_in, k, _ = conv.weight.shape
     dim = c_in * k * k
-    m = torch.tensor(mean, dtype=torch.float64)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float64)[:, None, None]
     products, sums, count = torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0
-    for chunk in images.split(64):
-        x = (chunk.permute(0, 3, 1, 2).double() / 255 - m) / s
-        patches = nn.functional.unfold(x, k, stride=k).transpose(1, 2).reshape(-1, dim)  # non-overlapping
+    for x in batches:
+        patches = nn.functional.unfold(x.double(), k, stride=k).transpose(1, 2).reshape(-1, dim)  # non-overlapping
         products += patches.T @ patches
         sums += patches.sum(0)
         count += len(patches)
