@@ -4,7 +4,8 @@ cache build included).
 
 Plain: ImageFolder + per-image PIL Resize((s, s)) / ToTensor / Normalize, DataLoader(batch 64, shuffle, 2 workers),
 fp32 NCHW, Adam 1e-3 constant, no augmentation, cross-entropy; the model is cnnlab's SmallCNN with the default
-config (16 filters doubling, batch norm, 256 dense units) in the textbook order (conv, batch norm, ReLU, pool),
+config (16 filters doubling, batch norm, 256 dense units), torch's init (no whitening, no identity convs), in the
+textbook order (conv, batch norm, ReLU, pool),
 trained on all of train/ and scored on val/ after the last epoch. It runs twice: with the stride-1 first
 convolution of the assignment's network (what students write), and with cnnlab's default network (a stride-2
 first convolution from 128 px up). cnnlab:
@@ -41,8 +42,8 @@ def plain(data: Path, image_size: int, epochs: int, seed: int, conv1_stride: int
     tf = T.Compose([T.Resize((image_size, image_size)), T.ToTensor(),
                     T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     train, test = ImageFolder(str(data / "train"), tf), ImageFolder(str(data / "val"), tf)
-    model = textbook_order(create_model(make_config({"image_size": image_size, "conv1_stride": conv1_stride}),
-                                        len(train.classes)).module)
+    cfg = make_config({"image_size": image_size, "conv1_stride": conv1_stride, "conv_init": "kaiming"})  # torch's init
+    model = textbook_order(create_model(cfg, len(train.classes)).module)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()

@@ -83,6 +83,8 @@ RECIPES.update({
     "whitened, weight decay 0.2, warm-up 0.5 epoch": [*STEP_5, "--weight_decay", "0.2", "--warmup_epochs", "0.5"],
     # step 6: blocks 2-5 start as identities (conv_init dirac, the default now)
     "whitened, dirac convs (the default)": [*STEP_6],
+    "dirac, weight decay 0.2": [*STEP_6, "--weight_decay", "0.2"],
+    "dirac, crop_min 0.5": [*STEP_6, "--crop_min", "0.5"],
 })
 
 
