@@ -5,10 +5,9 @@ cache build included).
 Plain: ImageFolder + per-image PIL Resize((s, s)) / ToTensor / Normalize, DataLoader(batch 64, shuffle, 2 workers),
 fp32 NCHW, Adam 1e-3 constant, no augmentation, cross-entropy; the model is cnnlab's SmallCNN with the default
 config (16 filters doubling, batch norm, 256 dense units), torch's init (no whitening, no identity convs), in the
-textbook order (conv, batch norm, ReLU, pool),
-trained on all of train/ and scored on val/ after the last epoch. It runs twice: with the stride-1 first
-convolution of the assignment's network (what students write), and with cnnlab's default network (a stride-2
-first convolution from 128 px up). cnnlab:
+textbook order (conv, batch norm, ReLU, pool), trained on all of train/ and scored on val/ after the last epoch.
+It runs twice: with the stride-1 first convolution of the assignment's network (what students write), and with
+cnnlab's default network (a stride-2 first convolution from 128 px up). cnnlab:
 `cnnlab train --data D --image_size S --epochs E --seed K`, then `cnnlab evaluate`.
 
     python benchmarks/plain_vs_default.py [--data flowers] [--image_size 128] [--epochs 8] [--seeds 1]
