@@ -110,10 +110,11 @@ def test_the_default_recipe_beats_the_old_constant_lr_recipe(tmp_path):
 
 def test_a_whitened_first_conv_learns_faster_than_a_random_one(tmp_path):
     """The demo shapes, 3 epochs without augmentation, same seed: only the first conv's init differs (measured
-    on seeds 0-2: 0.31/0.36/0.29 against 0.14/0.10/0.11 validation accuracy)."""
+    on seeds 0-2: 0.31/0.36/0.29 against 0.14/0.10/0.11 validation accuracy; torch's init for the other convs,
+    since on this tiny set the identity init moves the whitened runs both ways: 0.38/0.34/0.26)."""
     data = make_demo_data(tmp_path / "demo", train_per_class=40, val_per_class=2, seed=5)
     base = {"data": str(data), "image_size": 48, "epochs": 3, "seed": 0, "augment": False, "decode_workers": 1,
-            "out": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")}
+            "conv_init": "kaiming", "out": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")}
     whitened = fit(make_config(base, {"conv1_init": "whiten", "name": "whiten"}), progress=False, log=lambda s: None)
     random = fit(make_config(base, {"conv1_init": "kaiming", "name": "kaiming"}), progress=False, log=lambda s: None)
     assert whitened.best_val_acc >= random.best_val_acc + 0.1, (whitened.best_val_acc, random.best_val_acc)
