@@ -70,7 +70,7 @@ def test_dirac_init_passes_each_blocks_input_through_its_first_filters_and_keeps
     dirac = create_model(make_config({**config, "conv_init": "dirac"}), 3).module
     torch.manual_seed(0)
     kaiming = create_model(make_config({**config, "conv_init": "kaiming"}), 3).module
-    torch.testing.assert_close(dirac.features[0][0].weight, kaiming.features[0][0].weight)  # conv1_init sets the first
+    torch.testing.assert_close(dirac.features[0][0].weight, kaiming.features[0][0].weight)  # conv1_init's, untouched
     for block, plain in list(zip(dirac.features, kaiming.features))[1:]:
         conv = block[0]
         c_out, c_in = conv.weight.shape[:2]

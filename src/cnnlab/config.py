@@ -49,9 +49,9 @@ class Config:
     weights: str = _f("none", "pretrained weights: a torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a timm tag "
                       "(DEFAULT, in1k, ...) for timm/ models, a .pth/.safetensors file, none (no pretrained weights), "
                       "or random (a randomly initialised backbone, frozen on purpose: cost measurements)")
-    # The recipe defaults below (16 doubling filters, the whitened first conv, AdamW 2e-3, cosine with 1 epoch of
-    # warm-up, weight decay 0.05, label smoothing 0.1, flip TTA) won benchmarks/recipe.py on real photos over 3
-    # seeds: see the README's table.
+    # The recipe defaults below (16 doubling filters, the whitened first conv, identity-initialised other convs,
+    # AdamW 2e-3, cosine with 1 epoch of warm-up, weight decay 0.05, label smoothing 0.1, flip TTA) won
+    # benchmarks/recipe.py on real photos over 3 seeds: see the README's tables.
     filters: int = _f(16, "filters in the first conv layer; filter_org derives the other four", min=1, max=4096)
     filter_org: str = _f("double", "same | double (alias pyramid) | half | five comma-separated counts like 16,32,64,128,256")
     kernel_size: str = _f("3", "conv kernel size: one value, or five comma-separated values")

@@ -89,9 +89,9 @@ def whiten_first_conv(model: SmallCNN, batches: Iterable[torch.Tensor], eps: flo
     the leading eigenvectors of the covariance of the normalised k x k input patches, each scaled by
     1 / sqrt(eigenvalue + eps) and paired with its negative, so the activation keeps both signs of a response.
     The first layer then starts out passing decorrelated, equally scaled patch features instead of random
-    projections. Filters beyond 2 * 3k^2 keep their random init. Without batch norm
-    the bias centres the responses. `batches`: normalised model input, (B, C, H, W) floats, as the training's
-    transform makes it. Returns how many filters were set."""
+    projections. Filters beyond 2 * 3k^2 keep their random init. Without batch norm the bias centres the
+    responses. `batches`: normalised model input, (B, C, H, W) floats, as the training's transform makes it.
+    Returns how many filters were set."""
     conv = model.features[0][0]
     c_out, c_in, k, _ = conv.weight.shape
     dim = c_in * k * k
