@@ -169,14 +169,19 @@ def test_random_respects_run_cap_and_types(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_hyperband_prunes_lagging_trials(tiny_data, tmp_path):
     good, bad = [5e-3, 4e-3, 3e-3, 2e-3], [1e-7, 2e-7, 3e-7, 4e-7]
-    path = write(tmp_path / "hb.yaml", {"method": "grid", "metric": {"name": "val_loss", "goal": "minimize"},
-                                        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
+    path = write(tmp_path / "hb.yaml", {"method": "grid", "metric": {"name": "train_loss", "goal": "minimize"},
+                                        "early_terminate": {"type": "hyperband", "min_iter": 2, "eta": 2},
                                         "parameters": {"lr": {"values": good + bad}, "epochs": {"value": 4}}})
-    result = run_sweep(load_sweep(path), tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "sw", progress=False,
-                       log=lambda s: None)
+    # The first rung at epoch 2, on the training loss, fp32, no warm-up: on the 40 validation images of tiny_data
+    # the good and bad rates ended epoch 1 0.005 apart, and the pruner's choice hung on bf16 rounding.
+    base = {**tiny_base(tiny_data, tmp_path / "cache"), "filters": 8, "dense_units": 32, "batch_size": 16,
+            "precision": "fp32", "warmup_epochs": 0}
+    result = run_sweep(load_sweep(path), base, tmp_path / "sw", progress=False, log=lambda s: None)
     from optuna.trial import TrialState
 
     trials = study_of(tmp_path / "sw", "hb").get_trials()
+    at_rung = {t.params["lr"]: t.intermediate_values[2] for t in trials}
+    assert min(at_rung[lr] for lr in bad) - max(at_rung[lr] for lr in good) > 0.05, at_rung  # a margin, not rounding
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert result.pruned == len(pruned) >= 1
     assert all(t.params["lr"] in bad for t in pruned)
