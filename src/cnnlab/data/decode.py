@@ -6,9 +6,24 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-DECODE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+DECODE_VERSION = 2  # bump when decoding changes, so old caches are not reused (2: EXIF orientation applied)
+ORIENTATION = 0x0112  # the EXIF tag a phone sets for a photo taken in portrait (6, 8) or upside down (3)
+
+
+def orientation(im: Image.Image) -> int:
+    """The image's EXIF orientation, 1 (upright as stored) to 8; 1 where it has none or an invalid one."""
+    try:
+        value = im.getexif().get(ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block says nothing about the pixels: treat as upright
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation applied (ImageOps.exif_transpose)."""
+    return ImageOps.exif_transpose(im) if orientation(im) != 1 else im
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -17,11 +32,19 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, im).convert("RGB")
-    if im.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit or float greyscale: scale to 8 bits first
-        arr = np.asarray(im, dtype=np.float32)
-        hi = float(arr.max()) or 1.0
-        im = Image.fromarray((arr * (255.0 / hi)).astype(np.uint8), "L")
+    if im.mode.startswith("I") or im.mode == "F":
+        return Image.fromarray(to_8_bit(np.asarray(im), im.mode), "L").convert("RGB")
     return im.convert("RGB")
+
+
+def to_8_bit(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Greyscale of more than 8 bits scaled by its type's range, never by the image's own brightest pixel (a dark
+    16-bit photo stays dark): integer modes (I;16 and PIL's I, which holds 16-bit PNG and TIFF data) by 65535,
+    clipped; float (F) on PIL's own 0-255 scale (what convert('L') assumes), clipped, so negatives are 0."""
+    values = arr.astype(np.float32)
+    if mode != "F":
+        values = values * (255.0 / 65535.0)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -48,7 +71,7 @@ def load_rgb(path: str, size: int, crop: float = 0.0, interpolation: str = "bili
             if im.format == "JPEG":
                 need = size if not crop else int(size / crop + 1)
                 im.draft("RGB", (need, need))
-            im = to_rgb(im)
+            im = to_rgb(upright(im))
             box = crop_box(*im.size, crop)
             if im.size != (size, size) or box is not None:
                 im = im.resize((size, size), RESAMPLE[interpolation], box=box, reducing_gap=3.0)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .decode import crop_box, describe_error, load_rgb
+from .decode import crop_box, describe_error, load_rgb, orientation
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -32,17 +32,38 @@ def _read(path: Path) -> bytes | BaseException:
         return e
 
 
-def within_pixel_limit(blob: bytes) -> bool:
-    """Whether PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS) admits the image, judged from its
-    header alone: nvJPEG allocates whatever size a header claims, so a file over the limit, or one whose header
-    PIL cannot read, goes to the PIL path, which refuses it with the reason."""
+def header_orientation(blob: bytes) -> int | None:
+    """The image's EXIF orientation (1-8) read from its header, or None where PIL's decompression-bomb limit
+    (2 x Image.MAX_IMAGE_PIXELS) refuses it or the header cannot be read: nvJPEG allocates whatever size a header
+    claims, so such a file goes to the PIL path, which refuses it with the reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(blob)):
-                return True
+            with Image.open(io.BytesIO(blob)) as im:
+                return orientation(im)
     except Exception:  # noqa: BLE001 - DecompressionBombError or an unreadable header: PIL names it
-        return False
+        return None
+
+
+def apply_orientation(image: torch.Tensor, value: int) -> torch.Tensor:
+    """(3, H, W) turned upright as PIL's ImageOps.exif_transpose does for EXIF orientation `value`. Done here, on
+    the device, for every decoder: nvJPEG's batched decode ignores torchvision's apply_exif_orientation."""
+    h, w = -2, -1
+    if value == 2:
+        return image.flip(w)
+    if value == 3:
+        return image.flip(h, w)
+    if value == 4:
+        return image.flip(h)
+    if value == 5:
+        return image.transpose(h, w)
+    if value == 6:
+        return torch.rot90(image, -1, dims=(h, w))
+    if value == 7:
+        return image.transpose(h, w).flip(h, w)
+    if value == 8:
+        return torch.rot90(image, 1, dims=(h, w))
+    return image
 
 
 def _decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
@@ -93,8 +114,8 @@ def decode_into(files: list[Path], geometry: tuple[int, float, str], out: np.nda
             blobs = list(pending.pop())
             if k + 1 < len(chunks):  # read the next batch while this one decodes
                 pending.append(pool.map(_read, [files[r] for r in chunks[k + 1]]))
-            jpeg = [i for i, b in enumerate(blobs)
-                    if isinstance(b, bytes) and b[:3] == JPEG_MAGIC and within_pixel_limit(b)]
+            turn = {i: header_orientation(b) for i, b in enumerate(blobs) if isinstance(b, bytes) and b[:3] == JPEG_MAGIC}
+            jpeg = [i for i, value in turn.items() if value is not None]
             decoded = dict(zip(jpeg, _decode_jpegs([blobs[i] for i in jpeg], device)))
             staged = torch.zeros((len(rows), size, size, 3), dtype=torch.uint8, device=device)
             fallback = []
@@ -103,7 +124,7 @@ def decode_into(files: list[Path], geometry: tuple[int, float, str], out: np.nda
                 if image is None:
                     fallback.append(i)
                 else:
-                    staged[i] = resize_square(image, *geometry)
+                    staged[i] = resize_square(apply_orientation(image, turn[i]), *geometry)
             out[rows[0]:rows[-1] + 1] = staged.cpu().numpy()
             for i in fallback:  # not a JPEG, or one nvJPEG refused: PIL decides, and names the error
                 blob = blobs[i]
