@@ -109,3 +109,35 @@ def test_16_bit_and_float_images_are_scaled_by_their_type_not_their_brightest_pi
     row = np.asarray(Image.open(tmp_path / "float.tif"))  # the stored floats, read back
     assert row.min() < 0 and got[:, 0, 0].max() == 0  # a negative value is black; before: it wrapped around
     assert got[:, 3, 0].min() == 255  # above 255 clips to white
+
+
+# ---- 2. --resume keeps its split -------------------------------------------------------------------------------
+
+def test_resume_keeps_the_split_it_started_with_when_photos_were_added(tiny_data, tiny_cfg, tmp_path):
+    import shutil
+
+    from cnnlab.train import fit
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    first = fit(tiny_cfg(data=str(data), epochs=1), progress=False, log=lambda s: None)
+    before = json.loads((first.run_dir / "split.json").read_text())
+    for k, src in enumerate(sorted((data / "train" / "circle").iterdir())[:15]):  # 15 new photos
+        shutil.copy(src, data / "train" / "circle" / f"new-{k}.jpg")
+    lines = []
+    resumed = fit(tiny_cfg(data=str(data), epochs=2), resume=True, progress=False, log=lines.append)
+    assert json.loads((resumed.run_dir / "split.json").read_text()) == before
+    summary = json.loads((resumed.run_dir / "summary.json").read_text())
+    assert (summary["train_images"], summary["val_images"]) == (len(before["train"]), len(before["val"]))
+    assert any("15 file(s) added" in line and "left out" in line for line in lines), lines
+
+
+def test_training_without_validation_rows_is_refused_before_any_work(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / "d" / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (9, 9, 9) if name == "a" else (200, 0, 0)).save(tmp_path / "d" / "train" / name / "x.jpg")
+    code = main(["train", "--data", str(tmp_path / "d"), "--image_size=32", "--out", str(tmp_path / "runs"),
+                 "--cache_dir", str(tmp_path / "c"), "--name=one"])
+    err = capsys.readouterr().err
+    assert code == 2 and "left for validation" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "one" / "metrics.jsonl").exists()

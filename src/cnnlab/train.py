@@ -33,6 +33,7 @@ from .data import (
     list_classes,
     load_images,
     save_split,
+    saved_split,
     stratified_split,
     write_bad_file_report,
 )
@@ -158,7 +159,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     parts = create_model(cfg, len(classes))  # first: its preprocessing decides how images are decoded
     cfg, run_dir = open_run_dir(cfg, resume)
     configure_backends(device, cfg.deterministic)
-    images, train_rows, val_rows = load_data(cfg, parts.preprocess, run_dir, decoder, progress, log)
+    images, train_rows, val_rows = load_data(cfg, parts.preprocess, run_dir, decoder, progress, log, resume)
     if isinstance(parts.module, SmallCNN) and cfg.conv1_init == "whiten" and not resume:
         init_first_conv(parts.module, images, train_rows, parts.preprocess, cfg.seed)
     parts.module.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
@@ -224,9 +225,9 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
 
 
 def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device | None, progress: bool,
-              log: Callable[[str], None]) -> tuple[CachedImages, np.ndarray, np.ndarray]:
+              log: Callable[[str], None], resume: bool = False) -> tuple[CachedImages, np.ndarray, np.ndarray]:
     """ROOT/train decoded with the model's geometry (once, into the cache), unreadable files reported, and the
-    seeded stratified split."""
+    seeded stratified split; a resumed run keeps the split it was started with (split.json)."""
     images = load_images(Path(cfg.data) / "train", pre.image_size, cfg.resolved_cache_dir(), cfg.decode_workers,
                          progress, decoder, pre.crop, pre.interpolation)
     n_bad = write_bad_file_report(run_dir / "bad_files.txt", images)
@@ -235,8 +236,15 @@ def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device
                         f"{run_dir / 'bad_files.txt'} for why, file by file")
     if n_bad:
         log(f"skipped {n_bad} unreadable file(s) of {len(images.files)}: listed in {run_dir / 'bad_files.txt'}")
-    train_rows, val_rows = stratified_split(images.labels, images.valid, cfg.val_fraction, cfg.seed)
-    save_split(run_dir / "split.json", images, train_rows, val_rows)
+    if resume and (run_dir / "split.json").exists():
+        train_rows, val_rows = saved_split(run_dir / "split.json", images, log)
+    else:
+        train_rows, val_rows = stratified_split(images.labels, images.valid, cfg.val_fraction, cfg.seed)
+        if not len(val_rows):
+            raise DataError(f"no image of {Path(cfg.data) / 'train'} is left for validation (val_fraction "
+                            f"{cfg.val_fraction:g}): a class needs at least two readable images to give one to "
+                            "validation; add images")
+        save_split(run_dir / "split.json", images, train_rows, val_rows)
     return images, train_rows, val_rows
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import CnnlabError, DataError
 from ..io import atomic_write_json
 
 
@@ -63,3 +64,33 @@ def save_split(path: str | Path, images: Any, train: np.ndarray, val: np.ndarray
     rel = [str(p.relative_to(images.root.parent)) for p in images.files]
     atomic_write_json(path, {"root": str(images.root.parent.resolve()), "classes": images.classes,
                              "train": [rel[i] for i in train], "val": [rel[i] for i in val]})
+
+
+def saved_split(path: str | Path, images: Any, log: Any = print) -> tuple[np.ndarray, np.ndarray]:
+    """The split a run was started with (its split.json), over the files of `images` today: a resumed run never
+    re-splits, so no row it trained on can become a validation row. Files added since are left out of both sides
+    and files gone since are dropped, each counted in one line."""
+    path = Path(path)
+    saved = json.loads(path.read_text())
+    if saved["classes"] != images.classes:
+        raise CnnlabError(f"{images.root} has classes {images.classes}, but the run in {path.parent} was started with "
+                          f"{saved['classes']}: resume it with its class folders as they were, or start a new run")
+    rel = [str(p.relative_to(images.root.parent)) for p in images.files]
+    row_of = {r: i for i, r in enumerate(rel)}
+    readable = set(images.valid.tolist())
+    listed = set(saved["train"]) | set(saved["val"])
+
+    def rows(side: str) -> np.ndarray:
+        return np.asarray(sorted(row_of[r] for r in saved[side] if r in row_of and row_of[r] in readable), dtype=np.int64)
+
+    train, val = rows("train"), rows("val")
+    added = sum(1 for i in readable if rel[i] not in listed)
+    gone = len(listed) - len(train) - len(val)
+    if added or gone:
+        log(f"kept the split this run was started with ({path}): {added} file(s) added to {images.root} since are "
+            f"left out (neither trained nor validated on), {gone} listed file(s) are gone or unreadable; "
+            f"start a new run to use them")
+    if not len(train) or not len(val):
+        raise DataError(f"of the split in {path}, no {'training' if not len(train) else 'validation'} file is left "
+                        f"in {images.root}: restore the files, or start a new run")
+    return train, val
