@@ -141,3 +141,18 @@ def test_training_without_validation_rows_is_refused_before_any_work(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and "left for validation" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs" / "one" / "metrics.jsonl").exists()
+
+
+def test_evaluate_on_a_test_folder_without_one_readable_image_is_one_line(tiny_cfg, tmp_path):
+    import shutil
+
+    from cnnlab.train import fit
+
+    run = fit(tiny_cfg(epochs=1), progress=False, log=lambda s: None)
+    data = tmp_path / "broken"
+    shutil.copytree(Path(tiny_cfg().data) / "train", data / "train")
+    for folder in (data / "train").iterdir():
+        (data / "val" / folder.name).mkdir(parents=True)
+        (data / "val" / folder.name / "x.jpg").write_bytes(b"not a jpeg")
+    result = cnnlab("evaluate", str(run.run_dir), "--data", str(data), "--cache_dir", str(tmp_path / "c"))
+    one_line_exit_2(result, "nothing to test on")

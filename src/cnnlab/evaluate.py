@@ -132,6 +132,11 @@ def load_test_images(loaded: LoadedModel, data: str | Path, cache_dir: str | Pat
     if test.classes != loaded.classes:
         raise DataError(f"{Path(data) / 'val'} has classes {test.classes}, but the checkpoint was trained on "
                         f"{loaded.classes}: use data with the same class folders")
+    if not len(test.valid):
+        first = min(test.errors)
+        raise DataError(f"none of the {len(test.files)} files in {Path(data) / 'val'} is a readable image (the first, "
+                        f"{test.files[first]}: {test.errors[first]}), so there is nothing to test on: put the test "
+                        "images there")
     return test
 
 
