@@ -156,3 +156,148 @@ def test_evaluate_on_a_test_folder_without_one_readable_image_is_one_line(tiny_c
         (data / "val" / folder.name / "x.jpg").write_bytes(b"not a jpeg")
     result = cnnlab("evaluate", str(run.run_dir), "--data", str(data), "--cache_dir", str(tmp_path / "c"))
     one_line_exit_2(result, "nothing to test on")
+
+
+# ---- 3. large and interrupted grids ----------------------------------------------------------------------------
+
+def _grid(path: Path, name: str, sizes: tuple[int, ...]) -> Path:
+    import yaml
+
+    keys = ("dense_units", "filters", "seed")
+    params = {k: {"values": list(range(1, n + 1))} for k, n in zip(keys, sizes)}
+    path.write_text(yaml.safe_dump({"name": name, "method": "grid", "parameters": params}))
+    return path
+
+
+def test_an_absurd_grid_is_refused_with_its_size_and_the_limit(tmp_path):
+    result = cnnlab("sweep", str(_grid(tmp_path / "big.yaml", "big", (100, 100, 100))), "--sweeps_dir",
+                    str(tmp_path / "sw"))
+    one_line_exit_2(result, "1,000,000 points", "10,000")
+    assert not (tmp_path / "sw" / "big").exists()  # before: it queued points for minutes, printing nothing
+
+
+@pytest.mark.slow
+def test_a_grid_creator_killed_while_queueing_is_completed_once_per_point_by_the_next(tmp_path):
+    from optuna.trial import TrialState
+
+    from cnnlab.sweep import load_sweep, open_study
+    from cnnlab.sweep.storage import make_storage
+
+    path = _grid(tmp_path / "g.yaml", "g", (100, 100))  # 10,000 points: seconds to queue
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    code = ("import sys; from pathlib import Path; from cnnlab.sweep import load_sweep, open_study; "
+            "from cnnlab.sweep.storage import make_storage; "
+            f"open_study(load_sweep({str(path)!r}), make_storage(None, Path({str(folder)!r})), 0, 1, Path({str(folder)!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    journal = folder / "journal.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not journal.exists() or journal.stat().st_size < 400_000):  # ~1,000 queued
+        assert proc.poll() is None, "the creator finished before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    sweep = load_sweep(path)
+    storage = make_storage(None, folder)
+    import optuna
+
+    partial = optuna.load_study(study_name="g", storage=storage)
+    before = len(partial.get_trials(deepcopy=False))
+    assert 0 < before < 10_000 and not partial.user_attrs.get("grid_queued")
+    study = open_study(sweep, storage, 0, 1, folder, log=lambda s: None)  # a rerun joins, and completes it
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert sorted(t.user_attrs["grid_index"] for t in waiting) == list(range(10_000))
+    assert study.user_attrs["grid_queued"]
+    assert open_study(sweep, storage, 0, 1, folder, log=lambda s: None).get_trials(deepcopy=False).__len__() == 10_000
+
+
+def test_a_grid_point_queued_twice_runs_once(tiny_data, tmp_path):
+    import yaml
+
+    from cnnlab.sweep import load_sweep, run_sweep
+    from cnnlab.sweep.engine import queue_grid
+
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump({"name": "twice", "method": "grid", "parameters": {
+        "dense_units": {"values": [8, 16]}, "epochs": {"value": 1}}}))
+    base = {"data": str(tiny_data), "image_size": 32, "filters": 4, "batch_size": 32, "decode_workers": 1,
+            "cache_dir": str(tmp_path / "c"), "precision": "fp32"}
+    sweep = load_sweep(path)
+    from cnnlab.sweep import open_study
+    from cnnlab.sweep.storage import make_storage
+
+    (tmp_path / "sw").mkdir()
+    study = open_study(sweep, make_storage(None, tmp_path / "sw"), 0, 1, tmp_path / "sw", log=lambda s: None)
+    study.set_user_attr("grid_queued", False)
+    for t in study.get_trials(deepcopy=False):  # as if a second machine had queued the grid at the same time
+        study.enqueue_trial(t.params, user_attrs=t.user_attrs, skip_if_exists=False)
+    assert queue_grid(study, sweep, log=lambda s: None) == 0  # every index is held: nothing more queued
+    result = run_sweep(sweep, base, tmp_path / "sw", progress=False, log=lambda s: None)
+    assert (result.ran, result.complete) == (2, 2)
+    skipped = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("skipped")]
+    assert len(skipped) == 2 and all("queued twice" in t.user_attrs["skipped"] for t in skipped)
+
+
+# ---- 8. YAML bombs, 12. unreadable config files ----------------------------------------------------------------
+
+def yaml_bomb(depth: int, key: str = "filters") -> str:
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, depth):
+        lines.append(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]")
+    lines.append(f"{key}: *a{depth - 1}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("depth", [5, 10])
+def test_a_yaml_bomb_config_is_refused_in_one_short_line(tmp_path, depth):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(yaml_bomb(depth))
+    assert path.stat().st_size < 600
+    result = cnnlab("train", "--config", str(path), "--out", str(tmp_path / "runs"))
+    one_line_exit_2(result, "aliases")
+    assert len(result.stderr) < 400  # before: 39 MB at depth 5, MemoryError at depth 10
+
+
+def test_a_yaml_bomb_sweep_is_refused_before_a_study_is_written(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text("method: grid\n" + yaml_bomb(6, "command") + "parameters:\n  filters:\n    values: [4, 8]\n")
+    result = cnnlab("sweep", str(path), "--sweeps_dir", str(tmp_path / "sw"))
+    one_line_exit_2(result, "aliases")
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_long_bad_value_is_quoted_short():
+    from cnnlab.config import make_config
+    from cnnlab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        make_config({"filters": ["x" * 1000] * 10_000})
+    assert len(str(e.value)) < 300 and "filters=" in str(e.value)
+
+
+def test_a_study_stores_only_the_validated_sweep(tiny_data, tmp_path):
+    import optuna
+    import yaml
+
+    from cnnlab.sweep import load_sweep, run_sweep
+    from cnnlab.sweep.storage import make_storage
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "method": "grid", "program": "train.py", "command": ["x" * 10_000],
+                                    "parameters": {"epochs": {"value": 1}, "dense_units": {"values": [8]}}}))
+    base = {"data": str(tiny_data), "image_size": 32, "filters": 4, "decode_workers": 1, "cache_dir": str(tmp_path / "c")}
+    run_sweep(load_sweep(path), base, tmp_path / "sw", progress=False, log=lambda s: None)
+    stored = optuna.load_study(study_name="s", storage=make_storage(None, tmp_path / "sw")).user_attrs["sweep"]
+    assert "command" not in stored and stored["parameters"]["dense_units"] == {"values": [8]}
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: p.write_bytes("filters: 8\nname: caf\xe9\n".encode("latin-1")), "not UTF-8"),
+    (lambda p: p.mkdir(), "is a folder"),
+])
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_config_or_sweep_file_that_cannot_be_read_is_one_line(tmp_path, make, needle, command):
+    path = tmp_path / "file.yaml"
+    make(path)
+    argv = ["train", "--config", str(path)] if command == "train" else ["sweep", str(path)]
+    one_line_exit_2(cnnlab(*argv, "--out" if command == "train" else "--sweeps_dir", str(tmp_path / "o")), needle)

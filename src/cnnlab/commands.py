@@ -198,7 +198,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     folder = Path(args.out_root) / sweep.name
     if args.workers > 1:
         folder.mkdir(parents=True, exist_ok=True)
-        open_study(sweep, make_storage(args.storage, folder), args.seed, config.epochs)  # created once, then shared
+        open_study(sweep, make_storage(args.storage, folder), args.seed, config.epochs, folder,  # created once, then
+                   show_progress(args))  # shared
         argv = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
         cleaned, skip = [], False
         for a in argv:  # drop --workers N / --workers=N: each child runs one process's worth

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, quote
 from .io import atomic_write_text
 
 ACTIVATIONS = ("relu", "gelu", "silu", "mish", "elu", "leaky_relu", "selu")
@@ -178,13 +178,13 @@ def _int_list(text: str, key: str, length: int | None) -> list[int]:
     try:
         values = [int(v) for v in str(text).replace(" ", "").strip("[]()").split(",")]
     except ValueError:
-        raise ConfigError(f"{key}={text!r}: expected integers separated by commas") from None
+        raise ConfigError(f"{key}={quote(text)}: expected integers separated by commas") from None
     if length is not None and len(values) != length:
-        raise ConfigError(f"{key}={text!r}: expected {length} comma-separated values, got {len(values)}")
+        raise ConfigError(f"{key}={quote(text)}: expected {length} comma-separated values, got {len(values)}")
     if length is None and len(values) not in (1, 5):
-        raise ConfigError(f"{key}={text!r}: expected one value or five comma-separated values")
+        raise ConfigError(f"{key}={quote(text)}: expected one value or five comma-separated values")
     if any(v < 1 for v in values):
-        raise ConfigError(f"{key}={text!r}: every value must be at least 1")
+        raise ConfigError(f"{key}={quote(text)}: every value must be at least 1")
     return values
 
 
@@ -210,9 +210,9 @@ def coerce(key: str, value: Any) -> Any:
     """Turn a CLI string or YAML value into the field's type, or raise ConfigError naming the key."""
     if key not in FIELDS:
         known = ", ".join(FIELDS)
-        raise ConfigError(f"unknown key '{key}'; known keys: {known}")
+        raise ConfigError(f"unknown key {quote(key)}; known keys: {known}")
     t = _TYPES[key]
-    bad = ConfigError(f"{key}={value!r}: expected {describe(key)}")
+    bad = ConfigError(f"{key}={quote(value)}: expected {describe(key)}")
     if t is bool:
         if isinstance(value, bool):
             return value
@@ -249,9 +249,9 @@ def check_value(key: str, value: Any) -> Any:
     value = coerce(key, value)
     f = FIELDS[key]
     if "choices" in f.metadata and value not in f.metadata["choices"]:
-        raise ConfigError(f"{key}={value!r}: expected {describe(key)}")
+        raise ConfigError(f"{key}={quote(value)}: expected {describe(key)}")
     if "min" in f.metadata and not (f.metadata["min"] <= value <= f.metadata["max"]):
-        raise ConfigError(f"{key}={value!r}: expected {describe(key)}")
+        raise ConfigError(f"{key}={quote(value)}: expected {describe(key)}")
     return value
 
 
@@ -338,20 +338,73 @@ def saved_config(values: dict[str, Any], *overrides: dict[str, Any]) -> Config:
     return make_config(saved_values(values), *overrides)
 
 
+YAML_MAX_EXPANDED = 1_000_000  # characters a YAML file may stand for once its aliases are expanded, at most
+YAML_MAX_GROWTH = 10  # ... and at most this many times its own length (or 100,000 characters if more)
+
+
+def expanded_size(node: yaml.Node, memo: dict[int, int] | None = None, open_: set[int] | None = None) -> int:
+    """About how many characters `node` stands for with every alias expanded (a node reached twice counts
+    twice): what a 'billion laughs' file of a few hundred bytes multiplies into. Each node is visited once."""
+    memo = {} if memo is None else memo
+    open_ = set() if open_ is None else open_
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_:  # an anchor that contains its own alias: infinite once expanded
+        return YAML_MAX_EXPANDED + 1
+    open_.add(key)
+    if isinstance(node, yaml.ScalarNode):
+        size = 1 + len(node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(expanded_size(child, memo, open_) for child in node.value)
+    else:
+        size = 1 + sum(expanded_size(k, memo, open_) + expanded_size(v, memo, open_) for k, v in node.value)
+    open_.discard(key)
+    memo[key] = size = min(size, YAML_MAX_EXPANDED + 1)
+    return size
+
+
+def parse_yaml(text: str, where: str, what: str = "config", error: type[ConfigError] = ConfigError) -> Any:
+    """yaml.safe_load, refusing a document whose aliases expand past YAML_MAX_EXPANDED characters."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        bound = min(YAML_MAX_EXPANDED, max(100_000, YAML_MAX_GROWTH * len(text)))
+        if expanded_size(node) > bound:
+            raise error(f"{where}: its aliases (*name) expand it to more than {bound:,} characters (or refer to "
+                        f"themselves): the {what} file is refused; write the values out")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        raise error(f"{at}: {problem}{f' ({context})' if context else ''}: the {what} file is not valid YAML"
+                    ) from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path, what: str = "config", error: type[ConfigError] = ConfigError) -> Any:
     """A YAML file's content, or one clear line saying why it cannot be read."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise error(f"{what} file {path} not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        context = getattr(e, "context", None)
-        raise error(f"{where}: {problem}{f' ({context})' if context else ''}: the {what} file is not valid YAML"
-                    ) from None
+    except IsADirectoryError:
+        raise error(f"{what} file {path} is a folder: give the YAML file itself") from None
+    except OSError as e:
+        raise error(f"{what} file {path} cannot be read ({e.strerror}): check its permissions") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8 (the file seems saved as Latin-1 or "
+                    f"another legacy encoding): save the {what} file as UTF-8") from None
+    return parse_yaml(text, str(path), what, error)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -15,3 +15,15 @@ class DataError(CnnlabError):
 
 class StorageError(CnnlabError):
     """A file could not be written (disk full, quota, permissions, an I/O error); what was there is kept."""
+
+
+def quote(value: object, limit: int = 80) -> str:
+    """repr(value) for an error message, at most about `limit` characters however large the value is (a YAML
+    value of millions of items is abridged while it is printed, never printed whole first)."""
+    import reprlib
+
+    short = reprlib.Repr()  # attributes, not keywords: Python 3.10 and 3.11 take none
+    short.maxlevel, short.maxdict, short.maxlist, short.maxtuple, short.maxset = 3, 6, 6, 6, 6
+    short.maxstring, short.maxother, short.maxlong = limit, limit, 40
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -10,6 +10,7 @@ pruning hooks in.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import math
@@ -18,9 +19,10 @@ import socket
 import statistics
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 import yaml
@@ -102,29 +104,87 @@ def make_pruner(sweep: Sweep, epochs: int | None):
                                           reduction_factor=hb["eta"])
 
 
-def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None):
+def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None, folder: Path | None = None,
+               progress: bool = False, log: Callable[[str], None] = print):
     """Create the study (queueing the grid) or join it. The creator samples with `seed`, so a one-process sweep
     is reproducible; a process that joins gets a seed of its own, or every process would propose the same
-    points in the same order."""
+    points in the same order. A grid whose queueing was interrupted (its creator killed) is completed by the
+    next process that opens it, each point once."""
     pruner = make_pruner(sweep, epochs)
     try:
         study = optuna.create_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep, seed),
                                     pruner=pruner, direction=sweep.direction)
-        study.set_user_attr("sweep", sweep.raw)
-        if sweep.method == "grid":  # the creator queues every point once; workers pop them atomically
-            names = list(sweep.params)
-            for combo in itertools.product(*(sweep.params[n].values for n in names)):
-                study.enqueue_trial({n: v for n, v in zip(names, combo) if sweep.params[n].distribution != "constant"},
-                                    user_attrs={"grid_point": True}, skip_if_exists=False)
+        study.set_user_attr("sweep", sweep.validated)
     except optuna.exceptions.DuplicatedStudyError:
         own_seed = (seed * 1_000_003 + os.getpid() * 7919 + time.time_ns()) % 2**32
         study = optuna.load_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep, own_seed),
                                   pruner=pruner)
-        refuse_changes("sweep file", study.user_attrs.get("sweep", {}), sweep.raw, SEARCH_KEYS, sweep.name)
+        if "sweep" not in study.user_attrs:  # its creator was killed in the instant between the two calls
+            study.set_user_attr("sweep", sweep.validated)
+        refuse_changes("sweep file", study.user_attrs["sweep"], sweep.raw, SEARCH_KEYS, sweep.name)
     if study.direction.name.lower() != sweep.direction:
         raise CnnlabError(f"study '{sweep.name}' exists with direction {study.direction.name.lower()}; "
                           f"the sweep file asks {sweep.direction}")
+    if sweep.method == "grid" and not study.user_attrs.get("grid_queued"):
+        with _queue_lock(folder):
+            queue_grid(study, sweep, progress, log)
     return study
+
+
+@contextmanager
+def _queue_lock(folder: Path | None) -> Iterator[None]:
+    """One process at a time queues a grid on this machine (processes on other machines sharing an RDB study
+    may queue a point twice; Objective runs such a point once)."""
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "queue.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def queue_grid(study: Any, sweep: Sweep, progress: bool = False, log: Callable[[str], None] = print) -> int:
+    """Queue every grid point the study does not hold yet (each carries its `grid_index`), then mark the grid
+    queued; returns how many were queued now. Points are queued in the grid's order, so workers pop them in it."""
+    from tqdm import tqdm
+
+    trials = study.get_trials(deepcopy=False)
+    if study.user_attrs.get("grid_queued"):  # another process finished it while this one waited for the lock
+        return 0
+    if any(t.user_attrs.get("grid_point") for t in trials) and not any("grid_index" in t.user_attrs for t in trials):
+        study.set_user_attr("grid_queued", True)  # made before grid indexes existed, by a creator that queued it all
+        return 0
+    held = {t.user_attrs["grid_index"] for t in trials if "grid_index" in t.user_attrs}
+    names = list(sweep.params)
+    total = sweep.grid_points
+    missing = total - len(held)
+    if missing:
+        log(f"queueing {missing:,} of the grid's {total:,} points" + (f" ({len(held):,} were queued before)"
+                                                                       if held else ""))
+    with tqdm(total=missing, desc="queueing grid points", unit="pt", disable=not progress or missing < 1000,
+              dynamic_ncols=True) as bar:
+        for index, combo in enumerate(itertools.product(*(sweep.params[n].values for n in names))):
+            if index in held:
+                continue
+            study.enqueue_trial({n: v for n, v in zip(names, combo) if sweep.params[n].distribution != "constant"},
+                                user_attrs={"grid_point": True, "grid_index": index}, skip_if_exists=False)
+            bar.update(1)
+    study.set_user_attr("grid_queued", True)
+    return missing
+
+
+def grid_point_taken(study: Any, number: int, index: int) -> bool:
+    """Whether grid point `index` is run by another trial than `number`: one finished (not an orphan, whose retry
+    runs it), or one started before it. A point queued twice (two machines completing one grid) runs once."""
+    lost = orphans(study)
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number or t.user_attrs.get("grid_index") != index or t.number in lost or t.user_attrs.get("skipped"):
+            continue
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) or (
+                t.state == TrialState.RUNNING and t.number < number):
+            return True
+    return False
 
 
 SEARCH_KEYS = ("method", "metric", "parameters", "early_terminate")  # what defines a study's search
@@ -236,6 +296,10 @@ class Objective:
         if self.sweep.method == "grid" and not trial.user_attrs.get("grid_point"):
             trial.set_user_attr("skipped", "grid exhausted while this trial was being created")
             raise optuna.TrialPruned()
+        index = trial.user_attrs.get("grid_index")
+        if index is not None and grid_point_taken(trial.study, trial.number, index):
+            trial.set_user_attr("skipped", f"grid point {index} was queued twice and runs in another trial")
+            raise optuna.TrialPruned()
         trial.set_user_attr("owner", self.owner)
         values = suggest(trial, self.sweep)
         values = applicable(values, values.get("finetune", make_config(self.base).finetune))
@@ -272,8 +336,8 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
         before = json.loads(info.read_text()).get("base", {})
         refuse_changes("base config (flags)", before, base, sorted((set(before) | set(base)) - set(MACHINE_KEYS)),
                        sweep.name)
-    study = open_study(sweep, make_storage(storage_url, folder), seed, epochs)
-    atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(sweep.raw, sort_keys=False))
+    study = open_study(sweep, make_storage(storage_url, folder), seed, epochs, folder, progress, log)
+    atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(sweep.validated, sort_keys=False))
     atomic_write_json(folder / "sweep_info.json", {"name": sweep.name, "storage": mask(storage_url) if storage_url else None,
                                                     "base": base})
     recover_orphans(study, log)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FIELDS, check_value, read_yaml
-from ..errors import ConfigError
+from ..errors import ConfigError, quote
 from ..models import check_model_name
 
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
@@ -21,6 +21,8 @@ DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform
                  "inv_log_uniform_values", "normal", "q_normal", "log_normal", "q_log_normal",
                  "categorical_w_probabilities")
 IGNORED_KEYS = ("program", "command", "name", "description", "project", "entity", "controller")
+SEARCH_KEYS = ("method", "metric", "parameters", "early_terminate", "run_cap")  # what is validated and stored
+MAX_GRID_POINTS = 10_000  # queued at creation in about 4 s; a larger grid would run for years on any machine
 
 
 class SweepError(ConfigError):
@@ -53,12 +55,22 @@ class Sweep:
     warnings: list[str] = field(default_factory=list)  # legal but probably not meant
 
     @property
+    def validated(self) -> dict[str, Any]:
+        """The part of the sweep file that was checked (search space, metric, pruning, cap) and the name: what a
+        study stores, never the ignored keys, which may hold anything."""
+        return {k: self.raw[k] for k in SEARCH_KEYS if k in self.raw} | {"name": self.name}
+
+    @property
+    def grid_points(self) -> int:
+        return math.prod(len(p.values) for p in self.params.values()) if self.method == "grid" else 0
+
+    @property
     def direction(self) -> str:
         return "maximize" if self.goal == "maximize" else "minimize"
 
 
 def _bad(name: str, why: str) -> SweepError:
-    return SweepError(f"invalid sweep config: parameter '{name}': {why}")
+    return SweepError(f"invalid sweep config: parameter {quote(name)}: {why}")
 
 
 def _parse_param(name: str, spec: Any) -> Param:
@@ -100,7 +112,7 @@ def _parse_param(name: str, spec: Any) -> Param:
     for key in ("mu", "sigma", "q"):
         v = spec.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or (key != "mu" and v <= 0)):
-            raise _bad(name, f"{key} {v!r}: expected a {'positive ' if key != 'mu' else ''}number")
+            raise _bad(name, f"{key} {quote(v)}: expected a {'positive ' if key != 'mu' else ''}number")
     if dist in ("normal", "q_normal", "log_normal", "q_log_normal"):
         return Param(name, dist, mu=float(spec.get("mu", 0.0)), sigma=float(spec.get("sigma", 1.0)), q=spec.get("q"))
     if "min" not in spec or "max" not in spec:
@@ -147,7 +159,7 @@ def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
         raise SweepError(f"invalid sweep config: method '{method}' is not one of {', '.join(METHODS)}")
     metric = raw.get("metric") or {"name": "val_acc", "goal": "maximize"}
     if not isinstance(metric, dict):
-        raise SweepError(f"invalid sweep config: metric {metric!r}: expected a mapping like "
+        raise SweepError(f"invalid sweep config: metric {quote(metric)}: expected a mapping like "
                          "{name: val_acc, goal: maximize}")
     if metric.get("name") not in METRICS:
         raise SweepError(f"invalid sweep config: metric name '{metric.get('name')}': cnnlab logs {', '.join(METRICS)}")
@@ -162,13 +174,17 @@ def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
         for p in params.values():
             if p.distribution not in ("constant", "categorical"):
                 raise _bad(p.name, "grid search needs value or values, not a distribution")
+        points = math.prod(len(p.values) for p in params.values())
+        if points > MAX_GRID_POINTS:
+            raise SweepError(f"invalid sweep config: the grid has {points:,} points, more than the {MAX_GRID_POINTS:,} "
+                             "cnnlab runs: give fewer values, or use method: random or bayes with a run_cap")
     hyperband = _hyperband(raw.get("early_terminate"))
     run_cap = raw.get("run_cap")
     if run_cap is not None and (isinstance(run_cap, bool) or not isinstance(run_cap, int) or run_cap < 1):
         raise SweepError("invalid sweep config: run_cap must be a positive integer")
     sweep_name = str(raw.get("name") or name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", sweep_name):
-        raise SweepError(f"invalid sweep config: name {sweep_name!r}: a sweep's name is its folder's, so use letters, "
+        raise SweepError(f"invalid sweep config: name {quote(sweep_name)}: a sweep's name is its folder's, so use letters, "
                          "digits, '.', '_' and '-' only (no '/', no leading dot)")
     return Sweep(sweep_name, method, metric["name"], goal, params, hyperband, run_cap, raw,
                  [w for p in params.values() if (w := _hint(p))])
@@ -189,7 +205,7 @@ def _positive_int(et: dict[str, Any], key: str, default: int | None, least: int)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise SweepError(f"invalid sweep config: early_terminate {key} {value!r}: expected a whole number of at "
+        raise SweepError(f"invalid sweep config: early_terminate {key} {quote(value)}: expected a whole number of at "
                          f"least {least}")
     return value
 
