@@ -7,6 +7,7 @@ import argparse
 import difflib
 import errno
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -14,6 +15,19 @@ from . import __version__
 from .commands import COMMANDS
 from .config import FIELDS, describe
 from .errors import CnnlabError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (kill, a closed terminal, a batch system's time limit), raised where the process is so
+    that it ends the way Ctrl-C does: the decode workers ended, half-written files removed, the run resumable."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,6 +146,18 @@ RESOURCE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.ERO
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    before = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:  # not where the caller chose otherwise (nohup: SIGHUP ignored)
+            before[signum] = signal.signal(signum, _terminate)
+    try:
+        return run(argv)
+    finally:  # called from Python (a test, a notebook): its handlers as they were
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.argv = None if argv is None else list(argv)
@@ -154,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CnnlabError as e:
         print(f"cnnlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"\ncnnlab {args.command}: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"\ncnnlab {args.command}: interrupted", file=sys.stderr)
         return 130

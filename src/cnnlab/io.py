@@ -96,12 +96,20 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_free_space(folder: Path, needed: int, what: str) -> None:
-    """Refuse, before writing anything, to start a file that the disk cannot hold."""
+def human_size(n: float) -> str:
+    """Bytes as a person reads them: GB from 1 GB up, else MB (a 0.35 MB shortfall is not '0.00 GB')."""
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def check_free_space(folder: Path, needed: int, what: str, replaces: Path | None = None) -> None:
+    """Refuse, before writing anything, to start a file that the disk cannot hold; the space of `replaces`, a file
+    the new one will overwrite (a build killed earlier left it), counts as free."""
     free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise StorageError(f"{what} needs {needed / 1e9:.2f} GB in {folder}, which has {free / 1e9:.2f} GB free: free "
-                           "some space, or choose another --cache_dir (or $CNNLAB_CACHE)")
+    reclaimable = replaces.stat().st_size if replaces is not None and replaces.is_file() else 0
+    if needed > free + reclaimable:
+        kept = f" (counting the {human_size(reclaimable)} of {replaces.name}, which it replaces)" if reclaimable else ""
+        raise StorageError(f"{what} needs {human_size(needed)} in {folder}, which has {human_size(free + reclaimable)} "
+                           f"free{kept}: free some space, or choose another --cache_dir (or $CNNLAB_CACHE)")
 
 
 def new_mapped_array(path: Path, dtype: Any, shape: tuple[int, ...], what: str) -> Any:
@@ -110,7 +118,7 @@ def new_mapped_array(path: Path, dtype: Any, shape: tuple[int, ...], what: str) 
     before any work, and a disk that cannot give it is one StorageError naming `what` (nothing is left behind)."""
     import numpy as np
 
-    check_free_space(path.parent, int(np.prod(shape)) * np.dtype(dtype).itemsize, what)
+    check_free_space(path.parent, int(np.prod(shape)) * np.dtype(dtype).itemsize, what, replaces=path)
     try:
         out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         fd = os.open(path, os.O_RDWR)

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import DataError
 from ..io import atomic_write_json, atomic_write_text, new_mapped_array
+from ..processes import end_with_parent
 from .decode import DECODE_VERSION, decode_chunk
 from .folders import scan_folder
 
@@ -111,11 +112,22 @@ def _open_cache(npy: Path, meta: Path, shape: tuple[int, ...]) -> tuple[np.ndarr
 
 def _build(files: list[Path], geometry: tuple[int, float, str], npy: Path, meta: Path, folder: Path, workers: int, progress: bool,
            decode_device: torch.device | None, decoder: str, lock_fd: int | None = None) -> None:
+    size = geometry[0]
+    partial = npy.with_suffix(".partial.npy")  # one per key: a build killed with -9 leaves it, the next reuses it
+    out = new_mapped_array(partial, np.uint8, (len(files), size, size, 3), f"the image cache of {folder} at {size}px")
+    try:
+        _fill(files, geometry, out, partial, npy, meta, folder, workers, progress, decode_device, decoder, lock_fd)
+    except BaseException:  # Ctrl-C, SIGTERM, a dead worker, a full disk: no full-size leftover on the disk
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _fill(files: list[Path], geometry: tuple[int, float, str], out: np.ndarray, partial: Path, npy: Path, meta: Path,
+          folder: Path, workers: int, progress: bool, decode_device: torch.device | None, decoder: str,
+          lock_fd: int | None) -> None:
     from tqdm import tqdm
 
     size = geometry[0]
-    partial = npy.with_suffix(".partial.npy")
-    out = new_mapped_array(partial, np.uint8, (len(files), size, size, 3), f"the image cache of {folder} at {size}px")
     start = time.perf_counter()
     bar = tqdm(total=len(files), desc=f"decoding {folder.name}/ at {size}px ({decoder})", unit="img",
                disable=not progress, dynamic_ncols=True)
@@ -172,7 +184,7 @@ def _decode_in_processes(jobs: list[tuple], workers: int, take: Any, lock_fd: in
     before = {c.pid for c in psutil.Process().children()}
     method = "fork" if sys.platform == "linux" else "spawn"
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
-                               initargs=(lock_fd,))
+                               initargs=(lock_fd, os.getpid()))
     # Workers are forked by the first submit; with SIGINT blocked meanwhile, a Ctrl-C in that instant waits in the
     # parent (raised once unblocked) instead of reaching a worker before its initializer ignores it.
     # The Ctrl-C that unblocking raises lands inside the outer try, whose finally ends the workers.
@@ -194,9 +206,12 @@ def _decode_in_processes(jobs: list[tuple], workers: int, take: Any, lock_fd: in
                 child.kill()
 
 
-def _init_worker(lock_fd: int | None) -> None:
+def _init_worker(lock_fd: int | None, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone answers it
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # the parent's handlers (raise in Python) are not a worker's
+        signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # forked with it blocked: a pending one is dropped
+    end_with_parent(parent)
     if lock_fd is not None:  # the forked copy of the cache lock's descriptor would keep the lock held
         os.close(lock_fd)
 
