@@ -24,7 +24,7 @@ from cnnlab.data.demo import make_demo_data
 
 def cnnlab(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnnlab.cli", *args], capture_output=True, text=True, timeout=300,
-                          **kw)
+                          errors="surrogateescape", **kw)
 
 
 def one_line_exit_2(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -371,3 +371,31 @@ def test_the_free_space_check_counts_the_file_it_replaces_and_speaks_in_mb(tmp_p
     from cnnlab.io import human_size
 
     assert (human_size(350_000), human_size(2.5e9)) == ("0.35 MB", "2.50 GB")  # before: '0.00 GB'
+
+
+# ---- 6. file names that are not UTF-8, and other awkward names --------------------------------------------------
+
+def test_latin_1_newline_and_dangling_link_names_train_and_are_reported(tiny_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    circle = data / "train" / "circle"
+    good = next(circle.iterdir())
+    shutil.copy(good, os.fsencode(circle) + b"/caf\xe9.jpg")  # a name in Latin-1: not UTF-8
+    with open(os.fsencode(circle) + b"/cass\xe9.jpg", "wb") as fh:
+        fh.write(b"not a jpeg")
+    (circle / "two\nlines.jpg").write_bytes(b"not a jpeg either")
+    os.symlink(tmp_path / "nowhere.jpg", circle / "link.jpg")
+    result = cnnlab("train", "--data", str(data), "--image_size=32", "--epochs=1", "--filters=4", "--dense_units=8",
+                    "--decode_workers=1", "--cache_dir", str(tmp_path / "c"), "--out", str(tmp_path / "runs"),
+                    "--name=r", "--quiet")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr  # before: UnicodeEncodeError
+    report = (tmp_path / "runs" / "r" / "bad_files.txt").read_bytes().splitlines()
+    assert len(report) == 3  # one line per file, the newline in a name escaped
+    assert any(line.startswith(os.fsencode(circle) + b"/cass\xe9.jpg\t") for line in report)  # its own bytes
+    assert any(b"two\\nlines.jpg\t" in line for line in report) and any(b"link.jpg\t" in line for line in report)
+    split = json.loads((tmp_path / "runs" / "r" / "split.json").read_text())
+    assert sum(name.endswith("caf\udce9.jpg") for name in split["train"] + split["val"]) == 1  # it trained
+    predicted = cnnlab("predict", str(tmp_path / "runs" / "r"), os.fsdecode(os.fsencode(circle) + b"/caf\xe9.jpg"))
+    assert predicted.returncode == 0 and "caf" in predicted.stdout, predicted.stderr

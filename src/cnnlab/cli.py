@@ -158,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a Latin-1 file name is printed as its own bytes, as `ls` prints it
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.argv = None if argv is None else list(argv)

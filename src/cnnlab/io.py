@@ -46,7 +46,18 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda fh: fh.write(text), "w")
+    """UTF-8, with the bytes of a file name that is not UTF-8 (a Latin-1 name) written back as they were."""
+    data = text.encode("utf-8", "surrogateescape")
+    atomic_write(path, lambda fh: fh.write(data), "wb")
+
+
+def printable(path: str | Path) -> str:
+    """A path for a one-line-per-file report: a newline, tab or other control character in a file name is
+    written as its escape (\\n), so the name stays on its line."""
+    text = str(path)
+    if not any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c for c in text)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..io import atomic_write_json, atomic_write_text, new_mapped_array
+from ..io import atomic_write_json, atomic_write_text, new_mapped_array, printable
 from ..processes import end_with_parent
 from .decode import DECODE_VERSION, decode_chunk
 from .folders import scan_folder
@@ -56,7 +56,7 @@ class CachedImages:
         return int(self.pixels.shape[1])
 
     def bad_file_report(self) -> str:
-        return "".join(f"{self.files[i]}\t{msg}\n" for i, msg in sorted(self.errors.items()))
+        return "".join(f"{printable(self.files[i])}\t{msg}\n" for i, msg in sorted(self.errors.items()))
 
 
 def cache_key(files: list[Path], image_size: int, decoder: str = "pil", crop: float = 0.0,
@@ -66,8 +66,11 @@ def cache_key(files: list[Path], image_size: int, decoder: str = "pil", crop: fl
         tag += f":crop{crop:g}:{interpolation}"
     h = hashlib.sha256(f"cnnlab-decode-v{DECODE_VERSION}:{image_size}{tag}\n".encode())
     for p in files:
-        st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # a dangling link: keyed by the link itself, and reported as unreadable
+            st = p.lstat()
+        h.update(os.fsencode(p.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 

@@ -26,13 +26,19 @@ def list_classes(folder: Path) -> list[str]:
 
 def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
     """Classes (sorted sub-folder names), files and labels of `folder/<class>/*`. Hidden files are
-    skipped; every other file is listed, so a non-image is reported rather than silently ignored."""
+    skipped; every other file is listed, so a non-image (or a link to nowhere) is reported rather than silently
+    ignored."""
     folder = Path(folder)
     classes = list_classes(folder)
     files, labels = [], []
     for label, name in enumerate(classes):
-        for p in sorted((folder / name).iterdir()):
-            if p.is_file() and not p.name.startswith("."):
+        try:
+            entries = sorted((folder / name).iterdir())
+        except OSError as e:
+            raise DataError(f"class folder {folder / name} cannot be read ({e.strerror}): check its permissions "
+                            "(chmod +rx), or move it out of the data folder") from None
+        for p in entries:
+            if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith("."):
                 files.append(p)
                 labels.append(label)
     if not files:
