@@ -399,3 +399,55 @@ def test_latin_1_newline_and_dangling_link_names_train_and_are_reported(tiny_dat
     assert sum(name.endswith("caf\udce9.jpg") for name in split["train"] + split["val"]) == 1  # it trained
     predicted = cnnlab("predict", str(tmp_path / "runs" / "r"), os.fsdecode(os.fsencode(circle) + b"/caf\xe9.jpg"))
     assert predicted.returncode == 0 and "caf" in predicted.stdout, predicted.stderr
+
+
+# ---- 7. unwritable and misnamed folders ------------------------------------------------------------------------
+
+def drop_permission_override() -> None:
+    """In a child running as root, before it execs: drop from its bounding set the capabilities that let root
+    ignore file permissions (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER), so the program it runs meets
+    permissions as any user does (a capability dropped from the bounding set stays dropped across exec)."""
+    import ctypes
+
+    PR_CAPBSET_DROP = 24
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def unprivileged():
+    """A preexec_fn under which permissions apply to the child (root ignores them), or None where they already do."""
+    return drop_permission_override if os.geteuid() == 0 else None
+
+
+def _train_argv(data, out, cache, *extra):
+    return ["train", "--data", str(data), "--image_size=32", "--epochs=1", "--filters=4", "--dense_units=8",
+            "--decode_workers=1", "--out", str(out), "--cache_dir", str(cache), "--name=r", "--quiet", *extra]
+
+
+def test_a_file_where_a_folder_should_be_is_one_line(tiny_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_exit_2(cnnlab(*_train_argv(tiny_data, blocker, tmp_path / "c")), str(blocker), "a file stands")
+    one_line_exit_2(cnnlab(*_train_argv(tiny_data, blocker / "runs", tmp_path / "c")), "a file stands")
+    one_line_exit_2(cnnlab(*_train_argv(tiny_data, tmp_path / "runs", blocker)), str(blocker), "a file stands")
+
+
+def test_an_unwritable_out_or_cache_folder_and_an_unreadable_class_folder_are_one_line(tiny_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    as_user = {"preexec_fn": unprivileged()}
+    one_line_exit_2(cnnlab(*_train_argv(data, locked / "runs", tmp_path / "c"), **as_user), str(locked), "permission")
+    one_line_exit_2(cnnlab(*_train_argv(data, tmp_path / "runs", locked / "c"), **as_user), str(locked), "permission")
+    (data / "train" / "circle").chmod(0o000)
+    try:
+        one_line_exit_2(cnnlab(*_train_argv(data, tmp_path / "runs", tmp_path / "c"), **as_user), "circle",
+                        "cannot be read")
+    finally:
+        (data / "train" / "circle").chmod(0o755)

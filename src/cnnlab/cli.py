@@ -143,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The machine, not cnnlab, ran out of something: one line, not a traceback (files are written atomically).
 RESOURCE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE}
+# A path the user gave (or one below it) cannot be used: one line naming it and what to do.
+PATH_ERRORS = {
+    errno.EACCES: "check its permissions, or choose another folder (--out, --cache_dir, --sweeps_dir)",
+    errno.EPERM: "check its permissions, or choose another folder (--out, --cache_dir, --sweeps_dir)",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it away, or choose another path",
+    errno.EEXIST: "a file stands where a folder is needed: move it away, or choose another path",
+    errno.EISDIR: "a folder stands where a file is needed: give the file, or choose another path",
+    errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter one",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,6 +202,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:
+        if e.errno in PATH_ERRORS:
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"cnnlab {args.command}: error: {where}{e.strerror}: {PATH_ERRORS[e.errno]}", file=sys.stderr)
+            return 2
         if e.errno not in RESOURCE_ERRORS:
             raise
         where = f" ({e.filename})" if e.filename else ""
