@@ -451,3 +451,47 @@ def test_an_unwritable_out_or_cache_folder_and_an_unreadable_class_folder_are_on
                         "cannot be read")
     finally:
         (data / "train" / "circle").chmod(0o755)
+
+
+# ---- 9. damaged checkpoints, 14. --resume given the wrong file -------------------------------------------------
+
+def _overwrite_weight_bytes(path: Path, count: int = 64) -> None:
+    """Overwrite `count` bytes in the middle of the checkpoint's largest tensor record, as a bad disk would."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset)
+        header = fh.read(30)
+        name_len, extra_len = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+        fh.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
+        fh.write(b"\xff" * count)
+
+
+def test_a_checkpoint_with_overwritten_weight_bytes_is_refused_in_one_line(tiny_cfg, tmp_path):
+    import shutil
+
+    from cnnlab.train import fit
+
+    run = fit(tiny_cfg(epochs=1), progress=False, log=lambda s: None)
+    damaged = tmp_path / "damaged.pt"
+    shutil.copy(run.run_dir / "best.pt", damaged)
+    _overwrite_weight_bytes(damaged)
+    assert torch.load(damaged, weights_only=True)["model"]  # torch itself reads it without a word
+    photo = next((Path(tiny_cfg().data) / "val" / "circle").iterdir())
+    result = cnnlab("predict", str(damaged), str(photo))
+    one_line_exit_2(result, "is damaged", "checksum")  # before: exit 0, 'nan%'
+    assert cnnlab("predict", str(run.run_dir / "best.pt"), str(photo)).returncode == 0
+
+
+def test_resume_given_a_best_checkpoint_as_last_says_what_it_needs(tiny_cfg, tmp_path):
+    import shutil
+
+    from cnnlab.train import fit
+
+    run = fit(tiny_cfg(epochs=1), progress=False, log=lambda s: None)
+    shutil.copy(run.run_dir / "best.pt", run.run_dir / "last.pt")
+    result = cnnlab("train", "--resume", str(run.run_dir), "--epochs=2")
+    one_line_exit_2(result, "best.pt", "--resume needs")  # before: KeyError: 'optimizer'
+    one_line_exit_2(cnnlab("train", "--resume", str(run.run_dir / "best.pt")), "run folder")

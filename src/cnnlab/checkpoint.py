@@ -4,6 +4,7 @@ evaluate, predict, explain and the feature store. Plain tensors, numbers and str
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,22 @@ from .io import atomic_torch_save
 from .preprocess import Preprocess
 
 
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes: stored in every checkpoint and checked on every
+    load, since torch.load does not notice overwritten bytes inside a tensor (it loaded them and predicted nan%)."""
+    h = hashlib.sha256()
+    for name, tensor in weights.items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def make_checkpoint(model: nn.Module, cfg: Config, classes: list[str], pre: Preprocess, epoch: int,
                     history: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"model": model.state_dict(), "config": cfg.to_dict(), "classes": classes, "preprocess": pre.to_dict(),
-            "epoch": epoch, "history": history, "cnnlab_version": __version__, **extra}
+    weights = model.state_dict()
+    return {"model": weights, "weights_sha256": weights_digest(weights), "config": cfg.to_dict(), "classes": classes,
+            "preprocess": pre.to_dict(), "epoch": epoch, "history": history, "cnnlab_version": __version__, **extra}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -39,4 +52,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
                           f"runs/<name>/best.pt or last.pt, or the run folder itself") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CnnlabError(f"{path} is not a cnnlab checkpoint (no config/model inside)")
+    damaged = f"{path} is damaged: its weights "
+    fix = "(changed or corrupted on the disk after training wrote it): restore a copy, or train again"
+    if "weights_sha256" in state:
+        if weights_digest(state["model"]) != state["weights_sha256"]:
+            raise CnnlabError(damaged + "do not match the checksum written with them " + fix)
+    else:  # written before checkpoints carried a checksum: at least no NaN or infinity slipped in
+        bad = next((k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise CnnlabError(damaged + f"hold NaN or infinite values ({bad}) " + fix)
     return state

@@ -48,6 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         run = Path(args.resume)
+        if run.is_file():
+            raise CnnlabError(f"--resume takes the run folder, not a file: cnnlab train --resume {run.parent}")
         saved = run / "config.yaml"
         if not saved.exists():
             raise CnnlabError(f"{run} is not a run folder (no config.yaml); expected runs/<name>")

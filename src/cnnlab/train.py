@@ -273,7 +273,12 @@ def init_first_conv(model: SmallCNN, images: CachedImages, train_rows: np.ndarra
 
 def restore(run: Run) -> int:
     """Continue from last.pt: weights, optimiser, schedule, history and best so far. Returns its epoch."""
-    state = load_checkpoint(run.run_dir / "last.pt", next(run.model.parameters()).device)
+    path = run.run_dir / "last.pt"
+    state = load_checkpoint(path, next(run.model.parameters()).device)
+    if "optimizer" not in state:  # best.pt copied over last.pt: weights alone, no optimiser or schedule to go on with
+        raise CnnlabError(f"{path} holds weights only (a best.pt checkpoint), but --resume needs the last.pt that "
+                          "training writes after every epoch, with the optimiser and schedule; to train on from these "
+                          "weights, start a new run")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.ema is not None:
