@@ -495,3 +495,29 @@ def test_resume_given_a_best_checkpoint_as_last_says_what_it_needs(tiny_cfg, tmp
     result = cnnlab("train", "--resume", str(run.run_dir), "--epochs=2")
     one_line_exit_2(result, "best.pt", "--resume needs")  # before: KeyError: 'optimizer'
     one_line_exit_2(cnnlab("train", "--resume", str(run.run_dir / "best.pt")), "run folder")
+
+
+# ---- 10. FIFOs and other files that are not regular -----------------------------------------------------------
+
+def test_a_fifo_is_one_error_line_never_a_hang(tiny_cfg, tmp_path):
+    import shutil
+
+    from cnnlab.data.decode_gpu import decode_into
+    from cnnlab.train import fit
+
+    run = fit(tiny_cfg(epochs=1), progress=False, log=lambda s: None)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    photo = next((Path(tiny_cfg().data) / "val" / "circle").iterdir())
+    result = subprocess.run([sys.executable, "-m", "cnnlab.cli", "predict", str(run.run_dir), str(fifo), str(photo)],
+                            capture_output=True, text=True, timeout=60)  # before: blocked forever
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == f"cnnlab predict: {fifo}: not a regular file (a FIFO): only image files are read"
+    assert result.stdout.startswith(f"{photo}: ")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cfg().data, data)
+    os.mkfifo(data / "train" / "circle" / "pipe.jpg")
+    trained = fit(tiny_cfg(data=str(data), epochs=1, name="fifo"), progress=False, log=lambda s: None)
+    assert "pipe.jpg\tnot a regular file (a FIFO)" in (trained.run_dir / "bad_files.txt").read_text()
+    out = np.zeros((1, 32, 32, 3), np.uint8)
+    assert "FIFO" in decode_into([fifo], (32, 0.0, "bilinear"), out, torch.device("cpu"))[0]

@@ -174,8 +174,8 @@ def expand_paths(paths: list[str]) -> list[str]:
     out: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += [str(f) for f in sorted(p.rglob("*")) if f.is_file()
-                    and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+            out += [str(f) for f in sorted(p.rglob("*")) if not f.is_dir()
+                    and not any(part.startswith(".") for part in f.relative_to(p).parts)]  # a FIFO: reported
         else:
             out.append(str(p))
     return out

@@ -3,6 +3,8 @@ builder's worker processes start fast."""
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -58,6 +60,20 @@ def crop_box(width: int, height: int, crop: float) -> tuple[float, float, float,
     return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
 
 
+class NotAnImageFile(OSError):
+    """A path that is not a regular file (a FIFO, a socket, a device): opening it could block forever."""
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Refuse, without opening it, anything but a regular file (a link to one is fine)."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "not a file")
+        raise NotAnImageFile(f"not a regular file ({kind}): only image files are read")
+
+
 def load_rgb(path: str, size: int, crop: float = 0.0, interpolation: str = "bilinear") -> np.ndarray:
     """(size, size, 3) uint8: with crop 0 the whole image squashed to a square like the reference
     Resize((size, size)); with crop c the central square of side c * the shorter side (see Preprocess).
@@ -65,6 +81,7 @@ def load_rgb(path: str, size: int, crop: float = 0.0, interpolation: str = "bili
     PIL's own limit stands (its global is never changed, so importing cnnlab changes nothing for the caller):
     past twice Image.MAX_IMAGE_PIXELS (179 M pixels by default) the file is refused as a decompression bomb;
     below that the warning is silenced here, since JPEGs decode in draft mode at a fraction of their size."""
+    check_regular_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
@@ -82,6 +99,8 @@ def describe_error(e: BaseException) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, Image.DecompressionBombWarning | Image.DecompressionBombError):
         return f"image too large to decode safely ({text})"
+    if isinstance(e, NotAnImageFile):
+        return text
     return f"{type(e).__name__}: {text}"
 
 

@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .decode import crop_box, describe_error, load_rgb, orientation
+from .decode import check_regular_file, crop_box, describe_error, load_rgb, orientation
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _read(path: Path) -> bytes | BaseException:
     try:
+        check_regular_file(path)  # a FIFO would block the reading thread forever
         return path.read_bytes()
     except OSError as e:
         return e

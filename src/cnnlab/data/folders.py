@@ -38,7 +38,7 @@ def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
             raise DataError(f"class folder {folder / name} cannot be read ({e.strerror}): check its permissions "
                             "(chmod +rx), or move it out of the data folder") from None
         for p in entries:
-            if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith("."):
+            if not p.is_dir() and not p.name.startswith("."):  # a FIFO or a dangling link too: reported, never read
                 files.append(p)
                 labels.append(label)
     if not files:
