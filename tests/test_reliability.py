@@ -521,3 +521,56 @@ def test_a_fifo_is_one_error_line_never_a_hang(tiny_cfg, tmp_path):
     assert "pipe.jpg\tnot a regular file (a FIFO)" in (trained.run_dir / "bad_files.txt").read_text()
     out = np.zeros((1, 32, 32, 3), np.uint8)
     assert "FIFO" in decode_into([fifo], (32, 0.0, "bilinear"), out, torch.device("cpu"))[0]
+
+
+# ---- 13. run names ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", ".", "..", "a/b", ".hidden"])
+def test_a_run_name_is_one_safe_folder_name(tiny_data, tmp_path, name):
+    result = cnnlab(*_train_argv(tiny_data, tmp_path / "out" / "runs", tmp_path / "c")[:-2], f"--name={name}")
+    one_line_exit_2(result, "name=", "letters, digits")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "out").exists()
+
+
+# ---- 15. numbers checked, 16. no stderr ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["predict", "runs/x", "a.jpg", "--top", "-1"], "--top: -1 is below 1"),
+    (["explain", "runs/x", "--data", "d", "--neurons", "0"], "--neurons: 0 is below 1"),
+    (["explain", "runs/x", "--data", "d", "--per_neuron", "0"], "--per_neuron: 0 is below 1"),
+    (["info", "--num_classes", "-2"], "--num_classes: -2 is below 2"),
+    (["info", "--num_classes", "0"], "--num_classes: 0 is below 2"),  # before: 0 meant 10
+    (["evaluate", "runs/x", "--data", "d", "--top", "0"], "--top: 0 is below 1"),
+    (["sweep", "s.yaml", "--count", "0"], "--count: 0 is below 1"),
+    (["demo-data", "d", "--train_per_class", "abc"], "'abc' is not a whole number"),
+])
+def test_every_numeric_argument_is_range_checked_in_one_line(argv, needle):
+    one_line_exit_2(cnnlab(*argv), needle)
+
+
+@pytest.mark.parametrize("threads", ["abc", "0", "-3"])
+def test_cnnlab_threads_is_checked(threads):
+    result = cnnlab("info", "--filters", "4", env={**os.environ, "CNNLAB_THREADS": threads})
+    one_line_exit_2(result, "$CNNLAB_THREADS", "1 to 4096")
+
+
+def test_info_takes_the_class_count_it_is_given():
+    result = cnnlab("info", "--num_classes", "3", "--filters", "4")
+    assert result.returncode == 0 and "3 classes" in result.stdout, result.stderr
+
+
+def test_commands_work_with_stderr_closed(tmp_path):
+    def closed_stderr():
+        os.close(2)
+
+    ok = subprocess.run([sys.executable, "-m", "cnnlab.cli", "demo-data", str(tmp_path / "d"), "--train_per_class",
+                         "2", "--val_per_class", "1"], stdout=subprocess.PIPE, preexec_fn=closed_stderr, timeout=120,
+                        text=True)
+    assert ok.returncode == 0 and "wrote" in ok.stdout  # before: exit 1, not a word
+    trained = subprocess.run([sys.executable, "-m", "cnnlab.cli", *_train_argv(tmp_path / "d", tmp_path / "runs",
+                                                                              tmp_path / "c")],
+                             stdout=subprocess.PIPE, preexec_fn=closed_stderr, timeout=300, text=True)
+    assert trained.returncode == 0 and "best val_acc" in trained.stdout
+    bad = subprocess.run([sys.executable, "-m", "cnnlab.cli", "train", "--data", str(tmp_path / "none")],
+                         stdout=subprocess.PIPE, preexec_fn=closed_stderr, timeout=120, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""  # the refusal is still exit 2; stdout stays clean for a pipe

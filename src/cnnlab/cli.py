@@ -73,15 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help=COMMANDS["info"][1], allow_abbrev=False)
     p.add_argument("--config", help="YAML file of config keys (only the model's are used); flags given here win")
-    p.add_argument("--num_classes", type=int, help="classes of the output layer [default: those of --data, else 10]")
+    p.add_argument("--num_classes", type=_at_least_2, help="classes of the output layer [default: those of --data, else 10]")
     p.add_argument("--data", help="data root: its train/ class folders set the number of classes")
     _add_config_flags(p, MODEL_KEYS)
 
     p = sub.add_parser("demo-data", help=COMMANDS["demo-data"][1], allow_abbrev=False)
     p.add_argument("root", nargs="?", default="data/demo", help="where train/ and val/ go [default: data/demo]")
-    p.add_argument("--train_per_class", type=int, default=100, help="training images per class [default: 100]")
-    p.add_argument("--val_per_class", type=int, default=30, help="test images per class, in val/ [default: 30]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shapes, colours and noise [default: 0]")
+    p.add_argument("--train_per_class", type=positive_int, default=100, help="training images per class [default: 100]")
+    p.add_argument("--val_per_class", type=positive_int, default=30, help="test images per class, in val/ [default: 30]")
+    p.add_argument("--seed", type=whole_number, default=0, help="seed of the shapes, colours and noise [default: 0]")
 
     p = sub.add_parser("download", help=COMMANDS["download"][1], allow_abbrev=False)
     p.add_argument("dataset", help="inaturalist-12k")
@@ -94,12 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help=COMMANDS["sweep"][1], allow_abbrev=False)
     p.add_argument("sweep_file", help="a W&B sweep YAML (method, metric, parameters, early_terminate, run_cap)")
-    p.add_argument("--count", type=int, help="trials this process runs (default: until run_cap or the grid is done)")
+    p.add_argument("--count", type=positive_int, help="trials this process runs (default: until run_cap or the grid is done)")
     p.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study [default: 1]")
     p.add_argument("--storage", help="Optuna RDB URL shared by many machines, or set $CNNLAB_STORAGE (keeps a password "
                    "out of `ps`) [default: a journal file in the sweep folder]")
     p.add_argument("--sweeps_dir", dest="out_root", default="sweeps", help="where sweep folders go [default: sweeps]")
-    p.add_argument("--sampler_seed", dest="seed", type=int, default=0, help="seed of the sampler [default: 0]")
+    p.add_argument("--sampler_seed", dest="seed", type=whole_number, default=0, help="seed of the sampler [default: 0]")
     p.add_argument("--config", help="YAML of base config keys for every trial")
     p.add_argument("--quiet", action="store_true", help="no progress bars: one line per trial")
     _add_config_flags(p)
@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1], allow_abbrev=False)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="data root; its val/ folder is the test set")
-    p.add_argument("--top", type=int, default=3, help="k of the top-k accuracy [default: 3]")
+    p.add_argument("--top", type=positive_int, default=3, help="k of the top-k accuracy [default: 3]")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prediction grid's sample [default: 0]")
+    p.add_argument("--seed", type=whole_number, default=0, help="seed of the prediction grid's sample [default: 0]")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--cache_dir", default="", help=CACHE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -125,17 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help=COMMANDS["predict"][1], allow_abbrev=False)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", help="image files (any format PIL reads) or folders of them (recursively)")
-    p.add_argument("--top", type=int, default=3, help="classes shown per image [default: 3]")
+    p.add_argument("--top", type=positive_int, default=3, help="classes shown per image [default: 3]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser("explain", help=COMMANDS["explain"][1], allow_abbrev=False)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="data root; its val/ test images are the ones explained")
-    p.add_argument("--neurons", type=int, default=10, help="last-conv channels to show [default: 10]")
-    p.add_argument("--per_neuron", type=int, default=3, help="top-exciting test images per neuron [default: 3]")
+    p.add_argument("--neurons", type=positive_int, default=10, help="last-conv channels to show [default: 10]")
+    p.add_argument("--per_neuron", type=positive_int, default=3, help="top-exciting test images per neuron [default: 3]")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, explain/)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Grad-CAM sample [default: 0]")
+    p.add_argument("--seed", type=whole_number, default=0, help="seed of the Grad-CAM sample [default: 0]")
     p.add_argument("--cache_dir", default="", help=CACHE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -166,18 +166,72 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
+def ensure_standard_streams() -> None:
+    """Work without a stderr (or stdout, stdin): `cnnlab ... 2>&-` starts Python with sys.stderr None, where every
+    message and progress bar failed and the run ended with exit 1 and no word. A closed descriptor 0-2 gets
+    /dev/null, so no file opened later takes its number (a warning written to fd 2 would land inside a checkpoint);
+    messages meant for the missing stream are dropped, and stdout stays clean for a pipe."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    return _int_at_least(text, 1)
+
+
+def whole_number(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (seeds)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is below {least}")
+    return value
+
+
+def _at_least_2(text: str) -> int:
+    """An argparse type: a number of classes (a classifier tells two apart at least)."""
+    return _int_at_least(text, 2)
+
+
+def configure_threads() -> None:
+    """$CNNLAB_THREADS, set by a parent that runs several sweep processes on one machine (or by hand)."""
+    threads = os.environ.get("CNNLAB_THREADS", "").strip()
+    if not threads:
+        return
+    try:
+        n = int(threads)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 4096:
+        raise CnnlabError(f"$CNNLAB_THREADS={threads!r}: expected a whole number of threads from 1 to 4096 (or unset "
+                          "it: one thread per core)")
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
+    ensure_standard_streams()
     for stream in (sys.stdout, sys.stderr):  # a Latin-1 file name is printed as its own bytes, as `ls` prints it
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.argv = None if argv is None else list(argv)
-    threads = os.environ.get("CNNLAB_THREADS")
-    if threads:  # set by a parent that runs several sweep processes on one machine
-        import torch
-
-        torch.set_num_threads(int(threads))
     if unknown:
         flag = unknown[0].split("=")[0]
         if flag.lstrip("-") in FIELDS:  # a real config key this command does not take (a training key given to info)
@@ -188,6 +242,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"cnnlab {args.command}: error: unknown option {flag}{hint}", file=sys.stderr)
         return 2
     try:
+        configure_threads()
         return COMMANDS[args.command][0](args)
     except CnnlabError as e:
         print(f"cnnlab {args.command}: error: {e}", file=sys.stderr)

@@ -74,7 +74,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .models import create_model, measured_cost, smallcnn_cost
 
     cfg = config_from_args(args)
-    n = args.num_classes or (len(list_classes(Path(args.data) / "train")) if args.data else 10)
+    if args.num_classes is not None:
+        n = args.num_classes
+    else:
+        n = len(list_classes(Path(args.data) / "train")) if args.data else 10
     parts = create_model(cfg, n)
     size = parts.preprocess.image_size
     measured = measured_cost(parts.module, size)

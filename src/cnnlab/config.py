@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ FILTER_ORGS = ("same", "double", "pyramid", "half")  # pyramid: the original not
 OPTIMIZERS = ("adam", "adamw", "sgd", "nadam")
 SCHEDULERS = ("none", "cosine", "onecycle")
 FINETUNE = ("none", "head", "partial", "gradual", "full")
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a run's or a sweep's folder name: one level, never outside
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -266,6 +268,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{e}; or one of {', '.join(FILTER_ORGS)}") from None
     cfg.kernel_sizes()
     cfg.normalisation()
+    if cfg.name and not re.fullmatch(SAFE_NAME, cfg.name):
+        raise ConfigError(f"name={quote(cfg.name)}: a run's name is its folder's inside --out, so use letters, digits, "
+                          "'.', '_' and '-' only (no '/', no leading dot, at most 100 characters); put the folder "
+                          "elsewhere with --out")
     stride = cfg.first_stride()
     if cfg.model == "smallcnn" and cfg.image_size < 32 * stride:
         raise ConfigError(f"image_size={cfg.image_size}: the small CNN halves the image five times"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import FIELDS, check_value, read_yaml
+from ..config import FIELDS, SAFE_NAME, check_value, read_yaml
 from ..errors import ConfigError, quote
 from ..models import check_model_name
 
@@ -183,7 +183,7 @@ def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
     if run_cap is not None and (isinstance(run_cap, bool) or not isinstance(run_cap, int) or run_cap < 1):
         raise SweepError("invalid sweep config: run_cap must be a positive integer")
     sweep_name = str(raw.get("name") or name)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", sweep_name):
+    if not re.fullmatch(SAFE_NAME, sweep_name):
         raise SweepError(f"invalid sweep config: name {quote(sweep_name)}: a sweep's name is its folder's, so use letters, "
                          "digits, '.', '_' and '-' only (no '/', no leading dot)")
     return Sweep(sweep_name, method, metric["name"], goal, params, hyperband, run_cap, raw,
