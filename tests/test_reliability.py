@@ -574,3 +574,66 @@ def test_commands_work_with_stderr_closed(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cnnlab.cli", "train", "--data", str(tmp_path / "none")],
                          stdout=subprocess.PIPE, preexec_fn=closed_stderr, timeout=120, text=True)
     assert bad.returncode == 2 and bad.stdout == ""  # the refusal is still exit 2; stdout stays clean for a pipe
+
+
+# ---- 18. old caches do not accumulate, 19. a read-only cache serves, and a wait is said ------------------------
+
+def test_a_rebuilt_cache_replaces_the_one_it_supersedes_and_others_stay(tiny_data, tmp_path):
+    import shutil
+
+    from cnnlab.data import load_images
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    cache = tmp_path / "cache"
+    load_images(data / "train", 32, cache, workers=1, progress=False, log=lambda s: None)
+    load_images(data / "train", 48, cache, workers=1, progress=False, log=lambda s: None)  # another size: kept
+    load_images(data / "val", 32, cache, workers=1, progress=False, log=lambda s: None)  # another folder: kept
+    assert len(list(cache.glob("*.npy"))) == 3
+    for p in (data / "train").rglob("*.jpg"):
+        p.chmod(0o600)  # a chmod changes every ctime: the cache is rebuilt
+    lines = []
+    again = load_images(data / "train", 32, cache, workers=1, progress=False, log=lines.append)
+    assert len(list(cache.glob("*.npy"))) == 3 and len(list(cache.glob("*.json"))) == 3  # before: 4, then 5, ...
+    assert any("removed" in line and "superseded" in line for line in lines), lines
+    assert again.pixels.shape[1] == 32
+
+
+def test_a_complete_cache_in_a_read_only_folder_is_read(tiny_data, tmp_path):
+    from cnnlab.data import load_images
+
+    cache = tmp_path / "cache"
+    first = load_images(tiny_data / "train", 32, cache, workers=1, progress=False)
+    for p in cache.iterdir():
+        p.chmod(0o444)
+    cache.chmod(0o555)
+    code = ("import sys; from cnnlab.data import load_images; "
+            f"im = load_images({str(tiny_data / 'train')!r}, 32, {str(cache)!r}, workers=1, progress=False); "
+            "print(int(im.pixels.sum()))")
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                preexec_fn=unprivileged())
+    finally:
+        cache.chmod(0o755)
+    assert result.returncode == 0, result.stderr  # before: PermissionError on the lock file
+    assert int(result.stdout) == int(first.pixels.sum())
+
+
+def test_a_second_builder_says_it_waits(tiny_data, tmp_path):
+    import fcntl
+
+    from cnnlab.data import cache_key, load_images, scan_folder
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key = cache_key(scan_folder(tiny_data / "train")[1], 32)
+    argv = _train_argv(tiny_data, tmp_path / "runs", cache)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as in a plain shell: the CLI flushes
+    with open(cache / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a builder in another process holds it
+        proc = subprocess.Popen([sys.executable, "-m", "cnnlab.cli", *argv], stdout=subprocess.PIPE, text=True, env=env)
+        line = proc.stdout.readline()  # the event: it says why it waits, then waits
+        assert "waiting for another process that is building the image cache" in line
+        assert proc.poll() is None
+    assert proc.wait(timeout=120) == 0
+    assert load_images(tiny_data / "train", 32, cache, workers=1, progress=False).pixels.shape[0] == 160

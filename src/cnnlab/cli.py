@@ -226,9 +226,9 @@ def configure_threads() -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     ensure_standard_streams()
-    for stream in (sys.stdout, sys.stderr):  # a Latin-1 file name is printed as its own bytes, as `ls` prints it
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="surrogateescape")
+    for stream in (sys.stdout, sys.stderr):  # a Latin-1 file name is printed as its own bytes, as `ls` prints it;
+        if hasattr(stream, "reconfigure"):  # each line lands in a redirected log as it is written, not at exit
+            stream.reconfigure(errors="surrogateescape", line_buffering=True)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.argv = None if argv is None else list(argv)

@@ -229,7 +229,7 @@ def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device
     """ROOT/train decoded with the model's geometry (once, into the cache), unreadable files reported, and the
     seeded stratified split; a resumed run keeps the split it was started with (split.json)."""
     images = load_images(Path(cfg.data) / "train", pre.image_size, cfg.resolved_cache_dir(), cfg.decode_workers,
-                         progress, decoder, pre.crop, pre.interpolation)
+                         progress, decoder, pre.crop, pre.interpolation, log)
     n_bad = write_bad_file_report(run_dir / "bad_files.txt", images)
     if n_bad == len(images.files):
         raise DataError(f"none of the {n_bad} files in {Path(cfg.data) / 'train'} is a readable image: see "

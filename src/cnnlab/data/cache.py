@@ -22,13 +22,13 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..errors import DataError
-from ..io import atomic_write_json, atomic_write_text, new_mapped_array, printable
+from ..io import atomic_write_json, atomic_write_text, human_size, new_mapped_array, printable
 from ..processes import end_with_parent
 from .decode import DECODE_VERSION, decode_chunk
 from .folders import scan_folder
@@ -76,25 +76,37 @@ def cache_key(files: list[Path], image_size: int, decoder: str = "pil", crop: fl
 
 def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, workers: int = 0,
                 progress: bool = True, decode_device: torch.device | None = None, crop: float = 0.0,
-                interpolation: str = "bilinear") -> CachedImages:
+                interpolation: str = "bilinear", log: Callable[[str], None] = print) -> CachedImages:
     """Decode `folder/<class>/*` at `image_size` into the cache (once), then map it read-only. `crop` and
     `interpolation` are the decode geometry of `Preprocess` (0: the whole image squashed to a square).
     Decoding runs in `workers` PIL processes, or, given `decode_device`, with torchvision's decoder on that
-    device (nvJPEG on CUDA) in batches."""
+    device (nvJPEG on CUDA) in batches. A complete cache is read without the lock, so a read-only cache folder
+    serves; a new cache replaces the one it supersedes (same folder and geometry, older files)."""
     folder = Path(folder)
     classes, files, labels = scan_folder(folder)
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     decoder = "pil" if decode_device is None else ("nvjpeg" if decode_device.type == "cuda" else "torchvision-cpu")
     geometry = (image_size, crop, interpolation)
     key = cache_key(files, image_size, decoder, crop, interpolation)
     npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     shape = (len(files), image_size, image_size, 3)
+    if npy.exists() and meta.exists():  # complete: the .npy is renamed into place only after its .json is written
+        try:
+            pixels, errors = _open_cache(npy, meta, shape)
+            return CachedImages(folder, classes, files, labels, pixels, errors)
+        except (ValueError, KeyError, FileNotFoundError):  # damaged (or replaced meanwhile): see below, under the lock
+            pass
+    cache_dir.mkdir(parents=True, exist_ok=True)
     # One builder at a time per key: sweep workers that start together wait for the first one's cache.
     with open(cache_dir / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that is building the image cache of {folder} ({cache_dir})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if not (npy.exists() and meta.exists()):
             _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder, lock.fileno())
+            remove_superseded(cache_dir, key, log)
         try:
             pixels, errors = _open_cache(npy, meta, shape)
         except (ValueError, KeyError, FileNotFoundError):  # damaged on disk: decode again, once (another OSError,
@@ -103,6 +115,44 @@ def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, work
             _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder, lock.fileno())
             pixels, errors = _open_cache(npy, meta, shape)
     return CachedImages(folder, classes, files, labels, pixels, errors)
+
+
+SAME_CACHE_FOR = ("folder", "image_size", "crop", "interpolation", "decoder")  # what a newer cache supersedes
+
+
+def remove_superseded(cache_dir: Path, key: str, log: Callable[[str], None] = print) -> int:
+    """Remove the caches that the new cache `key` replaces: the same folder decoded with the same geometry and
+    decoder, keyed by files as they were before (a touch, a chmod, an edited photo). Without this each change of
+    the folder left a full-size cache behind for good. A cache whose lock another process holds is left alone
+    (it is being built); one mapped by a running process stays readable to it until it ends (Linux unlinks
+    lazily). Returns the bytes freed."""
+    try:
+        mine = json.loads((cache_dir / f"{key}.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    freed = 0
+    for other in cache_dir.glob("*.json"):
+        if other.stem == key:
+            continue
+        try:
+            theirs = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(theirs, dict) or any(theirs.get(k) != mine.get(k) for k in SAME_CACHE_FOR):
+            continue
+        try:
+            with open(other.with_suffix(".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                for path in (other.with_suffix(".npy"), other.with_suffix(".partial.npy"), other):
+                    if path.exists():
+                        freed += path.stat().st_size
+                        path.unlink()
+                other.with_suffix(".lock").unlink(missing_ok=True)
+        except OSError:  # held by a builder, or not ours to remove: kept
+            continue
+    if freed:
+        log(f"removed {human_size(freed)} of older image caches of {mine['folder']} (superseded by this one)")
+    return freed
 
 
 def _open_cache(npy: Path, meta: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, dict[int, str]]:
