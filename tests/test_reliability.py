@@ -637,3 +637,11 @@ def test_a_second_builder_says_it_waits(tiny_data, tmp_path):
         assert proc.poll() is None
     assert proc.wait(timeout=120) == 0
     assert load_images(tiny_data / "train", 32, cache, workers=1, progress=False).pixels.shape[0] == 160
+
+
+def test_an_unreadable_config_file_is_one_line(tmp_path):
+    path = tmp_path / "secret.yaml"
+    path.write_text("filters: 8\n")
+    path.chmod(0o000)
+    result = cnnlab("train", "--config", str(path), "--out", str(tmp_path / "o"), preexec_fn=unprivileged())
+    one_line_exit_2(result, "cannot be read", "permissions")
