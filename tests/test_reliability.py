@@ -3,7 +3,6 @@ seen on the main branch (real files, real processes, real signals)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
