@@ -227,6 +227,9 @@ def _decode_with_workers(files: list[Path], geometry: tuple[int, float, str], pa
     return errors
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def _decode_in_processes(jobs: list[tuple], workers: int, take: Any, lock_fd: int | None) -> None:
     """A pool whose death is noticed: a worker killed (OOM killer, kill -9) breaks the pool at once, and the
     run stops with one line instead of waiting forever; on any exit (Ctrl-C included) the workers are ended,
@@ -239,14 +242,15 @@ def _decode_in_processes(jobs: list[tuple], workers: int, take: Any, lock_fd: in
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
                                initargs=(lock_fd, os.getpid()))
     # Workers are forked by the first submit; with SIGINT blocked meanwhile, a Ctrl-C in that instant waits in the
-    # parent (raised once unblocked) instead of reaching a worker before its initializer ignores it.
-    # The Ctrl-C that unblocking raises lands inside the outer try, whose finally ends the workers.
+    # parent (raised once unblocked) instead of reaching a worker before its initializer ignores it. SIGTERM and
+    # SIGHUP too: their handler's exception, raised inside an at-fork hook (logging's), was swallowed ('Exception
+    # ignored') and the run went on. What unblocking raises lands inside the outer try, whose finally ends the workers.
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             futures = [pool.submit(decode_chunk, job) for job in jobs]
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         for future in as_completed(futures):
             take(future.result())
     except BrokenProcessPool:
@@ -263,7 +267,7 @@ def _init_worker(lock_fd: int | None, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone answers it
     for signum in (signal.SIGTERM, signal.SIGHUP):  # the parent's handlers (raise in Python) are not a worker's
         signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # forked with it blocked: a pending one is dropped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # forked with them blocked (none is pending here)
     end_with_parent(parent)
     if lock_fd is not None:  # the forked copy of the cache lock's descriptor would keep the lock held
         os.close(lock_fd)
