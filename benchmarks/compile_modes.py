@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from common import SHARED, say  # noqa: E402
 
 from cnnlab.config import make_config  # noqa: E402
-from cnnlab.train import fit  # noqa: E402
+from cnnlab.training import fit  # noqa: E402
 
 
 def trial(base: dict, mode: str, name: str, **over) -> dict:

@@ -26,7 +26,7 @@ from common import photo_folder, say
 from torch import nn
 
 from cnnlab.config import make_config
-from cnnlab.train import fit
+from cnnlab.training import fit
 
 
 def reference(folder: Path, epochs: int, image_size: int, batch_size: int, strategy: str) -> tuple[float, int]:

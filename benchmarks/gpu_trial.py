@@ -32,7 +32,7 @@ from torch import nn
 
 from cnnlab.config import make_config
 from cnnlab.models import create_model
-from cnnlab.train import fit
+from cnnlab.training import fit
 
 
 def make_set(root: Path, per_class: int, val_per_class: int, size: tuple[int, int]) -> None:

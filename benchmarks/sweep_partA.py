@@ -23,7 +23,7 @@ import yaml
 from common import SHARED, cpu_flags, say
 
 from cnnlab.cli import main as cnnlab
-from cnnlab.sweep import make_storage
+from cnnlab.sweeps import make_storage
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ def run(sweep_file: Path, folder: Path, base: list[str], workers: int) -> tuple[
         seconds = time.perf_counter() - t
     import optuna
 
-    from cnnlab.sweep import make_storage
+    from cnnlab.sweeps import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = yaml.safe_load(sweep_file.read_text())["name"]

@@ -22,7 +22,7 @@ from cnnlab.data import Batches, ImageTransform, load_images
 from cnnlab.hardware import autocast_dtype
 from cnnlab.models import create_model
 from cnnlab.preprocess import Preprocess
-from cnnlab.train import train_one_epoch
+from cnnlab.training import train_one_epoch
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from torch import nn
 from cnnlab.cli import main
 from cnnlab.evaluate import classification_metrics, wilson_interval
 from cnnlab.explain import guided, guided_backprop
-from cnnlab.train import fit
+from cnnlab.training import fit
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.GELU, nn.SiLU, nn.Mish])

@@ -67,7 +67,7 @@ def test_ctrl_c_during_the_cache_build_ends_promptly_without_a_traceback(big_pho
 
 
 def test_runs_started_together_never_share_a_folder(tiny_cfg, tmp_path):
-    from cnnlab.train import claim_folder, default_run_name, fit
+    from cnnlab.training import claim_folder, default_run_name, fit
 
     first = claim_folder(tmp_path / "runs" / "same-second")
     assert claim_folder(tmp_path / "runs" / "same-second") == first.with_name("same-second-2")
@@ -89,7 +89,7 @@ def test_runs_started_together_never_share_a_folder(tiny_cfg, tmp_path):
 
 
 def test_a_sweep_name_must_be_one_safe_folder_name():
-    from cnnlab.sweep import SweepError, parse_sweep
+    from cnnlab.sweeps import SweepError, parse_sweep
 
     for bad in ("../../x", "a/b", ".hidden", "a b"):
         with pytest.raises(SweepError, match="name"):
@@ -203,7 +203,7 @@ def test_resume_refuses_changed_settings_but_takes_more_epochs(tiny_cfg, tmp_pat
     import yaml
 
     from cnnlab.cli import main
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     run = fit(tiny_cfg(epochs=1), progress=False).run_dir
     assert yaml.safe_load((run / "config.yaml").read_text())["data"].startswith("/")  # resumable from anywhere
@@ -225,7 +225,7 @@ def _limited(max_file_bytes):
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_file(tiny_cfg, tmp_path):
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     cfg = tiny_cfg(epochs=1, dense_units=256, name="r")
     run = fit(cfg, progress=False, log=lambda s: None).run_dir

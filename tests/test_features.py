@@ -11,7 +11,7 @@ import torch
 
 from cnnlab.checkpoint import load_checkpoint
 from cnnlab.config import make_config
-from cnnlab.train import fit
+from cnnlab.training import fit
 
 
 def _cfg(tiny_data, tmp_path, **kw):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cnnlab.cli import main
-from cnnlab.sweep import load_sweep
+from cnnlab.sweeps import load_sweep
 
 
 @pytest.mark.parametrize("text,where,problem", [
@@ -44,7 +44,7 @@ def test_info_counts_the_classes_of_the_data(tiny_data, capsys):
 
 
 def test_evaluate_takes_a_run_folder_and_refuses_a_non_checkpoint_safely(tiny_cfg, tiny_data, tmp_path, capsys):
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     run = fit(tiny_cfg(epochs=1), progress=False).run_dir
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--cache_dir", str(tmp_path / "cache"), "--quiet"]) == 0
@@ -59,7 +59,7 @@ def test_evaluate_takes_a_run_folder_and_refuses_a_non_checkpoint_safely(tiny_cf
 
 
 def test_compare_marks_a_test_score_of_an_older_best_checkpoint(tiny_cfg, tiny_data, tmp_path, capsys):
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     cfg = tiny_cfg(epochs=1, lr=3e-3)
     run = fit(cfg, progress=False).run_dir
@@ -101,7 +101,7 @@ def test_a_failed_trial_is_one_line_and_progress_bars_never_reach_a_file(tiny_da
 
 def test_predict_takes_folders_recursively_in_bounded_batches(tiny_cfg, tiny_data, tmp_path, capsys):
     from cnnlab.evaluate import load_model, predict_files
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     run = fit(tiny_cfg(epochs=1), progress=False).run_dir
     photos = tmp_path / "photos"

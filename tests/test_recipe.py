@@ -9,7 +9,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from cnnlab.config import make_config
 from cnnlab.data.demo import make_demo_data
 from cnnlab.evaluate import predict_logits
-from cnnlab.train import Callback, StopTraining, fit, make_scheduler, train_one_epoch, warmup_cosine
+from cnnlab.training import Callback, StopTraining, fit, make_scheduler, train_one_epoch, warmup_cosine
 
 
 def test_warmup_rises_linearly_then_cosine_falls_to_zero():

@@ -115,7 +115,7 @@ def test_16_bit_and_float_images_are_scaled_by_their_type_not_their_brightest_pi
 def test_resume_keeps_the_split_it_started_with_when_photos_were_added(tiny_data, tiny_cfg, tmp_path):
     import shutil
 
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -145,7 +145,7 @@ def test_training_without_validation_rows_is_refused_before_any_work(tmp_path, c
 def test_evaluate_on_a_test_folder_without_one_readable_image_is_one_line(tiny_cfg, tmp_path):
     import shutil
 
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     run = fit(tiny_cfg(epochs=1), progress=False, log=lambda s: None)
     data = tmp_path / "broken"
@@ -179,14 +179,14 @@ def test_an_absurd_grid_is_refused_with_its_size_and_the_limit(tmp_path):
 def test_a_grid_creator_killed_while_queueing_is_completed_once_per_point_by_the_next(tmp_path):
     from optuna.trial import TrialState
 
-    from cnnlab.sweep import load_sweep, open_study
-    from cnnlab.sweep.storage import make_storage
+    from cnnlab.sweeps import load_sweep, open_study
+    from cnnlab.sweeps.storage import make_storage
 
     path = _grid(tmp_path / "g.yaml", "g", (100, 100))  # 10,000 points: seconds to queue
     folder = tmp_path / "sw"
     folder.mkdir()
-    code = ("import sys; from pathlib import Path; from cnnlab.sweep import load_sweep, open_study; "
-            "from cnnlab.sweep.storage import make_storage; "
+    code = ("import sys; from pathlib import Path; from cnnlab.sweeps import load_sweep, open_study; "
+            "from cnnlab.sweeps.storage import make_storage; "
             f"open_study(load_sweep({str(path)!r}), make_storage(None, Path({str(folder)!r})), 0, 1, Path({str(folder)!r}))")
     proc = subprocess.Popen([sys.executable, "-c", code])
     journal = folder / "journal.log"
@@ -213,8 +213,8 @@ def test_a_grid_creator_killed_while_queueing_is_completed_once_per_point_by_the
 def test_a_grid_point_queued_twice_runs_once(tiny_data, tmp_path):
     import yaml
 
-    from cnnlab.sweep import load_sweep, run_sweep
-    from cnnlab.sweep.engine import queue_grid
+    from cnnlab.sweeps import load_sweep, run_sweep
+    from cnnlab.sweeps.engine import queue_grid
 
     path = tmp_path / "twice.yaml"
     path.write_text(yaml.safe_dump({"name": "twice", "method": "grid", "parameters": {
@@ -222,8 +222,8 @@ def test_a_grid_point_queued_twice_runs_once(tiny_data, tmp_path):
     base = {"data": str(tiny_data), "image_size": 32, "filters": 4, "batch_size": 32, "decode_workers": 1,
             "cache_dir": str(tmp_path / "c"), "precision": "fp32"}
     sweep = load_sweep(path)
-    from cnnlab.sweep import open_study
-    from cnnlab.sweep.storage import make_storage
+    from cnnlab.sweeps import open_study
+    from cnnlab.sweeps.storage import make_storage
 
     (tmp_path / "sw").mkdir()
     study = open_study(sweep, make_storage(None, tmp_path / "sw"), 0, 1, tmp_path / "sw", log=lambda s: None)
@@ -278,8 +278,8 @@ def test_a_study_stores_only_the_validated_sweep(tiny_data, tmp_path):
     import optuna
     import yaml
 
-    from cnnlab.sweep import load_sweep, run_sweep
-    from cnnlab.sweep.storage import make_storage
+    from cnnlab.sweeps import load_sweep, run_sweep
+    from cnnlab.sweeps.storage import make_storage
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "method": "grid", "program": "train.py", "command": ["x" * 10_000],
@@ -471,7 +471,7 @@ def _overwrite_weight_bytes(path: Path, count: int = 64) -> None:
 def test_a_checkpoint_with_overwritten_weight_bytes_is_refused_in_one_line(tiny_cfg, tmp_path):
     import shutil
 
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     run = fit(tiny_cfg(epochs=1), progress=False, log=lambda s: None)
     damaged = tmp_path / "damaged.pt"
@@ -487,7 +487,7 @@ def test_a_checkpoint_with_overwritten_weight_bytes_is_refused_in_one_line(tiny_
 def test_resume_given_a_best_checkpoint_as_last_says_what_it_needs(tiny_cfg, tmp_path):
     import shutil
 
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     run = fit(tiny_cfg(epochs=1), progress=False, log=lambda s: None)
     shutil.copy(run.run_dir / "best.pt", run.run_dir / "last.pt")
@@ -502,7 +502,7 @@ def test_a_fifo_is_one_error_line_never_a_hang(tiny_cfg, tmp_path):
     import shutil
 
     from cnnlab.data.decode_gpu import decode_into
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     run = fit(tiny_cfg(epochs=1), progress=False, log=lambda s: None)
     fifo = tmp_path / "pipe.jpg"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnlab.sweep import SweepError, load_sweep, parse_sweep, run_sweep
-from cnnlab.sweep.engine import orphans
+from cnnlab.sweeps import SweepError, load_sweep, parse_sweep, run_sweep
+from cnnlab.sweeps.engine import orphans
 
 TINY = ["--image_size=32", "--filters=4", "--dense_units=16", "--batch_size=32", "--decode_workers=1", "--quiet"]
 
@@ -31,7 +31,7 @@ def write(path, sweep):
 def study_of(folder, name, storage=None):
     import optuna
 
-    from cnnlab.sweep import make_storage
+    from cnnlab.sweeps import make_storage
 
     return optuna.load_study(study_name=name, storage=make_storage(storage, folder))
 
@@ -65,7 +65,7 @@ def test_every_wandb_parameter_form_parses():
     import optuna
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    from cnnlab.sweep import suggest
+    from cnnlab.sweeps import suggest
 
     for _ in range(20):
         values = suggest(study.ask(), sweep)

@@ -12,7 +12,7 @@ from cnnlab.checkpoint import load_checkpoint
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
 from cnnlab.io import read_jsonl
-from cnnlab.train import Callback, StopTraining, TrainingDiverged, fit
+from cnnlab.training import Callback, StopTraining, TrainingDiverged, fit
 
 METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time", "images_per_s"}
 

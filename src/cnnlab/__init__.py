@@ -1,3 +1,34 @@
-"""cnnlab: train, sweep, fine-tune and explain image classifiers on a folder of labelled images."""
+"""cnnlab: train, sweep, fine-tune and explain image classifiers on a folder of labelled images.
+
+    import cnnlab
+    run = cnnlab.train(data="data/demo", image_size=64, epochs=15)
+    run.evaluate(); run.predict("photo.jpg"); run.explain()
+
+The names below are imported on first use, so `import cnnlab` (and `cnnlab --help`) stays instant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+__all__ = ["train", "load", "sweep", "compare", "Run", "Evaluation", "Explanation", "SweepRun", "Config",
+           "CnnlabError", "ConfigError", "DataError", "StorageError", "__version__"]
+
+_HOME = {**{name: "api" for name in ("train", "load", "sweep", "compare", "Run", "Evaluation", "Explanation",
+                                     "SweepRun")},
+         "Config": "config",
+         **{name: "errors" for name in ("CnnlabError", "ConfigError", "DataError", "StorageError")}}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'cnnlab' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

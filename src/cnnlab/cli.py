@@ -55,6 +55,7 @@ def _add_config_flags(p: argparse.ArgumentParser, only: Sequence[str] | None = N
 
 
 CHECKPOINT_HELP = "a run folder (runs/<name>: its best.pt) or a checkpoint file (best.pt, last.pt)"
+MODEL_HELP = CHECKPOINT_HELP + ", or a model.onnx that cnnlab export wrote"
 DEVICE_HELP = "auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps [default: auto]"
 CACHE_HELP = "where decoded images are cached [default: $CNNLAB_CACHE or ~/.cache/cnnlab]"
 
@@ -123,11 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("predict", help=COMMANDS["predict"][1], allow_abbrev=False)
-    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("checkpoint", help=MODEL_HELP)
     p.add_argument("images", nargs="+", help="image files (any format PIL reads) or folders of them (recursively)")
     p.add_argument("--top", type=positive_int, default=3, help="classes shown per image [default: 3]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+    p = sub.add_parser("export", help=COMMANDS["export"][1], allow_abbrev=False)
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="[default: onnx]")
+    p.add_argument("--out", help="the file to write [default: model.onnx or model.torchscript.pt beside the checkpoint]")
 
     p = sub.add_parser("explain", help=COMMANDS["explain"][1], allow_abbrev=False)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)

@@ -9,25 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import FIELDS, Config, load_yaml, make_config, saved_config
+from .config import FIELDS, Config, load_yaml, make_config
 from .errors import CnnlabError, ConfigError
-
-RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
 
 
 def show_progress(args: argparse.Namespace) -> bool:
     """Progress bars go to a terminal only: redirected to a file, a run writes one line per epoch instead."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
-
-
-def checkpoint_path(path: str) -> Path:
-    """A checkpoint file, or a run folder (its best.pt)."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "best.pt").is_file():
-            raise CnnlabError(f"{p} is a folder without best.pt: give a run folder (runs/<name>) or a checkpoint file")
-        return p / "best.pt"
-    return p
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,36 +24,17 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    sources = []
-    if getattr(args, "config", None):
-        sources.append(load_yaml(args.config))
-    sources.append(config_overrides(args))
-    return make_config(*sources)
+    from .api import make_run_config
+
+    return make_run_config(getattr(args, "config", None), **config_overrides(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import fit
+    from .api import train
 
-    if args.resume:
-        run = Path(args.resume)
-        if run.is_file():
-            raise CnnlabError(f"--resume takes the run folder, not a file: cnnlab train --resume {run.parent}")
-        saved = run / "config.yaml"
-        if not saved.exists():
-            raise CnnlabError(f"{run} is not a run folder (no config.yaml); expected runs/<name>")
-        before = saved_config(load_yaml(saved))
-        cfg = make_config(before.to_dict(), config_overrides(args), {"out": str(run.parent), "name": run.name})
-        changed = [k for k in FIELDS if k not in RESUME_MAY_CHANGE + ("out", "name")
-                   and getattr(cfg, k) != getattr(before, k)]
-        if changed:
-            k = changed[0]
-            raise CnnlabError(f"--resume continues {run} as it was trained: {k}={getattr(cfg, k)!r} differs from its "
-                              f"{getattr(before, k)!r}; only {', '.join(RESUME_MAY_CHANGE)} may change (for other "
-                              f"settings start a new run with --name)")
-        result = fit(cfg, resume=True, progress=show_progress(args))
-    else:
-        result = fit(config_from_args(args), progress=show_progress(args))
-    print(f"best val_acc {result.best_val_acc:.4f} at epoch {result.best_epoch}; run folder {result.run_dir}")
+    run = train(args.config, resume=args.resume, progress=show_progress(args), raise_interrupt=True,
+                **config_overrides(args))
+    print(f"best val_acc {run.best_val_acc:.4f} at epoch {run.best_epoch}; run folder {run.folder}")
     return 0
 
 
@@ -126,36 +95,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str):
-    from .hardware import resolve_device
-
-    return resolve_device(name)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint, format_metrics
+    from .api import load
 
-    cache = args.cache_dir or Config().resolved_cache_dir()
-    args.checkpoint = checkpoint_path(args.checkpoint)
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, _device(args.device), cache, args.out, args.top,
-                                  args.seed, progress=show_progress(args))
-    print(format_metrics(metrics))
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
-    print(f"wrote {out}/metrics.json, confusion.png, predictions.png")
+    evaluation = load(args.checkpoint).evaluate(args.data, top=args.top, out=args.out, device=args.device,
+                                                cache_dir=args.cache_dir or None, seed=args.seed,
+                                                progress=show_progress(args))
+    print(evaluation)
+    print(f"wrote {evaluation.folder}/metrics.json, confusion.png, predictions.png")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate import expand_paths, load_model, predict_files
+    from .api import Run, load
+    from .evaluate import expand_paths
 
-    device = _device(args.device)
     paths = expand_paths(args.images)
     if not paths:
         raise CnnlabError(f"no files in {', '.join(args.images)}: give image files or folders holding them")
     results, failed = [], 0
-    for r in predict_files(load_model(checkpoint_path(args.checkpoint), device), paths, device, args.top):
+    model = load(args.checkpoint)
+    predictions = (model.predict_iter(paths, top=args.top, device=args.device) if isinstance(model, Run)
+                   else model.predict_iter(paths, top=args.top))  # an exported .onnx: onnxruntime on the CPU
+    for r in predictions:
         if "error" in r:
             failed += 1
             print(f"cnnlab predict: {r['file']}: {r['error']}", file=sys.stderr)
@@ -168,66 +132,77 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    from .data import ImageTransform
-    from .evaluate import load_model, load_test_images
-    from .explain import explain
+def cmd_export(args: argparse.Namespace) -> int:
+    from .api import load
 
-    args.checkpoint = checkpoint_path(args.checkpoint)
-    loaded = load_model(args.checkpoint, _device("cpu"))
-    cache = args.cache_dir or Config().resolved_cache_dir()
-    test = load_test_images(loaded, args.data, cache, progress=show_progress(args))
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "explain"
-    paths = explain(loaded.model, test, test.valid, ImageTransform(loaded.pre, loaded.cfg.channels_last), loaded.classes,
-                    out, args.neurons, args.per_neuron, seed=args.seed)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    path = load(args.checkpoint).export(args.format, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {args.format}, uint8 RGB input of any batch size, "
+          "class names and preprocessing inside")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .api import load
+
+    explanation = load(args.checkpoint).explain(args.data, neurons=args.neurons, per_neuron=args.per_neuron,
+                                                out=args.out, seed=args.seed, cache_dir=args.cache_dir or None,
+                                                progress=show_progress(args))
+    print("wrote " + ", ".join(str(p) for p in explanation.figures.values()))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .models import check_config
-    from .sweep import load_sweep, make_storage, open_study, run_sweep, spawn_workers
+    from .api import sweep as run_the_sweep
 
     args.storage = args.storage or os.environ.get("CNNLAB_STORAGE")  # keeps a password out of `ps`
     cores = os.cpu_count() or 1
     if not 1 <= args.workers <= cores:  # each worker trains with cores/workers threads: more only cost memory
         raise ConfigError(f"--workers {args.workers}: this machine has {cores} cores; use 1 to {cores} worker "
                           "processes (more machines can join the same --storage)")
+    if args.workers > 1:
+        return spawn_sweep_workers(args)
+    swept = run_the_sweep(args.sweep_file, count=args.count, storage=args.storage, sweeps_dir=args.out_root,
+                          sampler_seed=args.seed, config=args.config, progress=show_progress(args), log=print,
+                          warn=lambda m: print(f"cnnlab sweep: {m}", file=sys.stderr), **config_overrides(args))
+    result, name = swept.result, swept.folder.name
+    best = (f"best {result.metric} {result.best_value:.4f} (trial {result.best_trial})"
+            if result.best_value is not None else "no complete trial")
+    print(f"sweep {name}: {result.ran} trials in {result.seconds:.0f}s ({result.complete} complete, "
+          f"{result.pruned} pruned, {result.failed} failed); {best}; report: cnnlab sweep-report {swept.folder}")
+    return 0
+
+
+def spawn_sweep_workers(args: argparse.Namespace) -> int:
+    """`--workers N`: the study is created (and a grid queued) once here, then N processes run this same command
+    with --workers 1 and share it."""
+    from .models import check_config
+    from .sweeps import load_sweep, make_storage, open_study, spawn_workers
+
     sweep = load_sweep(args.sweep_file)
     for warning in sweep.warnings:
         print(f"cnnlab sweep: warning: {warning}", file=sys.stderr)
     base = {**(load_yaml(args.config) if args.config else {}), **config_overrides(args)}
-    if "data" in base:  # the same data wherever the command is run from
-        base["data"] = str(Path(base["data"]).resolve())
     config = check_config(make_config(base))  # refuse bad base flags before anything starts
     folder = Path(args.out_root) / sweep.name
-    if args.workers > 1:
-        folder.mkdir(parents=True, exist_ok=True)
-        open_study(sweep, make_storage(args.storage, folder), args.seed, config.epochs, folder,  # created once, then
-                   show_progress(args))  # shared
-        argv = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
-        cleaned, skip = [], False
-        for a in argv:  # drop --workers N / --workers=N: each child runs one process's worth
-            if skip:
-                skip = False
-                continue
-            if a == "--workers":
-                skip = True
-                continue
-            if not a.startswith("--workers="):
-                cleaned.append(a)
-        print(f"sweep {sweep.name}: {args.workers} worker processes, {args.count or 'all'} trials each")
-        return spawn_workers(cleaned, args.workers)
-    result = run_sweep(sweep, base, folder, args.storage, args.count, args.seed, progress=show_progress(args))
-    best = (f"best {sweep.metric} {result.best_value:.4f} (trial {result.best_trial})"
-            if result.best_value is not None else "no complete trial")
-    print(f"sweep {sweep.name}: {result.ran} trials in {result.seconds:.0f}s ({result.complete} complete, "
-          f"{result.pruned} pruned, {result.failed} failed); {best}; report: cnnlab sweep-report {folder}")
-    return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    open_study(sweep, make_storage(args.storage, folder), args.seed, config.epochs, folder, show_progress(args))
+    argv = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
+    cleaned, skip = [], False
+    for a in argv:  # drop --workers N / --workers=N: each child runs one process's worth
+        if skip:
+            skip = False
+            continue
+        if a == "--workers":
+            skip = True
+            continue
+        if not a.startswith("--workers="):
+            cleaned.append(a)
+    print(f"sweep {sweep.name}: {args.workers} worker processes, {args.count or 'all'} trials each")
+    return spawn_workers(cleaned, args.workers)
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> int:
-    from .sweep.report import write_report
+    from .sweeps.report import write_report
 
     out = write_report(Path(args.folder), args.storage or os.environ.get("CNNLAB_STORAGE"))
     print(f"wrote {out}")
@@ -235,11 +210,11 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .api import compare
 
-    table, plot = compare([Path(r) for r in args.runs], Path(args.out))
-    print(table.read_text(), end="")
-    print(f"wrote {table} and {plot}")
+    written = compare(args.runs, args.out)
+    print(written["markdown"], end="")
+    print(f"wrote {written['table']} and {written['plot']}")
     return 0
 
 
@@ -254,5 +229,6 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "sweep-report": (cmd_sweep_report, "plots and tables of a sweep, offline"),
     "compare": (cmd_compare, "runs side by side: a table and a plot of validation accuracy"),
     "predict": (cmd_predict, "top-k classes of image files"),
+    "export": (cmd_export, "write a trained model as ONNX or TorchScript, class names and preprocessing inside"),
     "explain": (cmd_explain, "first-layer filters, guided back-propagation of last-conv neurons, Grad-CAM"),
 }

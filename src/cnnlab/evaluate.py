@@ -15,7 +15,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import Config, saved_config
 from .data import Batches, ImageTransform, load_images
-from .data.decode import describe_error, load_rgb
+from .data.decode import describe_error, image_from_array, load_rgb, prepare
 from .errors import DataError
 from .hardware import autocast, autocast_dtype, decode_device
 from .io import atomic_write_json, atomic_write_text, sha256_of
@@ -181,25 +181,37 @@ def expand_paths(paths: list[str]) -> list[str]:
     return out
 
 
-def predict_files(loaded: LoadedModel, paths: list[str], device: torch.device, top: int = 3, batch: int = 64
+def decoded_image(item: Any, pre: Preprocess) -> tuple[str, np.ndarray]:
+    """(what the result names, the image as the cache would hold it) for a path, a PIL image or an array."""
+    from PIL import Image
+
+    if isinstance(item, (str, Path)):
+        return str(item), load_rgb(str(item), pre.image_size, pre.crop, pre.interpolation)
+    image = item if isinstance(item, Image.Image) else image_from_array(item)
+    return f"<image {image.size[0]}x{image.size[1]}>", prepare(image, pre.image_size, pre.crop, pre.interpolation)
+
+
+def predict_files(loaded: LoadedModel, paths: list[Any], device: torch.device, top: int = 3, batch: int = 64
                   ) -> Iterator[dict[str, Any]]:
-    """Top-k classes of each image file (any format PIL reads), in order, `batch` images at a time, so memory
-    stays bounded however many files there are; an unreadable file gets an `error` entry and the others are
-    still predicted."""
+    """Top-k classes of each image (a file in any format PIL reads, a PIL image or an (H, W, 3) uint8 array), in
+    order, `batch` images at a time, so memory stays bounded however many there are; an unreadable one gets an
+    `error` entry and the others are still predicted."""
     transform = ImageTransform(loaded.pre, loaded.cfg.channels_last)
     amp = autocast_dtype(loaded.cfg.precision, device)
     for start in range(0, len(paths), batch):
         results: list[dict[str, Any]] = []
         arrays, where = [], []
         for p in paths[start:start + batch]:
+            name = str(p) if isinstance(p, (str, Path)) else "<image>"
             try:
-                arrays.append(load_rgb(p, loaded.pre.image_size, loaded.pre.crop, loaded.pre.interpolation))
+                name, array = decoded_image(p, loaded.pre)
+                arrays.append(array)
                 where.append(len(results))
-                results.append({"file": p})
+                results.append({"file": name})
             except FileNotFoundError:
-                results.append({"file": p, "error": "no such file"})
+                results.append({"file": name, "error": "no such file"})
             except Exception as e:  # noqa: BLE001 - reported per file
-                results.append({"file": p, "error": describe_error(e)})
+                results.append({"file": name, "error": describe_error(e)})
         if arrays:
             x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
             y = torch.zeros(len(arrays), dtype=torch.long, device=device)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # in a notebook its inline backend shows the figures cnnlab returns
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -134,7 +136,15 @@ def plot_gradcam(images: list[np.ndarray], cams: list[np.ndarray], titles: list[
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, key: str = "val_acc") -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    return save_figure(curves_figure(runs, key), path)
+
+
+def curves_figure(runs: dict[str, list[dict[str, Any]]], key: str = "val_acc") -> Any:
+    """A Figure of `key` per epoch, one line per run (not registered with pyplot: nothing to close)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     for name, history in runs.items():
         ax.plot([r["epoch"] for r in history], [r[key] for r in history], marker="o", ms=3, label=name)
     ax.set_xlabel("epoch")
@@ -142,4 +152,4 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, key: st
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return fig

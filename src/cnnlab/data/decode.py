@@ -88,11 +88,24 @@ def load_rgb(path: str, size: int, crop: float = 0.0, interpolation: str = "bili
             if im.format == "JPEG":
                 need = size if not crop else int(size / crop + 1)
                 im.draft("RGB", (need, need))
-            im = to_rgb(upright(im))
-            box = crop_box(*im.size, crop)
-            if im.size != (size, size) or box is not None:
-                im = im.resize((size, size), RESAMPLE[interpolation], box=box, reducing_gap=3.0)
-            return np.asarray(im, dtype=np.uint8)
+            return prepare(im, size, crop, interpolation)
+
+
+def prepare(im: Image.Image, size: int, crop: float = 0.0, interpolation: str = "bilinear") -> np.ndarray:
+    """An open PIL image as the cache holds it: upright, RGB, resized (or centre-cropped) to (size, size, 3)."""
+    im = to_rgb(upright(im))
+    box = crop_box(*im.size, crop)
+    if im.size != (size, size) or box is not None:
+        im = im.resize((size, size), RESAMPLE[interpolation], box=box, reducing_gap=3.0)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def image_from_array(a: np.ndarray) -> Image.Image:
+    """A (H, W, 3) or (H, W) uint8 array (what PIL and OpenCV users hold; OpenCV's BGR must be flipped first)."""
+    a = np.asarray(a)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got shape {a.shape} of {a.dtype}")
+    return Image.fromarray(a)
 
 
 def describe_error(e: BaseException) -> str:

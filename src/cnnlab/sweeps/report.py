@@ -46,6 +46,11 @@ def _load(folder: Path, storage_url: str | None):
     return study, sweep, info
 
 
+def load_study(folder: Path, storage_url: str | None = None) -> Any:
+    """The Optuna study of a sweep folder (its journal, or the RDB URL it used)."""
+    return _load(Path(folder), storage_url)[0]
+
+
 def _trials(study: Any) -> list[Any]:
     return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             and "config" in t.user_attrs]

@@ -33,7 +33,7 @@ from ..config import FIELDS, applicable, coerce, make_config
 from ..data import DeviceCache
 from ..errors import CnnlabError
 from ..io import atomic_write_json, atomic_write_text
-from ..train import fit
+from ..training import fit
 from .schema import Sweep, SweepError
 from .storage import make_storage, mask
 
@@ -252,6 +252,7 @@ class SweepResult:
     best_value: float | None = None
     best_trial: int | None = None
     seconds: float = 0.0
+    metric: str = "val_acc"
 
 
 class Pruning(Callback):
@@ -343,7 +344,7 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     recover_orphans(study, log)
     if count is None and sweep.run_cap is None and sweep.method != "grid":
         raise CnnlabError("random and bayes sweeps need --count or run_cap in the sweep file")
-    result, start = SweepResult(folder), time.perf_counter()
+    result, start = SweepResult(folder, metric=sweep.metric), time.perf_counter()
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start()}
     objective = Objective(sweep, base, folder, progress, owner, log)
     n = 0

@@ -1,0 +1,391 @@
+"""cnnlab from Python: the functions and objects a notebook or a script uses, and the one implementation the
+`cnnlab` command calls (its subcommands are thin wrappers that parse flags and print).
+
+    import cnnlab
+    run = cnnlab.train(data="data/demo", image_size=64, epochs=15)   # keywords are Config fields
+    run.history                      # per-epoch metrics, a list of dicts
+    run.evaluate()                   # the test folder (data/val): accuracy with its CI, per class, figures
+    run.predict(["photo.jpg", pil_image, array], top=3)
+    run.explain()                    # first-layer filters, guided back-propagation, Grad-CAM
+    run = cnnlab.load("runs/<name>")
+    study = cnnlab.sweep("sweeps/partA.yaml", data="data/demo", count=20); study.best; study.report()
+    cnnlab.compare(["runs/a", "runs/b"])
+
+Bad keywords raise `cnnlab.ConfigError` (and bad data `cnnlab.DataError`), the same checks and messages as the CLI.
+Progress bars render in Jupyter (tqdm.auto); every function takes `log=` (None: silent) for its messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from .config import FIELDS, Config, load_yaml, make_config, saved_config
+from .errors import CnnlabError
+
+__all__ = ["train", "load", "sweep", "compare", "Run", "Evaluation", "Explanation", "SweepRun"]
+
+# What `resume` may change; any other setting would continue a different experiment under the old name.
+RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
+Log = Callable[[str], None] | None
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def _progress(progress: bool | None) -> bool:
+    """Progress bars on a terminal or in a notebook; never into a file a script's output is redirected to."""
+    if progress is not None:
+        return progress
+    return in_notebook() or (sys.stderr is not None and sys.stderr.isatty())
+
+
+def make_run_config(config: str | Path | Config | dict[str, Any] | None = None, **overrides: Any) -> Config:
+    """Defaults, then `config` (a YAML file, a dict or a Config), then the keywords: each checked, as the CLI does."""
+    sources: list[dict[str, Any]] = []
+    if isinstance(config, Config):
+        sources.append(config.to_dict())
+    elif isinstance(config, dict):
+        sources.append(config)
+    elif config is not None:
+        sources.append(load_yaml(config))
+    sources.append(overrides)
+    return make_config(*sources)
+
+
+def resume_config(folder: str | Path, **overrides: Any) -> Config:
+    """The config a run folder was trained with, plus the few settings a resumed run may change."""
+    run = Path(folder)
+    if run.is_file():
+        raise CnnlabError(f"--resume takes the run folder, not a file: cnnlab train --resume {run.parent}")
+    saved = run / "config.yaml"
+    if not saved.exists():
+        raise CnnlabError(f"{run} is not a run folder (no config.yaml); expected runs/<name>")
+    before = saved_config(load_yaml(saved))
+    cfg = make_config(before.to_dict(), overrides, {"out": str(run.parent), "name": run.name})
+    changed = [k for k in FIELDS if k not in RESUME_MAY_CHANGE + ("out", "name") and getattr(cfg, k) != getattr(before, k)]
+    if changed:
+        k = changed[0]
+        raise CnnlabError(f"--resume continues {run} as it was trained: {k}={getattr(cfg, k)!r} differs from its "
+                          f"{getattr(before, k)!r}; only {', '.join(RESUME_MAY_CHANGE)} may change (for other "
+                          f"settings start a new run with --name)")
+    return cfg
+
+
+def train(config: str | Path | Config | dict[str, Any] | None = None, *, resume: str | Path | None = None,
+          progress: bool | None = None, log: Log = print, callbacks: Sequence[Any] = (),
+          raise_interrupt: bool = False, **overrides: Any) -> Run:
+    """Train the model a config describes (scratch CNN or fine-tuned) on `data`/train and return its run folder.
+
+    `config`: a YAML file, a dict or a `Config`; keywords (`epochs=7`, `activation="gelu"`, any Config field) win.
+    `resume`: a run folder to continue from its last.pt (then only epochs, early_stop, device, ... may change).
+    Ctrl-C, or a notebook's stop button, ends training after saving what the last finished epoch wrote and
+    returns the run with `status` 'interrupted' (resumable); `raise_interrupt=True` re-raises instead (the CLI).
+    """
+    from .callbacks import Callback
+    from .training import fit
+
+    class Where(Callback):  # the run folder, known once fit has opened it
+        folder: Path | None = None
+
+        def on_fit_start(self, run: Any) -> None:
+            Where.folder = run.run_dir
+
+    log = log or _silent
+    cfg = resume_config(resume, **overrides) if resume is not None else make_run_config(config, **overrides)
+    try:
+        result = fit(cfg, [Where(), *callbacks], resume=resume is not None, progress=_progress(progress), log=log)
+    except KeyboardInterrupt:
+        folder = Where.folder
+        if raise_interrupt or folder is None:  # before the first epoch began there is no run to return
+            raise
+        epochs = len(_read_history(folder))
+        log(f"interrupted: {folder} holds {epochs} finished epoch(s)" + (
+            f"; continue with cnnlab.train(resume={str(folder)!r})" if (folder / "last.pt").exists() else ""))
+        return Run(folder, status="interrupted")
+    return Run(result.run_dir, status=result.status)
+
+
+def load(path: str | Path) -> Run | Any:
+    """A run folder (runs/<name>: its best.pt), or a checkpoint file (best.pt, last.pt) inside one; an exported
+    .onnx file gives an `OnnxClassifier` (onnxruntime) with the same `predict`."""
+    p = Path(path)
+    if p.suffix == ".onnx":
+        from .export import OnnxClassifier
+
+        return OnnxClassifier(p)
+    if p.is_dir():
+        if not (p / "best.pt").is_file():
+            raise CnnlabError(f"{p} is a folder without best.pt: give a run folder (runs/<name>) or a checkpoint file")
+        return Run(p)
+    if not p.is_file():
+        raise CnnlabError(f"checkpoint {p} not found: expected runs/<name>/best.pt or last.pt, or the run folder")
+    return Run(p.parent, checkpoint=p)
+
+
+def _read_history(folder: Path) -> list[dict[str, Any]]:
+    from .io import read_jsonl
+
+    return read_jsonl(folder / "metrics.jsonl")
+
+
+def _png_html(path: Path, width: int = 640) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" style="max-width:{width}px;width:100%">'
+
+
+@dataclass
+class Evaluation:
+    """What `Run.evaluate` measured on the test folder; `metrics` is what metrics.json holds."""
+
+    metrics: dict[str, Any]
+    folder: Path
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["accuracy"])
+
+    @property
+    def figures(self) -> dict[str, Path]:
+        return {k: self.folder / f"{k}.png" for k in ("confusion", "predictions") if (self.folder / f"{k}.png").exists()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metrics[key]
+
+    def __str__(self) -> str:
+        from .evaluate import format_metrics
+
+        return format_metrics(self.metrics)
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(str(self))}</pre>" + "".join(_png_html(p) for p in self.figures.values())
+
+
+@dataclass
+class Explanation:
+    """The figures `Run.explain` wrote: filters, guided back-propagation, Grad-CAM."""
+
+    figures: dict[str, Path]
+
+    def __getitem__(self, key: str) -> Path:
+        return self.figures[key]
+
+    def _repr_html_(self) -> str:
+        return "".join(f"<h4>{html.escape(k)}</h4>" + _png_html(p) for k, p in self.figures.items())
+
+
+@dataclass
+class Run:
+    """A run folder: what training wrote (config, metrics, checkpoints) and what can be done with the result."""
+
+    folder: Path
+    checkpoint: Path | None = None  # default: folder/best.pt
+    status: str | None = None  # completed | early_stopped | stopped | interrupted, when this process trained it
+    _model: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return Path(self.checkpoint) if self.checkpoint else self.folder / "best.pt"
+
+    @property
+    def config(self) -> Config:
+        return saved_config(load_yaml(self.folder / "config.yaml"))
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per finished epoch: epoch, train_loss, train_acc, val_loss, val_acc, lr, epoch_time, ..."""
+        return _read_history(self.folder)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        path = self.folder / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    @property
+    def best_val_acc(self) -> float | None:
+        """Of the epoch best.pt holds (training's rule: the best accuracy, ties broken by the lower loss)."""
+        best = self._best()
+        return best["val_acc"] if best else None
+
+    @property
+    def best_epoch(self) -> int | None:
+        best = self._best()
+        return best["epoch"] if best else None
+
+    def _best(self) -> dict[str, Any] | None:
+        history = self.history
+        if not history:
+            return None
+        return min(history, key=lambda r: (-r["val_acc"], r["val_loss"], r["epoch"]))
+
+    def _loaded(self, device: str) -> tuple[Any, Any]:
+        """(the checkpoint's model, its device), loaded once per device and kept for later predictions."""
+        from .evaluate import load_model
+        from .hardware import resolve_device
+
+        where = resolve_device(device)
+        if self._model is None or self._model[1] != where:
+            self._model = (load_model(self.best_checkpoint, where), where)
+        return self._model
+
+    def evaluate(self, data: str | Path | None = None, *, top: int = 3, out: str | Path | None = None,
+                 device: str = "auto", cache_dir: str | Path | None = None, seed: int = 0,
+                 progress: bool | None = None, log: Log = print) -> Evaluation:
+        """The test folder `data`/val (default: the data this run trained on), once: accuracy with its 95% CI,
+        top-k, per-class precision/recall/F1 and the confusion matrix, written to metrics.json with
+        confusion.png and predictions.png (the 10x3 grid) in `out` (default: the run folder's eval/)."""
+        from .evaluate import evaluate_checkpoint
+        from .hardware import resolve_device
+
+        data = data if data is not None else self.config.data
+        out_dir = Path(out) if out else self.best_checkpoint.parent / "eval"
+        metrics = evaluate_checkpoint(self.best_checkpoint, data, resolve_device(device), _cache(cache_dir), out_dir,
+                                      top, seed, progress=_progress(progress), log=log or _silent)
+        return Evaluation(metrics, out_dir)
+
+    def predict_iter(self, images: Iterable[Any], *, top: int = 3, device: str = "auto", batch: int = 64
+                     ) -> Iterator[dict[str, Any]]:
+        """Top-k classes of each image, in order, `batch` at a time: file paths (any format PIL reads), PIL images
+        or (H, W, 3) uint8 arrays; an unreadable one gets an `error` entry and the others are still predicted."""
+        from .evaluate import predict_files
+
+        loaded, where = self._loaded(device)
+        yield from predict_files(loaded, list(images), where, top, batch)
+
+    def predict(self, images: Any, *, top: int = 3, device: str = "auto") -> list[dict[str, Any]]:
+        """`predict_iter` as a list; one image (a path, a PIL image or an array) may be given alone."""
+        import numpy as np
+
+        if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
+            images = [images]
+        return list(self.predict_iter(images, top=top, device=device))
+
+    def explain(self, data: str | Path | None = None, *, neurons: int = 10, per_neuron: int = 3,
+                out: str | Path | None = None, seed: int = 0, cache_dir: str | Path | None = None,
+                progress: bool | None = None, log: Log = print) -> Explanation:
+        """filters.png (first-layer filters), guided_backprop.png (`neurons` channels of the last conv layer, each
+        on its `per_neuron` most exciting test images) and gradcam.png, in `out` (default: explain/)."""
+        from .data import ImageTransform
+        from .evaluate import load_model, load_test_images
+        from .explain import explain
+        from .hardware import resolve_device
+
+        for name, value in (("neurons", neurons), ("per_neuron", per_neuron)):
+            if value < 1:
+                raise CnnlabError(f"{name}={value}: expected a whole number of at least 1")
+        data = data if data is not None else self.config.data
+        loaded = load_model(self.best_checkpoint, resolve_device("cpu"))
+        test = load_test_images(loaded, data, _cache(cache_dir), progress=_progress(progress))
+        out_dir = Path(out) if out else self.best_checkpoint.parent / "explain"
+        paths = explain(loaded.model, test, test.valid, ImageTransform(loaded.pre, loaded.cfg.channels_last),
+                        loaded.classes, out_dir, neurons, per_neuron, seed=seed, log=log or _silent)
+        return Explanation(paths)
+
+    def export(self, format: str = "onnx", out: str | Path | None = None) -> Path:
+        """The trained model as a file that runs without cnnlab: ONNX (onnxruntime, dynamic batch) or TorchScript,
+        with the class names and preprocessing inside; see cnnlab.export. Default: model.onnx in the run folder."""
+        from .export import export_model
+
+        return export_model(self.best_checkpoint, out, format)
+
+    def plot(self, key: str = "val_acc") -> Any:
+        """A matplotlib Figure of `key` (val_acc, val_loss, train_loss, ...) per epoch."""
+        from .visualise import curves_figure
+
+        return curves_figure({self.folder.name: self.history}, key)
+
+    def _repr_html_(self) -> str:
+        history, cfg = self.history, self.config
+        rows = "".join(f"<tr><td>{r['epoch']}</td><td>{r['train_loss']:.4f}</td><td>{r['val_loss']:.4f}</td>"
+                       f"<td>{r['val_acc']:.4f}</td></tr>" for r in history)
+        best = f"best val_acc {self.best_val_acc:.4f} at epoch {self.best_epoch}" if history else "no finished epoch"
+        knobs = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("model", "image_size", "epochs", "lr", "batch_size"))
+        return (f"<b>{html.escape(str(self.folder))}</b> ({html.escape(self.status or 'on disk')}): {best}<br>"
+                f"<small>{html.escape(knobs)}</small><table><tr><th>epoch</th><th>train_loss</th><th>val_loss</th>"
+                f"<th>val_acc</th></tr>{rows}</table>")
+
+
+def _cache(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir else Config().resolved_cache_dir()
+
+
+@dataclass
+class SweepRun:
+    """A sweep folder (sweeps/<name>) and its study: trials, the best one as a Run, the report."""
+
+    folder: Path
+    result: Any = None  # the SweepResult of the trials this process ran, when it ran some
+    storage: str | None = None
+
+    def _study(self) -> Any:
+        from .sweeps.report import load_study
+
+        return load_study(self.folder, self.storage)
+
+    @property
+    def trials(self) -> list[dict[str, Any]]:
+        """Every trial: number, state, value (its metric at its best epoch), config values, run folder."""
+        return [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
+                 "config": t.user_attrs.get("config", {}), "run_dir": t.user_attrs.get("run_dir"),
+                 "error": t.user_attrs.get("error")} for t in self._study().get_trials(deepcopy=False)]
+
+    @property
+    def best(self) -> Run:
+        try:
+            best = self._study().best_trial
+        except ValueError:
+            raise CnnlabError(f"{self.folder}: no complete trial yet") from None
+        return Run(Path(best.user_attrs["run_dir"]))
+
+    def report(self) -> Path:
+        """The offline report (plots, tables, index.html) in the sweep folder's report/."""
+        from .sweeps.report import write_report
+
+        return write_report(self.folder, self.storage)
+
+
+def sweep(sweep_file: str | Path, *, count: int | None = None, storage: str | None = None,
+          sweeps_dir: str | Path = "sweeps", sampler_seed: int = 0, config: str | Path | dict[str, Any] | None = None,
+          progress: bool | None = None, log: Log = print, warn: Log = None, **overrides: Any) -> SweepRun:
+    """Run a Weights & Biases sweep file on the embedded Optuna engine in this process: `count` trials (None:
+    until run_cap or the grid is done). Keywords are base config values for every trial (data=..., epochs=...).
+    Running it again continues the sweep; other processes and machines join with the same file and storage."""
+    from .models import check_config
+    from .sweeps import load_sweep, run_sweep
+
+    if count is not None and count < 1:
+        raise CnnlabError(f"count={count}: expected a whole number of at least 1 (None: until the sweep is done)")
+    log = log or _silent
+    warn = warn or log
+    parsed = load_sweep(sweep_file)
+    for warning in parsed.warnings:
+        warn(f"warning: {warning}")
+    base = {**(load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})), **overrides}
+    if "data" in base:  # the same data wherever the command is run from
+        base["data"] = str(Path(base["data"]).resolve())
+    check_config(make_config(base))  # refuse bad base values before anything starts
+    folder = Path(sweeps_dir) / parsed.name
+    result = run_sweep(parsed, base, folder, storage, count, sampler_seed, progress=_progress(progress), log=log)
+    return SweepRun(folder, result, storage)
+
+
+def compare(runs: Sequence[str | Path | Run], out: str | Path = "compare") -> dict[str, Any]:
+    """Runs side by side: compare.md (strategy, trainable parameters, epochs, times, best validation and test
+    accuracy) and compare.png (validation accuracy per epoch); returns their paths and the table's text."""
+    from .comparison import compare as write_comparison
+
+    table, plot = write_comparison([r.folder if isinstance(r, Run) else Path(r) for r in runs], Path(out))
+    return {"table": table, "plot": plot, "markdown": table.read_text()}
