@@ -9,7 +9,7 @@ import errno
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .commands import COMMANDS
@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", default="compare", help="folder for compare.md and compare.png [default: compare]")
 
+    _add_model_commands(sub)
+    return parser
+
+
+def _add_model_commands(sub: Any) -> None:
+    """The commands that take a trained model: evaluate, predict, export, explain."""
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1], allow_abbrev=False)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="data root; its val/ folder is the test set")
@@ -144,7 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=whole_number, default=0, help="seed of the Grad-CAM sample [default: 0]")
     p.add_argument("--cache_dir", default="", help=CACHE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
 
 
 # The machine, not cnnlab, ran out of something: one line, not a traceback (files are written atomically).
