@@ -134,7 +134,7 @@ def build_store(split: Split, images: CachedImages, transform: ImageTransform, d
                 path: Path, dtype: np.dtype, shape: tuple[int, ...], views: int, seed: int,
                 progress: bool = True) -> np.ndarray:
     """Features of every valid image (views > 0: that many augmented views each), memory-mapped."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .callbacks import Callback, Checkpoints, ConsoleLog, EarlyStopping, MetricsFile, Run, StopTraining, WandbTracker
 from .checkpoint import load_checkpoint

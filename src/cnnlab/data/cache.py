@@ -178,7 +178,7 @@ def _build(files: list[Path], geometry: tuple[int, float, str], npy: Path, meta:
 def _fill(files: list[Path], geometry: tuple[int, float, str], out: np.ndarray, partial: Path, npy: Path, meta: Path,
           folder: Path, workers: int, progress: bool, decode_device: torch.device | None, decoder: str,
           lock_fd: int | None) -> None:
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     size = geometry[0]
     start = time.perf_counter()

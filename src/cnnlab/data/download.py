@@ -78,7 +78,7 @@ class _StartOver(Exception):
 def _receive(resp: http.client.HTTPResponse, url: str, part: Path, info_path: Path, have: int,
              info: PartInfo | None, progress: bool, desc: str) -> None:
     """Append the response body to `part` (or write it afresh), checking it continues what is there."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     if have and resp.status == 200:  # the server's file changed (If-Range failed) or it ignores Range
         have = 0
@@ -182,7 +182,7 @@ def extract_zip(archive: str | Path, dest: str | Path, progress: bool = True) ->
     already holding a member's content (CRC-32 and size) is kept: that is how an interrupted extraction
     resumes. The marker `.NAME.extracted` holds the archive's SHA-256 and member count, so a rerun skips a
     complete extraction of this very archive, and unpacks a different archive of the same name."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     archive, dest = Path(archive), Path(dest)
     marker = dest / f".{archive.name}.extracted"

@@ -147,7 +147,7 @@ def _queue_lock(folder: Path | None) -> Iterator[None]:
 def queue_grid(study: Any, sweep: Sweep, progress: bool = False, log: Callable[[str], None] = print) -> int:
     """Queue every grid point the study does not hold yet (each carries its `grid_index`), then mark the grid
     queued; returns how many were queued now. Points are queued in the grid's order, so workers pop them in it."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     trials = study.get_trials(deepcopy=False)
     if study.user_attrs.get("grid_queued"):  # another process finished it while this one waited for the lock
