@@ -53,21 +53,21 @@ class Config:
                       "or random (a randomly initialised backbone, frozen on purpose: cost measurements)")
     # The recipe defaults below (16 doubling filters, the whitened first conv, identity-initialised other convs,
     # AdamW 2e-3, cosine with 1 epoch of warm-up, weight decay 0.05, label smoothing 0.1, flip TTA) won
-    # benchmarks/recipe.py on real photos over 3 seeds: see the README's tables.
+    # benchmarks/recipe.py on real photos over 3 seeds: see docs/recipe.md's tables.
     filters: int = _f(16, "filters in the first conv layer; filter_org derives the other four", min=1, max=4096)
     filter_org: str = _f("double", "same | double (alias pyramid) | half | five comma-separated counts like 16,32,64,128,256")
     kernel_size: str = _f("3", "conv kernel size: one value, or five comma-separated values")
     conv1_stride: int = _f(0, "stride of the first convolution; 0 (auto): 2 for images of 128 px and more, else 1. "
                               "At 2 the other four blocks work on maps half as wide, about a quarter of the FLOPs: "
-                              "measured as accurate at 128 px and 5x faster (see the README's recipe section)",
+                              "measured as accurate at 128 px and 5x faster (see docs/recipe.md)",
                            min=0, max=4)
     conv1_init: str = _f("whiten", "smallcnn's first convolution's initial weights: whiten (set from the covariance of "
                                    "patches of 256 training images, so the first layer starts out passing "
-                                   "decorrelated features; measured to learn faster, see the README's recipe "
-                                   "section) or kaiming (torch's random init)", choices=("whiten", "kaiming"))
+                                   "decorrelated features; measured to learn faster, see docs/recipe.md) "
+                                   "or kaiming (torch's random init)", choices=("whiten", "kaiming"))
     conv_init: str = _f("dirac", "smallcnn's other four convolutions' initial weights: dirac (each conv's first "
                                  "in_channels filters start as the identity, passing their input through; the rest "
-                                 "keep torch's init; measured to learn faster, see the README's recipe section) or "
+                                 "keep torch's init; measured to learn faster, see docs/recipe.md) or "
                                  "kaiming (torch's random init)", choices=("dirac", "kaiming"))
     activation: str = _f("relu", "activation after each conv and the dense layer", choices=ACTIVATIONS)
     batch_norm: bool = _f(True, "batch norm after each convolution")
