@@ -202,9 +202,9 @@ def spawn_sweep_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> int:
-    from .sweeps.report import write_report
+    from .api import SweepRun
 
-    out = write_report(Path(args.folder), args.storage or os.environ.get("CNNLAB_STORAGE"))
+    out = SweepRun(Path(args.folder), storage=args.storage or os.environ.get("CNNLAB_STORAGE")).report()
     print(f"wrote {out}")
     return 0
 
