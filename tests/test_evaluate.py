@@ -42,6 +42,27 @@ def test_wilson_interval_and_metrics_on_known_predictions():
     assert m["confusion"] == [[2, 0, 0], [0, 1, 0], [0, 1, 2]]
     assert m["per_class"]["b"]["precision"] == 0.5 and m["per_class"]["c"]["recall"] == pytest.approx(2 / 3)
     assert m["top2_accuracy"] == pytest.approx(5 / 6)  # row 4 (true c) has c last
+    assert m["balanced_accuracy"] == pytest.approx((1 + 1 + 2 / 3) / 3)  # mean per-class recall, not 5/6
+
+
+def test_evaluate_lists_the_mistakes_worst_first_and_draws_the_top_losses(tiny_cfg, tiny_data, tmp_path):
+    import csv
+
+    import cnnlab
+    from cnnlab.training import fit
+
+    run = fit(tiny_cfg(epochs=1), progress=False, log=lambda s: None)
+    evaluation = cnnlab.load(run.run_dir).evaluate(tiny_data, cache_dir=tmp_path / "c", log=None)
+    rows = list(csv.DictReader((evaluation.folder / "mistakes.csv").open()))
+    wrong = round((1 - evaluation.accuracy) * evaluation["images"])
+    assert len(rows) == evaluation["mistakes"] == wrong > 0
+    assert all(r["true"] != r["predicted"] for r in rows)
+    losses = [float(r["loss"]) for r in rows]
+    assert losses == sorted(losses, reverse=True) and all((tiny_data / "val").as_posix() in r["file"] for r in rows)
+    assert (evaluation.folder / "top_losses.png").stat().st_size > 1000
+    table = str(evaluation).splitlines()[2:]
+    recalls = [float(line.split()[2]) for line in table]
+    assert recalls == sorted(recalls)  # per-class rows, worst first
 
 
 @pytest.fixture(scope="module")

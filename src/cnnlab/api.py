@@ -157,7 +157,8 @@ class Evaluation:
 
     @property
     def figures(self) -> dict[str, Path]:
-        return {k: self.folder / f"{k}.png" for k in ("confusion", "predictions") if (self.folder / f"{k}.png").exists()}
+        return {k: self.folder / f"{k}.png" for k in ("confusion", "predictions", "top_losses")
+                if (self.folder / f"{k}.png").exists()}
 
     def __getitem__(self, key: str) -> Any:
         return self.metrics[key]

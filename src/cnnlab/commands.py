@@ -102,7 +102,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                 cache_dir=args.cache_dir or None, seed=args.seed,
                                                 progress=show_progress(args))
     print(evaluation)
-    print(f"wrote {evaluation.folder}/metrics.json, confusion.png, predictions.png")
+    print(f"wrote {evaluation.folder}/metrics.json, confusion.png, predictions.png, mistakes.csv "
+          f"({evaluation['mistakes']} mistakes), top_losses.png")
     return 0
 
 

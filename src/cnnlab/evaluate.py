@@ -21,7 +21,7 @@ from .hardware import autocast, autocast_dtype, decode_device
 from .io import atomic_write_json, atomic_write_text, sha256_of
 from .models import create_model
 from .preprocess import Preprocess
-from .visualise import plot_confusion, plot_prediction_grid
+from .visualise import plot_confusion, plot_prediction_grid, plot_top_losses
 
 
 @torch.inference_mode()
@@ -106,7 +106,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
     low, high = wilson_interval(correct, n)
+    present = [v["recall"] for v in per_class.values() if v["support"]]
     return {"images": n, "accuracy": correct / max(n, 1), "accuracy_ci95": [low, high],
+            "balanced_accuracy": sum(present) / max(len(present), 1),  # mean per-class recall
             f"top{k}_accuracy": topk / max(n, 1), "macro_f1": sum(v["f1"] for v in per_class.values()) / c,
             "per_class": per_class, "classes": classes, "confusion": confusion.tolist()}
 
@@ -114,11 +116,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 def format_metrics(m: dict[str, Any]) -> str:
     lo, hi = m["accuracy_ci95"]
     topk = next(k for k in m if k.startswith("top"))
-    lines = [f"test accuracy {m['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}, {m['images']} images)  "
+    balanced = f"  balanced accuracy {m['balanced_accuracy']:.4f}" if "balanced_accuracy" in m else ""
+    lines = [f"test accuracy {m['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}, {m['images']} images){balanced}  "
              f"{topk.replace('_', ' ')} {m[topk]:.4f}  macro F1 {m['macro_f1']:.4f}",
-             f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
-    for name, v in m["per_class"].items():
-        lines.append(f"{name:<20}{v['precision']:>10.3f}{v['recall']:>10.3f}{v['f1']:>10.3f}{v['support']:>9d}")
+             f"{'class (worst recall first)':<28}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+    for name, v in sorted(m["per_class"].items(), key=lambda kv: (kv[1]["recall"], kv[0])):
+        lines.append(f"{name:<28}{v['precision']:>10.3f}{v['recall']:>10.3f}{v['f1']:>10.3f}{v['support']:>9d}")
     return "\n".join(lines)
 
 
@@ -166,7 +169,36 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     plot_confusion(metrics["confusion"], loaded.classes, out_dir / "confusion.png")
     probs = logits.softmax(1)
     plot_prediction_grid(test, rows, labels, probs, loaded.classes, out_dir / "predictions.png", seed=seed)
+    metrics["mistakes"] = write_mistakes(test, rows, logits, labels, loaded.classes, out_dir)
     return metrics
+
+
+def write_mistakes(test: Any, rows: np.ndarray, logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                   out_dir: Path, shown: int = 16) -> int:
+    """mistakes.csv (every misclassified test file: true, predicted, confidence, loss; highest loss first) and
+    top_losses.png (the `shown` most confident mistakes); returns how many mistakes there are."""
+    import csv
+    import io as text_io
+
+    from .io import printable
+
+    loss = nn.functional.cross_entropy(logits, labels, reduction="none")
+    probs = logits.softmax(1)
+    pred = probs.argmax(1)
+    wrong = torch.nonzero(pred != labels).flatten()
+    wrong = wrong[loss[wrong].argsort(descending=True)].tolist()
+    buffer = text_io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "true", "predicted", "confidence", "loss"])
+    for i in wrong:
+        writer.writerow([printable(test.files[rows[i]]), classes[int(labels[i])], classes[int(pred[i])],
+                         f"{float(probs[i, pred[i]]):.4f}", f"{float(loss[i]):.4f}"])
+    atomic_write_text(out_dir / "mistakes.csv", buffer.getvalue())
+    top = wrong[:shown]
+    plot_top_losses([test.pixels[rows[i]] for i in top],
+                    [f"true: {classes[int(labels[i])]}\npred: {classes[int(pred[i])]} ({float(probs[i, pred[i]]):.0%})"
+                     f"\nloss {float(loss[i]):.2f}" for i in top], out_dir / "top_losses.png")
+    return len(wrong)
 
 
 def expand_paths(paths: list[str]) -> list[str]:

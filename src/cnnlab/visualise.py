@@ -79,6 +79,27 @@ def plot_prediction_grid(images: Any, rows: np.ndarray, labels: Any, probs: Any,
     return save_figure(fig, path)
 
 
+def plot_top_losses(pixels: list[np.ndarray], titles: list[str], path: str | Path, columns: int = 4) -> Path:
+    """The most confident mistakes (fastai's top losses), worst first, each titled true / predicted / confidence."""
+    n = max(1, len(pixels))
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= len(pixels):
+            ax.axis("off")
+            continue
+        ax.imshow(pixels[i])
+        for spine in ax.spines.values():
+            spine.set_edgecolor("#d62728")
+            spine.set_linewidth(3)
+        ax.set_title(titles[i], fontsize=7.5, color="#d62728")
+    fig.suptitle("most confident mistakes (highest loss first)" if pixels else "no mistakes on the test folder", y=1.0)
+    fig.tight_layout(h_pad=1.2)  # room for each image's three-line title below the row above
+    return save_figure(fig, path)
+
+
 def _unit(a: np.ndarray) -> np.ndarray:
     a = a - a.min()
     return a / a.max() if a.max() > 0 else a
