@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +124,33 @@ def test_wandb_offline_logs_config_and_metrics_without_an_account(tiny_cfg, monk
     for needle in (b"filter_org", b"batch_norm", b"val_acc", b"train_loss", b"images_per_s"):
         assert needle in data, needle
     assert (result.run_dir / "metrics.jsonl").exists()  # the local run folder is still the source of truth
+
+
+def test_balanced_sampler_and_class_weights_on_an_unbalanced_set(tiny_cfg, tiny_data, tmp_path):
+    import json
+    import shutil
+
+    from cnnlab.data import Batches, load_images
+    from cnnlab.training import fit, make_losses
+
+    data = tmp_path / "unbalanced"
+    shutil.copytree(tiny_data, data)
+    for k, folder in enumerate(sorted((data / "train").iterdir())):
+        for extra in sorted(folder.iterdir())[2 + k:]:  # class k keeps 2 + k of its 16 photos... up to 11
+            extra.unlink()
+    images = load_images(data / "train", 32, tmp_path / "c", workers=1, progress=False)
+    counts = np.bincount(images.labels)
+    assert counts.min() == 2 and counts.max() == 11
+    batches = Batches(images, images.valid, 8, torch.device("cpu"), shuffle=True)
+    batches.balance_classes()
+    drawn = np.concatenate([y.numpy() for epoch in range(40) for _, y in batches.epoch(epoch)])
+    share = np.bincount(drawn, minlength=10) / len(drawn)
+    assert share.max() - share.min() < 0.05  # every class about a tenth; unbalanced it spans 0.03 to 0.17
+    assert [y.tolist() for _, y in batches.epoch(3)] == [y.tolist() for _, y in batches.epoch(3)]  # seeded
+    loss, val_loss = make_losses(tiny_cfg(class_weights="balanced"), images.labels, 10, torch.device("cpu"))
+    weights = loss.weight.numpy()
+    assert np.allclose(weights * counts, len(images.labels) / 10)  # each class weighs the same in total
+    run = fit(tiny_cfg(data=str(data), class_weights="balanced", sampler="balanced", epochs=2), progress=False,
+              log=lambda s: None)
+    history = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["val_balanced_acc"] <= 1 for r in history)

@@ -103,6 +103,12 @@ class Config:
     ema: float = _f(0.0, "decay of an exponential moving average of the weights and batch-norm statistics, updated "
                           "every step; validation, best.pt and evaluate use the average (0: off)", min=0.0, max=0.9999)
     label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy loss", min=0.0, max=0.5)
+    class_weights: str = _f("none", "loss weight of each class: none, or balanced (n_images / (n_classes x the class's "
+                                    "training images), so a rare class counts as much as a common one)",
+                            choices=("none", "balanced"))
+    sampler: str = _f("none", "how an epoch draws training images: none (each once, shuffled) or balanced (as many "
+                              "draws, with replacement, each class equally likely; seeded per epoch)",
+                      choices=("none", "balanced"))
     tta: bool = _f(True, "test-time augmentation: validation, evaluate and predict average the logits of each image "
                    "and its mirror image")
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)", min=0.0, max=1e6)
@@ -331,7 +337,8 @@ def make_config(*sources: dict[str, Any]) -> Config:
 
 # Keys added to Config after run folders and checkpoints were first written, with the value a saved config
 # that lacks them meant: a later default must not change the architecture an older checkpoint was trained as.
-SAVED_BEFORE_THE_KEY: dict[str, Any] = {"conv1_stride": 1, "conv1_init": "kaiming", "conv_init": "kaiming"}
+SAVED_BEFORE_THE_KEY: dict[str, Any] = {"conv1_stride": 1, "conv1_init": "kaiming", "conv_init": "kaiming",
+                                         "class_weights": "none", "sampler": "none"}
 
 
 def saved_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -48,10 +48,15 @@ def predict_logits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], transform: Callable,
              device: torch.device, amp: torch.dtype | None = None, loss_fn: nn.Module | None = None,
              tta: bool = False) -> dict[str, float]:
-    """Mean loss and accuracy (a fraction) over `batches`."""
+    """Mean loss, accuracy and balanced accuracy (the mean of the per-class recalls) over `batches`."""
     logits, labels = predict_logits(model, batches, transform, device, amp, tta)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    return {"loss": float(loss_fn(logits, labels)), "acc": float((logits.argmax(1) == labels).float().mean())}
+    hit = (logits.argmax(1) == labels).float()
+    per_class = torch.zeros(int(labels.max()) + 1).index_add_(0, labels, hit)
+    counts = torch.bincount(labels).float()
+    present = counts > 0
+    return {"loss": float(loss_fn(logits, labels)), "acc": float(hit.mean()),
+            "balanced_acc": float((per_class[present] / counts[present]).mean())}
 
 
 # ---- a trained model on the test folder ---------------------------------------------------------------------

@@ -246,6 +246,8 @@ class FeatureSource:
         views = cfg.feature_cache_views + 1 if cfg.feature_cache_views else 1
         self.train = Batches.of_array(array, labels, train_rows, cfg.batch_size, device, shuffle=True,
                                       drop_last=True, views=views)
+        if cfg.sampler == "balanced":
+            self.train.balance_classes()
         self.val = Batches.of_array(array, labels, val_rows, max(cfg.batch_size, VAL_BATCH), device, shuffle=False)
         self.transform = FeatureTransform(cfg.channels_last)
 

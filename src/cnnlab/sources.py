@@ -34,6 +34,8 @@ class ImageSource:
         self.forward, self.transform, self.augment, self.tta = forward, transform, cfg.augment, cfg.tta
         self.train = Batches(images, train_rows, cfg.batch_size, device, shuffle=True, drop_last=True,
                              device_cache=device_cache)
+        if cfg.sampler == "balanced":
+            self.train.balance_classes()
         self.val = Batches(images, val_rows, max(cfg.batch_size, VAL_BATCH), device, shuffle=False,
                            device_cache=device_cache)
 

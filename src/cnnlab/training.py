@@ -180,12 +180,28 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
         f"{', channels_last' if cfg.channels_last else ''}; input {parts.preprocess.describe()}")
     setup_seconds = time.perf_counter() - started  # decoding, feature store, model build: once per run
     everyone = [Checkpoints(), MetricsFile(), ConsoleLog(), tracker, *callbacks, EarlyStopping(cfg.early_stop)]
-    epoch_loop = EpochLoop(run, source, plan, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), device, amp)
+    loss_fn, val_loss_fn = make_losses(cfg, images.labels[train_rows], len(run.classes), device)
+    epoch_loop = EpochLoop(run, source, plan, loss_fn, device, amp, val_loss_fn)
     status = epoch_loop.train(range(start_epoch, cfg.epochs + 1), everyone, progress)
     summary = write_summary(run, plan, status, setup_seconds, device, amp,
                             {"train_images": len(train_rows), "val_images": len(val_rows), "bad_files": len(images.errors),
                              "preprocess": parts.preprocess.to_dict()})
     return FitResult(run_dir, run.best_val_acc, run.best_epoch, summary["history"], status)
+
+
+def make_losses(cfg: Config, train_labels: np.ndarray, n_classes: int, device: torch.device
+                ) -> tuple[nn.Module, nn.Module]:
+    """The training loss (on the device) and the same loss for validation (on the CPU, where its logits are):
+    cross-entropy with label smoothing, and with class_weights balanced each class weighted by
+    n / (classes x its training images), so every class weighs as much in total."""
+    weight = None
+    if cfg.class_weights == "balanced":
+        counts = np.bincount(train_labels, minlength=n_classes).astype(np.float64)
+        weight = torch.tensor(np.where(counts > 0, len(train_labels) / (n_classes * np.maximum(counts, 1)), 0.0),
+                              dtype=torch.float32)
+    train_loss = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
+                                     label_smoothing=cfg.label_smoothing)
+    return train_loss, nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
 def default_run_name(cfg: Config) -> str:
@@ -325,6 +341,7 @@ class EpochLoop:
     loss_fn: nn.Module
     device: torch.device
     amp: torch.dtype | None
+    val_loss_fn: nn.Module | None = None  # the same loss, on the CPU where validation's logits are
 
     def train(self, epochs: Iterable[int], callbacks: Sequence[Callback], progress: bool) -> str:
         """Train `epochs`, calling every callback; returns the status: completed, early_stopped or stopped."""
@@ -367,9 +384,11 @@ class EpochLoop:
             raise TrainingDiverged(f"epoch {epoch}: the training loss is {stats['train_loss']}; "
                                    f"try a lower --lr (now {cfg.lr:g}) or --grad_clip 1")
         with weights_of(run.model, run.result_model):  # data.net shares its parameters with run.model
-            val = evaluate(data.net, data.val, data.transform, self.device, self.amp, self.loss_fn, data.tta)
+            val = evaluate(data.net, data.val, data.transform, self.device, self.amp, self.val_loss_fn or self.loss_fn,
+                           data.tta)
         return {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
-                "val_loss": val["loss"], "val_acc": val["acc"], "lr": run.optimizer.param_groups[0]["lr"],
+                "val_loss": val["loss"], "val_acc": val["acc"], "val_balanced_acc": val["balanced_acc"],
+                "lr": run.optimizer.param_groups[0]["lr"],
                 "epoch_time": time.perf_counter() - t0, "images_per_s": stats["seen"] / train_time}
 
 

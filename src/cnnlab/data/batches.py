@@ -131,9 +131,19 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
 
+    def balance_classes(self) -> None:
+        """Each epoch then draws len(rows) positions with replacement, every class equally likely (seeded like the
+        shuffle, so a resumed run draws the same)."""
+        labels = self.labels.cpu()
+        counts = torch.bincount(labels)
+        self.draw_weights = (1.0 / counts.double())[labels]
+
     def epoch(self, seed: int, view: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.rows)
-        if self.shuffle:
+        if getattr(self, "draw_weights", None) is not None:
+            order = torch.multinomial(self.draw_weights, n, replacement=True,
+                                      generator=torch.Generator().manual_seed(seed))
+        elif self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         else:
             order = torch.arange(n)

@@ -14,7 +14,7 @@ from ..config import FIELDS, SAFE_NAME, check_value, read_yaml
 from ..errors import ConfigError, quote
 from ..models import check_model_name
 
-METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+METRICS = ("val_acc", "val_balanced_acc", "val_loss", "train_acc", "train_loss")
 METHODS = ("grid", "random", "bayes")
 DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
                  "log_uniform_values", "q_log_uniform", "q_log_uniform_values", "inv_log_uniform",
