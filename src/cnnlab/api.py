@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
 from .errors import CnnlabError
 
-__all__ = ["train", "load", "sweep", "compare", "Run", "Evaluation", "Explanation", "SweepRun"]
+__all__ = ["train", "load", "sweep", "compare", "check", "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
 
 # What `resume` may change; any other setting would continue a different experiment under the old name.
 RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
@@ -390,3 +390,29 @@ def compare(runs: Sequence[str | Path | Run], out: str | Path = "compare") -> di
 
     table, plot = write_comparison([r.folder if isinstance(r, Run) else Path(r) for r in runs], Path(out))
     return {"table": table, "plot": plot, "markdown": table.read_text()}
+
+
+@dataclass
+class DataCheck:
+    """What `check` found in a data folder (`report`, a data.check.DataReport) and the files it wrote."""
+
+    report: Any
+    files: dict[str, Path]
+
+    def __str__(self) -> str:
+        return self.files["markdown"].read_text()
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(str(self))}</pre>" + _png_html(self.files["counts"]) + _png_html(self.files["sizes"])
+
+
+def check(root: str | Path, *, out: str | Path | None = None, cache_dir: str | Path | None = None,
+          progress: bool | None = None, log: Log = print) -> DataCheck:
+    """What is in ROOT/train and ROOT/val: counts per class, imbalance, unreadable files, EXIF rotations, colour
+    modes, sizes, exact and near-duplicates within and across the splits (leakage). Writes check.json, check.md,
+    counts.png and sizes.png to `out` (default: check/<the folder's name>)."""
+    from .data.check import check_data, write_check
+
+    report = check_data(root, _cache(cache_dir), progress=_progress(progress), log=log or _silent)
+    out_dir = Path(out) if out else Path("check") / Path(root).resolve().name
+    return DataCheck(report, write_check(report, out_dir))

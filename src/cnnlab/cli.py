@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="download from here instead of the data set's usual address")
     p.add_argument("--sha256", help="expected SHA-256 of the archive")
 
+    p = sub.add_parser("check", help=COMMANDS["check"][1], allow_abbrev=False)
+    p.add_argument("root", help="the data folder: ROOT/train/<class>/* and ROOT/val/<class>/*")
+    p.add_argument("--out", help="folder for check.json, check.md, counts.png, sizes.png [default: check/<ROOT's name>]")
+    p.add_argument("--cache_dir", default="", help=CACHE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("models", help=COMMANDS["models"][1])
     p.add_argument("--grep", metavar="WORD", help="only names containing WORD (case-insensitive)")
 

@@ -85,6 +85,22 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .api import check
+
+    checked = check(args.root, out=args.out, cache_dir=args.cache_dir or None, progress=show_progress(args))
+    r = checked.report
+    print(f"{r.root}: " + ", ".join(f"{s} {sum(c.values())} images" for s, c in r.counts.items())
+          + f" in {len(r.classes)} classes; imbalance {r.imbalance:.1f}; unreadable "
+          + ", ".join(f"{s} {len(v)}" for s, v in r.unreadable.items()) + f"; EXIF-rotated {r.rotated}")
+    for kind, groups in (("exact duplicates", r.exact), ("near-duplicate clusters", r.near)):
+        print(f"{kind}: " + ", ".join(f"{k.replace('_', ' ')} {len(v)}" for k, v in groups.items()))
+    if r.leaked:
+        print(f"warning: {r.leaked} test image(s) in val/ copy a training image: test accuracy on them is inflated")
+    print(f"checked in {r.seconds:.1f} s; wrote " + ", ".join(str(p) for p in checked.files.values()))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import model_names
 
@@ -224,6 +240,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "parameter count and FLOPs of a config"),
     "demo-data": (cmd_demo_data, "write a small synthetic 10-class data set"),
     "download": (cmd_download, "download and unpack a data set (resumable, checksummed)"),
+    "check": (cmd_check, "what is in a data folder: counts, imbalance, unreadable files, duplicates, leakage"),
     "models": (cmd_models, "list the model names --model accepts"),
     "evaluate": (cmd_evaluate, "test accuracy, per-class metrics, confusion matrix and prediction grid on ROOT/val"),
     "sweep": (cmd_sweep, "run a W&B-schema sweep file on the embedded Optuna engine"),

@@ -174,3 +174,39 @@ def curves_figure(runs: dict[str, list[dict[str, Any]]], key: str = "val_acc") -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_class_counts(counts: dict[str, dict[str, int]], classes: list[str], path: str | Path) -> Path:
+    """Images per class, one bar per split (train, val), largest training class first."""
+    order = sorted(classes, key=lambda c: -counts.get("train", {}).get(c, 0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(classes) + 2), 4.2))
+    width = 0.8 / max(1, len(counts))
+    for k, (split, per_class) in enumerate(counts.items()):
+        ax.bar(np.arange(len(order)) + k * width, [per_class.get(c, 0) for c in order], width, label=split)
+    ax.set_xticks(np.arange(len(order)) + width * (len(counts) - 1) / 2)
+    ax.set_xticklabels(order, rotation=45 if len(order) > 6 else 0, ha="right" if len(order) > 6 else "center",
+                       fontsize=8)
+    ax.set_ylabel("images")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("images per class")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_sizes(sizes: list[tuple[int, int]], path: str | Path) -> Path:
+    """Histogram of the images' widths and heights (pixels, as stored)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    if sizes:
+        w, h = np.array(sizes).T
+        low, high = min(w.min(), h.min()), max(w.max(), h.max())
+        bins = np.linspace(low * 0.98, high * 1.02 + 1, 40)
+        ax.hist(w, bins=bins, alpha=0.6, label="width")
+        ax.hist(h, bins=bins, alpha=0.6, label="height")
+        ax.legend()
+    ax.set_xlabel("pixels")
+    ax.set_ylabel("images")
+    ax.set_title(f"image sizes ({len(sizes)} images)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
