@@ -50,3 +50,42 @@ def test_distinct_demo_images_are_not_near_duplicates(tiny_data, tmp_path):
     assert r.exact == {"within_train": [], "within_val": [], "across": []}
     assert sum(len(v) for v in r.near.values()) == 0 and r.leaked == 0
     assert np.isclose(r.imbalance, 1.0)
+
+
+def test_the_split_keeps_near_duplicate_clusters_on_one_side_and_is_unchanged_without_them():
+    from cnnlab.data import stratified_split
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    rows = np.arange(60)
+    plain = stratified_split(labels, rows, 0.25, seed=4)
+    singletons = stratified_split(labels, rows, 0.25, seed=4, groups=np.arange(60))
+    assert all(np.array_equal(a, b) for a, b in zip(plain, singletons))  # no cluster: the split it always was
+    groups = np.arange(60)
+    for members in (rng.choice(20, 5, replace=False), 20 + rng.choice(20, 3, replace=False), np.array([7, 33])):
+        groups[members] = members[0]  # two clusters within a class, one across classes 0 and 1
+    for seed in range(20):
+        train, val = stratified_split(labels, rows, 0.25, seed, groups)
+        assert not set(groups[train]) & set(groups[val]), seed  # no cluster on both sides
+        assert len(train) + len(val) == 60 and len(val) >= 9
+
+
+def test_train_warns_of_leakage_and_imbalance_and_groups_copies(tiny_data, tiny_cfg, tmp_path):
+    from cnnlab.training import fit
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    circle = sorted((data / "train" / "circle").iterdir())
+    for k in range(6):
+        shutil.copy(circle[0], data / "train" / "circle" / f"copy{k}.jpg")
+    shutil.copy(circle[1], data / "val" / "circle" / "leak.jpg")
+    for extra in sorted((data / "train" / "star").iterdir())[4:]:
+        extra.unlink()
+    lines = []
+    run = fit(tiny_cfg(data=str(data), epochs=1), progress=False, log=lines.append)
+    assert any("1 test image(s) in val/ are byte-identical copies" in line for line in lines), lines
+    assert any("unbalanced (circle 22 images, star 4)" in line for line in lines), lines
+    assert any("1 cluster(s) of near-duplicate training images (7 images)" in line for line in lines), lines
+    split = json.loads((run.run_dir / "split.json").read_text())
+    copies = {f"train/circle/copy{k}.jpg" for k in range(6)} | {f"train/circle/{circle[0].name}"}
+    assert copies <= set(split["train"]) or copies <= set(split["val"])

@@ -39,6 +39,9 @@ class Config:
     data: str = _f("data/demo", "data root holding train/<class>/ and val/<class>/ (val/ is the test set)")
     image_size: int = _f(224, "images are resized to image_size x image_size once, into the cache", min=16, max=1024)
     val_fraction: float = _f(0.2, "fraction of train/ held out, stratified, for validation", min=0.01, max=0.9)
+    group_duplicates: bool = _f(True, "keep each cluster of near-duplicate training images (copies, re-encodings; "
+                                      "see cnnlab check) on one side of the train/validation split, so validation "
+                                      "accuracy is not inflated by copies of training images")
     augment: bool = _f(True, "augment training batches: horizontal flips, random resized crops (see crop_min) and "
                              "colour jitter (see jitter)")
     crop_min: float = _f(1.0, "with augment: the random resized crop's smallest area, as a fraction of the image (1: "
@@ -338,7 +341,7 @@ def make_config(*sources: dict[str, Any]) -> Config:
 # Keys added to Config after run folders and checkpoints were first written, with the value a saved config
 # that lacks them meant: a later default must not change the architecture an older checkpoint was trained as.
 SAVED_BEFORE_THE_KEY: dict[str, Any] = {"conv1_stride": 1, "conv1_init": "kaiming", "conv_init": "kaiming",
-                                         "class_weights": "none", "sampler": "none"}
+                                         "class_weights": "none", "sampler": "none", "group_duplicates": False}
 
 
 def saved_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -255,13 +255,40 @@ def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device
     if resume and (run_dir / "split.json").exists():
         train_rows, val_rows = saved_split(run_dir / "split.json", images, log)
     else:
-        train_rows, val_rows = stratified_split(images.labels, images.valid, cfg.val_fraction, cfg.seed)
+        groups = look_at_the_data(cfg, images, log)
+        train_rows, val_rows = stratified_split(images.labels, images.valid, cfg.val_fraction, cfg.seed, groups)
         if not len(val_rows):
             raise DataError(f"no image of {Path(cfg.data) / 'train'} is left for validation (val_fraction "
                             f"{cfg.val_fraction:g}): a class needs at least two readable images to give one to "
                             "validation; add images")
         save_split(run_dir / "split.json", images, train_rows, val_rows)
     return images, train_rows, val_rows
+
+
+def look_at_the_data(cfg: Config, images: CachedImages, log: Callable[[str], None]) -> np.ndarray | None:
+    """The cheap part of `cnnlab check`, before training: one line each for strong imbalance, near-duplicate
+    clusters in train/ (returned, to keep each on one side of the split) and test images that are byte-identical
+    copies of training images (val/ is listed and such files' bytes compared; nothing of it is decoded or used)."""
+    from .data.check import copies_in_test, near_duplicate_clusters
+
+    counts = np.bincount(images.labels[images.valid], minlength=len(images.classes))
+    if counts.min() > 0 and counts.max() / counts.min() > 3:
+        log(f"warning: the classes of train/ are unbalanced ({images.classes[int(counts.argmax())]} {counts.max()} "
+            f"images, {images.classes[int(counts.argmin())]} {counts.min()}): consider --class_weights balanced or "
+            "--sampler balanced, and read evaluate's balanced accuracy")
+    leaked = copies_in_test(images.files, Path(cfg.data) / "val")
+    if leaked:
+        log(f"warning: {len(leaked)} test image(s) in val/ are byte-identical copies of training images (leakage: "
+            f"test accuracy on them is inflated), e.g. {leaked[0]}; see cnnlab check {cfg.data}")
+    if not cfg.group_duplicates:
+        return None
+    groups = near_duplicate_clusters(images)
+    sizes = np.bincount(groups[images.valid])
+    clustered = sizes[sizes > 1]
+    if len(clustered):
+        log(f"{len(clustered)} cluster(s) of near-duplicate training images ({int(clustered.sum())} images) are each "
+            "kept on one side of the train/validation split (--group_duplicates false to split them freely)")
+    return groups
 
 
 def make_source(cfg: Config, parts: ModelParts, plan: TrainablePlan, images: CachedImages, train_rows: np.ndarray,

@@ -44,6 +44,7 @@ class CachedImages:
     labels: np.ndarray  # (N,) int64, for every file
     pixels: np.ndarray  # (N, S, S, 3) uint8, memory-mapped read-only
     errors: dict[int, str] = field(default_factory=dict)  # row -> why the file could not be read
+    cache_file: Path | None = None  # the .npy the pixels are mapped from (what derived facts are stored beside)
 
     @property
     def valid(self) -> np.ndarray:
@@ -93,7 +94,7 @@ def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, work
     if npy.exists() and meta.exists():  # complete: the .npy is renamed into place only after its .json is written
         try:
             pixels, errors = _open_cache(npy, meta, shape)
-            return CachedImages(folder, classes, files, labels, pixels, errors)
+            return CachedImages(folder, classes, files, labels, pixels, errors, npy)
         except (ValueError, KeyError, FileNotFoundError):  # damaged (or replaced meanwhile): see below, under the lock
             pass
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, work
             npy.unlink(missing_ok=True)
             _build(files, geometry, npy, meta, folder, workers, progress, decode_device, decoder, lock.fileno())
             pixels, errors = _open_cache(npy, meta, shape)
-    return CachedImages(folder, classes, files, labels, pixels, errors)
+    return CachedImages(folder, classes, files, labels, pixels, errors, npy)
 
 
 SAME_CACHE_FOR = ("folder", "image_size", "crop", "interpolation", "decoder")  # what a newer cache supersedes

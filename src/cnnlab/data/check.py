@@ -99,14 +99,43 @@ def exact_groups(paths: list[Path]) -> dict[str, list[int]]:
 
 
 def near_duplicate_clusters(images: CachedImages) -> np.ndarray:
-    """A cluster id per file of `images` (unreadable files are their own cluster), from the decode cache."""
+    """A cluster id per file of `images` (unreadable files are their own cluster), from the decode cache; kept
+    beside the cache (`<key>.near.npy`), so later runs and sweep trials on the same cache read it."""
+    stored = images.cache_file.with_suffix(".near.npy") if images.cache_file is not None else None
+    if stored is not None and stored.exists():
+        try:
+            ids = np.load(stored)
+            if ids.shape == (len(images.files),):
+                return ids
+        except (OSError, ValueError):
+            pass
     valid = images.valid
     ids = np.arange(len(images.files), dtype=np.int64)
-    if len(valid) < 2:
-        return ids
-    pairs = near_pairs(perceptual_hashes(images.pixels[valid]))
-    ids[valid] = valid[clusters_of(len(valid), pairs)]
+    if len(valid) >= 2:
+        pairs = near_pairs(perceptual_hashes(images.pixels[valid]))
+        ids[valid] = valid[clusters_of(len(valid), pairs)]
+    if stored is not None:
+        try:
+            from ..io import atomic_write
+
+            atomic_write(stored, lambda fh: np.save(fh, ids))
+        except Exception:  # noqa: BLE001 - a read-only cache folder: computed again next time, nothing lost
+            pass
     return ids
+
+
+def copies_in_test(train_files: list[Path], val_folder: Path) -> list[Path]:
+    """Files of `val_folder` (the test set) that are byte-identical to a training file: only files of a size some
+    training file has are read, and nothing of val/ is decoded or used but for this warning."""
+    from .folders import scan_folder
+
+    try:
+        _, val_files, _ = scan_folder(val_folder)
+    except Exception:  # noqa: BLE001 - no val/ yet, or an empty one: nothing to compare
+        return []
+    groups = exact_groups([*train_files, *val_files])
+    n = len(train_files)
+    return [val_files[i - n] for g in groups.values() if min(g) < n for i in g if i >= n]
 
 
 def header_facts(path: Path) -> dict[str, Any]:

@@ -46,23 +46,45 @@ def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
     return classes, files, np.asarray(labels, dtype=np.int64)
 
 
-def stratified_split(labels: np.ndarray, candidates: np.ndarray, val_fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, candidates: np.ndarray, val_fraction: float, seed: int,
+                     groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per class, a seeded shuffle of that class's rows; round(n * val_fraction) of them (at least one
-    when the class has two or more) go to validation. Same labels, fraction and seed -> same split."""
+    when the class has two or more) go to validation. Same labels, fraction and seed -> same split.
+    With `groups` (a group id per row: clusters of near-duplicates), a group is shuffled and placed as one unit,
+    so no group has rows on both sides (a group spanning classes goes to training whole); where every group is a
+    single row this is the same split as without."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in np.unique(labels[candidates]):
         rows = candidates[labels[candidates] == c]
-        rows = rows[rng.permutation(len(rows))]
+        units = [rows[i:i + 1] for i in range(len(rows))] if groups is None else _units(rows, groups)
+        order = rng.permutation(len(units))
         n_val = int(round(len(rows) * val_fraction))
         if len(rows) >= 2:
             n_val = min(max(n_val, 1), len(rows) - 1)
         else:
             n_val = 0
-        val.append(rows[:n_val])
-        train.append(rows[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+        taken, k = 0, 0
+        while k < len(order) and taken < n_val and taken + len(units[order[k]]) < len(rows):
+            taken += len(units[order[k]])
+            k += 1
+        val += [units[i] for i in order[:k]]
+        train += [units[i] for i in order[k:]]
+    train_rows = np.sort(np.concatenate(train)) if train else np.zeros(0, dtype=np.int64)
+    val_rows = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    if groups is not None and len(val_rows):  # a group across classes: what sits on both sides trains
+        both = np.isin(groups[val_rows], groups[train_rows])
+        train_rows, val_rows = np.sort(np.concatenate([train_rows, val_rows[both]])), val_rows[~both]
+    return train_rows, val_rows
+
+
+def _units(rows: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:
+    """`rows` grouped by their group id, in the order each group first appears."""
+    if not len(rows):
+        return []
+    _, first, inverse, counts = np.unique(groups[rows], return_index=True, return_inverse=True, return_counts=True)
+    chunks = np.split(rows[np.argsort(inverse, kind="stable")], np.cumsum(counts)[:-1])
+    return [chunks[g] for g in np.argsort(first, kind="stable")]
 
 
 def save_split(path: str | Path, images: Any, train: np.ndarray, val: np.ndarray) -> None:
