@@ -13,10 +13,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "load", "sweep", "compare", "check", "Run", "Evaluation", "Explanation", "SweepRun", "Config",
+__all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "Run", "Evaluation", "Explanation", "SweepRun", "Config",
            "CnnlabError", "ConfigError", "DataError", "StorageError", "__version__"]
 
-_HOME = {**{name: "api" for name in ("train", "load", "sweep", "compare", "check", "Run", "Evaluation",
+_HOME = {**{name: "api" for name in ("train", "load", "sweep", "compare", "check", "lr_find", "Run", "Evaluation",
                                      "Explanation", "SweepRun", "DataCheck")},
          "Config": "config",
          **{name: "errors" for name in ("CnnlabError", "ConfigError", "DataError", "StorageError")}}

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
 from .errors import CnnlabError
 
-__all__ = ["train", "load", "sweep", "compare", "check", "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
+__all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
 
 # What `resume` may change; any other setting would continue a different experiment under the old name.
 RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
@@ -416,3 +416,16 @@ def check(root: str | Path, *, out: str | Path | None = None, cache_dir: str | P
     report = check_data(root, _cache(cache_dir), progress=_progress(progress), log=log or _silent)
     out_dir = Path(out) if out else Path("check") / Path(root).resolve().name
     return DataCheck(report, write_check(report, out_dir))
+
+
+def lr_find(config: str | Path | Config | dict[str, Any] | None = None, *, start: float = 1e-6, end: float = 1.0,
+            steps: int = 200, progress: bool | None = None, log: Log = print, **overrides: Any) -> Any:
+    """The learning-rate range test on a config (keywords as for `train`): loss against an exponentially rising
+    learning rate over `steps` steps, a plot and a suggested lr (steepest descent of the smoothed loss; min/10 too).
+    The model and optimiser are restored after it. Returns the test (`.steepest`, `.min_over_10`, `.lrs`,
+    `.losses`, `.figure`), written to lr_find.json and lr_find.png in its run folder."""
+    from .lr_find import range_test
+
+    if steps < 5:
+        raise CnnlabError(f"steps={steps}: expected at least 5 steps")
+    return range_test(make_run_config(config, **overrides), start, end, steps, _progress(progress), log or _silent)

@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bars (they are drawn on a terminal only; a redirected run writes a line per epoch)")
     _add_config_flags(p)
 
+    p = sub.add_parser("lr-find", help=COMMANDS["lr-find"][1], allow_abbrev=False)
+    p.add_argument("--config", help="YAML file of config keys; flags given here win")
+    p.add_argument("--start", type=float, default=1e-6, help="the first learning rate [default: 1e-6]")
+    p.add_argument("--end", type=float, default=1.0, help="the last learning rate [default: 1]")
+    p.add_argument("--steps", type=_at_least_5, default=200, help="training steps (batches) [default: 200]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+
     p = sub.add_parser("info", help=COMMANDS["info"][1], allow_abbrev=False)
     p.add_argument("--config", help="YAML file of config keys (only the model's are used); flags given here win")
     p.add_argument("--num_classes", type=_at_least_2, help="classes of the output layer [default: those of --data, else 10]")
@@ -217,6 +225,10 @@ def _int_at_least(text: str, least: int) -> int:
     if value < least:
         raise argparse.ArgumentTypeError(f"{value} is below {least}")
     return value
+
+
+def _at_least_5(text: str) -> int:
+    return _int_at_least(text, 5)
 
 
 def _at_least_2(text: str) -> int:

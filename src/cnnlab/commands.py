@@ -38,6 +38,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .api import lr_find
+
+    lr_find(args.config, start=args.start, end=args.end, steps=args.steps, progress=show_progress(args),
+            **config_overrides(args))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .data import list_classes
     from .models import create_model, measured_cost, smallcnn_cost
@@ -237,6 +245,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "train a model (scratch CNN or fine-tuned torchvision model) on ROOT/train"),
+    "lr-find": (cmd_lr_find, "the learning-rate range test: loss against a rising lr, a plot and a suggested lr"),
     "info": (cmd_info, "parameter count and FLOPs of a config"),
     "demo-data": (cmd_demo_data, "write a small synthetic 10-class data set"),
     "download": (cmd_download, "download and unpack a data set (resumable, checksummed)"),

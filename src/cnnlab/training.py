@@ -140,13 +140,28 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
 
 # ---- the run ---------------------------------------------------------------------------------------------
 
-def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True,
-        log: Callable[[str], None] = print, group: str | None = None,
-        device_cache: DeviceCache | None = None) -> FitResult:
-    """Train the model `cfg` describes on `cfg.data`/train (split into train and validation), writing a
-    run folder. Never reads `cfg.data`/val: that is the test set, for `cnnlab evaluate` alone. A sweep process
-    passes one `device_cache` to every trial, so the image cache is uploaded to the GPU once."""
-    started = time.perf_counter()
+@dataclass
+class Prepared:
+    """Everything a run needs before its first step: what `fit` trains and `lr_find.range_test` probes."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    amp: torch.dtype | None
+    parts: ModelParts
+    plan: TrainablePlan
+    images: CachedImages
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    source: ImageSource | FeatureSource
+    optimizer: torch.optim.Optimizer
+    tracker: WandbTracker
+
+
+def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+            device_cache: DeviceCache | None = None, group: str | None = None) -> Prepared:
+    """Check the config, build the model, open the run folder, decode and split the data (checking it), place the
+    model on its device, and make the batch source and the optimiser."""
     check_config(cfg)
     device = resolve_device(cfg.device)
     decoder = decode_device(cfg.decoder, device)
@@ -167,6 +182,20 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     amp = autocast_dtype(cfg.precision, device)
     source = make_source(cfg, parts, plan, images, train_rows, val_rows, device, amp, device_cache, progress, log)
     optimizer = make_optimizer(cfg, plan.param_groups(), device)
+    return Prepared(cfg, run_dir, device, amp, parts, plan, images, train_rows, val_rows, source, optimizer, tracker)
+
+
+def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True,
+        log: Callable[[str], None] = print, group: str | None = None,
+        device_cache: DeviceCache | None = None) -> FitResult:
+    """Train the model `cfg` describes on `cfg.data`/train (split into train and validation), writing a
+    run folder. Never reads `cfg.data`/val: that is the test set, for `cnnlab evaluate` alone. A sweep process
+    passes one `device_cache` to every trial, so the image cache is uploaded to the GPU once."""
+    started = time.perf_counter()
+    ready = prepare(cfg, resume, progress, log, device_cache, group)
+    cfg, run_dir, device, amp, parts, plan = ready.cfg, ready.run_dir, ready.device, ready.amp, ready.parts, ready.plan
+    images, train_rows, val_rows, source = ready.images, ready.train_rows, ready.val_rows, ready.source
+    optimizer, tracker = ready.optimizer, ready.tracker
     run = Run(cfg, run_dir, parts.module, optimizer, make_scheduler(cfg, optimizer, source.steps_per_epoch),
               images.classes, parts.preprocess, log)
     if cfg.ema:

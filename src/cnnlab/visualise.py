@@ -210,3 +210,26 @@ def plot_sizes(sizes: list[tuple[int, int]], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], steepest: float, min_over_10: float,
+                 current: float, path: str | Path) -> Path:
+    """Loss against learning rate (log axis): raw and smoothed, the suggestions and the config's own lr marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(lrs, losses, color="#bbbbbb", lw=1, label="loss per step")
+    ax.plot(lrs, smoothed, color="#1f77b4", lw=2, label="smoothed")
+    for value, style, name in ((steepest, "-", "steepest descent"), (min_over_10, "--", "min / 10"),
+                               (current, ":", "the config's lr")):
+        ax.axvline(value, color="#d62728" if style == "-" else "#555555", ls=style, lw=1.3,
+                   label=f"{name}: {value:.1e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    finite = [v for v in smoothed if np.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 2.5 * min(finite)) * 1.1 + 1e-9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("learning-rate range test")
+    fig.tight_layout()
+    return save_figure(fig, path)

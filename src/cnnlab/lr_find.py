@@ -1,0 +1,125 @@
+"""The learning-rate range test (Smith 2015; fastai's lr_find, Lightning's Tuner.lr_find): a few hundred training
+steps of the given config with the learning rate raised exponentially from `start` to `end`, the loss recorded at
+each, and a suggestion read off the curve. The model's weights and the optimiser's state are put back as they were
+before the first step, so a training started from them is the one the test probed.
+
+Suggestion (printed with its rule): the steepest descent of the smoothed loss against log10(lr), before its
+minimum; `min/10` (the lr of the lowest smoothed loss, divided by 10) is reported too."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import Config
+from .hardware import autocast
+from .io import atomic_write_json
+from .training import Prepared, epoch_seed, make_losses, prepare
+
+
+@dataclass
+class RangeTest:
+    lrs: list[float]
+    losses: list[float]  # raw, per step
+    smoothed: list[float]
+    steepest: float  # the suggestion
+    min_over_10: float
+    folder: Path
+    figure: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"suggestion": self.steepest, "rule": "steepest descent of the smoothed loss against log10(lr)",
+                "min_over_10": self.min_over_10, "lrs": self.lrs, "losses": self.losses, "smoothed": self.smoothed}
+
+
+def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
+    """The debiased exponential moving average fastai smooths the curve with."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses, start=1):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def diverged(losses: list[float]) -> bool:
+    """The loss is no longer finite, or its smoothed curve is past four times its lowest: the test is over."""
+    smoothed = smooth(losses)
+    return not math.isfinite(losses[-1]) or (len(losses) > 10 and smoothed[-1] > 4 * min(smoothed))
+
+
+def suggestions(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
+    """(steepest descent before the minimum, lr at the minimum / 10)."""
+    lowest = int(np.argmin(smoothed))
+    min_over_10 = lrs[lowest] / 10
+    if lowest < 2:
+        return min_over_10, min_over_10
+    slope = np.gradient(np.asarray(smoothed[:lowest + 1]), np.log10(np.asarray(lrs[:lowest + 1])))
+    return float(lrs[int(np.argmin(slope))]), float(min_over_10)
+
+
+def range_test(cfg: Config, start: float = 1e-6, end: float = 1.0, steps: int = 200, progress: bool = True,
+               log: Callable[[str], None] = print, ready: Prepared | None = None) -> RangeTest:
+    """Run the test on `cfg` (its data, model, optimiser, augmentation) in a run folder of its own (`cfg.name`,
+    default lr-find-<time>), which receives lr_find.json and lr_find.png. Given `ready` (what training.prepare
+    made), the test probes that model and optimiser, and hands them back as they were."""
+    from .visualise import plot_lr_find
+
+    if not 0 < start < end:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--start {start:g} --end {end:g}: expected 0 < start < end")
+    cfg = replace(cfg, name=cfg.name or time.strftime("lr-find-%Y%m%d-%H%M%S"))
+    ready = ready or prepare(cfg, progress=progress, log=log)
+    model, optimizer, device = ready.parts.module, ready.optimizer, ready.device
+    loss_fn, _ = make_losses(ready.cfg, ready.images.labels[ready.train_rows], len(ready.images.classes), device)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    ratios = [g["lr"] / cfg.lr for g in optimizer.param_groups]  # lr_backbone keeps its proportion
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    lrs, losses = [], []
+    lr, epoch, done = start, 0, False
+    try:
+        while not done:
+            epoch += 1
+            ready.plan.on_epoch_start(epoch, optimizer, lambda s: None)
+            seed = epoch_seed(cfg.seed, epoch)
+            torch.manual_seed(seed)
+            data = ready.source.epoch(epoch, seed)
+            aug = torch.Generator(device=device).manual_seed(seed) if data.augment else None
+            model.train()
+            for x, y in data.train:
+                for group, ratio in zip(optimizer.param_groups, ratios):
+                    group["lr"] = lr * ratio
+                x = data.transform(x, aug)
+                with autocast(device, ready.amp):
+                    loss = loss_fn(data.net(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                lrs.append(lr)
+                losses.append(float(loss.detach()))
+                lr *= factor
+                done = len(lrs) >= steps or diverged(losses)
+                if done:
+                    break
+    finally:
+        model.load_state_dict(saved_model)  # as before the first step, bit for bit
+        optimizer.load_state_dict(saved_optimizer)
+    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+    lrs, losses = [lrs[i] for i in finite], [losses[i] for i in finite]
+    smoothed = smooth(losses)
+    steepest, min_over_10 = suggestions(lrs, smoothed)
+    folder = ready.run_dir
+    result = RangeTest(lrs, losses, smoothed, steepest, min_over_10, folder,
+                       plot_lr_find(lrs, losses, smoothed, steepest, min_over_10, cfg.lr, folder / "lr_find.png"))
+    atomic_write_json(folder / "lr_find.json", result.to_dict())
+    log(f"lr-find: {len(lrs)} steps from {start:g} to {lrs[-1]:.3g}; suggested lr {steepest:.2e} (steepest descent "
+        f"of the smoothed loss), min/10 {min_over_10:.2e}, the config's lr {cfg.lr:g}; wrote {folder / 'lr_find.png'}")
+    return result

@@ -1,0 +1,46 @@
+"""The learning-rate range test: a curve, a suggestion by a stated rule, and the model and optimiser put back."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+import cnnlab
+from cnnlab.cli import main
+
+
+def test_the_range_test_restores_weights_and_optimiser_bit_for_bit(tiny_cfg):
+    from cnnlab.lr_find import range_test
+    from cnnlab.training import prepare
+
+    cfg = tiny_cfg(name="probe", optimizer="adamw", precision="fp32")
+    ready = prepare(cfg, progress=False, log=lambda s: None)
+    weights = copy.deepcopy(ready.parts.module.state_dict())
+    optimiser = copy.deepcopy(ready.optimizer.state_dict())
+    result = range_test(cfg, 1e-5, 1.0, 30, progress=False, log=lambda s: None, ready=ready)
+    after = ready.parts.module.state_dict()
+    assert all(torch.equal(weights[k], after[k]) for k in weights)  # bit for bit (batch-norm statistics too)
+    assert ready.optimizer.state_dict()["state"] == optimiser["state"] == {}
+    assert [g["lr"] for g in ready.optimizer.state_dict()["param_groups"]] == [g["lr"] for g in optimiser["param_groups"]]
+    assert 5 <= len(result.lrs) <= 30 and result.lrs == sorted(result.lrs)
+    assert result.lrs[0] == 1e-5 and min(result.lrs) <= result.steepest <= max(result.lrs)
+    saved = json.loads((result.folder / "lr_find.json").read_text())
+    assert saved["rule"].startswith("steepest descent") and (result.folder / "lr_find.png").stat().st_size > 1000
+
+
+def test_lr_find_from_the_cli_and_python(tiny_data, tmp_path, capsys):
+    common = ["--data", str(tiny_data), "--image_size=32", "--filters=4", "--dense_units=8",
+              "--out", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "c"), "--quiet"]
+    assert main(["lr-find", *common, "--steps", "20", "--name", "cli"]) == 0
+    out = capsys.readouterr().out
+    assert "suggested lr" in out and (tmp_path / "runs" / "cli" / "lr_find.png").exists()
+    import pytest
+
+    with pytest.raises(SystemExit) as refused:  # argparse's one line, exit 2
+        main(["lr-find", *common, "--steps", "3"])
+    assert refused.value.code == 2 and "--steps: 3 is below 5" in capsys.readouterr().err
+    result = cnnlab.lr_find(data=str(tiny_data), image_size=32, filters=4, out=str(tmp_path / "runs"),
+                            cache_dir=str(tmp_path / "c"), steps=12, log=None, progress=False)
+    assert result.figure.exists() and result.steepest > 0
