@@ -90,3 +90,16 @@ def test_sweep_and_compare_from_python(tiny_data, tmp_path):
     assert swept.report().name == "index.html"
     table = cnnlab.compare([t["run_dir"] for t in swept.trials], tmp_path / "cmp")
     assert table["plot"].exists() and "trial-0000" in table["markdown"]
+
+
+def test_no_submodule_shadows_a_public_name():
+    """Importing cnnlab.X sets the package's attribute X: a module named like a function (train, sweep, ...)
+    would replace that function once anything imported it."""
+    import importlib
+    import pkgutil
+    import types
+
+    for info in pkgutil.walk_packages(cnnlab.__path__, "cnnlab."):
+        importlib.import_module(info.name)
+    for name in cnnlab.__all__:
+        assert not isinstance(getattr(cnnlab, name), types.ModuleType), name

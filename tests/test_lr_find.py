@@ -12,7 +12,7 @@ from cnnlab.cli import main
 
 
 def test_the_range_test_restores_weights_and_optimiser_bit_for_bit(tiny_cfg):
-    from cnnlab.lr_find import range_test
+    from cnnlab.lr_range import range_test
     from cnnlab.training import prepare
 
     cfg = tiny_cfg(name="probe", optimizer="adamw", precision="fp32")

@@ -424,7 +424,7 @@ def lr_find(config: str | Path | Config | dict[str, Any] | None = None, *, start
     learning rate over `steps` steps, a plot and a suggested lr (steepest descent of the smoothed loss; min/10 too).
     The model and optimiser are restored after it. Returns the test (`.steepest`, `.min_over_10`, `.lrs`,
     `.losses`, `.figure`), written to lr_find.json and lr_find.png in its run folder."""
-    from .lr_find import range_test
+    from .lr_range import range_test
 
     if steps < 5:
         raise CnnlabError(f"steps={steps}: expected at least 5 steps")
