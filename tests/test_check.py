@@ -38,7 +38,7 @@ def test_check_finds_copies_re_encodings_leakage_and_imbalance(tiny_data, tmp_pa
     assert sorted([circle[2].name, "leak.jpg"]) in across and r.leaked == 1
     stored = json.loads((tmp_path / "report" / "check.json").read_text())
     assert stored["leaked_test_images"] == 1 and stored["imbalance_ratio"] == round(17 / 3, 3)
-    assert "consider --class_weights balanced" in (tmp_path / "report" / "check.md").read_text()
+    assert "--class_weights balanced" in (tmp_path / "report" / "check.md").read_text()
     assert all((tmp_path / "report" / f).stat().st_size > 1000 for f in ("counts.png", "sizes.png"))
     assert main(["check", str(data), "--out", str(tmp_path / "cli"), "--cache_dir", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
@@ -84,7 +84,7 @@ def test_train_warns_of_leakage_and_imbalance_and_groups_copies(tiny_data, tiny_
     lines = []
     run = fit(tiny_cfg(data=str(data), epochs=1), progress=False, log=lines.append)
     assert any("1 test image(s) in val/ are byte-identical copies" in line for line in lines), lines
-    assert any("unbalanced (circle 22 images, star 4)" in line for line in lines), lines
+    assert any("unbalanced (circle 22 images, star 4); the loss weighs each class" in line for line in lines), lines
     assert any("1 cluster(s) of near-duplicate training images (7 images)" in line for line in lines), lines
     split = json.loads((run.run_dir / "split.json").read_text())
     copies = {f"train/circle/copy{k}.jpg" for k in range(6)} | {f"train/circle/{circle[0].name}"}

@@ -85,7 +85,8 @@ def test_wandb_agent_command_line_is_accepted():
                                       "--filter_org=double", "--filters=16", "--kernel_size=5",
                                       "--lr=0.00123", "--image_size=128"])
     cfg = config_from_args(args)
-    assert (cfg.activation, cfg.augment, cfg.batch_norm, cfg.batch_size, cfg.lr) == ("mish", False, True, 32, 0.00123)
+    assert (cfg.activation, cfg.augment, cfg.batch_norm, cfg.batch_size, cfg.lr) == ("mish", "false", True, 32, 0.00123)
+    assert not cfg.augments()
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -15,7 +15,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.io import read_jsonl
 from cnnlab.training import Callback, StopTraining, TrainingDiverged, fit
 
-METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time", "images_per_s"}
+METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "epoch_time", "images_per_s"}
 
 
 def test_run_folder_holds_everything(tiny_cfg):

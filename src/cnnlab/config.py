@@ -26,6 +26,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "nadam")
 SCHEDULERS = ("none", "cosine", "onecycle")
 FINETUNE = ("none", "head", "partial", "gradual", "full")
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a run's or a sweep's folder name: one level, never outside
+BOOLEAN_WORDS = {"true": "true", "yes": "true", "on": "true", "1": "true", "false": "false", "no": "false",
+                 "off": "false", "0": "false"}  # what a yes/no field that also takes auto accepts
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -42,8 +44,11 @@ class Config:
     group_duplicates: bool = _f(True, "keep each cluster of near-duplicate training images (copies, re-encodings; "
                                       "see cnnlab check) on one side of the train/validation split, so validation "
                                       "accuracy is not inflated by copies of training images")
-    augment: bool = _f(True, "augment training batches: horizontal flips, random resized crops (see crop_min) and "
-                             "colour jitter (see jitter)")
+    augment: str = _f("auto", "augment training batches (horizontal flips, random resized crops, see crop_min, and "
+                              "colour jitter, see jitter): true, false, or auto: on, except for finetune=head, whose "
+                              "frozen backbone then runs once into the feature store (measured: the same test "
+                              "accuracy at a fraction of the time, see docs/finetune.md)",
+                      choices=("auto", "true", "false"), aliases=BOOLEAN_WORDS)
     crop_min: float = _f(1.0, "with augment: the random resized crop's smallest area, as a fraction of the image (1: "
                               "whole-area crops of jittered aspect ratio, the measured best for short runs; 0.25 is "
                               "Inception-style)", min=0.05, max=1.0)
@@ -106,8 +111,10 @@ class Config:
     ema: float = _f(0.0, "decay of an exponential moving average of the weights and batch-norm statistics, updated "
                           "every step; validation, best.pt and evaluate use the average (0: off)", min=0.0, max=0.9999)
     label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy loss", min=0.0, max=0.5)
-    class_weights: str = _f("none", "loss weight of each class: none, or balanced (n_images / (n_classes x the class's "
-                                    "training images), so a rare class counts as much as a common one)",
+    class_weights: str = _f("balanced", "loss weight of each class: balanced (n_images / (n_classes x the class's "
+                                        "training images), so a rare class counts as much as a common one; all 1 "
+                                        "where the classes are balanced; measured on grocery, 3 seeds: balanced "
+                                        "test accuracy 0.891 against 0.876 with none, accuracy within noise) or none",
                             choices=("none", "balanced"))
     sampler: str = _f("none", "how an epoch draws training images: none (each once, shuffled) or balanced (as many "
                               "draws, with replacement, each class equally likely; seeded per epoch)",
@@ -146,6 +153,13 @@ class Config:
         if org == "half":
             return [max(1, self.filters // 2**i) for i in range(5)]
         return _int_list(org, "filter_org", 5)
+
+    def augments(self) -> bool:
+        """Whether training batches are augmented, with augment=auto resolved: off where only the head trains on a
+        frozen backbone (the feature store serves its epochs), on otherwise."""
+        if self.augment == "auto":
+            return self.finetune != "head"
+        return self.augment == "true"
 
     def first_stride(self) -> int:
         """The first convolution's stride, with conv1_stride=0 (auto) resolved."""

@@ -201,7 +201,7 @@ def prepare_store(cfg: Config, parts: ModelParts, images: CachedImages, transfor
     if cfg.feature_cache == "off":
         log("feature store off (--feature_cache off): the frozen layers run every epoch")
         return None
-    if cfg.augment and not cfg.feature_cache_views:
+    if cfg.augments() and not cfg.feature_cache_views:
         log("feature store off: augmentation changes the frozen layers' input every epoch "
             "(use --augment false, or --feature_cache_views K to store K augmented views)")
         return None

@@ -31,7 +31,7 @@ class EpochData:
 class ImageSource:
     def __init__(self, forward: nn.Module, images: CachedImages, train_rows: np.ndarray, val_rows: np.ndarray,
                  cfg: Config, device: torch.device, transform: ImageTransform, device_cache: DeviceCache | None):
-        self.forward, self.transform, self.augment, self.tta = forward, transform, cfg.augment, cfg.tta
+        self.forward, self.transform, self.augment, self.tta = forward, transform, cfg.augments(), cfg.tta
         self.train = Batches(images, train_rows, cfg.batch_size, device, shuffle=True, drop_last=True,
                              device_cache=device_cache)
         if cfg.sampler == "balanced":

@@ -224,8 +224,8 @@ def make_losses(cfg: Config, train_labels: np.ndarray, n_classes: int, device: t
     cross-entropy with label smoothing, and with class_weights balanced each class weighted by
     n / (classes x its training images), so every class weighs as much in total."""
     weight = None
-    if cfg.class_weights == "balanced":
-        counts = np.bincount(train_labels, minlength=n_classes).astype(np.float64)
+    counts = np.bincount(train_labels, minlength=n_classes).astype(np.float64)
+    if cfg.class_weights == "balanced" and counts.min() != counts.max():  # balanced classes: the plain loss
         weight = torch.tensor(np.where(counts > 0, len(train_labels) / (n_classes * np.maximum(counts, 1)), 0.0),
                               dtype=torch.float32)
     train_loss = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
@@ -303,8 +303,10 @@ def look_at_the_data(cfg: Config, images: CachedImages, log: Callable[[str], Non
     counts = np.bincount(images.labels[images.valid], minlength=len(images.classes))
     if counts.min() > 0 and counts.max() / counts.min() > 3:
         log(f"warning: the classes of train/ are unbalanced ({images.classes[int(counts.argmax())]} {counts.max()} "
-            f"images, {images.classes[int(counts.argmin())]} {counts.min()}): consider --class_weights balanced or "
-            "--sampler balanced, and read evaluate's balanced accuracy")
+            f"images, {images.classes[int(counts.argmin())]} {counts.min()})"
+            + ("; the loss weighs each class by its rarity (--class_weights balanced)" if cfg.class_weights == "balanced"
+               else ": consider --class_weights balanced or --sampler balanced")
+            + "; read evaluate's balanced accuracy")
     leaked = copies_in_test(images.files, Path(cfg.data) / "val")
     if leaked:
         log(f"warning: {len(leaked)} test image(s) in val/ are byte-identical copies of training images (leakage: "

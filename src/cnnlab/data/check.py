@@ -260,7 +260,8 @@ def check_markdown(report: DataReport, examples: int = 5) -> str:
         lines.append(f"| {c} | " + " | ".join(str(report.counts[s].get(c, 0)) for s in splits) + " |")
     lines.append("| **all** | " + " | ".join(str(sum(report.counts[s].values())) for s in splits) + " |")
     lines += ["", f"- imbalance (largest / smallest training class): {report.imbalance:.1f}"
-              + (" (strong: consider --class_weights balanced or --sampler balanced)" if report.imbalance > 3 else ""),
+              + (" (strong: training weighs the classes by default, --class_weights balanced; --sampler balanced is the "
+                 "other remedy; read evaluate's balanced accuracy)" if report.imbalance > 3 else ""),
               "- unreadable files: " + ", ".join(f"{s} {len(v)}" for s, v in report.unreadable.items()),
               f"- photos with an EXIF rotation (turned upright when decoded): {report.rotated}",
               "- colour modes: " + ", ".join(f"{m} {n}" for m, n in sorted(report.modes.items())),
