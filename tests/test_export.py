@@ -26,6 +26,7 @@ def eager_logits(checkpoint, arrays):
                           torch.device("cpu"), None, loaded.cfg.tta)[0].numpy()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # the test's own reading
 @pytest.mark.parametrize("model", [
     {"model": "smallcnn"},
     {"model": "resnet18", "weights": "random", "finetune": "head", "augment": False},  # a pretrained architecture
