@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -55,3 +60,39 @@ def write_bad_files(folder: Path) -> dict[str, bool]:
     Image.new("RGB", (6000, 4500), (200, 30, 30)).save(folder / "huge.jpg", "JPEG", quality=50)
     return {"empty.jpg": False, "truncated.jpg": False, "notes.txt": False, "fake.jpg": False, "cmyk.jpg": True,
             "grey.jpg": True, "alpha.png": True, "palette.gif": True, "huge.jpg": True}
+
+
+@pytest.fixture(scope="session")
+def big_photos(tmp_path_factory):
+    """Enough large JPEGs that decoding them takes seconds: time to reach into the cache build."""
+    return make_demo_data(tmp_path_factory.mktemp("big"), train_per_class=80, val_per_class=1, seed=3,
+                          min_size=400, max_size=560)
+
+
+def start_training_process(data: Path, tmp_path: Path, name: str) -> subprocess.Popen:
+    """`cnnlab train` in a process of its own, building a 224 px cache with two decode workers."""
+    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(data), "--image_size=224", "--epochs=1",
+            "--filters=4", "--dense_units=8", "--decode_workers=2", "--cache_dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "runs"), f"--name={name}", "--quiet"]
+    # SIGINT's default action restored in the child, as a terminal gives it: pytest started in the background by a
+    # non-interactive shell (`cmd &`) ignores SIGINT, and an ignored signal stays ignored across exec
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def decode_workers_of(proc: subprocess.Popen, tmp_path: Path) -> list:
+    import psutil
+
+    deadline = time.time() + 60
+    while time.time() < deadline:  # polling for the events: the build's file exists and its workers run
+        workers = psutil.Process(proc.pid).children()
+        if len(workers) >= 2 and list((tmp_path / "cache").glob("*.partial.npy")):
+            return workers
+        time.sleep(0.01)
+    raise AssertionError("the cache build never started its workers")
+
+
+@pytest.fixture
+def cache_build():
+    """Start a training process and wait for its cache build's decode workers (tests of signals and kills)."""
+    return SimpleNamespace(start=start_training_process, workers=decode_workers_of)

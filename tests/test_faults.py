@@ -5,63 +5,35 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
 from cnnlab.cli import main
-from cnnlab.data.demo import make_demo_data
-
-
-@pytest.fixture(scope="module")
-def big_photos(tmp_path_factory):
-    """Enough large JPEGs that decoding them takes seconds: time to reach into the build."""
-    return make_demo_data(tmp_path_factory.mktemp("big"), train_per_class=80, val_per_class=1, seed=3,
-                          min_size=400, max_size=560)
-
-
-def _train(data, tmp_path, name):
-    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(data), "--image_size=224", "--epochs=1",
-            "--filters=4", "--dense_units=8", "--decode_workers=2", "--cache_dir", str(tmp_path / "cache"),
-            "--out", str(tmp_path / "runs"), f"--name={name}", "--quiet"]
-    # SIGINT's default action restored in the child, as a terminal gives it: pytest started in the background by a
-    # non-interactive shell (`cmd &`) ignores SIGINT, and an ignored signal stays ignored across exec
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def _wait_for_workers(proc, tmp_path):
-    deadline = time.time() + 60
-    while time.time() < deadline:  # polling for the events: the build's file exists and its workers run
-        workers = psutil.Process(proc.pid).children()
-        if len(workers) >= 2 and list((tmp_path / "cache").glob("*.partial.npy")):
-            return workers
-        time.sleep(0.01)
-    raise AssertionError("the cache build never started its workers")
 
 
 @pytest.mark.slow
-def test_a_killed_decode_worker_stops_the_run_with_one_line_and_frees_the_cache(big_photos, tmp_path):
-    proc = _train(big_photos, tmp_path, "killed")
-    worker = _wait_for_workers(proc, tmp_path)[0]
+def test_a_killed_decode_worker_stops_the_run_with_one_line_and_frees_the_cache(big_photos, tmp_path, cache_build):
+    proc = cache_build.start(big_photos, tmp_path, "killed")
+    worker = cache_build.workers(proc, tmp_path)[0]
     worker.kill()  # as the OOM killer would
     out, err = proc.communicate(timeout=30)  # before: waited forever, holding the cache's lock
     assert proc.returncode == 2 and "a decode worker died" in err and len(err.strip().splitlines()) == 1, err
-    again = _train(big_photos, tmp_path, "again")  # the lock is free, the half-built cache is rebuilt
+    again = cache_build.start(big_photos, tmp_path, "again")  # the lock is free, the half-built cache is rebuilt
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_the_cache_build_ends_promptly_without_a_traceback(big_photos, tmp_path):
-    proc = _train(big_photos, tmp_path, "interrupted")
-    workers = _wait_for_workers(proc, tmp_path)
+def test_ctrl_c_during_the_cache_build_ends_promptly_without_a_traceback(big_photos, tmp_path, cache_build):
+    proc = cache_build.start(big_photos, tmp_path, "interrupted")
+    workers = cache_build.workers(proc, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and err.strip() == "cnnlab train: interrupted", err
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
-    again = _train(big_photos, tmp_path, "again")
+    assert not list((tmp_path / "cache").glob("*.partial.npy"))  # before: a full-size leftover
+    again = cache_build.start(big_photos, tmp_path, "again")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
 

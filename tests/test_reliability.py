@@ -18,7 +18,6 @@ import torch
 from PIL import Image, ImageOps
 
 from cnnlab.cli import main
-from cnnlab.data.demo import make_demo_data
 
 
 def cnnlab(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -304,36 +303,11 @@ def test_a_config_or_sweep_file_that_cannot_be_read_is_one_line(tmp_path, make, 
 
 # ---- 4. decode workers end with their parent; 5. no .partial.npy left -----------------------------------------
 
-@pytest.fixture(scope="module")
-def big_photos(tmp_path_factory):
-    """Enough large JPEGs that decoding them takes seconds: time to reach into the build."""
-    return make_demo_data(tmp_path_factory.mktemp("big"), train_per_class=80, val_per_class=1, seed=3,
-                          min_size=400, max_size=560)
-
-
-def _start_train(data: Path, tmp_path: Path, name: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(data), "--image_size=224", "--epochs=1",
-            "--filters=4", "--dense_units=8", "--decode_workers=2", "--cache_dir", str(tmp_path / "cache"),
-            "--out", str(tmp_path / "runs"), f"--name={name}", "--quiet"]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def _workers_of(proc: subprocess.Popen, tmp_path: Path) -> list[psutil.Process]:
-    deadline = time.time() + 60
-    while time.time() < deadline:  # polling for the events: the build's file exists and its workers run
-        workers = psutil.Process(proc.pid).children()
-        if len(workers) >= 2 and list((tmp_path / "cache").glob("*.partial.npy")):
-            return workers
-        time.sleep(0.01)
-    raise AssertionError("the cache build never started its workers")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
-def test_every_way_the_parent_ends_ends_its_decode_workers(big_photos, tmp_path, signum):
-    proc = _start_train(big_photos, tmp_path, "x")
-    workers = _workers_of(proc, tmp_path)
+def test_every_way_the_parent_ends_ends_its_decode_workers(big_photos, tmp_path, signum, cache_build):
+    proc = cache_build.start(big_photos, tmp_path, "x")
+    workers = cache_build.workers(proc, tmp_path)
     os.kill(proc.pid, signum)  # the parent alone, as `kill PID` or a closed terminal does
     out, err = proc.communicate(timeout=30)
     gone, alive = psutil.wait_procs(workers, timeout=10)
@@ -342,15 +316,6 @@ def test_every_way_the_parent_ends_ends_its_decode_workers(big_photos, tmp_path,
         assert proc.returncode == 128 + signum and "Traceback" not in err, err
         assert err.strip() == f"cnnlab train: stopped by {signal.Signals(signum).name}", err
         assert not list((tmp_path / "cache").glob("*.partial.npy"))  # before: a full-size leftover
-
-
-@pytest.mark.slow
-def test_ctrl_c_leaves_no_partial_cache_and_a_killed_builds_leftover_counts_as_free_space(big_photos, tmp_path):
-    proc = _start_train(big_photos, tmp_path, "x")
-    _workers_of(proc, tmp_path)
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 130 and not list((tmp_path / "cache").glob("*.partial.npy"))
 
 
 def test_the_free_space_check_counts_the_file_it_replaces_and_speaks_in_mb(tmp_path):
