@@ -26,8 +26,10 @@ def test_the_range_test_restores_weights_and_optimiser_bit_for_bit(tiny_cfg):
     assert [g["lr"] for g in ready.optimizer.state_dict()["param_groups"]] == [g["lr"] for g in optimiser["param_groups"]]
     assert 5 <= len(result.lrs) <= 30 and result.lrs == sorted(result.lrs)
     assert result.lrs[0] == 1e-5 and min(result.lrs) <= result.steepest <= max(result.lrs)
+    lowest = result.lrs[min(range(len(result.smoothed)), key=result.smoothed.__getitem__)]
+    assert result.suggestion == lowest / 2 and result.min_over_10 == lowest / 10
     saved = json.loads((result.folder / "lr_find.json").read_text())
-    assert saved["rule"].startswith("steepest descent") and (result.folder / "lr_find.png").stat().st_size > 1000
+    assert saved["rule"].startswith("half the learning rate") and (result.folder / "lr_find.png").stat().st_size > 1000
 
 
 def test_lr_find_from_the_cli_and_python(tiny_data, tmp_path, capsys):
@@ -43,4 +45,4 @@ def test_lr_find_from_the_cli_and_python(tiny_data, tmp_path, capsys):
     assert refused.value.code == 2 and "--steps: 3 is below 5" in capsys.readouterr().err
     result = cnnlab.lr_find(data=str(tiny_data), image_size=32, filters=4, out=str(tmp_path / "runs"),
                             cache_dir=str(tmp_path / "c"), steps=12, log=None, progress=False)
-    assert result.figure.exists() and result.steepest > 0
+    assert result.figure.exists() and result.suggestion > 0

@@ -421,9 +421,9 @@ def check(root: str | Path, *, out: str | Path | None = None, cache_dir: str | P
 def lr_find(config: str | Path | Config | dict[str, Any] | None = None, *, start: float = 1e-6, end: float = 1.0,
             steps: int = 200, progress: bool | None = None, log: Log = print, **overrides: Any) -> Any:
     """The learning-rate range test on a config (keywords as for `train`): loss against an exponentially rising
-    learning rate over `steps` steps, a plot and a suggested lr (steepest descent of the smoothed loss; min/10 too).
-    The model and optimiser are restored after it. Returns the test (`.steepest`, `.min_over_10`, `.lrs`,
-    `.losses`, `.figure`), written to lr_find.json and lr_find.png in its run folder."""
+    learning rate over `steps` steps, a plot and a suggested lr (half the lr of the lowest smoothed loss; the steepest
+    descent and min/10 too). The model and optimiser are restored after it. Returns the test (`.suggestion`,
+    `.steepest`, `.min_over_10`, `.lrs`, `.losses`, `.figure`), written to lr_find.json and lr_find.png."""
     from .lr_range import range_test
 
     if steps < 5:

@@ -212,15 +212,14 @@ def plot_sizes(sizes: list[tuple[int, int]], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], steepest: float, min_over_10: float,
-                 current: float, path: str | Path) -> Path:
-    """Loss against learning rate (log axis): raw and smoothed, the suggestions and the config's own lr marked."""
+def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], marks: dict[str, float],
+                 path: str | Path) -> Path:
+    """Loss against learning rate (log axis), raw and smoothed, with named learning rates marked (the first red)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(lrs, losses, color="#bbbbbb", lw=1, label="loss per step")
     ax.plot(lrs, smoothed, color="#1f77b4", lw=2, label="smoothed")
-    for value, style, name in ((steepest, "-", "steepest descent"), (min_over_10, "--", "min / 10"),
-                               (current, ":", "the config's lr")):
-        ax.axvline(value, color="#d62728" if style == "-" else "#555555", ls=style, lw=1.3,
+    for k, (name, value) in enumerate(marks.items()):
+        ax.axvline(value, color="#d62728" if k == 0 else "#555555", ls=("-", "--", "-.", ":")[k % 4], lw=1.3,
                    label=f"{name}: {value:.1e}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
