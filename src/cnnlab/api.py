@@ -268,11 +268,9 @@ class Run:
 
     def predict(self, images: Any, *, top: int = 3, device: str = "auto") -> list[dict[str, Any]]:
         """`predict_iter` as a list; one image (a path, a PIL image or an array) may be given alone."""
-        import numpy as np
+        from .evaluate import as_image_list
 
-        if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
-            images = [images]
-        return list(self.predict_iter(images, top=top, device=device))
+        return list(self.predict_iter(as_image_list(images), top=top, device=device))
 
     def explain(self, data: str | Path | None = None, *, neurons: int = 10, per_neuron: int = 3,
                 out: str | Path | None = None, seed: int = 0, cache_dir: str | Path | None = None,

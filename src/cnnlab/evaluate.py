@@ -235,13 +235,26 @@ def predict_files(loaded: LoadedModel, paths: list[Any], device: torch.device, t
     `error` entry and the others are still predicted."""
     transform = ImageTransform(loaded.pre, loaded.cfg.channels_last)
     amp = autocast_dtype(loaded.cfg.precision, device)
-    for start in range(0, len(paths), batch):
+
+    def logits(arrays: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(arrays).to(device).permute(0, 3, 1, 2)
+        y = torch.zeros(len(arrays), dtype=torch.long, device=device)
+        return predict_logits(loaded.model, [(x, y)], transform, device, amp, loaded.cfg.tta)[0]
+
+    yield from predict_images(paths, loaded.pre, loaded.classes, logits, top, batch)
+
+
+def predict_images(items: list[Any], pre: Preprocess, classes: list[str],
+                   logits: Callable[[np.ndarray], Any], top: int = 3, batch: int = 64) -> Iterator[dict[str, Any]]:
+    """The one predict loop, for any model that maps (N, S, S, 3) uint8 images to logits (PyTorch, ONNX Runtime):
+    each item decoded as the cache would hold it, `batch` at a time, and its top-k classes, or its error."""
+    for start in range(0, len(items), batch):
         results: list[dict[str, Any]] = []
         arrays, where = [], []
-        for p in paths[start:start + batch]:
+        for p in items[start:start + batch]:
             name = str(p) if isinstance(p, (str, Path)) else "<image>"
             try:
-                name, array = decoded_image(p, loaded.pre)
+                name, array = decoded_image(p, pre)
                 arrays.append(array)
                 where.append(len(results))
                 results.append({"file": name})
@@ -250,11 +263,16 @@ def predict_files(loaded: LoadedModel, paths: list[Any], device: torch.device, t
             except Exception as e:  # noqa: BLE001 - reported per file
                 results.append({"file": name, "error": describe_error(e)})
         if arrays:
-            x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
-            y = torch.zeros(len(arrays), dtype=torch.long, device=device)
-            probs = predict_logits(loaded.model, [(x, y)], transform, device, amp, loaded.cfg.tta)[0].softmax(1)
+            probs = torch.as_tensor(logits(np.stack(arrays))).float().softmax(1)
             values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
             for row, i in enumerate(where):
-                results[i]["top"] = [{"class": loaded.classes[int(c)], "prob": float(v)}
+                results[i]["top"] = [{"class": classes[int(c)], "prob": float(v)}
                                      for v, c in zip(values[row], indices[row])]
         yield from results
+
+
+def as_image_list(images: Any) -> list[Any]:
+    """One image (a path, a PIL image or an array) as a list of one; a list or other iterable as a list."""
+    if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
+        return [images]
+    return list(images)

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .errors import CnnlabError
-from .evaluate import decoded_image, load_model
+from .evaluate import as_image_list, load_model, predict_images
 from .io import atomic_write, sha256_of
 from .preprocess import Preprocess
 
@@ -132,32 +132,7 @@ class OnnxClassifier:
 
     def predict_iter(self, images: Iterable[Any], top: int = 3, batch: int = 64) -> Iterator[dict[str, Any]]:
         """The same entries as `Run.predict_iter`: file, top (class, prob) or error."""
-        from .data.decode import describe_error
-
-        items = list(images)
-        for start in range(0, len(items), batch):
-            results: list[dict[str, Any]] = []
-            arrays, where = [], []
-            for item in items[start:start + batch]:
-                try:
-                    name, array = decoded_image(item, self.pre)
-                except Exception as e:  # noqa: BLE001 - reported per file
-                    results.append({"file": str(item) if isinstance(item, (str, Path)) else "<image>",
-                                    "error": "no such file" if isinstance(e, FileNotFoundError) else describe_error(e)})
-                    continue
-                arrays.append(array)
-                where.append(len(results))
-                results.append({"file": name})
-            if arrays:
-                logits = self.logits(np.stack(arrays))
-                probs = np.exp(logits - logits.max(1, keepdims=True))
-                probs /= probs.sum(1, keepdims=True)
-                for row, i in enumerate(where):
-                    order = np.argsort(-probs[row], kind="stable")[:top]
-                    results[i]["top"] = [{"class": self.classes[int(c)], "prob": float(probs[row, c])} for c in order]
-            yield from results
+        yield from predict_images(list(images), self.pre, self.classes, self.logits, top, batch)
 
     def predict(self, images: Any, top: int = 3) -> list[dict[str, Any]]:
-        if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
-            images = [images]
-        return list(self.predict_iter(images, top))
+        return list(self.predict_iter(as_image_list(images), top))
