@@ -99,14 +99,15 @@ def train(config: str | Path | Config | dict[str, Any] | None = None, *, resume:
         folder: Path | None = None
 
         def on_fit_start(self, run: Any) -> None:
-            Where.folder = run.run_dir
+            self.folder = run.run_dir
 
     log = log or _silent
     cfg = resume_config(resume, **overrides) if resume is not None else make_run_config(config, **overrides)
     try:
-        result = fit(cfg, [Where(), *callbacks], resume=resume is not None, progress=_progress(progress), log=log)
+        result = fit(cfg, [where := Where(), *callbacks], resume=resume is not None, progress=_progress(progress),
+                     log=log)
     except KeyboardInterrupt:
-        folder = Where.folder
+        folder = where.folder
         if raise_interrupt or folder is None:  # before the first epoch began there is no run to return
             raise
         epochs = len(_read_history(folder))
