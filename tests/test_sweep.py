@@ -190,13 +190,57 @@ def test_hyperband_prunes_lagging_trials(tiny_data, tmp_path):
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path):
     path = write(tmp_path / "fail.yaml", {"method": "grid", "parameters": {
-        "image_size": {"values": [16, 32]}, "epochs": {"value": 1}}})  # 16 px cannot take 5 poolings
-    result = run_sweep(load_sweep(path), tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "sw", progress=False,
-                       log=lambda s: None)
+        "weights": {"values": [str(tmp_path / "missing.pth"), "random"]}, "epochs": {"value": 1}}})  # fails in fit
+    base = tiny_base(tiny_data, tmp_path / "cache") | {"model": "resnet18", "finetune": "head", "weights": "random"}
+    result = run_sweep(load_sweep(path), base, tmp_path / "sw", progress=False, log=lambda s: None)
     assert (result.failed, result.complete) == (1, 1)
     failed = [t for t in study_of(tmp_path / "sw", "fail").get_trials() if t.state.name == "FAIL"][0]
-    assert "image_size=16" in failed.user_attrs["error"] and "needs at least 32" in failed.user_attrs["error"]
+    assert "missing.pth" in failed.user_attrs["error"]
     assert (tmp_path / "sw" / "errors" / f"trial-{failed.number:04d}.txt").exists()
+
+
+def test_a_grid_drops_the_points_that_cannot_run_up_front(tiny_data, tmp_path):
+    path = write(tmp_path / "small.yaml", {"method": "grid", "parameters": {
+        "image_size": {"values": [16, 32]}, "conv1_stride": {"values": [1, 2]}, "epochs": {"value": 1}}})
+    lines: list[str] = []
+    result = run_sweep(load_sweep(path), tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "sw", progress=False,
+                       log=lines.append)
+    study = study_of(tmp_path / "sw", "small")
+    # 16 px cannot take 5 poolings at any stride; 32 px not after a stride-2 first conv: only (32, 1) runs
+    assert (result.complete, result.failed, len(study.trials)) == (1, 0, 1)
+    assert study.trials[0].params == {"image_size": 32, "conv1_stride": 1}
+    dropped = study.user_attrs["grid_dropped"]
+    assert sum(dropped.values()) == 3
+    assert any("image_size=32" in why and "stride-2 first convolution, so it needs at least 64" in why for why in dropped)
+    assert any(line.startswith("dropped 1 of the grid's 4 points that cannot run") and "image_size=16" in line
+               for line in lines), lines
+
+
+def test_random_and_bayes_skip_sampled_combinations_that_cannot_run(tiny_data, tmp_path):
+    for method in ("random", "bayes"):
+        path = write(tmp_path / f"{method}.yaml", {"method": method, "name": f"skip-{method}", "parameters": {
+            "conv1_stride": {"values": [1, 2]}, "filters": {"values": [4, 6]}, "epochs": {"value": 1}}})
+        lines: list[str] = []
+        result = run_sweep(load_sweep(path), tiny_base(tiny_data, tmp_path / "cache"), tmp_path / method, count=4,
+                           progress=False, log=lines.append)
+        study = study_of(tmp_path / method, f"skip-{method}")
+        trained = [t for t in study.trials if "infeasible" not in t.user_attrs]
+        skipped = [t for t in study.trials if "infeasible" in t.user_attrs]
+        # 32 px images and a stride-2 first conv never train; they cost none of the 4 trials asked for
+        assert result.ran == result.complete == len(trained) == 4 and result.failed == 0
+        assert all(t.params["conv1_stride"] == 1 for t in trained)
+        assert skipped and all(t.params["conv1_stride"] == 2 and t.state.name == "PRUNED" for t in skipped)
+        assert sum(result.skipped.values()) == len(skipped)
+        assert any(line.startswith(f"skipped {len(skipped)} sampled combination(s) that cannot run") for line in lines)
+
+
+@pytest.mark.slow
+def test_a_space_of_combinations_that_cannot_run_is_refused(tiny_data, tmp_path):
+    path = write(tmp_path / "never.yaml", {"method": "random", "parameters": {
+        "conv1_stride": {"values": [2]}, "filters": {"values": [4, 6]}, "epochs": {"value": 1}}})
+    with pytest.raises(SweepError, match="cannot run"):
+        run_sweep(load_sweep(path), tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "never", count=2,
+                  progress=False, log=lambda s: None)
 
 
 def _sweep_cmd(path, data, tmp_path, *extra):
@@ -213,6 +257,43 @@ def test_two_processes_share_a_journal_study_via_workers(tiny_data, tmp_path):
     assert completed_points(study) == sorted(itertools.product((4, 6, 8), ("relu", "gelu")))
     owners = {t.user_attrs["owner"]["pid"] for t in study.get_trials() if "owner" in t.user_attrs}
     assert len(owners) == 2  # both processes did work
+
+
+def test_worker_i_gets_gpu_i_mod_n_and_its_share_of_the_cores():
+    from cnnlab.sweeps.workers import visible_gpus, worker_envs
+
+    envs = worker_envs(3, {"PATH": "/bin"}, ["0", "1"], cores=8)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
+    assert [e["CNNLAB_WORKER"] for e in envs] == ["0", "1", "2"] and {e["CNNLAB_THREADS"] for e in envs} == {"2"}
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_envs(4, {}, ["2", "5"], cores=2)] == ["2", "5", "2", "5"]
+    assert all("CUDA_VISIBLE_DEVICES" not in e for e in worker_envs(2, {}, [], cores=2))  # no GPU: none is named
+    import torch
+
+    if not torch.cuda.is_available():
+        assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}) == []
+
+
+@pytest.mark.slow
+def test_each_worker_process_runs_on_the_gpu_it_was_given(tiny_data, tmp_path):
+    """Real worker processes, spawned as `--workers 2` spawns them on a 2-GPU machine: each trial records the
+    environment its process received (on a CPU machine the device stays the CPU)."""
+    from cnnlab.sweeps import make_storage, open_study
+    from cnnlab.sweeps.workers import spawn_workers
+
+    path = grid_file(tmp_path, "gpus", a=(4, 6, 8), b=("relu", "gelu"), epochs=1)
+    folder = tmp_path / "sweeps" / "gpus"
+    folder.mkdir(parents=True)
+    open_study(load_sweep(path), make_storage(None, folder), 0, 1, folder, log=lambda s: None)
+    argv = _sweep_cmd(path, tiny_data, tmp_path)[3:]
+    assert spawn_workers(argv, 2, gpus=["0", "1"]) == 0
+    study = study_of(folder, "gpus")
+    owners = [t.user_attrs["owner"] for t in study.get_trials() if "owner" in t.user_attrs]
+    assert len(owners) == 6
+    by_worker = {}
+    for owner in owners:
+        by_worker.setdefault(owner["worker"], set()).add((owner["pid"], owner["gpu"]))
+    assert {w: {gpu for _, gpu in seen} for w, seen in by_worker.items()} == {"0": {"0"}, "1": {"1"}}
+    assert all(len(seen) == 1 for seen in by_worker.values())  # one process per worker, on one GPU
 
 
 @pytest.mark.slow

@@ -29,15 +29,17 @@ import yaml
 from optuna.trial import TrialState
 
 from ..callbacks import Callback, Run, StopTraining
-from ..config import FIELDS, applicable, coerce, make_config
+from ..config import FIELDS, Config, applicable, coerce, make_config
 from ..data import DeviceCache
-from ..errors import CnnlabError
+from ..errors import CnnlabError, ConfigError
 from ..io import atomic_write_json, atomic_write_text
 from ..training import fit
 from .schema import Sweep, SweepError
 from .storage import make_storage, mask
 
 ORPHAN = "orphan:"  # study user attribute per orphaned trial number: why it failed
+GRID_DROPPED = "grid_dropped"  # study user attribute: {why: how many} grid points that cannot run, never queued
+MAX_SKIPS_IN_A_ROW = 100  # sampled combinations that cannot run, one after another: the space holds (almost) no other
 
 
 def suggest(trial: Any, sweep: Sweep) -> dict[str, Any]:
@@ -105,7 +107,7 @@ def make_pruner(sweep: Sweep, epochs: int | None):
 
 
 def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None, folder: Path | None = None,
-               progress: bool = False, log: Callable[[str], None] = print):
+               progress: bool = False, log: Callable[[str], None] = print, base: dict[str, Any] | None = None):
     """Create the study (queueing the grid) or join it. The creator samples with `seed`, so a one-process sweep
     is reproducible; a process that joins gets a seed of its own, or every process would propose the same
     points in the same order. A grid whose queueing was interrupted (its creator killed) is completed by the
@@ -127,7 +129,7 @@ def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None, folder
                           f"the sweep file asks {sweep.direction}")
     if sweep.method == "grid" and not study.user_attrs.get("grid_queued"):
         with _queue_lock(folder):
-            queue_grid(study, sweep, progress, log)
+            queue_grid(study, sweep, progress, log, base)
     return study
 
 
@@ -144,9 +146,42 @@ def _queue_lock(folder: Path | None) -> Iterator[None]:
         yield
 
 
-def queue_grid(study: Any, sweep: Sweep, progress: bool = False, log: Callable[[str], None] = print) -> int:
-    """Queue every grid point the study does not hold yet (each carries its `grid_index`), then mark the grid
-    queued; returns how many were queued now. Points are queued in the grid's order, so workers pop them in it."""
+def trial_config(base: dict[str, Any], values: dict[str, Any], **extra: Any) -> Config:
+    """A trial's config: the base flags, then the sweep's values without the knobs its strategy does not use."""
+    values = applicable(values, values.get("finetune", make_config(base).finetune))
+    return make_config(base, values, extra)
+
+
+def known_problem(base: dict[str, Any], values: dict[str, Any]) -> str | None:
+    """Why the config refuses this combination (images too small for a stride-2 first conv, ...), known before any
+    training; None when it is a config that may train."""
+    try:
+        trial_config(base, values)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def runnable_points(sweep: Sweep, base: dict[str, Any]) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, int]]:
+    """The grid's points as (grid index, values), without those the config refuses (`known_problem`): those are
+    counted by why, and never queued."""
+    names = list(sweep.params)
+    points, dropped = [], {}
+    for index, combo in enumerate(itertools.product(*(sweep.params[n].values for n in names))):
+        values = {n: v for n, v in zip(names, combo) if sweep.params[n].distribution != "constant"}
+        problem = known_problem(base, dict(zip(names, combo)))
+        if problem:
+            dropped[problem] = dropped.get(problem, 0) + 1
+        else:
+            points.append((index, values))
+    return points, dropped
+
+
+def queue_grid(study: Any, sweep: Sweep, progress: bool = False, log: Callable[[str], None] = print,
+               base: dict[str, Any] | None = None) -> int:
+    """Queue every runnable grid point the study does not hold yet (each carries its `grid_index`), then mark the
+    grid queued; returns how many were queued now. Points are queued in the grid's order, so workers pop them in
+    it. Points known to fail with the base flags (`runnable_points`) are dropped, and the log says how many and why."""
     from tqdm.auto import tqdm
 
     trials = study.get_trials(deepcopy=False)
@@ -156,22 +191,22 @@ def queue_grid(study: Any, sweep: Sweep, progress: bool = False, log: Callable[[
         study.set_user_attr("grid_queued", True)  # made before grid indexes existed, by a creator that queued it all
         return 0
     held = {t.user_attrs["grid_index"] for t in trials if "grid_index" in t.user_attrs}
-    names = list(sweep.params)
-    total = sweep.grid_points
-    missing = total - len(held)
+    points, dropped = runnable_points(sweep, base or {})
+    if dropped:
+        study.set_user_attr(GRID_DROPPED, dropped)
+        for why, n in dropped.items():
+            log(f"dropped {n:,} of the grid's {sweep.grid_points:,} points that cannot run, without training them: {why}")
+    missing = [(index, values) for index, values in points if index not in held]
     if missing:
-        log(f"queueing {missing:,} of the grid's {total:,} points" + (f" ({len(held):,} were queued before)"
-                                                                       if held else ""))
-    with tqdm(total=missing, desc="queueing grid points", unit="pt", disable=not progress or missing < 1000,
+        log(f"queueing {len(missing):,} of the grid's {len(points):,} runnable points" + (
+            f" ({len(held):,} were queued before)" if held else ""))
+    with tqdm(total=len(missing), desc="queueing grid points", unit="pt", disable=not progress or len(missing) < 1000,
               dynamic_ncols=True) as bar:
-        for index, combo in enumerate(itertools.product(*(sweep.params[n].values for n in names))):
-            if index in held:
-                continue
-            study.enqueue_trial({n: v for n, v in zip(names, combo) if sweep.params[n].distribution != "constant"},
-                                user_attrs={"grid_point": True, "grid_index": index}, skip_if_exists=False)
+        for index, values in missing:
+            study.enqueue_trial(values, user_attrs={"grid_point": True, "grid_index": index}, skip_if_exists=False)
             bar.update(1)
     study.set_user_attr("grid_queued", True)
-    return missing
+    return len(missing)
 
 
 def grid_point_taken(study: Any, number: int, index: int) -> bool:
@@ -253,6 +288,7 @@ class SweepResult:
     best_trial: int | None = None
     seconds: float = 0.0
     metric: str = "val_acc"
+    skipped: dict[str, int] = field(default_factory=dict)  # sampled combinations that cannot run, by why
 
 
 class Pruning(Callback):
@@ -301,8 +337,13 @@ class Objective:
         if index is not None and grid_point_taken(trial.study, trial.number, index):
             trial.set_user_attr("skipped", f"grid point {index} was queued twice and runs in another trial")
             raise optuna.TrialPruned()
-        trial.set_user_attr("owner", self.owner)
         values = suggest(trial, self.sweep)
+        problem = known_problem(self.base, values)
+        if problem:  # pruned without training: TPE ranks it below every trained trial and samples elsewhere
+            trial.set_user_attr("skipped", problem)
+            trial.set_user_attr("infeasible", values)
+            raise optuna.TrialPruned()
+        trial.set_user_attr("owner", self.owner)
         values = applicable(values, values.get("finetune", make_config(self.base).finetune))
         trial.set_user_attr("config", values)
         self.log(f"trial {trial.number:>3} started  " + " ".join(f"{k}={_short(v)}" for k, v in values.items()))
@@ -310,7 +351,7 @@ class Objective:
         while (self.folder / "trials" / name).exists():  # left by an earlier study in this folder: never overwritten
             k += 1
             name = f"trial-{trial.number:04d}-{k}"
-        cfg = make_config(self.base, values, {"out": str(self.folder / "trials"), "name": name})
+        cfg = trial_config(self.base, values, out=str(self.folder / "trials"), name=name)
         trial.set_user_attr("run_dir", str(self.folder / "trials" / name))
         fitted = fit(cfg, callbacks=[Pruning(trial, self.sweep.metric, cfg.epochs)], progress=self.progress,
                      log=lambda s: None, group=self.sweep.name, device_cache=self.device_cache)
@@ -337,7 +378,7 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
         before = json.loads(info.read_text()).get("base", {})
         refuse_changes("base config (flags)", before, base, sorted((set(before) | set(base)) - set(MACHINE_KEYS)),
                        sweep.name)
-    study = open_study(sweep, make_storage(storage_url, folder), seed, epochs, folder, progress, log)
+    study = open_study(sweep, make_storage(storage_url, folder), seed, epochs, folder, progress, log, base)
     atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(sweep.validated, sort_keys=False))
     atomic_write_json(folder / "sweep_info.json", {"name": sweep.name, "storage": mask(storage_url) if storage_url else None,
                                                     "base": base})
@@ -345,15 +386,21 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     if count is None and sweep.run_cap is None and sweep.method != "grid":
         raise CnnlabError("random and bayes sweeps need --count or run_cap in the sweep file")
     result, start = SweepResult(folder, metric=sweep.metric), time.perf_counter()
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start()}
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(),
+             "worker": os.environ.get("CNNLAB_WORKER"), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}
     objective = Objective(sweep, base, folder, progress, owner, log)
-    n = 0
+    n = skips_in_a_row = 0
     while (count is None or n < count) and not _finished(study, sweep, log):
         objective.last = None
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-        n += 1
-        if objective.last is not None:
-            _tally(result, study, sweep, objective.last, log)
+        why = _tally(result, study, sweep, objective.last, log) if objective.last is not None else None
+        skips_in_a_row = skips_in_a_row + 1 if why else 0
+        n += not why  # a combination that cannot run costs no trial of the count
+        if skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            raise SweepError(f"sweep '{sweep.name}': the last {skips_in_a_row} sampled combinations all cannot run "
+                             f"({why}): change the sweep file's values or the base flags")
+    for why, k in result.skipped.items():
+        log(f"skipped {k} sampled combination(s) that cannot run, without training them: {why}")
     result.seconds = time.perf_counter() - start
     try:
         result.best_value, result.best_trial = study.best_value, study.best_trial.number
@@ -372,16 +419,22 @@ def _finished(study: Any, sweep: Sweep, log: Callable[[str], None]) -> bool:
     return False
 
 
-def _tally(result: SweepResult, study: Any, sweep: Sweep, number: int, log: Callable[[str], None]) -> None:
-    """Count the trial this process just ran (the study's newest may be another process's) and print its line."""
+def _tally(result: SweepResult, study: Any, sweep: Sweep, number: int, log: Callable[[str], None]) -> str | None:
+    """Count the trial this process just ran (the study's newest may be another process's) and print its line;
+    returns why, when it was a sampled combination that cannot run (skipped without training)."""
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    if frozen.user_attrs.get("infeasible") is not None:
+        why = frozen.user_attrs["skipped"]
+        result.skipped[why] = result.skipped.get(why, 0) + 1
+        return why
     if frozen.user_attrs.get("skipped"):
-        return
+        return None
     result.ran += 1
     result.complete += frozen.state == TrialState.COMPLETE
     result.pruned += frozen.state == TrialState.PRUNED
     result.failed += frozen.state == TrialState.FAIL
     log(_trial_line(study, frozen, sweep))
+    return None
 
 
 def _process_start() -> float:
