@@ -21,7 +21,7 @@ from .hardware import autocast, autocast_dtype, decode_device
 from .io import atomic_write_json, atomic_write_text, sha256_of
 from .models import create_model
 from .preprocess import Preprocess
-from .visualise import plot_confusion, plot_prediction_grid, plot_top_losses
+from .visualise import plot_confusion, plot_prediction_grid, plot_reliability, plot_top_losses
 
 
 @torch.inference_mode()
@@ -118,16 +118,36 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
             "per_class": per_class, "classes": classes, "confusion": confusion.tolist()}
 
 
+def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error (the gap between confidence and accuracy, averaged over equal-width confidence
+    bins weighted by their share of the images) and each bin's count, mean confidence and accuracy: the data of a
+    reliability diagram."""
+    confidence, pred = probs.max(1)
+    hit = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    rows, ece = [], 0.0
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        inside = (confidence > lo) & (confidence <= hi)
+        n = int(inside.sum())
+        if n:
+            conf, acc = float(confidence[inside].mean()), float(hit[inside].mean())
+            ece += n / len(labels) * abs(acc - conf)
+            rows.append({"lo": lo, "hi": hi, "count": n, "confidence": conf, "accuracy": acc})
+    return {"ece": ece, "bins": rows, "mean_confidence": float(confidence.mean())}
+
+
 def format_metrics(m: dict[str, Any]) -> str:
     lo, hi = m["accuracy_ci95"]
     topk = next(k for k in m if k.startswith("top"))
     balanced = f"  balanced accuracy {m['balanced_accuracy']:.4f}" if "balanced_accuracy" in m else ""
+    calibrated = (f"calibration: expected calibration error {m['calibration']['ece']:.4f} (mean confidence "
+                  f"{m['calibration']['mean_confidence']:.4f}; reliability.png)" if "calibration" in m else "")
     lines = [f"test accuracy {m['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}, {m['images']} images){balanced}  "
              f"{topk.replace('_', ' ')} {m[topk]:.4f}  macro F1 {m['macro_f1']:.4f}",
              f"{'class (worst recall first)':<28}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
     for name, v in sorted(m["per_class"].items(), key=lambda kv: (kv[1]["recall"], kv[0])):
         lines.append(f"{name:<28}{v['precision']:>10.3f}{v['recall']:>10.3f}{v['f1']:>10.3f}{v['support']:>9d}")
-    return "\n".join(lines)
+    return "\n".join(lines + ([calibrated] if calibrated else []))
 
 
 def load_test_images(loaded: LoadedModel, data: str | Path, cache_dir: str | Path, progress: bool = True):
@@ -165,14 +185,16 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     logits, labels = predict_logits(loaded.model, batches, ImageTransform(loaded.pre, loaded.cfg.channels_last), device, amp,
                                     loaded.cfg.tta)
     metrics = classification_metrics(logits, labels, loaded.classes, top_k)
-    metrics.update({"checkpoint": str(checkpoint), "checkpoint_epoch": int(loaded.state["epoch"]),
+    probs = logits.softmax(1)
+    metrics.update({"calibration": calibration(probs, labels),
+                   "checkpoint": str(checkpoint), "checkpoint_epoch": int(loaded.state["epoch"]),
                     "checkpoint_sha256": sha256_of(checkpoint),  # which best.pt: --resume may replace it
                     "data": str(Path(data) / "val"),
                     "skipped_files": len(test.errors)})
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)
     plot_confusion(metrics["confusion"], loaded.classes, out_dir / "confusion.png")
-    probs = logits.softmax(1)
+    plot_reliability(metrics["calibration"], out_dir / "reliability.png")
     plot_prediction_grid(test, rows, labels, probs, loaded.classes, out_dir / "predictions.png", seed=seed)
     metrics["mistakes"] = write_mistakes(test, rows, logits, labels, loaded.classes, out_dir)
     return metrics

@@ -110,3 +110,31 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
     torch._dynamo.reset()
     return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+CPU_FLAGS_OF_NOTE = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides fp32 or bf16 speed
+
+
+def describe_machine(device: torch.device | str | None = None) -> dict[str, object]:
+    """The CPU (model, cores, the flags that decide bf16's speed) and the GPU when `device` is one: what a number
+    measured on this machine needs beside it to be compared."""
+    import platform
+
+    info: dict[str, object] = {"platform": platform.platform(), "cores": os.cpu_count()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and "cpu" not in info:
+            info["cpu"] = value.strip()
+        if key.strip() == "flags":
+            flags = set(value.split())
+            info["cpu_flags"] = [f for f in CPU_FLAGS_OF_NOTE if f in flags]
+            break
+    info.setdefault("cpu", platform.processor() or platform.machine())
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

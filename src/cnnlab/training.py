@@ -450,6 +450,36 @@ class EpochLoop:
                 "epoch_time": time.perf_counter() - t0, "images_per_s": stats["seen"] / train_time}
 
 
+def package_versions() -> dict[str, str]:
+    """cnnlab's and the versions of what computes its numbers (read from the installed metadata, nothing imported)."""
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    versions = {"cnnlab": __version__, "python": platform.python_version()}
+    for name in ("torch", "torchvision", "timm", "numpy", "optuna"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def provenance(run: Run, device: torch.device) -> dict[str, Any]:
+    """Where the run's numbers came from: versions, the machine, the seed, the command that started this process
+    and the one that trains the same run again."""
+    import shlex
+    import sys
+
+    from .hardware import describe_machine
+
+    return {"versions": package_versions(), "machine": describe_machine(device), "seed": run.cfg.seed,
+            "argv": " ".join(shlex.quote(a) for a in sys.argv),
+            "reproduce": f"cnnlab train --config {shlex.quote(str(run.run_dir / 'config.yaml'))} "
+                         f"--name {shlex.quote(run.run_dir.name)}-again"}
+
+
 def write_summary(run: Run, plan: TrainablePlan, status: str, setup_seconds: float, device: torch.device,
                   amp: torch.dtype | None, counts: dict[str, Any]) -> dict[str, Any]:
     """summary.json, from the metrics file (every epoch, resumed ones included); returned with the history."""
@@ -460,6 +490,6 @@ def write_summary(run: Run, plan: TrainablePlan, status: str, setup_seconds: flo
                **counts, "classes": run.classes, "device": str(device), "precision": str(amp or "fp32"),
                "train_seconds": sum(r["epoch_time"] for r in history), "setup_seconds": setup_seconds,
                "images_per_s": (sum(r["images_per_s"] for r in history) / len(history)) if history else 0.0,
-               "torch": torch.__version__}
+               "torch": torch.__version__, "provenance": provenance(run, device)}
     atomic_write_json(run.run_dir / "summary.json", summary)
     return {**summary, "history": history}

@@ -156,6 +156,29 @@ def plot_gradcam(images: list[np.ndarray], cams: list[np.ndarray], titles: list[
     return save_figure(fig, path)
 
 
+def plot_reliability(calibration: dict[str, Any], path: str | Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin (bars), the diagonal a calibrated model follows,
+    and how many images each bin holds."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    bins = calibration["bins"]
+    width = [b["hi"] - b["lo"] for b in bins]
+    ax.bar([b["lo"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge", color="#1f77b4",
+           edgecolor="white", label="accuracy in the bin")
+    ax.bar([b["lo"] for b in bins], [b["confidence"] - b["accuracy"] for b in bins], bottom=[b["accuracy"] for b in bins],
+           width=width, align="edge", facecolor="none", edgecolor="#d62728", hatch="///", lw=0.8,
+           label="gap to the bin's mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability: expected calibration error {calibration['ece']:.3f}")
+    ax.legend(fontsize=8, loc="upper left")
+    counts.bar([b["lo"] for b in bins], [b["count"] for b in bins], width=width, align="edge", color="#7f7f7f")
+    counts.set_xlabel("confidence (top-1 probability)")
+    counts.set_ylabel("images")
+    return save_figure(fig, path)
+
+
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, key: str = "val_acc") -> Path:
     return save_figure(curves_figure(runs, key), path)
 
