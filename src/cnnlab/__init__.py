@@ -13,11 +13,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "Run", "Evaluation", "Explanation", "SweepRun", "Config",
+__all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report", "assignment",
+           "Run", "Evaluation", "Explanation", "SweepRun", "Config",
            "CnnlabError", "ConfigError", "DataError", "StorageError", "__version__"]
 
-_HOME = {**{name: "api" for name in ("train", "load", "sweep", "compare", "check", "lr_find", "Run", "Evaluation",
-                                     "Explanation", "SweepRun", "DataCheck")},
+_HOME = {**{name: "api" for name in ("train", "load", "sweep", "compare", "check", "lr_find", "report", "Run",
+                                     "Evaluation", "Explanation", "SweepRun", "DataCheck")},
+         "assignment": "whole_job",
          "Config": "config",
          **{name: "errors" for name in ("CnnlabError", "ConfigError", "DataError", "StorageError")}}
 

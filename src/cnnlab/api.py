@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
 from .errors import CnnlabError
 
-__all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
+__all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
+           "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
 
 # What `resume` may change; any other setting would continue a different experiment under the old name.
 RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
@@ -158,7 +159,7 @@ class Evaluation:
 
     @property
     def figures(self) -> dict[str, Path]:
-        return {k: self.folder / f"{k}.png" for k in ("confusion", "predictions", "top_losses")
+        return {k: self.folder / f"{k}.png" for k in ("confusion", "predictions", "top_losses", "reliability")
                 if (self.folder / f"{k}.png").exists()}
 
     def __getitem__(self, key: str) -> Any:
@@ -351,10 +352,12 @@ class SweepRun:
         return Run(Path(best.user_attrs["run_dir"]))
 
     def report(self) -> Path:
-        """The offline report (plots, tables, index.html) in the sweep folder's report/."""
+        """The offline report in the sweep folder's report/: figures, tables, best.yaml and index.html (the page
+        `cnnlab report` writes: interactive parallel coordinates, observations, the best trial)."""
+        from .reporting import write_report as write_page
         from .sweeps.report import write_report
 
-        return write_report(self.folder, self.storage)
+        return write_page([self.folder], write_report(self.folder, self.storage), storage=self.storage)
 
 
 def sweep(sweep_file: str | Path, *, count: int | None = None, storage: str | None = None,
@@ -428,3 +431,14 @@ def lr_find(config: str | Path | Config | dict[str, Any] | None = None, *, start
     if steps < 5:
         raise CnnlabError(f"steps={steps}: expected at least 5 steps")
     return range_test(make_run_config(config, **overrides), start, end, steps, _progress(progress), log or _silent)
+
+
+def report(paths: str | Path | Sequence[str | Path], out: str | Path = "report", *, argv: list[str] | None = None,
+           storage: str | None = None) -> Path:
+    """One offline report (out/index.html: figures, CSS and script inside, no network) of any mix of run, sweep,
+    compare and check folders, or folders holding them (an `assignment` output): the sections of the assignment,
+    each saying where its numbers came from. Re-rendered from what is on disk; nothing is retrained."""
+    from .reporting import write_report
+
+    given = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    return write_report(given, Path(out), argv=argv, storage=storage)

@@ -1,14 +1,12 @@
 """`cnnlab sweep-report`: figures and tables of a sweep, from its study storage and run folders alone.
 
 Writes into sweeps/<name>/report/: accuracy_vs_created.png, parallel_coordinates.png, importance.png,
-correlations.md, best_trials.md, best.yaml (a config `cnnlab train --config` accepts) and index.html,
-which embeds every figure so it opens anywhere as one file.
+correlations.md, best_trials.md and best.yaml (a config `cnnlab train --config` accepts); the API adds index.html,
+the offline page of `cnnlab report` (interactive parallel coordinates, observations, the best trial).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 from pathlib import Path
@@ -31,7 +29,8 @@ from .schema import Sweep, parse_sweep  # noqa: E402
 from .storage import make_storage  # noqa: E402
 
 
-def _load(folder: Path, storage_url: str | None):
+def load_sweep_folder(folder: Path, storage_url: str | None = None) -> tuple[Any, Sweep, dict[str, Any]]:
+    """(the Optuna study, the parsed sweep file, sweep_info.json) of a sweep folder."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     info_path = folder / "sweep_info.json"
     if not info_path.exists():
@@ -48,10 +47,11 @@ def _load(folder: Path, storage_url: str | None):
 
 def load_study(folder: Path, storage_url: str | None = None) -> Any:
     """The Optuna study of a sweep folder (its journal, or the RDB URL it used)."""
-    return _load(Path(folder), storage_url)[0]
+    return load_sweep_folder(Path(folder), storage_url)[0]
 
 
-def _trials(study: Any) -> list[Any]:
+def finished_trials(study: Any) -> list[Any]:
+    """Complete and pruned trials that trained (a skipped combination has no config)."""
     return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             and "config" in t.user_attrs]
 
@@ -76,7 +76,7 @@ def correlations(trials: list[Any], names: list[str], metric: str) -> list[dict[
     categories the correlation ratio eta (the share of the metric's spread that the category explains)."""
     from scipy import stats
 
-    y = np.array([_value(t) for t in trials], dtype=float)
+    y = np.array([trial_value(t) for t in trials], dtype=float)
     rows: list[dict[str, Any]] = []
     if np.ptp(y) == 0:
         return rows
@@ -103,15 +103,17 @@ def correlations(trials: list[Any], names: list[str], metric: str) -> list[dict[
     return sorted(rows, key=lambda r: -abs(r.get("spearman_rho", r.get("eta", 0.0))))
 
 
-def _value(t: Any) -> float:
+def trial_value(t: Any) -> float:
+    """A trial's metric: its value, or for a pruned one the best it reached before it was stopped."""
     return t.value if t.value is not None else t.user_attrs.get("pruned_value", float("nan"))
 
 
 def write_report(folder: Path, storage_url: str | None = None) -> Path:
-    study, sweep, _ = _load(folder, storage_url)
+    """The figures and tables of a sweep, in its report/ folder (returned); its index.html is cnnlab.report's page."""
+    study, sweep, _ = load_sweep_folder(folder, storage_url)
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
-    trials = _trials(study)
+    trials = finished_trials(study)
     if not trials:
         raise CnnlabError(f"{folder}: no finished trials to report yet")
     names = [n for n, p in sweep.params.items() if p.distribution != "constant"]
@@ -125,9 +127,13 @@ def write_report(folder: Path, storage_url: str | None = None) -> Path:
         f"| {r['parameter']}{' (log10)' if r.get('scale') else ''} | {_cell(r, 'pearson_r')} | "
         f"{_cell(r, 'spearman_rho')} | {_cell(r, 'eta')} |\n" for r in corr)
     atomic_write_text(out / "correlations.md", corr_md)
-    best_md = write_best(trials, names, sweep, out)
-    atomic_write_text(out / "index.html", _page(study, sweep, figures, corr_md, best_md, out))
-    return out / "index.html"
+    write_best(trials, names, sweep, out)
+    return out
+
+
+def format_value(v: Any) -> str:
+    """A parameter's value as a table shows it: floats to 3 significant digits (a learning rate, not 16 digits)."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _cell(r: dict[str, Any], key: str) -> str:
@@ -147,7 +153,7 @@ def plot_over_time(trials: list[Any], sweep: Sweep, path: Path) -> Path:
     for state, colour, label in ((TrialState.COMPLETE, "#1f77b4", "complete"), (TrialState.PRUNED, "#bbbbbb", "pruned")):
         pts = [t for t in ordered if t.state == state]
         if pts:  # no legend entry for a state no trial is in
-            ax.scatter([minutes(t) for t in pts], [_value(t) for t in pts], c=colour, label=label, s=25, zorder=3)
+            ax.scatter([minutes(t) for t in pts], [trial_value(t) for t in pts], c=colour, label=label, s=25, zorder=3)
     best, xs, ys = None, [], []
     for t in ordered:
         if t.state == TrialState.COMPLETE:
@@ -167,7 +173,7 @@ def plot_over_time(trials: list[Any], sweep: Sweep, path: Path) -> Path:
 def plot_parallel_coordinates(trials: list[Any], names: list[str], sweep: Sweep, path: Path) -> Path:
     """Every parameter scaled to [0, 1] (categories by index), lines coloured by the metric."""
     maximise = sweep.goal == "maximize"
-    fig, ax = plt.subplots(figsize=(1.6 * (len(names) + 1) + 2, 5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.95 * (len(names) + 1) + 1), 5))
     cols = []
     for name in names:
         x, cats = _numeric([t.user_attrs["config"].get(name) for t in trials])
@@ -176,7 +182,7 @@ def plot_parallel_coordinates(trials: list[Any], names: list[str], sweep: Sweep,
             x = np.log10(x)
         span = x.max() - x.min()
         cols.append(((x - x.min()) / span if span else np.full_like(x, 0.5), cats, x.min(), x.max(), log))
-    y = np.array([_value(t) for t in trials])
+    y = np.array([trial_value(t) for t in trials])
     yn = (y - np.nanmin(y)) / (np.nanmax(y) - np.nanmin(y) or 1)
     cmap = plt.get_cmap("viridis")
     for i in np.argsort(y if maximise else -y):
@@ -194,7 +200,7 @@ def plot_parallel_coordinates(trials: list[Any], names: list[str], sweep: Sweep,
     ax.text(len(cols) + 0.04, 0, f"{np.nanmin(y):.3f}", fontsize=7, va="center")
     ax.text(len(cols) + 0.04, 1, f"{np.nanmax(y):.3f}", fontsize=7, va="center")
     ax.axvline(len(cols), color="black", lw=0.6)
-    ax.set_xticks(range(len(names) + 1), names + [sweep.metric], rotation=15)
+    ax.set_xticks(range(len(names) + 1), names + [sweep.metric], rotation=35, ha="right", fontsize=8)
     ax.set_yticks([])
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"{sweep.name}: parallel coordinates (colour: {sweep.metric})")
@@ -239,7 +245,7 @@ def write_best(trials: list[Any], names: list[str], sweep: Sweep, out: Path) -> 
     ranked = sorted(complete, key=lambda t: t.value, reverse=sweep.goal == "maximize")[:10]
     best_md = f"| trial | {sweep.metric} | epochs | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 3) + "\n"
     best_md += "".join(f"| {t.number} | {t.value:.4f} | {t.user_attrs.get('epochs_run')} | " +
-                       " | ".join(str(t.user_attrs['config'].get(n)) for n in names) + " |\n" for t in ranked)
+                       " | ".join(format_value(t.user_attrs['config'].get(n)) for n in names) + " |\n" for t in ranked)
     atomic_write_text(out / "best_trials.md", best_md)
     if ranked:
         best = ranked[0]
@@ -249,31 +255,3 @@ def write_best(trials: list[Any], names: list[str], sweep: Sweep, out: Path) -> 
         atomic_write_text(out / "best.yaml", f"# best trial {best.number} of sweep {sweep.name}: "
                           f"{sweep.metric} {best.value:.4f}\n" + yaml.safe_dump(cfg, sort_keys=False))
     return best_md
-
-
-def _page(study: Any, sweep: Sweep, figures: dict[str, Path], corr_md: str, best_md: str, out: Path) -> str:
-    """index.html with every figure embedded, so it opens anywhere as one file."""
-    states = {s.name.lower(): sum(1 for t in study.get_trials(deepcopy=False) if t.state == s) for s in TrialState}
-    page = [f"<!doctype html><meta charset=utf-8><title>{html.escape(sweep.name)}</title>",
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style>",
-            f"<h1>sweep {html.escape(sweep.name)}</h1>",
-            f"<p>method {sweep.method}, metric {sweep.metric} ({sweep.goal}), trials: " +
-            ", ".join(f"{k} {v}" for k, v in states.items() if v) + "</p>"]
-    for key, path in figures.items():
-        data = base64.b64encode(path.read_bytes()).decode()
-        page.append(f"<h2>{key.replace('_', ' ')}</h2><img src='data:image/png;base64,{data}'>")
-    page.append("<h2>correlation with the metric</h2>" + _md_table_to_html(corr_md))
-    page.append("<h2>best trials</h2>" + _md_table_to_html(best_md))
-    page.append("<p>best.yaml: <code>cnnlab train --config " + html.escape(str(out / "best.yaml")) + "</code></p>")
-    return "\n".join(page)
-
-
-def _md_table_to_html(md: str) -> str:
-    lines = [ln for ln in md.strip().splitlines() if ln and not set(ln) <= set("|-")]
-    cells = [[html.escape(c.strip()) for c in ln.strip("|").split("|")] for ln in lines]
-    if not cells:
-        return "<p>(not enough trials)</p>"
-    head = "".join(f"<th>{c}</th>" for c in cells[0])
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
-    return f"<table><tr>{head}</tr>{body}</table>"

@@ -1,0 +1,263 @@
+"""The report's sections, each an HTML fragment built from what is on disk (never a retrained model): the data, Part
+A's model and its cost, the sweep, the best model on the test folder, what it learned, Part B against scratch,
+every run's learning curves and where the numbers came from. A section whose inputs are absent says which command
+produces them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .inputs import RunFolder, read_run
+from .observations import sweep_observations
+from .page import esc, figure, missing, parcoords, source, table
+
+
+def strategy(run: RunFolder) -> str:
+    cfg = run.config
+    if run.scratch or cfg.get("finetune", "none") == "none":
+        return "scratch"
+    return cfg["finetune"] + (f" (freeze {cfg.get('freeze_stages')})" if cfg["finetune"] == "partial" else "")
+
+
+def run_source(run: RunFolder) -> str:
+    prov = run.summary.get("provenance", {})
+    command = prov.get("argv") or "not recorded (this run predates provenance in summary.json)"
+    return f"run folder <code>{esc(run.path)}</code>; command: <code>{esc(command)}</code>"
+
+
+def eval_source(run: RunFolder, metrics: dict[str, Any]) -> str:
+    sha = metrics.get("checkpoint_sha256", "")
+    return (f"<code>{esc(metrics.get('checkpoint', run.path / 'best.pt'))}</code>, epoch "
+            f"{esc(metrics.get('checkpoint_epoch', '?'))}, SHA-256 {esc(sha[:16]) + '…' if sha else 'not recorded'}; "
+            f"tested on <code>{esc(metrics.get('data', '?'))}</code> ({metrics['images']} images) by "
+            f"<code>cnnlab evaluate</code>")
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+def data_section(checks: list[Path]) -> str:
+    if not checks:
+        return missing("A check of the data folder", "cnnlab check ROOT")
+    parts = []
+    for folder in checks:
+        c = json.loads((folder / "check.json").read_text())
+        splits = list(c["counts"])
+        rows = [[k] + [c["counts"][s].get(k, 0) for s in splits] for k in c["classes"]]
+        rows.append(["all"] + [sum(c["counts"][s].values()) for s in splits])
+        near = {k: len(v) for k, v in c.get("near", {}).items()}
+        parts.append(f"<h3>{esc(c.get('root', folder))}</h3>" + table(["class", *splits], rows, range(1, len(splits) + 1))
+                     + f"<ul><li>imbalance (largest / smallest training class): {c.get('imbalance', 0):.1f}</li>"
+                     f"<li>unreadable files: {esc(', '.join(f'{s} {len(v)}' for s, v in c.get('unreadable', {}).items()))}</li>"
+                     f"<li>near-duplicate clusters: {esc(', '.join(f'{k} {v}' for k, v in near.items()) or 'none')}</li>"
+                     f"<li>test images that copy a training image (leakage): {c.get('leaked', 0)}</li></ul>"
+                     + figure(folder / "counts.png", "images per class and split")
+                     + source(f"<code>cnnlab check</code>, in <code>{esc(folder)}</code>"))
+    return "".join(parts)
+
+
+# ---- Part A: the model and its cost ---------------------------------------------------------------------------
+
+def cost_section(best: RunFolder | None) -> str:
+    """Parameters and FLOPs by formula and measured, for the assignment's network (cnnlab's defaults at the best
+    run's image size and class count) and for the network trained."""
+    from ..config import Config, saved_config
+    from ..models import create_model, measured_cost, smallcnn_cost
+
+    if best is None:
+        return missing("A trained small CNN", "cnnlab train --data ROOT (or cnnlab sweep sweeps/partA.yaml)")
+    trained = saved_config(best.config, {"weights": "none"})
+    n = len(best.summary.get("classes") or (best.read("eval/metrics.json") or {}).get("classes") or [0] * 10)
+    same = Config(image_size=trained.image_size, filters=32, filter_org="same", kernel_size="3", dense_units=256,
+                  batch_norm=False, conv1_stride=1, global_pool=False)
+    rows = []
+    for label, cfg in (("the assignment's: m = 32 filters in every layer, k = 3, n = 256", same),
+                       ("cnnlab's default network", Config(image_size=trained.image_size)), (f"trained: {best.name}", trained)):
+        formula, measured = smallcnn_cost(cfg, n), measured_cost(create_model(cfg, n).module, cfg.image_size)
+        rows.append([label, ", ".join(map(str, cfg.filter_counts())), f"{cfg.kernel_sizes()[0]}", cfg.dense_units,
+                     cfg.first_stride(), "yes" if cfg.batch_norm else "no", f"{formula.params:,}", f"{measured.params:,}",
+                     f"{formula.flops / 1e6:,.1f}", f"{measured.flops / 1e6:,.1f}"])
+    return (f"<p>{n} classes, {trained.image_size}×{trained.image_size} input. FLOPs are per image, 2 per multiply-add "
+            "of the conv and dense layers; the formula is <code>smallcnn_cost</code>'s closed form, the measurement "
+            "<code>torch.utils.flop_counter</code> on the built model.</p>"
+            + table(["network", "filters", "kernel", "dense", "first stride", "batch norm", "params (formula)",
+                     "params (measured)", "MFLOPs (formula)", "MFLOPs (measured)"], rows, range(6, 10))
+            + source(run_source(best)))
+
+
+# ---- Part A: the sweep ----------------------------------------------------------------------------------------
+
+def trial_run(folder: Path, t: Any) -> RunFolder | None:
+    """The run folder of a trial, where the sweep's folder is now (the recorded path may be relative)."""
+    recorded = Path(t.user_attrs.get("run_dir", ""))
+    for candidate in (recorded, folder / "trials" / recorded.name):
+        if (candidate / "config.yaml").is_file() and (candidate / "metrics.jsonl").is_file():
+            return read_run(candidate)
+    return None
+
+
+def space_rows(sweep: Any) -> list[list[str]]:
+    from ..sweeps.report import format_value
+
+    rows = []
+    for name, p in sweep.params.items():
+        if p.values:
+            what = ", ".join(format_value(v) for v in p.values)
+        elif p.distribution.startswith("normal") or "normal" in p.distribution:
+            what = f"mu {p.mu}, sigma {p.sigma}"
+        else:
+            what = f"{format_value(p.min)} to {format_value(p.max)}"
+        rows.append([name, p.distribution, what])
+    return rows
+
+
+def sweep_summary(study: Any, sweep: Any) -> tuple[str, dict[str, int]]:
+    from optuna.trial import TrialState
+
+    from ..sweeps.engine import GRID_DROPPED
+
+    trials = study.get_trials(deepcopy=False)
+    skipped: dict[str, int] = dict(study.user_attrs.get(GRID_DROPPED, {}))
+    for t in trials:
+        if t.user_attrs.get("infeasible") is not None:
+            skipped[t.user_attrs["skipped"]] = skipped.get(t.user_attrs["skipped"], 0) + 1
+    trained = [t for t in trials if "config" in t.user_attrs]
+    states = {s: sum(1 for t in trained if t.state == getattr(TrialState, s.upper()))
+              for s in ("complete", "pruned", "fail", "running")}
+    errors: dict[str, int] = {}
+    for t in trained:
+        if t.state == TrialState.FAIL:
+            why = t.user_attrs.get("error", "orphaned: its process died")
+            errors[why] = errors.get(why, 0) + 1
+    epochs_saved = sum(max(0, (t.user_attrs["config"].get("epochs") or 0) - t.user_attrs.get("epochs_run", 0))
+                       for t in trained if t.state == TrialState.PRUNED)
+    hb = sweep.hyperband
+    kept_down = [f"{sweep.method} search" + (" (Optuna's TPE: each trial is proposed from the ones before it)"
+                                              if sweep.method == "bayes" else "")]
+    if sweep.run_cap:
+        kept_down.append(f"the sweep file's run_cap {sweep.run_cap}")
+    if hb:
+        kept_down.append(f"hyperband pruning (min_iter {hb['min_iter']}, eta {hb['eta']}): {states['pruned']} trial(s) "
+                         f"stopped early, {epochs_saved} epoch(s) not run")
+    if skipped:
+        kept_down.append(f"{sum(skipped.values())} combination(s) the config refuses skipped without training")
+    lines = [f"<li>method <b>{esc(sweep.method)}</b>, metric <b>{esc(sweep.metric)}</b> ({esc(sweep.goal)}), "
+             f"{len(trained)} trial(s) trained: " + ", ".join(f"{k} {v}" for k, v in states.items() if v) + "</li>",
+             "<li>how the count was kept down: " + esc("; ".join(kept_down)) + "</li>"]
+    lines += [f"<li>skipped {n}× without training: {esc(why)}</li>" for why, n in skipped.items()]
+    lines += [f"<li>failed {n}×: <code>{esc(why)}</code> (tracebacks in <code>errors/</code>)</li>" for why, n in errors.items()]
+    return "<ul>" + "".join(lines) + "</ul>", states
+
+
+def parcoords_data(trials: list[Any], names: list[str], sweep: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from ..sweeps.report import trial_value
+
+    dims = []
+    for name in names:
+        values = [t.user_attrs["config"].get(name) for t in trials]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        p = sweep.params[name]
+        if numeric and not p.values:
+            log = min(values) > 0 and max(values) / min(values) >= 100
+            dims.append({"name": name, "kind": "log" if log else "num"})
+        elif numeric:
+            dims.append({"name": name, "kind": "cat", "cats": [str(v) for v in sorted(set(p.values) | set(values))]})
+        else:  # a value the trial did not use (a knob its strategy drops) shows as None on the axis
+            dims.append({"name": name, "kind": "cat", "cats": sorted({str(v) for v in [*p.values, *values]})})
+    rows = []
+    for t in trials:
+        values = [t.user_attrs["config"].get(n) for n in names]
+        rows.append({"id": t.number, "state": t.state.name.lower(), "metric": trial_value(t),
+                     "values": [v if isinstance(v, (int, float)) and not isinstance(v, bool) and d["kind"] != "cat"
+                                else str(v) for v, d in zip(values, dims)]})
+    return dims, rows
+
+
+def sweep_section(folder: Path, out: Path, storage: str | None = None) -> tuple[str, list[RunFolder]]:
+    """The sweep's section, and the run folders of its trials (the best one first)."""
+    from optuna.trial import TrialState
+
+    from ..sweeps.report import (
+        finished_trials,
+        load_sweep_folder,
+        plot_importance,
+        plot_over_time,
+        plot_parallel_coordinates,
+    )
+
+    study, sweep, _ = load_sweep_folder(folder, storage)
+    trials = finished_trials(study)
+    summary, _ = sweep_summary(study, sweep)
+    head = f"<h3>sweep {esc(sweep.name)}</h3>" + summary
+    head += ("<details><summary>search space</summary>" + table(["parameter", "distribution", "values"], space_rows(sweep))
+             + "</details>")
+    if not trials:
+        return head + "<p class=missing>No trial has finished yet: run <code>cnnlab sweep</code> on.</p>", []
+    names = [n for n, p in sweep.params.items() if p.distribution != "constant"]
+    stem = out / f"sweep-{sweep.name}"
+    parts = [head, figure(plot_over_time(trials, sweep, Path(f"{stem}-over-time.png")),
+                          f"{esc(sweep.metric)} of every trial against the time it started; the red line is the best so far")]
+    if names:
+        dims, rows = parcoords_data(trials, names, sweep)
+        png = plot_parallel_coordinates(trials, names, sweep, Path(f"{stem}-parallel-coordinates.png"))
+        parts.append("<h3>parallel coordinates</h3><p class=muted>Each line is a trial (dashed: pruned), coloured by "
+                     f"{esc(sweep.metric)} (yellow best). Drag along an axis to keep a range; ◀ ▶ move an axis; click a "
+                     "name or a column head to sort the table.</p>" + parcoords(dims, rows, sweep.metric, sweep.goal)
+                     + f"<details><summary>the same as a static image ({esc(png.name)})</summary>"
+                     + figure(png, "parallel coordinates") + "</details>")
+    parts.append("<h3>importance and correlation</h3><div class=grid2>" + figure(
+        plot_importance(study, names, sweep, Path(f"{stem}-importance.png")),
+        "fANOVA importance over complete trials") + correlation_table(trials, names, sweep) + "</div>")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    parts.append(observations_block(complete, names, sweep))
+    parts.append(best_trials_table(complete, names, sweep))
+    ranked = sorted(complete, key=lambda t: t.value, reverse=sweep.goal == "maximize")
+    runs = [r for r in (trial_run(folder, t) for t in ranked) if r is not None]
+    parts.append(source(f"study and trials in <code>{esc(folder)}</code>; figures re-drawn from them"))
+    return "".join(parts), runs
+
+
+def correlation_table(trials: list[Any], names: list[str], sweep: Any) -> str:
+    from ..sweeps.report import correlations
+
+    rows = correlations(trials, names, sweep.metric) if len(trials) >= 3 else []
+    if not rows:
+        return "<p class=muted>Correlations need at least 3 finished trials with different values.</p>"
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        return f"{r[key]:+.2f}" if key in r else "-"
+
+    return "<div>" + table(["parameter", "Pearson r", "Spearman ρ", "η (categories)"],
+                           [[r["parameter"] + (" (log10)" if r.get("scale") else ""), cell(r, "pearson_r"),
+                             cell(r, "spearman_rho"), cell(r, "eta")] for r in rows], (1, 2, 3)) + (
+        f"<p class=muted>with {sweep.metric}, over {len(trials)} finished trials (pruned ones at the epoch they "
+        "stopped)</p></div>")
+
+
+def observations_block(complete: list[Any], names: list[str], sweep: Any) -> str:
+    kinds = {n: "numeric" if not sweep.params[n].values else "categorical" for n in names}
+    rows = [{"config": t.user_attrs["config"], "value": t.value} for t in complete]
+    if len(rows) < 4:
+        return (f"<h3>observations</h3><p class=muted>{len(rows)} complete trial(s): too few to support a claim about "
+                "any parameter (at least 4 are needed).</p>")
+    claims, unclear = sweep_observations(rows, kinds, sweep.metric)
+    text = "<h3>observations</h3>"
+    text += ("<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in claims) + "</ul>") if claims else (
+        f"<p>No parameter's effect on {esc(sweep.metric)} is distinguishable from noise over these "
+        f"{len(rows)} complete trials.</p>")
+    if unclear:
+        text += "<p class=muted>Not distinguishable from noise: " + esc("; ".join(unclear)) + ".</p>"
+    return text + (f"<p class=muted>Each claim is one test at the 5% level among {len(kinds)} parameters tested, so "
+                   "about one in twenty such claims is expected by chance alone; complete trials only (a pruned "
+                   "trial's metric was taken at fewer epochs).</p>")
+
+
+def best_trials_table(complete: list[Any], names: list[str], sweep: Any) -> str:
+    from ..sweeps.report import format_value
+
+    ranked = sorted(complete, key=lambda t: t.value, reverse=sweep.goal == "maximize")[:10]
+    return "<h3>best trials</h3>" + table(
+        ["trial", sweep.metric, "epochs", *names],
+        [[t.number, f"{t.value:.4f}", t.user_attrs.get("epochs_run", "")] +
+         [format_value(t.user_attrs["config"].get(n)) for n in names] for t in ranked], (1, 2))
