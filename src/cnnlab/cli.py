@@ -127,8 +127,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", default="compare", help="folder for compare.md and compare.png [default: compare]")
 
+    _add_report_commands(sub)
     _add_model_commands(sub)
     return parser
+
+
+def _add_report_commands(sub: Any) -> None:
+    """The commands that gather runs into one report: report, and assignment (the whole job, ending in one)."""
+    p = sub.add_parser("report", help=COMMANDS["report"][1], allow_abbrev=False)
+    p.add_argument("paths", nargs="+", help="run, sweep, compare or check folders, or folders holding them (an "
+                   "assignment's output)")
+    p.add_argument("--out", default="report", help="folder for index.html and its figures [default: report]")
+
+    p = sub.add_parser("assignment", help=COMMANDS["assignment"][1], allow_abbrev=False)
+    p.add_argument("--data", required=True, help="the data folder: ROOT/train/<class>/* and ROOT/val/<class>/* (the test set)")
+    p.add_argument("--out", default="assignment", help="folder for everything it writes; rerun to resume [default: assignment]")
+    p.add_argument("--quick", action="store_true", help="16 Part A trials on 64 px images; Part B head (10 epochs) and "
+                   "partial (2 epochs): minutes on 2 CPU cores on ../shared/data/grocery")
+    p.add_argument("--sweep", dest="sweep_file", help="Part A's sweep file [default: cnnlab's sweeps/partA.yaml]")
+    p.add_argument("--trials", type=positive_int, help="Part A trials to finish [default: 16 with --quick, else the "
+                   "sweep file's run_cap]")
+    p.add_argument("--image_size", type=positive_int, help="Part A's image size [default: 64 with --quick, else 128]")
+    p.add_argument("--model", default="resnet50", help="Part B's pretrained model [default: resnet50]")
+    p.add_argument("--weights", help="Part B's weights: a file (.safetensors, .pth) or a name such as DEFAULT "
+                   "(downloaded); without it Part B is skipped")
+    p.add_argument("--strategies", help="Part B's strategies, comma-separated [default: head,partial with --quick, else "
+                   "head,partial,full]")
+    p.add_argument("--storage", help="Optuna RDB URL to share Part A's sweep with other machines [default: "
+                   "$CNNLAB_STORAGE, else a journal file]")
+    p.add_argument("--workers", type=positive_int, default=1, help="Part A sweep processes on this machine; on a "
+                   "machine with several GPUs worker i uses GPU i mod n [default: 1]")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--cache_dir", default="", help=CACHE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_model_commands(sub: Any) -> None:

@@ -127,7 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                 progress=show_progress(args))
     print(evaluation)
     print(f"wrote {evaluation.folder}/metrics.json, confusion.png, predictions.png, mistakes.csv "
-          f"({evaluation['mistakes']} mistakes), top_losses.png")
+          f"({evaluation['mistakes']} mistakes), top_losses.png, reliability.png")
     return 0
 
 
@@ -243,6 +243,48 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .api import report
+
+    index = report(args.paths, args.out, argv=["cnnlab", *sys.argv[1:]])
+    print(f"wrote {index} ({index.stat().st_size / 1e6:.1f} MB, opens offline: file://{index.resolve()})")
+    return 0
+
+
+def cmd_assignment(args: argparse.Namespace) -> int:
+    from .whole_job import assignment
+
+    args.storage = args.storage or os.environ.get("CNNLAB_STORAGE")
+    if args.workers > (os.cpu_count() or 1):
+        raise ConfigError(f"--workers {args.workers}: this machine has {os.cpu_count()} cores; use 1 to "
+                          f"{os.cpu_count()} (more machines join with --storage)")
+
+    def sweep_workers(folder: Path, remaining: int) -> None:
+        """Part A's trials in --workers processes sharing the study, each a `cnnlab sweep` of its share."""
+        from .sweeps import load_sweep, make_storage, open_study, spawn_workers
+        from .whole_job import SHIPPED_SWEEP
+
+        sweep_file = args.sweep_file or str(SHIPPED_SWEEP)
+        folder.mkdir(parents=True, exist_ok=True)
+        open_study(load_sweep(sweep_file), make_storage(args.storage, folder), 0, None, folder)
+        argv = ["sweep", sweep_file, "--data", str(Path(args.data).resolve()), "--sweeps_dir", str(folder.parent),
+                "--image_size", str(args.image_size or (64 if args.quick else 128)), "--quiet"]
+        argv += ["--count", str(-(-remaining // args.workers))] if remaining else []
+        argv += [f"--{k}={v}" for k, v in (("storage", args.storage), ("device", args.device),
+                                           ("cache_dir", args.cache_dir)) if v]
+        code = spawn_workers(argv, args.workers)
+        if code:
+            raise CnnlabError(f"a Part A sweep worker ended with exit code {code}: rerun the same command to continue")
+
+    index = assignment(args.data, args.out, quick=args.quick, sweep_file=args.sweep_file, trials=args.trials,
+                       image_size=args.image_size, model=args.model, weights=args.weights, strategies=args.strategies,
+                       storage=args.storage, workers=sweep_workers if args.workers > 1 else None,
+                       device=args.device or "auto", cache_dir=args.cache_dir or None, progress=show_progress(args),
+                       argv=["cnnlab", *sys.argv[1:]])
+    print(f"the assignment's report: {index} (opens offline: file://{index.resolve()})")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "train a model (scratch CNN or fine-tuned torchvision model) on ROOT/train"),
     "lr-find": (cmd_lr_find, "the learning-rate range test: loss against a rising lr, a plot and a suggested lr"),
@@ -255,6 +297,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "sweep": (cmd_sweep, "run a W&B-schema sweep file on the embedded Optuna engine"),
     "sweep-report": (cmd_sweep_report, "plots and tables of a sweep, offline"),
     "compare": (cmd_compare, "runs side by side: a table and a plot of validation accuracy"),
+    "report": (cmd_report, "one offline HTML report of run, sweep, compare and check folders"),
+    "assignment": (cmd_assignment, "the whole assignment (sweep, evaluate, explain, fine-tune, compare, report), resumable"),
     "predict": (cmd_predict, "top-k classes of image files"),
     "export": (cmd_export, "write a trained model as ONNX or TorchScript, class names and preprocessing inside"),
     "explain": (cmd_explain, "first-layer filters, guided back-propagation of last-conv neurons, Grad-CAM"),

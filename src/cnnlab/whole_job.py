@@ -1,0 +1,194 @@
+"""`cnnlab assignment`: the whole assignment as one resumable job, built on the public API.
+
+    check the data -> Part A sweep -> its best trial (taken as it is) evaluated on the test folder once and
+    explained -> Part B fine-tuning strategies, each evaluated -> compare -> the report (report/index.html)
+
+Every step looks at what `out` already holds and does only what is missing, so a rerun after a crash or Ctrl-C
+continues where the first stopped (a sweep keeps its trials; a half-trained run resumes from its last.pt).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .api import Log, Run, SweepRun, check, compare, load, report, sweep, train
+from .errors import CnnlabError
+
+SHIPPED_SWEEP = Path(__file__).resolve().parents[2] / "sweeps" / "partA.yaml"
+
+
+@dataclass
+class Plan:
+    """What the job runs; `quick` picks the smaller one (about 10 minutes on 2 CPU cores on ../shared grocery)."""
+
+    trials: int | None  # Part A trials to finish (None: until the sweep file's run_cap)
+    image_size: int  # Part A's images
+    strategies: list[str]  # Part B
+    epochs_head: int
+    epochs_other: int
+
+    @classmethod
+    def make(cls, quick: bool, trials: int | None, image_size: int | None, strategies: str | None) -> "Plan":
+        chosen = (strategies or ("head,partial" if quick else "head,partial,full")).split(",")
+        bad = [s for s in chosen if s not in ("head", "partial", "gradual", "full")]
+        if bad:
+            raise CnnlabError(f"--strategies {strategies}: {bad[0]!r} is not a strategy; use head, partial, gradual, full")
+        return cls(trials if trials is not None else (16 if quick else None), image_size or (64 if quick else 128),
+                   chosen, 10 if quick else 15, 2 if quick else 8)
+
+
+@dataclass
+class Journal:
+    """assignment.json: each step's state and time, and the command, rewritten after every step."""
+
+    path: Path
+    steps: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, step: str, state: str, seconds: float, **extra: Any) -> None:
+        from .io import atomic_write_json
+
+        self.steps[step] = {"state": state, "seconds": round(seconds, 1), **extra}
+        atomic_write_json(self.path, {"settings": self.settings, "steps": self.steps})
+
+
+def step(journal: Journal, name: str, log: Callable[[str], None], work: Callable[[], tuple[str, dict[str, Any]]]) -> None:
+    started = time.perf_counter()
+    log(f"== {name}")
+    state, extra = work()
+    seconds = time.perf_counter() - started
+    journal.record(name, state, seconds, **extra)
+    log(f"== {name}: {state} ({seconds:.0f} s)")
+
+
+def finished_trials(folder: Path) -> int:
+    from optuna.trial import TrialState
+
+    from .sweeps.report import load_study
+
+    if not (folder / "sweep_info.json").is_file():
+        return 0
+    return sum(1 for t in load_study(folder).get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "config" in t.user_attrs)
+
+
+def evaluated(run: Run) -> bool:
+    """Whether run/eval holds the test-folder evaluation of the best.pt there now."""
+    from .io import sha256_of
+
+    metrics = run.folder / "eval" / "metrics.json"
+    if not metrics.is_file() or not (run.folder / "eval" / "reliability.png").is_file():
+        return False
+    return json.loads(metrics.read_text()).get("checkpoint_sha256") == sha256_of(run.folder / "best.pt")
+
+
+def trained_or_resumed(out: Path, name: str, log: Log, progress: bool | None, **config: Any) -> tuple[Run, str]:
+    """Run `name` in out/runs: left as it is when finished, resumed from its last.pt when not, else trained."""
+    folder = out / "runs" / name
+    summary = folder / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") in ("completed", "early_stopped"):
+        return Run(folder), "done before"
+    if (folder / "last.pt").is_file():
+        return train(resume=folder, progress=progress, log=log, raise_interrupt=True), "resumed"
+    return train(out=str(out / "runs"), name=name, progress=progress, log=log, raise_interrupt=True, **config), "trained"
+
+
+def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool = False, sweep_file: str | Path | None = None,
+               trials: int | None = None, image_size: int | None = None, model: str = "resnet50",
+               weights: str | None = None, strategies: str | None = None, storage: str | None = None,
+               workers: Callable[[Path, int], None] | None = None, device: str = "auto", cache_dir: str | None = None,
+               progress: bool | None = None, log: Log = print, argv: list[str] | None = None) -> Path:
+    """The whole assignment on `data` (ROOT/train, ROOT/val) into `out`; returns the report's index.html.
+
+    Part A: `sweep_file` (default: the shipped sweeps/partA.yaml) for `trials` trials (quick: 16; else its run_cap) on
+    `image_size` px images (quick: 64, else 128), shared through `storage` like `cnnlab sweep`; its best trial by
+    validation accuracy is taken as it is (never retrained, never chosen on the test folder), evaluated once on
+    ROOT/val and explained. Part B: `model` with `weights` (a file, or a name such as DEFAULT) fine-tuned by each of
+    `strategies` (quick: head for 10 epochs and partial for 2; else head,partial,full for 15 and 8), each
+    evaluated; without `weights` Part B is skipped, saying so. `workers(sweep_folder, remaining)`, when given, runs
+    the Part A trials in other processes (the CLI's --workers N)."""
+    log = log or (lambda message: None)
+    data, out = Path(data), Path(out)
+    if not (data / "train").is_dir() or not (data / "val").is_dir():
+        raise CnnlabError(f"{data} needs train/ and val/ folders of class folders (val/ is the test set)")
+    plan = Plan.make(quick, trials, image_size, strategies)
+    sweep_path = Path(sweep_file) if sweep_file else SHIPPED_SWEEP
+    if not sweep_path.is_file():
+        raise CnnlabError(f"sweep file {sweep_path} not found: give one with --sweep FILE (sweeps/partA.yaml in cnnlab's "
+                          "repository is the assignment's)")
+    if weights:  # Part B's model and weights checked now, not after Part A's sweep has run for an hour
+        from .config import make_config
+        from .models import check_config, weights_file
+
+        check_config(make_config({"model": model, "weights": weights, "finetune": "head"}))
+        weights_file(weights)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / "assignment.json", settings={"data": str(data.resolve()), "quick": quick, **asdict(plan),
+                                                           "sweep_file": str(sweep_path), "model": model, "weights": weights})
+    machine = {k: v for k, v in (("device", device), ("cache_dir", cache_dir)) if v}
+    common = {"data": str(data.resolve()), **machine}
+
+    step(journal, "check the data", log, lambda: (
+        ("done before", {}) if (out / "check" / "check.json").is_file()
+        else ("done", {"files": str(check(data, out=out / "check", cache_dir=cache_dir, progress=progress,
+                                          log=log).files["json"])})))
+
+    def part_a() -> tuple[str, dict[str, Any]]:
+        from .sweeps import load_sweep
+
+        folder = out / "sweeps" / load_sweep(sweep_path).name
+        done = finished_trials(folder)
+        remaining = None if plan.trials is None else max(0, plan.trials - done)
+        if remaining == 0:
+            return "done before", {"trials": done, "folder": str(folder)}
+        if workers is not None:
+            workers(folder, remaining or 0)
+        else:
+            sweep(sweep_path, count=remaining, storage=storage, sweeps_dir=out / "sweeps", progress=progress, log=log,
+                  image_size=plan.image_size, **common)
+        return "done", {"trials": finished_trials(folder), "folder": str(folder)}
+
+    step(journal, "Part A: sweep", log, part_a)
+    folder = Path(journal.steps["Part A: sweep"]["folder"])
+    best = SweepRun(folder, storage=storage).best
+    log(f"Part A's model: {best.folder} (the best trial by validation accuracy, taken as it is)")
+    step(journal, "Part A: evaluate the best trial on the test folder", log, lambda: (
+        ("done before", {}) if evaluated(best) else
+        ("done", {"accuracy": best.evaluate(data, progress=progress, log=log, cache_dir=cache_dir).accuracy})))
+    step(journal, "Part A: explain it", log, lambda: (
+        ("done before", {}) if (best.folder / "explain" / "gradcam.png").is_file() else
+        ("done", {"figures": sorted(str(p) for p in best.explain(data, progress=progress, log=log,
+                                                                    cache_dir=cache_dir).figures.values())})))
+    finetuned = part_b(out, plan, model, weights, common, journal, progress, log)
+    step(journal, "compare", log, lambda: ("done", {"table": str(compare([best, *finetuned], out / "compare")["table"])}))
+    step(journal, "report", log, lambda: ("done", {"index": str(report([out], out / "report", argv=argv))}))
+    return out / "report" / "index.html"
+
+
+def part_b(out: Path, plan: Plan, model: str, weights: str | None, common: dict[str, Any], journal: Journal,
+           progress: bool | None, log: Callable[[str], None]) -> list[Run]:
+    """Each strategy trained (or resumed) and evaluated; [] with a message when no weights were given."""
+    if not weights:
+        log("Part B skipped: give --weights (a weights file, or DEFAULT to download torchvision's) to fine-tune "
+            f"{model}")
+        journal.record("Part B", "skipped: no --weights", 0.0)
+        return []
+    runs = []
+    for strategy in plan.strategies:
+        epochs = plan.epochs_head if strategy == "head" else plan.epochs_other
+        extra = {"freeze_stages": 3} if strategy == "partial" else {}  # ResNet50: stem and layer1-3 frozen
+
+        def work(strategy: str = strategy, epochs: int = epochs, extra: dict[str, Any] = extra) -> tuple[str, dict[str, Any]]:
+            run, state = trained_or_resumed(out, f"partB-{strategy}", log, progress, model=model, weights=weights,
+                                            finetune=strategy, epochs=epochs, **extra, **common)
+            if not evaluated(run):
+                run.evaluate(common["data"], progress=progress, log=log, cache_dir=common.get("cache_dir"))
+            runs.append(load(run.folder))
+            return state, {"run": str(run.folder)}
+
+        step(journal, f"Part B: {strategy}", log, work)
+    return runs
