@@ -85,18 +85,33 @@ def test_log_uniform_bounds_that_look_like_values_are_followed_but_warned(tmp_pa
 
 @pytest.mark.slow
 def test_a_failed_trial_is_one_line_and_progress_bars_never_reach_a_file(tiny_data, tmp_path):
-    path = tmp_path / "fail.yaml"  # a combination the config refuses: a frozen backbone without weights
+    path = tmp_path / "fail.yaml"  # a weights file that is not there: known only when the trial builds its model
     path.write_text(yaml.safe_dump({"method": "grid", "parameters": {"model": {"value": "resnet18"},
-                                                                     "finetune": {"values": ["head"]}}}))
+                                                                     "finetune": {"values": ["head"]},
+                                                                     "weights": {"values": [str(tmp_path / "w.pth")]}}}))
     argv = [sys.executable, "-m", "cnnlab.cli", "sweep", str(path), "--data", str(tiny_data), "--image_size=32",
             "--filters=4", "--dense_units=8", "--batch_norm=false", "--cache_dir", str(tmp_path / "cache"),
             "--sweeps_dir", str(tmp_path / "sweeps")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("trial") and " fail " in ln]
-    assert len(lines) == 1 and "ConfigError: finetune=head needs pretrained weights" in lines[0] and "errors/trial-0000.txt" in lines[0]
+    assert len(lines) == 1 and "w.pth" in lines[0] and "errors/trial-0000.txt" in lines[0], lines
     assert "Traceback" not in done.stdout + done.stderr and "\r" not in done.stderr  # no bars in a file
     assert (tmp_path / "sweeps" / "fail" / "errors" / "trial-0000.txt").read_text().startswith("Traceback")
+
+
+def test_a_combination_the_config_refuses_is_one_line_and_never_trained(tiny_data, tmp_path):
+    path = tmp_path / "refused.yaml"  # a frozen backbone without weights: refused before any training
+    path.write_text(yaml.safe_dump({"method": "grid", "parameters": {"model": {"value": "resnet18"},
+                                                                     "finetune": {"values": ["head"]}}}))
+    argv = [sys.executable, "-m", "cnnlab.cli", "sweep", str(path), "--data", str(tiny_data), "--image_size=32",
+            "--cache_dir", str(tmp_path / "cache"), "--sweeps_dir", str(tmp_path / "sweeps")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = [ln for ln in done.stdout.splitlines() if ln.startswith("dropped")]
+    assert len(said) == 1 and "dropped 1 of the grid's 1 points that cannot run" in said[0]
+    assert "finetune=head needs pretrained weights" in said[0] and "0 trials" in done.stdout
+    assert not (tmp_path / "sweeps" / "refused" / "trials").exists()
 
 
 def test_predict_takes_folders_recursively_in_bounded_batches(tiny_cfg, tiny_data, tmp_path, capsys):

@@ -414,7 +414,7 @@ def _finished(study: Any, sweep: Sweep, log: Callable[[str], None]) -> bool:
         log(f"run_cap {sweep.run_cap} reached")
         return True
     if sweep.method == "grid" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        log("grid done: every point has run")
+        log("grid done: every runnable point has run")
         return True
     return False
 
