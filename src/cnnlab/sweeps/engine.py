@@ -366,8 +366,9 @@ class Objective:
 
 def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_url: str | None = None,
               count: int | None = None, seed: int = 0, progress: bool = True,
-              log: Callable[[str], None] = print) -> SweepResult:
-    """Run up to `count` trials (None: until run_cap or the grid is done) in this process."""
+              log: Callable[[str], None] = print, max_skips: int = MAX_SKIPS_IN_A_ROW) -> SweepResult:
+    """Run up to `count` trials (None: until run_cap or the grid is done) in this process; refuse the space after
+    `max_skips` sampled combinations in a row that cannot run."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our own one line, not Optuna's traceback
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -396,7 +397,7 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
         why = _tally(result, study, sweep, objective.last, log) if objective.last is not None else None
         skips_in_a_row = skips_in_a_row + 1 if why else 0
         n += not why  # a combination that cannot run costs no trial of the count
-        if skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+        if skips_in_a_row >= max_skips:
             raise SweepError(f"sweep '{sweep.name}': the last {skips_in_a_row} sampled combinations all cannot run "
                              f"({why}): change the sweep file's values or the base flags")
     for why, k in result.skipped.items():
