@@ -35,4 +35,6 @@ def test_the_example_notebook_runs_without_an_error(tmp_path, monkeypatch):
     assert any("<img" in o["data"]["text/html"] for o in html)  # figures shown inline
     assert any("image/png" in o.get("data", {}) for outs in outputs.values() for o in outs)  # run.plot()'s Figure
     assert (tmp_path / "data" / "notebook-demo" / "train").is_dir() and list((tmp_path / "runs").iterdir())
+    page = (tmp_path / "report-demo" / "index.html").read_text()  # cnnlab.report from the notebook
+    assert '<section id="partb">' in page and "parcoords" in page
     assert os.environ.get("CNNLAB_CACHE") == str(tmp_path / "cache")
