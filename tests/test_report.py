@@ -96,6 +96,20 @@ def test_an_assignment_killed_mid_sweep_continues_where_it_stopped(tiny_data, tm
     assert "A fine-tuned pretrained model is not in the inputs" in section(html, "partb")
 
 
+@pytest.mark.slow
+def test_the_assignment_shares_part_a_among_worker_processes(tiny_data, tmp_path):
+    from cnnlab.sweeps.report import load_study
+    from cnnlab.whole_job import finished_trials
+
+    cnnlab.assignment(tiny_data, tmp_path / "a", quick=True, trials=2, image_size=32, workers=2,
+                      cache_dir=str(tmp_path / "cache"), log=None, progress=False)
+    folder = tmp_path / "a" / "sweeps" / "partA"
+    assert finished_trials(folder) == 2  # each of the two workers runs its share: one trial
+    owners = {t.user_attrs["owner"]["worker"] for t in load_study(folder).trials if "owner" in t.user_attrs}
+    assert owners == {"0", "1"}  # two processes did the trials
+    assert (tmp_path / "a" / "report" / "index.html").is_file()
+
+
 def test_calibration_of_a_calibrated_and_an_overconfident_model():
     rng = np.random.default_rng(0)
     n, c = 20000, 4

@@ -180,10 +180,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .api import sweep as run_the_sweep
 
     args.storage = args.storage or os.environ.get("CNNLAB_STORAGE")  # keeps a password out of `ps`
-    cores = os.cpu_count() or 1
-    if not 1 <= args.workers <= cores:  # each worker trains with cores/workers threads: more only cost memory
-        raise ConfigError(f"--workers {args.workers}: this machine has {cores} cores; use 1 to {cores} worker "
-                          "processes (more machines can join the same --storage)")
+    check_workers(args.workers)
     if args.workers > 1:
         return spawn_sweep_workers(args)
     swept = run_the_sweep(args.sweep_file, count=args.count, storage=args.storage, sweeps_dir=args.out_root,
@@ -195,6 +192,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {name}: {result.ran} trials in {result.seconds:.0f}s ({result.complete} complete, "
           f"{result.pruned} pruned, {result.failed} failed); {best}; report: cnnlab sweep-report {swept.folder}")
     return 0
+
+
+def check_workers(workers: int) -> None:
+    cores = os.cpu_count() or 1
+    if not 1 <= workers <= cores:  # each worker trains with cores/workers threads: more only cost memory
+        raise ConfigError(f"--workers {workers}: this machine has {cores} cores; use 1 to {cores} worker "
+                          "processes (more machines can join the same --storage)")
 
 
 def spawn_sweep_workers(args: argparse.Namespace) -> int:
@@ -255,30 +259,10 @@ def cmd_assignment(args: argparse.Namespace) -> int:
     from .whole_job import assignment
 
     args.storage = args.storage or os.environ.get("CNNLAB_STORAGE")
-    if args.workers > (os.cpu_count() or 1):
-        raise ConfigError(f"--workers {args.workers}: this machine has {os.cpu_count()} cores; use 1 to "
-                          f"{os.cpu_count()} (more machines join with --storage)")
-
-    def sweep_workers(folder: Path, remaining: int) -> None:
-        """Part A's trials in --workers processes sharing the study, each a `cnnlab sweep` of its share."""
-        from .sweeps import load_sweep, make_storage, open_study, spawn_workers
-        from .whole_job import SHIPPED_SWEEP
-
-        sweep_file = args.sweep_file or str(SHIPPED_SWEEP)
-        folder.mkdir(parents=True, exist_ok=True)
-        open_study(load_sweep(sweep_file), make_storage(args.storage, folder), 0, None, folder)
-        argv = ["sweep", sweep_file, "--data", str(Path(args.data).resolve()), "--sweeps_dir", str(folder.parent),
-                "--image_size", str(args.image_size or (64 if args.quick else 128)), "--quiet"]
-        argv += ["--count", str(-(-remaining // args.workers))] if remaining else []
-        argv += [f"--{k}={v}" for k, v in (("storage", args.storage), ("device", args.device),
-                                           ("cache_dir", args.cache_dir)) if v]
-        code = spawn_workers(argv, args.workers)
-        if code:
-            raise CnnlabError(f"a Part A sweep worker ended with exit code {code}: rerun the same command to continue")
-
+    check_workers(args.workers)
     index = assignment(args.data, args.out, quick=args.quick, sweep_file=args.sweep_file, trials=args.trials,
                        image_size=args.image_size, model=args.model, weights=args.weights, strategies=args.strategies,
-                       storage=args.storage, workers=sweep_workers if args.workers > 1 else None,
+                       storage=args.storage, workers=args.workers,
                        device=args.device or "auto", cache_dir=args.cache_dir or None, progress=show_progress(args),
                        argv=["cnnlab", *sys.argv[1:]])
     print(f"the assignment's report: {index} (opens offline: file://{index.resolve()})")

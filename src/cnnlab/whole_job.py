@@ -66,14 +66,29 @@ def step(journal: Journal, name: str, log: Callable[[str], None], work: Callable
 
 
 def finished_trials(folder: Path) -> int:
-    from optuna.trial import TrialState
-
-    from .sweeps.report import load_study
+    """How many of the sweep folder's trials trained to the end or were pruned (0 before the sweep began)."""
+    from .sweeps import report
 
     if not (folder / "sweep_info.json").is_file():
         return 0
-    return sum(1 for t in load_study(folder).get_trials(deepcopy=False)
-               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "config" in t.user_attrs)
+    return len(report.finished_trials(report.load_study(folder)))
+
+
+def sweep_in_processes(sweep_path: Path, folder: Path, workers: int, remaining: int | None, storage: str | None,
+                       base: dict[str, Any]) -> None:
+    """Part A's trials in `workers` processes sharing the study (created once here), each a `cnnlab sweep` with
+    the same base flags and its share of the `remaining` trials (None: until run_cap)."""
+    from .sweeps import load_sweep, make_storage, open_study, spawn_workers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    open_study(load_sweep(sweep_path), make_storage(storage, folder), 0, None, folder)
+    argv = ["sweep", str(sweep_path), "--sweeps_dir", str(folder.parent), "--quiet",
+            *(f"--{k}={v}" for k, v in base.items())]
+    argv += ["--count", str(-(-remaining // workers))] if remaining else []
+    argv += [f"--storage={storage}"] if storage else []
+    code = spawn_workers(argv, workers)
+    if code:
+        raise CnnlabError(f"a Part A sweep worker ended with exit code {code}: rerun the same command to continue")
 
 
 def evaluated(run: Run) -> bool:
@@ -100,7 +115,7 @@ def trained_or_resumed(out: Path, name: str, log: Log, progress: bool | None, **
 def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool = False, sweep_file: str | Path | None = None,
                trials: int | None = None, image_size: int | None = None, model: str = "resnet50",
                weights: str | None = None, strategies: str | None = None, storage: str | None = None,
-               workers: Callable[[Path, int], None] | None = None, device: str = "auto", cache_dir: str | None = None,
+               workers: int = 1, device: str = "auto", cache_dir: str | None = None,
                progress: bool | None = None, log: Log = print, argv: list[str] | None = None) -> Path:
     """The whole assignment on `data` (ROOT/train, ROOT/val) into `out`; returns the report's index.html.
 
@@ -109,8 +124,8 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
     validation accuracy is taken as it is (never retrained, never chosen on the test folder), evaluated once on
     ROOT/val and explained. Part B: `model` with `weights` (a file, or a name such as DEFAULT) fine-tuned by each of
     `strategies` (quick: head for 10 epochs and partial for 2; else head,partial,full for 15 and 8), each
-    evaluated; without `weights` Part B is skipped, saying so. `workers(sweep_folder, remaining)`, when given, runs
-    the Part A trials in other processes (the CLI's --workers N)."""
+    evaluated; without `weights` Part B is skipped, saying so. `workers` > 1 runs Part A's trials in that many
+    `cnnlab sweep` processes sharing the study (worker i on GPU i mod n where there are n)."""
     log = log or (lambda message: None)
     data, out = Path(data), Path(out)
     if not (data / "train").is_dir() or not (data / "val").is_dir():
@@ -145,11 +160,12 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
         remaining = None if plan.trials is None else max(0, plan.trials - done)
         if remaining == 0:
             return "done before", {"trials": done, "folder": str(folder)}
-        if workers is not None:
-            workers(folder, remaining or 0)
+        base = {"image_size": plan.image_size, **common}
+        if workers > 1:
+            sweep_in_processes(sweep_path, folder, workers, remaining, storage, base)
         else:
             sweep(sweep_path, count=remaining, storage=storage, sweeps_dir=out / "sweeps", progress=progress, log=log,
-                  image_size=plan.image_size, **common)
+                  **base)
         return "done", {"trials": finished_trials(folder), "folder": str(folder)}
 
     step(journal, "Part A: sweep", log, part_a)
