@@ -18,6 +18,20 @@ COLUMNS = ("run", "model", "strategy", "trainable / total params", "epochs", "be
            "setup (s)", "training (s)", "images/s")
 
 
+def is_stale(metrics: dict[str, Any], summary: dict[str, Any]) -> bool:
+    """Whether an evaluation of best.pt is of another model than the run's best.pt now: the run trained on
+    (--resume) after it."""
+    return (Path(metrics["checkpoint"]).name == "best.pt" and summary.get("best_epoch") is not None
+            and metrics.get("checkpoint_epoch") != summary["best_epoch"])
+
+
+def strategy_of(cfg: dict[str, Any]) -> str:
+    """How a run's config trained: scratch, or its fine-tuning strategy (partial with how many stages it froze)."""
+    if cfg["model"] == "smallcnn" or cfg.get("finetune", "none") == "none":
+        return "scratch"
+    return cfg["finetune"] + (f" (freeze {cfg['freeze_stages']})" if cfg["finetune"] == "partial" else "")
+
+
 def run_row(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if not (run / "summary.json").exists():
         raise CnnlabError(f"{run} is not a finished run folder (no summary.json)")
@@ -27,12 +41,9 @@ def run_row(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     metrics = json.loads(test.read_text()) if test.exists() else None
     test_acc = "-" if metrics is None else f"{metrics['accuracy']:.4f}"
     evaluated = metrics.get("checkpoint_epoch") if metrics else None
-    if metrics is not None and Path(metrics["checkpoint"]).name == "best.pt" and evaluated != summary["best_epoch"]:
-        # the run trained on (--resume) after this evaluation: its best.pt is another model now
+    if metrics is not None and is_stale(metrics, summary):
         test_acc += f" (stale: best.pt of epoch {evaluated if evaluated is not None else '?'}; run cnnlab evaluate again)"
-    strategy = "scratch" if cfg["model"] == "smallcnn" or cfg.get("finetune") == "none" else cfg["finetune"]
-    if strategy == "partial":
-        strategy += f" (freeze {cfg['freeze_stages']})"
+    strategy = strategy_of(cfg)
     row = {"run": run.name, "model": cfg["model"], "strategy": strategy,
            "trainable / total params": f"{summary.get('trainable_params', summary['params']):,} / {summary['params']:,}",
            "epochs": summary["epochs_run"], "best val_acc": f"{summary['best_val_acc']:.4f}",

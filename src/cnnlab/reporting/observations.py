@@ -28,6 +28,8 @@ def sweep_observations(rows: list[dict[str, Any]], kinds: dict[str, str], metric
     the trials the same way are one claim (the trials cannot say which of them it is)."""
     from scipy import stats
 
+    from ..sweeps.report import spans_decades
+
     claims: dict[frozenset[int], list[Any]] = {}
     unclear = []
     y_all = np.array([r["value"] for r in rows], dtype=float)
@@ -37,8 +39,7 @@ def sweep_observations(rows: list[dict[str, Any]], kinds: dict[str, str], metric
             continue
         if kind == "numeric":
             x = np.array(values, dtype=float)
-            log = x.min() > 0 and x.max() / x.min() >= 100
-            rho, p = stats.spearmanr(np.log10(x) if log else x, y_all)
+            rho, p = stats.spearmanr(np.log10(x) if spans_decades(x) else x, y_all)
             if p < 0.05:
                 claims[frozenset([-len(claims) - 1])] = [f"{metric} {'rises' if rho > 0 else 'falls'} with {name} "
                                                          f"(Spearman ρ {rho:+.2f}, p = {p:.2g}, n = {len(rows)} complete trials)"]

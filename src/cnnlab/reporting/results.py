@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from ..comparison import is_stale
 from ..visualise import plot_curves
 from .inputs import RunFolder
 from .observations import compare_claim, interval_text
@@ -28,9 +29,8 @@ def test_section(best: RunFolder | None, why: str) -> str:
         lines.append(f"<li>balanced accuracy (mean per-class recall) {m['balanced_accuracy']:.3f}</li>")
     if topk:
         lines.append(f"<li>{esc(topk.replace('_', ' '))} {m[topk]:.3f}; macro F1 {m['macro_f1']:.3f}</li>")
-    stale = m.get("checkpoint_epoch") is not None and best.summary.get("best_epoch") not in (None, m["checkpoint_epoch"])
-    if stale:
-        lines.append(f"<li class=missing>stale: evaluated best.pt of epoch {m['checkpoint_epoch']}, but the run's best "
+    if is_stale(m, best.summary):
+        lines.append(f"<li class=missing>stale: evaluated best.pt of epoch {m.get('checkpoint_epoch', '?')}, but the run's best "
                      f"epoch is now {best.summary['best_epoch']}: run <code>cnnlab evaluate {esc(best.path)}</code> again</li>")
     eval_dir = best.path / "eval"
     body = (f"<p>{esc(why)}</p><ul>" + "".join(lines) + "</ul>"
@@ -94,7 +94,8 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
         size = (r.summary.get("preprocess") or {}).get("image_size", r.config.get("image_size"))
         rows.append([r.name, r.config.get("model"), strategy(r), f"{size} px", f"{trainable:,} / {total:,}" if total else "?",
                      r.summary.get("epochs_run", len(r.history)), f"{r.best_val_acc:.3f}",
-                     interval_text(m["accuracy"], m["accuracy_ci95"]) if m else "not evaluated",
+                     (interval_text(m["accuracy"], m["accuracy_ci95"]) + (" (stale)" if is_stale(m, r.summary) else ""))
+                     if m else "not evaluated",
                      f"{r.summary.get('setup_seconds', 0):.0f}", f"{r.summary.get('train_seconds', 0):.0f}"])
     plot = plot_curves({r.name: r.history for r in runs}, out / "partB-curves.png")
     claims = []

@@ -15,10 +15,9 @@ from .page import esc, figure, missing, parcoords, source, table
 
 
 def strategy(run: RunFolder) -> str:
-    cfg = run.config
-    if run.scratch or cfg.get("finetune", "none") == "none":
-        return "scratch"
-    return cfg["finetune"] + (f" (freeze {cfg.get('freeze_stages')})" if cfg["finetune"] == "partial" else "")
+    from ..comparison import strategy_of
+
+    return strategy_of(run.config)
 
 
 def run_source(run: RunFolder) -> str:
@@ -151,7 +150,9 @@ def sweep_summary(study: Any, sweep: Any) -> tuple[str, dict[str, int]]:
 
 
 def parcoords_data(trials: list[Any], names: list[str], sweep: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from ..sweeps.report import trial_value
+    import numpy as np
+
+    from ..sweeps.report import spans_decades, trial_value
 
     dims = []
     for name in names:
@@ -159,8 +160,7 @@ def parcoords_data(trials: list[Any], names: list[str], sweep: Any) -> tuple[lis
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         p = sweep.params[name]
         if numeric and not p.values:
-            log = min(values) > 0 and max(values) / min(values) >= 100
-            dims.append({"name": name, "kind": "log" if log else "num"})
+            dims.append({"name": name, "kind": "log" if spans_decades(np.array(values, dtype=float)) else "num"})
         elif numeric:
             dims.append({"name": name, "kind": "cat", "cats": [str(v) for v in sorted(set(p.values) | set(values))]})
         else:  # a value the trial did not use (a knob its strategy drops) shows as None on the axis

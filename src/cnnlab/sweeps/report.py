@@ -66,7 +66,7 @@ def _numeric(values: list[Any]) -> tuple[np.ndarray, list[str] | None]:
     return np.array([cats.index(str(v)) for v in values], dtype=float), cats
 
 
-def _spans_decades(x: np.ndarray, cats: list[str] | None) -> bool:
+def spans_decades(x: np.ndarray, cats: list[str] | None = None) -> bool:
     """A positive number range of 100x or more (a learning rate) reads better on a log10 axis."""
     return cats is None and x.min() > 0 and x.max() / x.min() >= 100
 
@@ -87,7 +87,7 @@ def correlations(trials: list[Any], names: list[str], metric: str) -> list[dict[
             continue
         row: dict[str, Any] = {"parameter": name}
         if (cats is None or cats == ["False", "True"]) and np.ptp(x) > 0:
-            if _spans_decades(x, cats):
+            if spans_decades(x, cats):
                 x = np.log10(x)
                 row["scale"] = "log10"
             row["pearson_r"] = float(stats.pearsonr(x, y)[0])
@@ -177,7 +177,7 @@ def plot_parallel_coordinates(trials: list[Any], names: list[str], sweep: Sweep,
     cols = []
     for name in names:
         x, cats = _numeric([t.user_attrs["config"].get(name) for t in trials])
-        log = _spans_decades(x, cats)
+        log = spans_decades(x, cats)
         if log:
             x = np.log10(x)
         span = x.max() - x.min()
