@@ -148,8 +148,12 @@ def _queue_lock(folder: Path | None) -> Iterator[None]:
 
 def trial_config(base: dict[str, Any], values: dict[str, Any], **extra: Any) -> Config:
     """A trial's config: the base flags, then the sweep's values without the knobs its strategy does not use."""
-    values = applicable(values, values.get("finetune", make_config(base).finetune))
-    return make_config(base, values, extra)
+    return make_config(base, trial_values(base, values), extra)
+
+
+def trial_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's values a trial uses: without the knobs its strategy (its own, or the base's) does not use."""
+    return applicable(values, str(values.get("finetune", base.get("finetune", FIELDS["finetune"].default))))
 
 
 def known_problem(base: dict[str, Any], values: dict[str, Any]) -> str | None:
@@ -344,14 +348,14 @@ class Objective:
             trial.set_user_attr("infeasible", values)
             raise optuna.TrialPruned()
         trial.set_user_attr("owner", self.owner)
-        values = applicable(values, values.get("finetune", make_config(self.base).finetune))
+        values = trial_values(self.base, values)
         trial.set_user_attr("config", values)
         self.log(f"trial {trial.number:>3} started  " + " ".join(f"{k}={_short(v)}" for k, v in values.items()))
         name, k = f"trial-{trial.number:04d}", 1
         while (self.folder / "trials" / name).exists():  # left by an earlier study in this folder: never overwritten
             k += 1
             name = f"trial-{trial.number:04d}-{k}"
-        cfg = trial_config(self.base, values, out=str(self.folder / "trials"), name=name)
+        cfg = make_config(self.base, values, {"out": str(self.folder / "trials"), "name": name})
         trial.set_user_attr("run_dir", str(self.folder / "trials" / name))
         fitted = fit(cfg, callbacks=[Pruning(trial, self.sweep.metric, cfg.epochs)], progress=self.progress,
                      log=lambda s: None, group=self.sweep.name, device_cache=self.device_cache)
