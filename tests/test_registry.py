@@ -2,6 +2,7 @@
 torchvision classifier `cnnlab models` lists gets its head found and replaced and its body cut into stages;
 every one small enough to build quickly on a CPU also runs forward and backward."""
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -68,3 +69,37 @@ def test_every_small_model_trains_a_step_with_a_partial_plan(name):
     out.sum().backward()
     assert all(p.grad is not None for p in parts.head_module().parameters())
     assert 0 < plan.trainable_count() < sum(p.numel() for p in parts.module.parameters())
+
+
+def smallest_of_each_family() -> list[str]:
+    """One model a family (the letters its name starts with: resnet, squeezenet, vit, ...), the smallest of it."""
+    import re
+
+    best: dict[str, str] = {}
+    for name in torchvision_names():
+        family = re.match(r"[a-z]+", name).group(0)
+        if family not in best or weights_meta(name)["num_params"] < weights_meta(best[family])["num_params"]:
+            best[family] = name
+    return sorted(best.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*smallest_of_each_family(), "timm/vit_tiny_patch16_224", "timm/mobilenetv3_small_050"])
+def test_every_family_trains_head_only_on_its_feature_store(name, tmp_path):
+    """The head-only path through the feature store, which trains the head alone on stored inputs (SqueezeNet's
+    convolutional classifier is flattened after it, as the model does), at the smallest size the model takes."""
+    import cnnlab
+    from cnnlab.data.demo import make_demo_data
+
+    if name.startswith("timm/"):
+        pytest.importorskip("timm")
+    data = make_demo_data(tmp_path / "data", train_per_class=3, val_per_class=1, seed=2, min_size=40, max_size=64)
+    size = 224 if "vit" in name or "swin" in name or "maxvit" in name else 64
+    if not name.startswith("timm/"):
+        size = max(size, *weights_meta(name)["min_size"])
+    lines: list[str] = []
+    run = cnnlab.train(data=str(data), model=name, weights="random", finetune="head", image_size=size, epochs=1,
+                       batch_size=8, device="cpu", precision="fp32", cache_dir=str(tmp_path / "cache"),
+                       out=str(tmp_path / "runs"), progress=False, log=lines.append)
+    assert any(line.startswith("feature store: the head's input") for line in lines), lines
+    assert len(run.history) == 1 and np.isfinite(run.history[0]["train_loss"])

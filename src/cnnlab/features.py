@@ -33,10 +33,19 @@ from torch import nn
 
 from .config import Config
 from .data import Batches, CachedImages, ImageTransform, cache_key
+from .errors import CnnlabError
 from .hardware import autocast
 from .io import atomic_write_json, new_mapped_array, sha256_of
 from .models import ModelParts, TrainablePlan, stages, weights_file
 from .sources import VAL_BATCH, EpochData, ImageSource
+
+
+class FeatureOverflow(ValueError):
+    """A feature too large for the store's dtype (float16): the store is built again in float32."""
+
+    def __init__(self, largest: float, dtype: np.dtype):
+        super().__init__(f"a feature reaches {largest:.3g}, past {dtype}'s range")
+        self.largest = largest
 
 
 @dataclass
@@ -79,6 +88,19 @@ class _HeadInput:
         return captured[0]
 
 
+class _HeadOutput(nn.Module):
+    """The head alone, as the whole model uses it: a head whose output keeps spatial axes (SqueezeNet's
+    convolutional classifier, which the model flattens after it) is flattened to (N, classes) here too."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(x)
+        return torch.flatten(out, 1) if out.dim() > 2 else out
+
+
 def _family(model: nn.Module) -> str | None:
     if hasattr(model, "layer4") and hasattr(model, "avgpool") and hasattr(model, "fc"):
         return "resnet"
@@ -93,7 +115,7 @@ def split_for_store(parts: ModelParts, cfg: Config, head_only: bool) -> Split | 
     """Where to cut the model for a store under `cfg`, or why it cannot be cut."""
     model, head = parts.module, parts.head_module()
     if head_only:
-        return Split(_HeadInput(model, head), head, "the head's input")
+        return Split(_HeadInput(model, head), _HeadOutput(head), "the head's input")
     family = _family(model)
     if family is None:
         return f"partial freezing of {cfg.model} is not supported by the feature store"
@@ -145,20 +167,28 @@ def build_store(split: Split, images: CachedImages, transform: ImageTransform, d
         blocks = views + 1 if views else 1  # block 0 unaugmented (validation), then the augmented views
         partial = path.with_suffix(".partial.npy")
         out = new_mapped_array(partial, dtype, (blocks * n, *shape), "the feature store")
+        limit = float(np.finfo(dtype).max)
         batches = Batches(images, rows, 64, device, shuffle=False)
-        with tqdm(total=blocks * len(rows), desc=f"feature store ({split.boundary})", unit="img",
-                  disable=not progress, dynamic_ncols=True) as bar:
-            for v in range(blocks):
-                gen = torch.Generator(device=device).manual_seed(seed * 1009 + v) if v > 0 else None
-                done = 0
-                for x, _ in batches.epoch(0):
-                    f = _forward(split, transform(x, gen), device, amp)
-                    idx = rows[done:done + len(f)] + v * n
-                    out[idx] = f.float().cpu().numpy().astype(dtype)
-                    done += len(f)
-                    bar.update(len(f))
-        out.flush()
-        del out
+        try:
+            with tqdm(total=blocks * len(rows), desc=f"feature store ({split.boundary})", unit="img",
+                      disable=not progress, dynamic_ncols=True) as bar:
+                for v in range(blocks):
+                    gen = torch.Generator(device=device).manual_seed(seed * 1009 + v) if v > 0 else None
+                    done = 0
+                    for x, _ in batches.epoch(0):
+                        f = _forward(split, transform(x, gen), device, amp).float()
+                        largest = float(f.abs().max()) if f.numel() else 0.0
+                        if largest > limit:  # float16 ends at 65,504: what lies past it would be stored as inf
+                            raise FeatureOverflow(largest, np.dtype(dtype))
+                        idx = rows[done:done + len(f)] + v * n
+                        out[idx] = f.cpu().numpy().astype(dtype)
+                        done += len(f)
+                        bar.update(len(f))
+            out.flush()
+            del out
+        except BaseException:  # an overflow, Ctrl-C, a full disk: no half-written store left behind
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, path)  # complete: only now can a run read it
         atomic_write_json(path.with_suffix(".json"), {"boundary": split.boundary, "rows": n, "views": blocks,
                                                        "shape": list(shape), "dtype": str(np.dtype(dtype))})
@@ -224,14 +254,29 @@ def prepare_store(cfg: Config, parts: ModelParts, images: CachedImages, transfor
             log(f"feature store off: it would take {size / 1e9:.2f} GB, over the limit of {limit / 1e9:.2f} GB "
                 f"(--feature_cache_max)")
             return None
-        path = folder / f"{store_key(cfg, images, split.boundary, dtype, transform.pre.to_dict())}.npy"
-        log(f"feature store: {split.boundary}, {blocks} view(s) x {len(images.files)} images x {tuple(shape)} {dtype}, "
-            f"{size / 1e6:.1f} MB{' (reused)' if path.exists() else ''}: {path}")
-        array = build_store(split, images, transform, device, amp, path, dtype, shape, cfg.feature_cache_views,
-                            cfg.seed, progress)
+        array = store_of(cfg, split, images, transform, device, amp, folder, dtype, shape, blocks, progress, log)
     finally:
         model.train(was_training)
     return split, array
+
+
+def store_of(cfg: Config, split: Split, images: CachedImages, transform: ImageTransform, device: torch.device,
+             amp: torch.dtype | None, folder: Path, dtype: np.dtype, shape: tuple[int, ...], blocks: int, progress: bool,
+             log: Callable[[str], None]) -> np.ndarray:
+    """The store in `dtype`, or in float32 when a feature lies past float16's range (Inception v3's reach 4.9e8)."""
+    wide = np.dtype(np.float32)
+    for kind in (dtype, wide) if dtype != wide else (dtype,):
+        path = folder / f"{store_key(cfg, images, split.boundary, kind, transform.pre.to_dict())}.npy"
+        size = blocks * len(images.files) * int(np.prod(shape)) * kind.itemsize
+        log(f"feature store: {split.boundary}, {blocks} view(s) x {len(images.files)} images x {tuple(shape)} {kind}, "
+            f"{size / 1e6:.1f} MB{' (reused)' if path.exists() else ''}: {path}")
+        try:
+            return build_store(split, images, transform, device, amp, path, kind, shape, cfg.feature_cache_views,
+                               cfg.seed, progress)
+        except FeatureOverflow as e:
+            log(f"feature store: {e}; storing float32 instead")
+    raise CnnlabError(f"the frozen layers of {cfg.model} output values past float32's range on these images: check "
+                      "--weights and --mean/--std (the inputs may not be normalised as the weights expect)")
 
 
 class FeatureSource:

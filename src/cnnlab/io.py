@@ -142,3 +142,43 @@ def new_mapped_array(path: Path, dtype: Any, shape: tuple[int, ...], what: str) 
         raise StorageError(f"{what} could not be allocated in {path.parent} ({e.strerror}): free some space, or "
                            "choose another --cache_dir (or $CNNLAB_CACHE)") from None
     return out
+
+
+class FolderClaim:
+    """This process's exclusive claim on a folder it writes into (a run folder, an assignment's --out): a lock
+    file held with flock for as long as the work goes on. A second process that wants the same folder is refused
+    at once, before it writes anything, instead of interleaving its files with the first one's; the kernel drops
+    the lock when the process ends, however it ends (a kill -9 leaves no stale claim to clean up)."""
+
+    NAME = ".cnnlab.lock"
+
+    def __init__(self, folder: str | Path, what: str, fix: str) -> None:
+        import fcntl
+
+        from .errors import CnnlabError
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.folder / self.NAME, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "?"
+            self._fh.close()
+            raise CnnlabError(f"{self.folder} is in use by another cnnlab process (pid {holder}) writing {what}: "
+                              f"wait for it to end, or {fix}") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"{os.getpid()}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()  # closing the descriptor drops the flock
+
+    def __enter__(self) -> "FolderClaim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -82,7 +82,12 @@ def range_test(cfg: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
 
         raise ConfigError(f"--start {start:g} --end {end:g}: expected 0 < start < end")
     cfg = replace(cfg, name=cfg.name or time.strftime("lr-find-%Y%m%d-%H%M%S"))
-    ready = ready or prepare(cfg, progress=progress, log=log)
+    if ready is None:
+        ready = prepare(cfg, progress=progress, log=log)
+        try:
+            return range_test(cfg, start, end, steps, progress, log, ready)
+        finally:
+            ready.claim.release()
     model, optimizer, device = ready.parts.module, ready.optimizer, ready.device
     loss_fn, _ = make_losses(ready.cfg, ready.images.labels[ready.train_rows], len(ready.images.classes), device)
     saved_model = copy.deepcopy(model.state_dict())

@@ -30,6 +30,7 @@ from .data import (
     CachedImages,
     DeviceCache,
     ImageTransform,
+    classes_without_images,
     list_classes,
     load_images,
     save_split,
@@ -41,10 +42,18 @@ from .errors import CnnlabError, DataError
 from .evaluate import evaluate
 from .features import FeatureSource, prepare_store
 from .hardware import autocast, autocast_dtype, compile_model, configure_backends, decode_device, resolve_device
-from .io import atomic_write_json, atomic_write_text, read_jsonl
-from .models import ModelParts, SmallCNN, TrainablePlan, check_config, create_model, whiten_first_conv
+from .io import FolderClaim, atomic_write_json, atomic_write_text, read_jsonl
+from .models import (
+    ModelParts,
+    SmallCNN,
+    TrainablePlan,
+    check_config,
+    check_input_size,
+    create_model,
+    whiten_first_conv,
+)
 from .preprocess import Preprocess
-from .sources import ImageSource
+from .sources import EpochData, ImageSource
 
 __all__ = ["fit", "FitResult", "StopTraining", "TrainingDiverged", "Callback", "train_one_epoch"]
 
@@ -156,6 +165,7 @@ class Prepared:
     source: ImageSource | FeatureSource
     optimizer: torch.optim.Optimizer
     tracker: WandbTracker
+    claim: FolderClaim  # this process's hold on run_dir: released when the run ends
 
 
 def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
@@ -172,7 +182,19 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
                         "least two, each holding its images")
     torch.manual_seed(cfg.seed)
     parts = create_model(cfg, len(classes))  # first: its preprocessing decides how images are decoded
-    cfg, run_dir = open_run_dir(cfg, resume)
+    if not isinstance(parts.module, SmallCNN):  # the config's own rules cover the small CNN's sizes
+        check_input_size(parts, cfg.model)
+    cfg, run_dir, claim = open_run_dir(cfg, resume)
+    try:
+        return _prepare_in(cfg, run_dir, claim, parts, device, decoder, tracker, resume, progress, log, device_cache)
+    except BaseException:
+        claim.release()
+        raise
+
+
+def _prepare_in(cfg: Config, run_dir: Path, claim: FolderClaim, parts: ModelParts, device: torch.device,
+                decoder: torch.device | None, tracker: WandbTracker, resume: bool, progress: bool,
+                log: Callable[[str], None], device_cache: DeviceCache | None) -> Prepared:
     configure_backends(device, cfg.deterministic)
     images, train_rows, val_rows = load_data(cfg, parts.preprocess, run_dir, decoder, progress, log, resume)
     if isinstance(parts.module, SmallCNN) and cfg.conv1_init == "whiten" and not resume:
@@ -182,7 +204,8 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
     amp = autocast_dtype(cfg.precision, device)
     source = make_source(cfg, parts, plan, images, train_rows, val_rows, device, amp, device_cache, progress, log)
     optimizer = make_optimizer(cfg, plan.param_groups(), device)
-    return Prepared(cfg, run_dir, device, amp, parts, plan, images, train_rows, val_rows, source, optimizer, tracker)
+    return Prepared(cfg, run_dir, device, amp, parts, plan, images, train_rows, val_rows, source, optimizer, tracker,
+                    claim)
 
 
 def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True,
@@ -193,6 +216,15 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
     passes one `device_cache` to every trial, so the image cache is uploaded to the GPU once."""
     started = time.perf_counter()
     ready = prepare(cfg, resume, progress, log, device_cache, group)
+    try:
+        return train_prepared(ready, callbacks, resume, progress, log, started)
+    finally:
+        ready.claim.release()
+
+
+def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool, progress: bool,
+                   log: Callable[[str], None], started: float) -> FitResult:
+    """The epochs of a prepared run, its callbacks after each, then its summary."""
     cfg, run_dir, device, amp, parts, plan = ready.cfg, ready.run_dir, ready.device, ready.amp, ready.parts, ready.plan
     images, train_rows, val_rows, source = ready.images, ready.train_rows, ready.val_rows, ready.source
     optimizer, tracker = ready.optimizer, ready.tracker
@@ -216,6 +248,17 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
                             {"train_images": len(train_rows), "val_images": len(val_rows), "bad_files": len(images.errors),
                              "preprocess": parts.preprocess.to_dict()})
     return FitResult(run_dir, run.best_val_acc, run.best_epoch, summary["history"], status)
+
+
+def inputs_are_finite(data: EpochData, batches: int = 4) -> bool:
+    """Whether the first few batches, as the network sees them, are finite (validation's: the same images or stored
+    features, unaugmented, and re-readable where the epoch's training batches are spent)."""
+    for k, (x, _) in enumerate(data.val):
+        if not torch.isfinite(data.transform(x, None)).all():
+            return False
+        if k + 1 >= batches:
+            break
+    return True
 
 
 def make_losses(cfg: Config, train_labels: np.ndarray, n_classes: int, device: torch.device
@@ -251,22 +294,27 @@ def claim_folder(path: Path) -> Path:
     raise CnnlabError(f"{path.parent} holds 10,000 runs named {path.name}: choose a --name")
 
 
-def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
-    """The run folder (made), with the config it holds saved; the config gets the folder's name."""
+def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, FolderClaim]:
+    """The run folder (made and claimed by this process until the run ends), with the config it holds saved; the
+    config gets the folder's name. Two processes given one --name at once: the second is refused in one line."""
     run_dir = Path(cfg.out) / (cfg.name or default_run_name(cfg))
     if resume and not (run_dir / "last.pt").exists():
         raise CnnlabError(f"{run_dir} has no last.pt to resume from; start it without --resume")
     if not resume and not cfg.name:  # a made-up name is claimed atomically: two runs started in the same second
         run_dir = claim_folder(run_dir)  # (a shell loop, a sweep launcher) get two folders
-    elif not resume and (run_dir / "metrics.jsonl").exists():
-        raise CnnlabError(f"{run_dir} already holds a run: resume it with `cnnlab train --resume {run_dir}` "
-                          f"or choose another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()))  # --resume works from anywhere
-    if cfg.model == "smallcnn":  # the stride it trains with, not "auto": a later auto rule cannot change the model
-        cfg = replace(cfg, conv1_stride=cfg.first_stride())
-    save_yaml(cfg, run_dir / "config.yaml")
-    return cfg, run_dir
+    claim = FolderClaim(run_dir, "a training run", "choose another --name")
+    try:  # every look at what the folder holds happens under the claim
+        if not resume and (run_dir / "metrics.jsonl").exists():
+            raise CnnlabError(f"{run_dir} already holds a run: resume it with `cnnlab train --resume {run_dir}` "
+                              f"or choose another --name")
+        cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()))  # --resume works from anywhere
+        if cfg.model == "smallcnn":  # the stride it trains with, not "auto": a later auto rule cannot change the model
+            cfg = replace(cfg, conv1_stride=cfg.first_stride())
+        save_yaml(cfg, run_dir / "config.yaml")
+    except BaseException:
+        claim.release()
+        raise
+    return cfg, run_dir, claim
 
 
 def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device | None, progress: bool,
@@ -279,6 +327,12 @@ def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device
     if n_bad == len(images.files):
         raise DataError(f"none of the {n_bad} files in {Path(cfg.data) / 'train'} is a readable image: see "
                         f"{run_dir / 'bad_files.txt'} for why, file by file")
+    empty = classes_without_images(images.root, images.classes, images.files, images.labels, images.errors)
+    if empty:  # a class the model would learn never to predict: refused, never trained on silently
+        name, why = next(iter(empty.items()))
+        more = f" (and {len(empty) - 1} more class(es): {', '.join(list(empty)[1:4])})" if len(empty) > 1 else ""
+        raise DataError(f"class {name!r} in {images.root} has no usable image: {why}{more}; add images to it, or move "
+                        "the folder out of train/")
     if n_bad:
         log(f"skipped {n_bad} unreadable file(s) of {len(images.files)}: listed in {run_dir / 'bad_files.txt'}")
     if resume and (run_dir / "split.json").exists():
@@ -439,6 +493,9 @@ class EpochLoop:
                                     self.device, self.amp, aug, cfg.grad_clip, bar, update_ema)
         train_time = time.perf_counter() - t0
         if not math.isfinite(stats["train_loss"]):
+            if not inputs_are_finite(data):  # the inputs, not the steps: a lower lr would change nothing
+                raise TrainingDiverged(f"epoch {epoch}: the training loss is {stats['train_loss']} because the inputs "
+                                       "hold inf or nan values (check the images, --mean/--std and --weights)")
             raise TrainingDiverged(f"epoch {epoch}: the training loss is {stats['train_loss']}; "
                                    f"try a lower --lr (now {cfg.lr:g}) or --grad_clip 1")
         with weights_of(run.model, run.result_model):  # data.net shares its parameters with run.model

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .api import Log, Run, SweepRun, check, compare, load, report, sweep, train
 from .errors import CnnlabError
+from .io import FolderClaim
 
 SHIPPED_SWEEP = Path(__file__).resolve().parents[2] / "sweeps" / "partA.yaml"
 
@@ -141,48 +142,49 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
 
         check_config(make_config({"model": model, "weights": weights, "finetune": "head"}))
         weights_file(weights)
-    out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out / "assignment.json", settings={"data": str(data.resolve()), "quick": quick, **asdict(plan),
-                                                           "sweep_file": str(sweep_path), "model": model, "weights": weights})
-    machine = {k: v for k, v in (("device", device), ("cache_dir", cache_dir)) if v}
-    common = {"data": str(data.resolve()), **machine}
+    # one job per --out: a second one at once would run the trials twice and write over the first one's steps
+    with FolderClaim(out, "an assignment", "give another --out"):
+        journal = Journal(out / "assignment.json", settings={"data": str(data.resolve()), "quick": quick, **asdict(plan),
+                                                               "sweep_file": str(sweep_path), "model": model, "weights": weights})
+        machine = {k: v for k, v in (("device", device), ("cache_dir", cache_dir)) if v}
+        common = {"data": str(data.resolve()), **machine}
 
-    step(journal, "check the data", log, lambda: (
-        ("done before", {}) if (out / "check" / "check.json").is_file()
-        else ("done", {"files": str(check(data, out=out / "check", cache_dir=cache_dir, progress=progress,
-                                          log=log).files["json"])})))
+        step(journal, "check the data", log, lambda: (
+            ("done before", {}) if (out / "check" / "check.json").is_file()
+            else ("done", {"files": str(check(data, out=out / "check", cache_dir=cache_dir, progress=progress,
+                                              log=log).files["json"])})))
 
-    def part_a() -> tuple[str, dict[str, Any]]:
-        from .sweeps import load_sweep
+        def part_a() -> tuple[str, dict[str, Any]]:
+            from .sweeps import load_sweep
 
-        folder = out / "sweeps" / load_sweep(sweep_path).name
-        done = finished_trials(folder)
-        remaining = None if plan.trials is None else max(0, plan.trials - done)
-        if remaining == 0:
-            return "done before", {"trials": done, "folder": str(folder)}
-        base = {"image_size": plan.image_size, **common}
-        if workers > 1:
-            sweep_in_processes(sweep_path, folder, workers, remaining, storage, base)
-        else:
-            sweep(sweep_path, count=remaining, storage=storage, sweeps_dir=out / "sweeps", progress=progress, log=log,
-                  **base)
-        return "done", {"trials": finished_trials(folder), "folder": str(folder)}
+            folder = out / "sweeps" / load_sweep(sweep_path).name
+            done = finished_trials(folder)
+            remaining = None if plan.trials is None else max(0, plan.trials - done)
+            if remaining == 0:
+                return "done before", {"trials": done, "folder": str(folder)}
+            base = {"image_size": plan.image_size, **common}
+            if workers > 1:
+                sweep_in_processes(sweep_path, folder, workers, remaining, storage, base)
+            else:
+                sweep(sweep_path, count=remaining, storage=storage, sweeps_dir=out / "sweeps", progress=progress, log=log,
+                      **base)
+            return "done", {"trials": finished_trials(folder), "folder": str(folder)}
 
-    step(journal, "Part A: sweep", log, part_a)
-    folder = Path(journal.steps["Part A: sweep"]["folder"])
-    best = SweepRun(folder, storage=storage).best
-    log(f"Part A's model: {best.folder} (the best trial by validation accuracy, taken as it is)")
-    step(journal, "Part A: evaluate the best trial on the test folder", log, lambda: (
-        ("done before", {}) if evaluated(best) else
-        ("done", {"accuracy": best.evaluate(data, progress=progress, log=log, cache_dir=cache_dir).accuracy})))
-    step(journal, "Part A: explain it", log, lambda: (
-        ("done before", {}) if (best.folder / "explain" / "gradcam.png").is_file() else
-        ("done", {"figures": sorted(str(p) for p in best.explain(data, progress=progress, log=log,
-                                                                    cache_dir=cache_dir).figures.values())})))
-    finetuned = part_b(out, plan, model, weights, common, journal, progress, log)
-    step(journal, "compare", log, lambda: ("done", {"table": str(compare([best, *finetuned], out / "compare")["table"])}))
-    step(journal, "report", log, lambda: ("done", {"index": str(report([out], out / "report", argv=argv))}))
-    return out / "report" / "index.html"
+        step(journal, "Part A: sweep", log, part_a)
+        folder = Path(journal.steps["Part A: sweep"]["folder"])
+        best = SweepRun(folder, storage=storage).best
+        log(f"Part A's model: {best.folder} (the best trial by validation accuracy, taken as it is)")
+        step(journal, "Part A: evaluate the best trial on the test folder", log, lambda: (
+            ("done before", {}) if evaluated(best) else
+            ("done", {"accuracy": best.evaluate(data, progress=progress, log=log, cache_dir=cache_dir).accuracy})))
+        step(journal, "Part A: explain it", log, lambda: (
+            ("done before", {}) if (best.folder / "explain" / "gradcam.png").is_file() else
+            ("done", {"figures": sorted(str(p) for p in best.explain(data, progress=progress, log=log,
+                                                                        cache_dir=cache_dir).figures.values())})))
+        finetuned = part_b(out, plan, model, weights, common, journal, progress, log)
+        step(journal, "compare", log, lambda: ("done", {"table": str(compare([best, *finetuned], out / "compare")["table"])}))
+        step(journal, "report", log, lambda: ("done", {"index": str(report([out], out / "report", argv=argv))}))
+        return out / "report" / "index.html"
 
 
 def part_b(out: Path, plan: Plan, model: str, weights: str | None, common: dict[str, Any], journal: Journal,

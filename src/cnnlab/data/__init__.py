@@ -5,8 +5,9 @@ batch transform that normalises and augments them there (`transform`). `demo` wr
 
 from .batches import Batches, DeviceCache
 from .cache import CachedImages, cache_key, load_images, write_bad_file_report
-from .folders import list_classes, save_split, saved_split, scan_folder, stratified_split
+from .folders import classes_without_images, list_classes, save_split, saved_split, scan_folder, stratified_split
 from .transform import ImageTransform
 
 __all__ = ["Batches", "DeviceCache", "CachedImages", "cache_key", "load_images", "write_bad_file_report",
-           "list_classes", "save_split", "saved_split", "scan_folder", "stratified_split", "ImageTransform"]
+           "classes_without_images", "list_classes", "save_split", "saved_split", "scan_folder", "stratified_split",
+           "ImageTransform"]

@@ -65,6 +65,8 @@ def cache_key(files: list[Path], image_size: int, decoder: str = "pil", crop: fl
     tag = "" if decoder == "pil" else f":{decoder}"  # another decoder's pixels differ slightly: its own cache
     if crop or interpolation != "bilinear":  # the plain squash keeps the key it always had
         tag += f":crop{crop:g}:{interpolation}"
+    if heif_readable(files):  # HEIC photos that were unreadable before pillow-heif was installed are read now
+        tag += ":heif"
     h = hashlib.sha256(f"cnnlab-decode-v{DECODE_VERSION}:{image_size}{tag}\n".encode())
     for p in files:
         try:
@@ -73,6 +75,17 @@ def cache_key(files: list[Path], image_size: int, decoder: str = "pil", crop: fl
             st = p.lstat()
         h.update(os.fsencode(p.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:24]
+
+
+HEIF_SUFFIXES = (".heic", ".heif", ".hif", ".avif")
+
+
+def heif_readable(files: list[Path]) -> bool:
+    """Whether some files are HEIC/HEIF (by name) and pillow-heif is installed to read them: part of the cache key,
+    so installing it after a first run decodes those photos instead of keeping them as unreadable."""
+    import importlib.util
+
+    return any(p.suffix.lower() in HEIF_SUFFIXES for p in files) and importlib.util.find_spec("pillow_heif") is not None
 
 
 def load_images(folder: str | Path, image_size: int, cache_dir: str | Path, workers: int = 0,

@@ -1,12 +1,21 @@
 """What is in a data folder: counts per split and class, imbalance, unreadable files, EXIF rotations, colour modes,
-image sizes, exact duplicates (content hash) and near-duplicates (a perceptual hash of the decoded image) within
-train/, within val/ and across the two (leakage: test images that are also training images).
+image sizes, exact duplicates (content hash) and near-duplicates (a perceptual hash of the decoded image, confirmed
+by a second check) within train/, within val/ and across the two (leakage: test images that are also training
+images).
 
 The perceptual hash is a 256-bit difference hash (dHash: is each pixel of a 16 x 17 grey thumbnail brighter than
-its left neighbour) computed on the decode cache, so it costs one small decode per folder, once. Two images are
-near-duplicates when their hashes differ in at most NEAR_BITS bits: measured, a photo re-encoded at another JPEG
-quality differs in 0, resized and re-encoded in 11; the nearest distinct photos of ../shared/data/grocery in 19
-or more. Clusters are the connected groups of such pairs (exact copies included).
+its left neighbour) computed on the decode cache, so it costs one small decode per folder, once. Measured, a photo
+re-encoded at another JPEG quality differs in 0 bits, resized and re-encoded in 11; the nearest distinct photos of
+../shared/data/grocery in 19 or more. Two images are near-duplicates only when three things hold:
+- their hashes differ in at most NEAR_BITS bits;
+- both hashes carry information: on a near-uniform image (a sketch or a document on white, a night frame) most of
+  the 256 comparisons are decided by JPEG noise, so such hashes match each other by chance. Measured: line
+  drawings and dots on white have 2-17% of clear edges, the photos of grocery 56% or more;
+- an independent second check agrees: their 12 x 12 colour thumbnails, centred, correlate at MIN_SIMILARITY or
+  more (re-encoded and resized copies at 0.98 or more; two distinct crosses of nearly one place and size at 0.93).
+Clusters join images of one class only; a pair across classes (one picture under two labels) is listed as a pair,
+and a test image counts as leaked only when it is matched directly to a training image (or has its bytes), never
+through a chain of other images.
 """
 
 from __future__ import annotations
@@ -22,52 +31,157 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CachedImages, load_images
+from .folders import classes_without_images
 
 NEAR_BITS = 12  # of 256
 HASH_SIZE = 32  # the decode size the hash is computed from when no larger cache is at hand
+EDGE = 4.0  # grey levels (of 255) between neighbours that make a clear edge: a comparison decided, not JPEG noise
+MIN_DECIDED = 8  # decided comparisons (of 256) an image's hash needs to count at all: a blank page has none
+MAX_WRONG = 0.1  # of the comparisons decided in either image, the share that may disagree
+MIN_SIMILARITY = 0.97  # the second check: correlation of the two 12 x 12 colour thumbnails
+THUMB = 12
+CROSS_PAIRS_KEPT = 1000  # pairs across classes listed (each is reported, none is chained)
 
 
-def perceptual_hashes(pixels: np.ndarray, chunk: int = 1024) -> torch.Tensor:
-    """(N, 256) bool difference hashes of (N, S, S, 3) uint8 images (any S >= 17)."""
-    out = []
+@dataclass
+class Signature:
+    """What near-duplicate detection knows of each image: its difference hash, how much of that hash real edges
+    decide (a near-uniform image's hash is mostly noise), and a small centred colour thumbnail for the second,
+    independent check."""
+
+    hashes: torch.Tensor  # (N, 256) bool
+    decided: torch.Tensor  # (N, 256) bool: the comparisons a clear edge decides
+    thumbs: torch.Tensor  # (N, 3 * THUMB * THUMB) float, centred, unit length (zero where the image is flat)
+
+    informative: torch.Tensor = field(init=False)  # (N,) bool: enough decided comparisons to count at all
+
+    def __post_init__(self) -> None:
+        self.informative = self.decided.sum(1) >= MIN_DECIDED
+
+    def confirm(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Which candidate pairs (a[k], b[k]) are near-duplicates: both hashes informative, at most MAX_WRONG of
+        the comparisons decided in either image disagreeing (two sketches with strokes in different places
+        disagree wherever one has an edge and the other is blank), and thumbnails that correlate."""
+        ia, ib = torch.from_numpy(a), torch.from_numpy(b)
+        either = self.decided[ia] | self.decided[ib]
+        wrong = ((self.hashes[ia] ^ self.hashes[ib]) & either).sum(1)
+        similar = (self.thumbs[ia] * self.thumbs[ib]).sum(1)
+        useful = self.informative
+        return (useful[ia] & useful[ib] & (wrong <= MAX_WRONG * either.sum(1)) & (similar >= MIN_SIMILARITY)).numpy()
+
+
+def signatures(pixels: np.ndarray, chunk: int = 1024) -> Signature:
+    """The signatures of (N, S, S, 3) uint8 images (any S >= 17), read `chunk` at a time from the (mapped) cache."""
+    hashes, decided, thumbs = [], [], []
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     for i in range(0, len(pixels), chunk):
         x = torch.from_numpy(np.array(pixels[i:i + chunk])).permute(0, 3, 1, 2).float()
         grey = (x * weights).sum(1, keepdim=True)
         small = F.interpolate(grey, size=(16, 17), mode="bilinear", antialias=True, align_corners=False)[:, 0]
-        out.append((small[:, :, 1:] > small[:, :, :-1]).reshape(len(small), -1))
-    return torch.cat(out) if out else torch.zeros((0, 256), dtype=torch.bool)
+        step = small[:, :, 1:] - small[:, :, :-1]
+        hashes.append((step > 0).reshape(len(small), -1))
+        decided.append((step.abs() >= EDGE).reshape(len(small), -1))
+        t = F.adaptive_avg_pool2d(x, THUMB).reshape(len(x), -1)
+        t = t - t.mean(1, keepdim=True)
+        thumbs.append(t / t.norm(dim=1, keepdim=True).clamp_min(1e-6))
+    if not hashes:
+        empty = torch.zeros((0, 256), dtype=torch.bool)
+        return Signature(empty, empty, torch.zeros((0, 3 * THUMB * THUMB)))
+    return Signature(torch.cat(hashes), torch.cat(decided), torch.cat(thumbs))
 
 
-def near_pairs(hashes: torch.Tensor, max_bits: int = NEAR_BITS, chunk: int = 2048) -> list[tuple[int, int]]:
-    """Index pairs (i < j) whose hashes differ in at most `max_bits` bits: Hamming distances as one matrix
-    product of +-1 vectors per chunk (a 12,000-image set is about 37 GFLOP, seconds on a CPU)."""
-    signs = hashes.float() * 2 - 1
-    bits = signs.shape[1]
-    pairs = []
-    for i in range(0, len(signs), chunk):
+def perceptual_hashes(pixels: np.ndarray, chunk: int = 1024) -> torch.Tensor:
+    """(N, 256) bool difference hashes of (N, S, S, 3) uint8 images (any S >= 17)."""
+    return signatures(pixels, chunk).hashes
+
+
+@dataclass
+class NearDuplicates:
+    """The outcome of one pass: a cluster id per image (the smallest index in its cluster; clusters join images
+    of one class only), the pairs found across classes (the same picture under two labels: listed, never
+    chained), and for each image whether it was matched directly to an image of the other side (`side`)."""
+
+    ids: np.ndarray
+    cross_pairs: list[tuple[int, int]]
+    matched_across: np.ndarray  # (N,) bool: an image with a direct match on the other side of `side`
+
+
+def find_near_duplicates(sig: Signature, labels: np.ndarray, side: np.ndarray | None = None,
+                         max_bits: int = NEAR_BITS, chunk: int = 512, batch: int = 16384) -> NearDuplicates:
+    """Pairs whose hashes differ in at most `max_bits` bits (one matrix product of +-1 vectors per `chunk` rows),
+    each confirmed by `Signature.confirm`; each chunk's pairs are merged into the clusters at once, so memory stays
+    linear in the number of images however many pairs a set of near-identical frames makes. A pair joins a cluster only when
+    both images have the same label; `side` (0 train, 1 val) marks the images matched across sides."""
+    n = len(labels)
+    ids = np.arange(n, dtype=np.int64)
+    matched = np.zeros(n, dtype=bool)
+    cross: list[tuple[int, int]] = []
+    signs = sig.hashes.float() * 2 - 1
+    bits = signs.shape[1] if len(signs) else 256
+    for i in range(0, n, chunk):
         distance = (bits - signs[i:i + chunk] @ signs.T) / 2
         rows, cols = torch.nonzero(distance <= max_bits, as_tuple=True)
-        keep = cols > rows + i
-        pairs += list(zip((rows[keep] + i).tolist(), cols[keep].tolist()))
-    return pairs
+        rows, cols = rows.numpy() + i, cols.numpy()
+        keep = cols > rows
+        rows, cols = rows[keep], cols[keep]
+        for k in range(0, len(rows), batch):  # confirmed a batch at a time: a pair already joined through others is
+            a, b = rows[k:k + batch], cols[k:k + batch]  # skipped (8,000 near-identical frames: 32 M candidates)
+            new = (ids[a] != ids[b]) & (labels[a] == labels[b])
+            if len(cross) < CROSS_PAIRS_KEPT:
+                new |= labels[a] != labels[b]
+            if side is not None:
+                new |= (side[a] != side[b]) & ~(matched[a] & matched[b])
+            a, b = a[new], b[new]
+            confirmed = sig.confirm(a, b)
+            a, b = a[confirmed], b[confirmed]
+            same = labels[a] == labels[b]
+            ids = merge(ids, a[same], b[same])
+            if len(cross) < CROSS_PAIRS_KEPT:
+                cross += list(zip(a[~same].tolist(), b[~same].tolist()))[:CROSS_PAIRS_KEPT - len(cross)]
+            if side is not None:
+                across = side[a] != side[b]
+                matched[a[across]] = True
+                matched[b[across]] = True
+    return NearDuplicates(ids, cross, matched)
+
+
+def merge(ids: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cluster ids (each the smallest index of its cluster) after joining the pairs (a, b): the connected
+    components of the clusters' graph, in O(N + pairs)."""
+    ra, rb = ids[a], ids[b]
+    apart = ra != rb
+    if not apart.any():
+        return ids
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    nodes = np.unique(np.concatenate([ra[apart], rb[apart]]))
+    la, lb = np.searchsorted(nodes, ra[apart]), np.searchsorted(nodes, rb[apart])
+    graph = coo_matrix((np.ones(len(la), dtype=np.int8), (la, lb)), shape=(len(nodes), len(nodes)))
+    count, component = connected_components(graph, directed=False)
+    smallest = np.full(count, np.iinfo(np.int64).max)
+    np.minimum.at(smallest, component, nodes)
+    moved = np.isin(ids, nodes)
+    ids = ids.copy()
+    ids[moved] = smallest[component[np.searchsorted(nodes, ids[moved])]]
+    return ids
 
 
 def clusters_of(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
-    """A cluster id per index (union-find over the pairs); an index in no pair is its own cluster."""
-    parent = list(range(n))
+    """A cluster id per index (the smallest index of its cluster) from a list of pairs; an index in no pair is its
+    own cluster."""
+    a = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
+    b = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
+    return merge(np.arange(n, dtype=np.int64), a, b)
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
-    for a, b in pairs:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([root(i) for i in range(n)], dtype=np.int64)
+def groups_of(ids: np.ndarray) -> list[list[int]]:
+    """The clusters of two or more, each as its sorted indices, in order of their smallest index (O(N log N))."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    return [order[s:e].tolist() for s, e in zip(starts, ends) if e - s > 1]
 
 
 def content_hash(path: Path) -> str:
@@ -99,9 +213,10 @@ def exact_groups(paths: list[Path]) -> dict[str, list[int]]:
 
 
 def near_duplicate_clusters(images: CachedImages) -> np.ndarray:
-    """A cluster id per file of `images` (unreadable files are their own cluster), from the decode cache; kept
-    beside the cache (`<key>.near.npy`), so later runs and sweep trials on the same cache read it."""
-    stored = images.cache_file.with_suffix(".near.npy") if images.cache_file is not None else None
+    """A cluster id per file of `images` (unreadable files are their own cluster; a cluster holds one class), from
+    the decode cache; kept beside the cache (`<key>.near2.npy`), so later runs and sweep trials on the same cache
+    read it."""
+    stored = images.cache_file.with_suffix(".near2.npy") if images.cache_file is not None else None
     if stored is not None and stored.exists():
         try:
             ids = np.load(stored)
@@ -112,8 +227,8 @@ def near_duplicate_clusters(images: CachedImages) -> np.ndarray:
     valid = images.valid
     ids = np.arange(len(images.files), dtype=np.int64)
     if len(valid) >= 2:
-        pairs = near_pairs(perceptual_hashes(images.pixels[valid]))
-        ids[valid] = valid[clusters_of(len(valid), pairs)]
+        found = find_near_duplicates(signatures(images.pixels[valid]), images.labels[valid])
+        ids[valid] = valid[found.ids]
     if stored is not None:
         try:
             from ..io import atomic_write
@@ -140,12 +255,10 @@ def copies_in_test(train_files: list[Path], val_folder: Path) -> list[Path]:
 
 def header_facts(path: Path) -> dict[str, Any]:
     """Format, mode, size and EXIF orientation from the file's header (PIL reads no pixels for these)."""
-    from PIL import Image
-
-    from .decode import orientation
+    from .decode import open_image, orientation
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return {"format": im.format, "mode": im.mode, "size": im.size, "orientation": orientation(im),
                     "transparency": "transparency" in im.info}
     except Exception as e:  # noqa: BLE001 - reported as unreadable by the decode, with its reason
@@ -165,6 +278,7 @@ class DataReport:
     near: dict[str, list[list[str]]]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    leaked_files: list[str] = field(default_factory=list)  # test images matched directly to a training image
 
     @property
     def imbalance(self) -> float:
@@ -175,14 +289,14 @@ class DataReport:
         return {"root": str(self.root), "classes": self.classes, "counts": self.counts,
                 "imbalance_ratio": round(self.imbalance, 3), "unreadable": self.unreadable, "modes": self.modes,
                 "exif_rotated": self.rotated, "exact_duplicates": self.exact, "near_duplicates": self.near,
-                "leaked_test_images": self.leaked, "notes": self.notes, "seconds": round(self.seconds, 2)}
+                "leaked_test_images": self.leaked,
+                "leaked_files": self.leaked_files, "notes": self.notes, "seconds": round(self.seconds, 2)}
 
     @property
     def leaked(self) -> int:
-        """Test images that are (near-)copies of a training image."""
-        val_root = str(self.root / "val")
-        return len({p for group in self.near["across"] + self.exact["across"] for p in group
-                    if p.startswith(val_root)})
+        """Test images that are copies of a training image: the same bytes, or matched directly (never through a
+        chain of other images) by both the hash and the thumbnail check."""
+        return len(self.leaked_files)
 
 
 def check_data(root: str | Path, cache_dir: str | Path, progress: bool = True, log: Callable[[str], None] = print
@@ -210,14 +324,22 @@ def check_data(root: str | Path, cache_dir: str | Path, progress: bool = True, l
     rotated = sum(1 for f in facts if f.get("orientation", 1) != 1)
     sizes = [tuple(f["size"]) for f in facts if "size" in f]
     exact_index = list(exact_groups(files).values())
-    valid = np.concatenate([im.valid + sum(len(x.files) for x in list(sets.values())[:k])
-                            for k, im in enumerate(sets.values())])
+    sizes_ = [len(im.files) for im in sets.values()]
+    offsets = np.cumsum([0, *sizes_[:-1]])
+    valid = np.concatenate([im.valid + off for im, off in zip(sets.values(), offsets)])
     pixels = np.concatenate([np.asarray(im.pixels) for im in sets.values()])
-    near_pairs_found = near_pairs(perceptual_hashes(pixels[valid]))
-    near_pairs_found = [(int(valid[a]), int(valid[b])) for a, b in near_pairs_found]
-    clusters = clusters_of(len(files), near_pairs_found)
-    near_index = [np.flatnonzero(clusters == c).tolist() for c in np.unique(clusters)
-                  if (clusters == c).sum() > 1]
+    names = sorted({c for im in sets.values() for c in im.classes})  # val/ classes by name, as train/'s
+    labels = np.concatenate([np.asarray([names.index(c) for c in im.classes], dtype=np.int64)[im.labels]
+                             if len(im.labels) else np.zeros(0, dtype=np.int64) for im in sets.values()])
+    side = np.asarray([s != "train" for s in split_of], dtype=np.int8)
+    found = find_near_duplicates(signatures(pixels[valid]), labels[valid], side[valid])
+    ids = np.arange(len(files), dtype=np.int64)
+    ids[valid] = valid[found.ids]
+    near_index = groups_of(ids) + [[int(valid[a]), int(valid[b])] for a, b in found.cross_pairs]
+    matched_across = np.zeros(len(files), dtype=bool)
+    matched_across[valid] = found.matched_across
+    exact_leaks = {i for g in exact_index for i in g if side[i] and not side[g].all()}
+    leaked = sorted({int(i) for i in np.flatnonzero(matched_across & (side == 1))} | exact_leaks)
 
     def where(group: list[int]) -> str:
         sides = {split_of[i] for i in group}
@@ -230,9 +352,14 @@ def check_data(root: str | Path, cache_dir: str | Path, progress: bool = True, l
         return out
 
     report = DataReport(root, classes, counts, unreadable, modes, rotated, sizes, sorted_groups(exact_index),
-                        sorted_groups(near_index), time.perf_counter() - started)
+                        sorted_groups(near_index), time.perf_counter() - started,
+                        leaked_files=[str(files[i]) for i in leaked])
     if "val" in sets and sets["val"].classes != classes:
         report.notes.append(f"val/ has classes {sets['val'].classes}, train/ has {classes}")
+    for split, im in sets.items():
+        for name, why in classes_without_images(im.root, im.classes, im.files, im.labels, im.errors).items():
+            report.notes.append(f"{split}/ class {name!r} has no usable image: {why}"
+                                + (" (training refuses it)" if split == "train" else ""))
     return report
 
 
@@ -267,7 +394,7 @@ def check_markdown(report: DataReport, examples: int = 5) -> str:
               "- colour modes: " + ", ".join(f"{m} {n}" for m, n in sorted(report.modes.items())),
               f"- test images that copy a training image (leakage): {report.leaked}"]
     for kind, groups in (("exact duplicates (same bytes)", report.exact),
-                         ("near-duplicates (perceptual hash, exact ones included)", report.near)):
+                         ("near-duplicates (perceptual hash confirmed by thumbnails)", report.near)):
         lines += ["", f"## {kind}", ""]
         for where, found in groups.items():
             lines.append(f"- {where.replace('_', ' ')}: {len(found)} group(s)")

@@ -74,6 +74,45 @@ def check_regular_file(path: str | os.PathLike) -> None:
         raise NotAnImageFile(f"not a regular file ({kind}): only image files are read")
 
 
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif")
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What a file is, by its first bytes where they tell (HEIC/HEIF and AVIF: an ISO box 'ftyp' and its brand, what
+    an iPhone writes), else by its extension: 'HEIC', 'JPG', 'TXT', or 'extension-less'."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        head = b""
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return "AVIF" if head[8:12] == b"avif" else "HEIC"
+    suffix = os.path.splitext(os.fsdecode(path))[1].lstrip(".").upper()
+    return suffix or "extension-less"
+
+
+class UnsupportedFormat(OSError):
+    """An image in a format PIL cannot read without an optional package (HEIC: pillow-heif)."""
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Image.open, and for a HEIC/HEIF photo the opener of pillow-heif (cnnlab's optional extra `heic`), registered
+    the first time one is met, so every other file costs nothing. Without the package such a file is one
+    UnsupportedFormat that says how to read it."""
+    try:
+        return Image.open(path)
+    except Image.UnidentifiedImageError:
+        if file_kind(path) not in ("HEIC", "AVIF"):
+            raise
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        raise UnsupportedFormat(f"a {file_kind(path)} photo (an iPhone's format), which needs pillow-heif: "
+                                "pip install 'cnnlab[heic]', or convert it to JPEG") from None
+    register_heif_opener()  # idempotent: registers the plug-in with PIL in this process (a decode worker too)
+    return Image.open(path)
+
+
 def load_rgb(path: str, size: int, crop: float = 0.0, interpolation: str = "bilinear") -> np.ndarray:
     """(size, size, 3) uint8: with crop 0 the whole image squashed to a square like the reference
     Resize((size, size)); with crop c the central square of side c * the shorter side (see Preprocess).
@@ -84,7 +123,7 @@ def load_rgb(path: str, size: int, crop: float = 0.0, interpolation: str = "bili
     check_regular_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
+        with open_image(path) as im:
             if im.format == "JPEG":
                 need = size if not crop else int(size / crop + 1)
                 im.draft("RGB", (need, need))
@@ -112,7 +151,7 @@ def describe_error(e: BaseException) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, Image.DecompressionBombWarning | Image.DecompressionBombError):
         return f"image too large to decode safely ({text})"
-    if isinstance(e, NotAnImageFile):
+    if isinstance(e, NotAnImageFile | UnsupportedFormat):
         return text
     return f"{type(e).__name__}: {text}"
 

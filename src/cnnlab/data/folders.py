@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -11,39 +13,111 @@ import numpy as np
 from ..errors import CnnlabError, DataError
 from ..io import atomic_write_json
 
+CLUTTER = frozenset({"__MACOSX", "@eaDir", "System Volume Information", "$RECYCLE.BIN", "__pycache__"})
+"""Folders that archivers and file systems leave (a Mac zip's resource forks, a Synology NAS's thumbnails,
+Windows' recycle bin): never a class, never read. Hidden ones (.git, .ipynb_checkpoints) are skipped too."""
+
+
+def skipped(name: str) -> bool:
+    return name.startswith(".") or name in CLUTTER
+
+
+def class_name(name: str) -> str:
+    """A folder's name as a class: Unicode NFC, so 'Épervier' spelt decomposed (macOS) and composed (Linux, Windows)
+    is one class in train/ and val/."""
+    return unicodedata.normalize("NFC", name)
+
 
 def list_classes(folder: Path) -> list[str]:
-    """The sorted class sub-folder names of `folder` (hidden ones skipped)."""
+    """The sorted class sub-folder names of `folder` (NFC), hidden and clutter folders skipped. A link to a folder
+    that does not exist is listed too, so the class it names is reported as empty rather than silently dropped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: expected ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg "
                         f"(run `cnnlab demo-data data/demo` or `cnnlab download inaturalist-12k data/`)")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(class_name(p.name) for p in class_folders(folder))
     if not classes:
         raise DataError(f"{folder} has no class folders: expected {folder}/<class>/<image files>")
     return classes
 
 
+def class_folders(folder: Path) -> list[Path]:
+    """The class folders of `folder` (and links to folders that do not exist), sorted by class name."""
+    found = [p for p in folder.iterdir() if not skipped(p.name) and (p.is_dir() or (p.is_symlink() and not p.exists()))]
+    return sorted(found, key=lambda p: class_name(p.name))
+
+
+def files_of_class(folder: Path) -> list[Path]:
+    """Every file under a class folder, its sub-folders included (train/owl/2019/*.jpg are owls), in sorted
+    path order; hidden and clutter entries skipped, a linked sub-folder read once (a link loop ends)."""
+    files, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True, onerror=_raise):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not skipped(d)]
+        files += [Path(top) / n for n in names if not skipped(n)]  # a FIFO or a dangling link too: reported
+    return sorted(files)
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
 def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
-    """Classes (sorted sub-folder names), files and labels of `folder/<class>/*`. Hidden files are
-    skipped; every other file is listed, so a non-image (or a link to nowhere) is reported rather than silently
-    ignored."""
+    """Classes (sorted sub-folder names, NFC), files and labels of `folder/<class>/**`: sub-folders of a class
+    are read too. Hidden files are skipped; every other file is listed, so a non-image (or a link to nowhere) is
+    reported rather than silently ignored."""
     folder = Path(folder)
-    classes = list_classes(folder)
-    files, labels = [], []
-    for label, name in enumerate(classes):
+    list_classes(folder)  # the folder's own errors first
+    classes, files, labels = [], [], []
+    for path in class_folders(folder):
+        classes.append(class_name(path.name))
         try:
-            entries = sorted((folder / name).iterdir())
+            found = files_of_class(path) if path.exists() else []
         except OSError as e:
-            raise DataError(f"class folder {folder / name} cannot be read ({e.strerror}): check its permissions "
+            raise DataError(f"class folder {e.filename or path} cannot be read ({e.strerror}): check its permissions "
                             "(chmod +rx), or move it out of the data folder") from None
-        for p in entries:
-            if not p.is_dir() and not p.name.startswith("."):  # a FIFO or a dangling link too: reported, never read
-                files.append(p)
-                labels.append(label)
+        files += found
+        labels += [len(classes) - 1] * len(found)
+    if len(set(classes)) < len(classes):
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        raise DataError(f"{folder} has two folders for class {twice[0]!r} (the same name spelt in two Unicode forms): "
+                        "merge them into one folder")
     if not files:
         raise DataError(f"{folder} has class folders but no files in them")
     return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def classes_without_images(folder: Path, classes: list[str], files: list[Path], labels: np.ndarray,
+                           errors: dict[int, str]) -> dict[str, str]:
+    """Each class of `folder` that has no usable image, with why: an empty folder, sub-folders with no file in
+    them, a link to a folder that does not exist, or files none of which could be read (their kinds counted)."""
+    from collections import Counter
+
+    from .decode import file_kind
+
+    usable = np.bincount(np.delete(labels, list(errors)), minlength=len(classes))
+    paths = {class_name(p.name): p for p in class_folders(folder)}
+    reasons = {}
+    for k, name in enumerate(classes):
+        if usable[k]:
+            continue
+        path = paths.get(name, folder / name)
+        rows = np.flatnonzero(labels == k)
+        if path.is_symlink() and not path.exists():
+            reasons[name] = f"a link to {os.readlink(path)}, which does not exist"
+        elif not len(rows):
+            subs = path.is_dir() and any(p.is_dir() and not skipped(p.name) for p in path.iterdir())
+            reasons[name] = "only sub-folders, with no file in them" if subs else "an empty folder"
+        else:
+            kinds = Counter(file_kind(files[i]) for i in rows)
+            example = errors[int(rows[0])]
+            reasons[name] = (f"only unreadable files ({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; "
+                             f"{files[int(rows[0])].name}: {example})")
+    return reasons
 
 
 def stratified_split(labels: np.ndarray, candidates: np.ndarray, val_fraction: float, seed: int,

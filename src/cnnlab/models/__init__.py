@@ -6,6 +6,7 @@ head's name, its preprocessing, with --mean/--std applied)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from ..config import Config
 from ..errors import ConfigError
@@ -64,6 +65,47 @@ def create_model(cfg: Config, num_classes: int) -> ModelParts:
     return parts
 
 
-__all__ = ["ModelParts", "TrainablePlan", "stages", "SmallCNN", "measured_cost", "smallcnn_cost", "model_names",
+PROBE_SIZES = (32, 48, 64, 75, 96, 112, 128, 160, 192, 224, 256, 299, 320, 384, 448, 512)
+
+
+def _refusal(module: Any, size: int) -> str | None:
+    """Why `module` cannot take one (size x size) image, or None when it can."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, size, size))
+    except Exception as e:  # noqa: BLE001 - whatever the architecture raises: an assertion, a kernel too large
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def check_input_size(parts: ModelParts, name: str) -> None:
+    """Refuse, before any work, an image size the architecture cannot take (a ViT built for 224 px at 64, Inception
+    v3 below 75), naming the size it needs: one forward pass of one blank image at that size (and, only on a
+    refusal, at a few others to find the one that fits)."""
+    size = parts.preprocess.image_size
+    module = parts.module
+    was_training = module.training
+    module.eval()
+    try:
+        why = _refusal(module, size)
+        if why is None:
+            return
+        fits = next((s for s in PROBE_SIZES if s > size and _refusal(module, s) is None), None)
+        if fits is None:
+            raise ConfigError(f"model={name!r} does not run on {size} px images ({why}): choose another --image_size "
+                              "or another model")
+        larger = next((s for s in PROBE_SIZES if s > fits), None)
+        exact = larger is not None and _refusal(module, larger) is not None
+        raise ConfigError(f"model={name!r} takes {'only' if exact else 'at least'} {fits} px images, not "
+                          f"--image_size {size} ({why}): give --image_size {fits}"
+                          + ("" if exact else " or more"))
+    finally:
+        module.train(was_training)
+
+
+__all__ = ["ModelParts", "check_input_size", "TrainablePlan", "stages", "SmallCNN", "measured_cost", "smallcnn_cost",
+           "model_names",
            "check_model_name", "check_config", "create_model", "torchvision_names", "weights_file",
            "whiten_first_conv"]

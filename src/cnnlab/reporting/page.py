@@ -4,6 +4,7 @@ inline, so it opens from file:// with no network and can be handed in as it is."
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 from importlib import resources
@@ -62,12 +63,23 @@ def parcoords(dims: list[dict[str, Any]], rows: list[dict[str, Any]], metric: st
             f'<script type="application/json">{data}</script><div class=pc-table></div></div>')
 
 
+def content_security_policy(script: str) -> str:
+    """The page's policy: its one inline script runs (allowed by its SHA-256, so a script that markup from a run or
+    a sweep might smuggle in does not), its own inline CSS applies, images come only from data: URIs, and nothing
+    is fetched, submitted or framed."""
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    return (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:; "
+            "base-uri 'none'; form-action 'none'")
+
+
 def page(title: str, sections: list[tuple[str, str, str]], header: str) -> str:
     """The whole document: a table of contents, then each (anchor, heading, body) section."""
+    script = asset("parcoords.js")
     toc = "".join(f'<li><a href="#{a}">{esc(h)}</a></li>' for a, h, _ in sections)
     body = "".join(f'<section id="{a}"><h2>{esc(h)}</h2>{b}</section>' for a, h, b in sections)
     return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            f'<meta http-equiv="Content-Security-Policy" content="{esc(content_security_policy(script))}">'
             '<meta name=viewport content="width=device-width, initial-scale=1">'
             f"<title>{esc(title)}</title><style>{asset('report.css')}</style></head><body><main>"
             f"<h1>{esc(title)}</h1>{header}<nav><ol>{toc}</ol></nav>{body}</main>"
-            f"<script>{asset('parcoords.js')}</script></body></html>\n")
+            f"<script>{script}</script></body></html>\n")

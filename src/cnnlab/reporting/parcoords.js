@@ -77,7 +77,7 @@
   Plot.prototype.draw = function () {
     var self = this, n = this.order.length, gap = 104, left = 40, top = 46, h = 240;
     var width = left * 2 + gap * (n - 1) + 60;
-    this.svgBox.innerHTML = "";
+    this.svgBox.replaceChildren();
     var svg = el("svg", {width: width, height: top + h + 30, viewBox: "0 0 " + width + " " + (top + h + 30),
                          role: "img", "aria-label": "parallel coordinates of the sweep's trials"}, this.svgBox);
     var y = function (p) { return top + (1 - p) * h; };
@@ -179,18 +179,29 @@
       if (typeof x === "number" && typeof z === "number") return sign * (x - z);
       return sign * String(x).localeCompare(String(z));
     });
-    var head = "<tr><th data-col='trial'>trial</th>" + this.order.map(function (k) {
-      return "<th data-col='" + k + "'>" + self.dims[k].name + (k === j ? (self.sortDown ? " ▼" : " ▲") : "") + "</th>";
-    }).join("") + "<th>state</th></tr>";
-    var body = rows.map(function (r) {
-      return "<tr><td>" + r.id + "</td>" + self.order.map(function (k) { return "<td>" + fmt(r.v[k]) + "</td>"; }).join("") +
-        "<td>" + r.state + "</td></tr>";
-    }).join("");
-    this.table.innerHTML = "<table>" + head + body + "</table>";
-    this.table.querySelectorAll("th[data-col]").forEach(function (th) {
-      var col = th.getAttribute("data-col");
-      if (col !== "trial") th.addEventListener("click", function () { self.sortBy(Number(col)); });
+    // Built with createElement and textContent, never innerHTML: a swept value is data (a free-text key such as
+    // wandb_project can hold markup), so nothing from the sweep can become an element or a handler here.
+    var tableEl = document.createElement("table"), headRow = tableEl.insertRow();
+    var th = function (text, col) {
+      var cell = document.createElement("th");
+      cell.textContent = text;
+      if (col !== undefined) {
+        cell.setAttribute("data-col", String(col));
+        cell.addEventListener("click", function () { self.sortBy(col); });
+      }
+      headRow.appendChild(cell);
+    };
+    th("trial");
+    this.order.forEach(function (k) { th(self.dims[k].name + (k === j ? (self.sortDown ? " ▼" : " ▲") : ""), k); });
+    th("state");
+    rows.forEach(function (r) {
+      var tr = tableEl.insertRow();
+      var td = function (text) { tr.insertCell().textContent = text; };
+      td(String(r.id));
+      self.order.forEach(function (k) { td(fmt(r.v[k])); });
+      td(String(r.state));
     });
+    this.table.replaceChildren(tableEl);
   };
 
   document.querySelectorAll(".parcoords").forEach(function (root) { root.plot = new Plot(root); });

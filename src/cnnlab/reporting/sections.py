@@ -45,12 +45,12 @@ def data_section(checks: list[Path]) -> str:
         splits = list(c["counts"])
         rows = [[k] + [c["counts"][s].get(k, 0) for s in splits] for k in c["classes"]]
         rows.append(["all"] + [sum(c["counts"][s].values()) for s in splits])
-        near = {k: len(v) for k, v in c.get("near", {}).items()}
+        near = {k: len(v) for k, v in c.get("near_duplicates", {}).items()}  # the keys DataReport.to_dict writes
         parts.append(f"<h3>{esc(c.get('root', folder))}</h3>" + table(["class", *splits], rows, range(1, len(splits) + 1))
-                     + f"<ul><li>imbalance (largest / smallest training class): {c.get('imbalance', 0):.1f}</li>"
+                     + f"<ul><li>imbalance (largest / smallest training class): {c['imbalance_ratio']:.1f}</li>"
                      f"<li>unreadable files: {esc(', '.join(f'{s} {len(v)}' for s, v in c.get('unreadable', {}).items()))}</li>"
                      f"<li>near-duplicate clusters: {esc(', '.join(f'{k} {v}' for k, v in near.items()) or 'none')}</li>"
-                     f"<li>test images that copy a training image (leakage): {c.get('leaked', 0)}</li></ul>"
+                     f"<li>test images that copy a training image (leakage): {c['leaked_test_images']}</li></ul>"
                      + figure(folder / "counts.png", "images per class and split")
                      + source(f"<code>cnnlab check</code>, in <code>{esc(folder)}</code>"))
     return "".join(parts)
