@@ -381,3 +381,49 @@ def test_features_past_float16_are_stored_in_float32_and_train(data, tmp_path):
     assert [a.dtype for a in stored] == [np.float32] and np.isfinite(stored[0]).all()
     assert np.abs(stored[0]).max() > np.finfo(np.float16).max  # what float16 would have made inf
     assert np.isfinite(run.history[0]["train_loss"])
+
+
+# ---- 7. the Python API refuses bad arguments as the CLI refuses bad flags ------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("api")
+    return cnnlab.train(data=str(tiny_data), image_size=32, filters=4, dense_units=8, epochs=1, device="cpu",
+                        cache_dir=str(out / "cache"), out=str(out / "runs"), progress=False, log=None)
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda run, d: run.predict(d, top=-1), "top=-1: expected a whole number of at least 1"),
+    (lambda run, d: run.predict(d, top=0), "top=0: expected a whole number of at least 1"),
+    (lambda run, d: run.predict(d, top="3"), "top='3'"),
+    (lambda run, d: list(run.predict_iter([d], batch=0)), "batch=0"),
+    (lambda run, d: run.evaluate(top=0), "top=0"),
+    (lambda run, d: run.explain(neurons="2"), "neurons='2': expected a whole number of at least 1"),
+    (lambda run, d: run.explain(per_neuron=0), "per_neuron=0"),
+    (lambda run, d: cnnlab.sweep("sweeps/partA.yaml", count="1"), "count='1': expected a whole number of at least 1"),
+    (lambda run, d: cnnlab.sweep("sweeps/partA.yaml", count=0), "count=0"),
+    (lambda run, d: cnnlab.sweep(42), "sweep_file=42: expected a path"),
+    (lambda run, d: cnnlab.lr_find(steps="10"), "steps='10': expected a whole number of at least 5"),
+    (lambda run, d: cnnlab.lr_find(steps=3), "steps=3"),
+    (lambda run, d: cnnlab.lr_find(start="tiny"), "start='tiny': expected a number above 0"),
+    (lambda run, d: cnnlab.train([1, 2]), "config=[1, 2]: expected a YAML file's path, a dict of Config fields"),
+    (lambda run, d: cnnlab.compare(run), "runs="),
+    (lambda run, d: cnnlab.check(None), "root=None: expected a path"),
+    (lambda run, d: cnnlab.report([]), "paths=[]: expected a path or a list of paths"),
+    (lambda run, d: cnnlab.assignment(d, trials="2"), "trials='2'"),
+    (lambda run, d: cnnlab.assignment(d, workers=0), "workers=0"),
+])
+def test_public_functions_refuse_bad_arguments_with_a_config_error(tiny_run, tiny_data, call, needle):
+    photo = next((tiny_data / "val" / "circle").iterdir())
+    with pytest.raises(cnnlab.ConfigError) as caught:
+        call(tiny_run, photo if "predict" in needle or "top" in needle or "batch" in needle else tiny_data)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_sweep_given_as_a_dict_runs_as_its_file_would(tiny_data, tmp_path):
+    space = {"name": "from-dict", "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+             "parameters": {"activation": {"values": ["relu", "gelu"]}}}
+    study = cnnlab.sweep(space, data=str(tiny_data), sweeps_dir=tmp_path / "sweeps", image_size=32, filters=4,
+                         dense_units=8, epochs=1, cache_dir=str(tmp_path / "cache"), device="cpu", log=None, progress=False)
+    assert study.folder == tmp_path / "sweeps" / "from-dict"
+    assert sorted(t["config"]["activation"] for t in study.trials) == ["gelu", "relu"]

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from .arguments import optional_whole_number, path_like, real_number, whole_number
+from .arguments import paths as path_list
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
-from .errors import CnnlabError
+from .errors import CnnlabError, ConfigError, quote
 
 __all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
            "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
@@ -54,6 +56,9 @@ def _progress(progress: bool | None) -> bool:
 def make_run_config(config: str | Path | Config | dict[str, Any] | None = None, **overrides: Any) -> Config:
     """Defaults, then `config` (a YAML file, a dict or a Config), then the keywords: each checked, as the CLI does."""
     sources: list[dict[str, Any]] = []
+    if config is not None and not isinstance(config, str | Path | Config | dict):
+        raise ConfigError(f"config={quote(config)}: expected a YAML file's path, a dict of Config fields or a "
+                          "cnnlab.Config (keywords such as epochs=7 go after it)")
     if isinstance(config, Config):
         sources.append(config.to_dict())
     elif isinstance(config, dict):
@@ -253,6 +258,8 @@ class Run:
         from .evaluate import evaluate_checkpoint
         from .hardware import resolve_device
 
+        whole_number("top", top, 1)
+        whole_number("seed", seed)
         data = data if data is not None else self.config.data
         out_dir = Path(out) if out else self.best_checkpoint.parent / "eval"
         metrics = evaluate_checkpoint(self.best_checkpoint, data, resolve_device(device), _cache(cache_dir), out_dir,
@@ -265,6 +272,8 @@ class Run:
         or (H, W, 3) uint8 arrays; an unreadable one gets an `error` entry and the others are still predicted."""
         from .evaluate import predict_files
 
+        whole_number("top", top, 1)  # top=0 would answer [] for every image, top=-1 crash in torch.topk
+        whole_number("batch", batch, 1)
         loaded, where = self._loaded(device)
         yield from predict_files(loaded, list(images), where, top, batch)
 
@@ -272,6 +281,7 @@ class Run:
         """`predict_iter` as a list; one image (a path, a PIL image or an array) may be given alone."""
         from .evaluate import as_image_list
 
+        whole_number("top", top, 1)  # checked here too: predict_iter is a generator, which checks on first use
         return list(self.predict_iter(as_image_list(images), top=top, device=device))
 
     def explain(self, data: str | Path | None = None, *, neurons: int = 10, per_neuron: int = 3,
@@ -284,9 +294,9 @@ class Run:
         from .explain import explain
         from .hardware import resolve_device
 
-        for name, value in (("neurons", neurons), ("per_neuron", per_neuron)):
-            if value < 1:
-                raise CnnlabError(f"{name}={value}: expected a whole number of at least 1")
+        whole_number("neurons", neurons, 1)
+        whole_number("per_neuron", per_neuron, 1)
+        whole_number("seed", seed)
         data = data if data is not None else self.config.data
         loaded = load_model(self.best_checkpoint, resolve_device("cpu"))
         test = load_test_images(loaded, data, _cache(cache_dir), progress=_progress(progress))
@@ -360,7 +370,7 @@ class SweepRun:
         return write_page([self.folder], write_report(self.folder, self.storage), storage=self.storage)
 
 
-def sweep(sweep_file: str | Path, *, count: int | None = None, storage: str | None = None,
+def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, storage: str | None = None,
           sweeps_dir: str | Path = "sweeps", sampler_seed: int = 0, config: str | Path | dict[str, Any] | None = None,
           progress: bool | None = None, log: Log = print, warn: Log = None, **overrides: Any) -> SweepRun:
     """Run a Weights & Biases sweep file on the embedded Optuna engine in this process: `count` trials (None:
@@ -368,12 +378,14 @@ def sweep(sweep_file: str | Path, *, count: int | None = None, storage: str | No
     Running it again continues the sweep; other processes and machines join with the same file and storage."""
     from .models import check_config
     from .sweeps import load_sweep, run_sweep
+    from .sweeps.schema import parse_sweep
 
-    if count is not None and count < 1:
-        raise CnnlabError(f"count={count}: expected a whole number of at least 1 (None: until the sweep is done)")
+    optional_whole_number("count", count, 1)  # None: until run_cap or the grid is done
+    whole_number("sampler_seed", sampler_seed)
     log = log or _silent
     warn = warn or log
-    parsed = load_sweep(sweep_file)
+    parsed = parse_sweep(sweep_file, sweep_file.get("name") or "sweep") if isinstance(sweep_file, dict) else \
+        load_sweep(path_like("sweep_file", sweep_file))
     for warning in parsed.warnings:
         warn(f"warning: {warning}")
     base = {**(load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})), **overrides}
@@ -390,7 +402,10 @@ def compare(runs: Sequence[str | Path | Run], out: str | Path = "compare") -> di
     accuracy) and compare.png (validation accuracy per epoch); returns their paths and the table's text."""
     from .comparison import compare as write_comparison
 
-    table, plot = write_comparison([r.folder if isinstance(r, Run) else Path(r) for r in runs], Path(out))
+    if isinstance(runs, str | Path | Run) or not isinstance(runs, Sequence) or not runs:
+        raise ConfigError(f"runs={quote(runs)}: expected a list of runs (cnnlab.Run objects or run folders)")
+    table, plot = write_comparison([r.folder if isinstance(r, Run) else path_like("runs", r) for r in runs],
+                                   path_like("out", out))
     return {"table": table, "plot": plot, "markdown": table.read_text()}
 
 
@@ -415,7 +430,7 @@ def check(root: str | Path, *, out: str | Path | None = None, cache_dir: str | P
     counts.png and sizes.png to `out` (default: check/<the folder's name>)."""
     from .data.check import check_data, write_check
 
-    report = check_data(root, _cache(cache_dir), progress=_progress(progress), log=log or _silent)
+    report = check_data(path_like("root", root), _cache(cache_dir), progress=_progress(progress), log=log or _silent)
     out_dir = Path(out) if out else Path("check") / Path(root).resolve().name
     return DataCheck(report, write_check(report, out_dir))
 
@@ -428,8 +443,9 @@ def lr_find(config: str | Path | Config | dict[str, Any] | None = None, *, start
     `.steepest`, `.min_over_10`, `.lrs`, `.losses`, `.figure`), written to lr_find.json and lr_find.png."""
     from .lr_range import range_test
 
-    if steps < 5:
-        raise CnnlabError(f"steps={steps}: expected at least 5 steps")
+    whole_number("steps", steps, 5)
+    real_number("start", start, above=0)
+    real_number("end", end, above=0)
     return range_test(make_run_config(config, **overrides), start, end, steps, _progress(progress), log or _silent)
 
 
@@ -440,5 +456,4 @@ def report(paths: str | Path | Sequence[str | Path], out: str | Path = "report",
     each saying where its numbers came from. Re-rendered from what is on disk; nothing is retrained."""
     from .reporting import write_report
 
-    given = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    return write_report(given, Path(out), argv=argv, storage=storage)
+    return write_report(path_list("paths", paths), path_like("out", out), argv=argv, storage=storage)

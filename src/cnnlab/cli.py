@@ -11,10 +11,10 @@ import signal
 import sys
 from typing import Any, Sequence
 
-from . import __version__
+from . import __version__, arguments
 from .commands import COMMANDS
 from .config import FIELDS, describe
-from .errors import CnnlabError
+from .errors import CnnlabError, ConfigError
 
 
 class Terminated(KeyboardInterrupt):
@@ -249,13 +249,15 @@ def whole_number(text: str) -> int:
 
 
 def _int_at_least(text: str, least: int) -> int:
+    """A flag's text as the API's argument: the same rule (arguments.whole_number), in argparse's words."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"{value} is below {least}")
-    return value
+    try:
+        return arguments.whole_number("value", value, least)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"{value} is below {least}") from None
 
 
 def _at_least_5(text: str) -> int:

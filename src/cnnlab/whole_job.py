@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .api import Log, Run, SweepRun, check, compare, load, report, sweep, train
+from .arguments import optional_whole_number, path_like, whole_number
 from .errors import CnnlabError
 from .io import FolderClaim
 
@@ -128,7 +129,10 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
     evaluated; without `weights` Part B is skipped, saying so. `workers` > 1 runs Part A's trials in that many
     `cnnlab sweep` processes sharing the study (worker i on GPU i mod n where there are n)."""
     log = log or (lambda message: None)
-    data, out = Path(data), Path(out)
+    data, out = path_like("data", data), path_like("out", out)
+    optional_whole_number("trials", trials, 1)
+    optional_whole_number("image_size", image_size, 1)
+    whole_number("workers", workers, 1)
     if not (data / "train").is_dir() or not (data / "val").is_dir():
         raise CnnlabError(f"{data} needs train/ and val/ folders of class folders (val/ is the test set)")
     plan = Plan.make(quick, trials, image_size, strategies)
