@@ -427,3 +427,51 @@ def test_a_sweep_given_as_a_dict_runs_as_its_file_would(tiny_data, tmp_path):
                          dense_units=8, epochs=1, cache_dir=str(tmp_path / "cache"), device="cpu", log=None, progress=False)
     assert study.folder == tmp_path / "sweeps" / "from-dict"
     assert sorted(t["config"]["activation"] for t in study.trials) == ["gelu", "relu"]
+
+
+# ---- 9. the low ones: spreadsheets, scripts ------------------------------------------------------------------------
+
+def test_class_names_that_look_like_formulas_stay_text_in_mistakes_csv(data, tmp_path):
+    import csv
+
+    from cnnlab.io import from_spreadsheet_cell
+
+    first, second = sorted((data / "train").iterdir())[:2]
+    names = {first.name: "=SUM(A1+A2)", second.name: "+1-555 birds"}
+    for split in ("train", "val"):
+        for old, new in names.items():
+            (data / split / old).rename(data / split / new)
+    run = cnnlab.train(data=str(data), image_size=32, filters=4, dense_units=8, epochs=1, device="cpu",
+                       cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"), progress=False, log=None)
+    run.evaluate(data, progress=False, log=None)
+    with (run.folder / "eval" / "mistakes.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows, "a one-epoch model on three classes makes mistakes"
+    cells = [r[k] for r in rows for k in ("true", "predicted")]
+    assert not any(c.startswith(("=", "+", "-", "@")) for c in cells), cells
+    assert {from_spreadsheet_cell(c) for c in cells} <= {*names.values(), sorted((data / "train").iterdir())[-1].name}
+    html = cnnlab.report([run.folder], tmp_path / "report").read_text()
+    assert "+1-555 birds" in html or "=SUM(A1+A2)" in html  # the report shows the names as they are
+
+
+def test_class_names_in_any_script_get_a_font_that_has_them_and_no_warning(tmp_path, recwarn):
+    from matplotlib import font_manager, ft2font
+
+    from cnnlab.visualise import plot_confusion
+
+    names = ["アマガエル", "Épervier", "北极熊"]
+    plot_confusion([[3, 1, 0], [0, 4, 0], [1, 0, 2]], names, tmp_path / "confusion.png")
+    assert not [w for w in recwarn.list if "Glyph" in str(w.message)]  # boxes at worst, never a warning
+    have = [f for f in font_manager.findSystemFonts() if ord("熊") in ft2font.FT2Font(f).get_charmap()]
+    if not have:
+        assert os.environ.get("CI") != "true", ".ci/run installs fonts-droid-fallback, a font with CJK characters"
+        pytest.skip("no font with CJK characters on this machine (Debian: fonts-droid-fallback)")
+    import matplotlib.pyplot as plt
+
+    from cnnlab.visualise import use_fonts_for_every_script
+
+    fig, ax = plt.subplots()
+    ax.set_title(names[2])
+    added = use_fonts_for_every_script(fig)
+    plt.close(fig)
+    assert added and any(ord("熊") in ft2font.FT2Font(font_manager.findfont(name)).get_charmap() for name in added)

@@ -207,7 +207,7 @@ def write_mistakes(test: Any, rows: np.ndarray, logits: torch.Tensor, labels: to
     import csv
     import io as text_io
 
-    from .io import printable
+    from .io import printable, spreadsheet_cell
 
     loss = nn.functional.cross_entropy(logits, labels, reduction="none")
     probs = logits.softmax(1)
@@ -218,8 +218,9 @@ def write_mistakes(test: Any, rows: np.ndarray, logits: torch.Tensor, labels: to
     writer = csv.writer(buffer)
     writer.writerow(["file", "true", "predicted", "confidence", "loss"])
     for i in wrong:
-        writer.writerow([printable(test.files[rows[i]]), classes[int(labels[i])], classes[int(pred[i])],
-                         f"{float(probs[i, pred[i]]):.4f}", f"{float(loss[i]):.4f}"])
+        writer.writerow([spreadsheet_cell(printable(test.files[rows[i]])), spreadsheet_cell(classes[int(labels[i])]),
+                         spreadsheet_cell(classes[int(pred[i])]), f"{float(probs[i, pred[i]]):.4f}",
+                         f"{float(loss[i]):.4f}"])
     atomic_write_text(out_dir / "mistakes.csv", buffer.getvalue())
     top = wrong[:shown]
     plot_top_losses([test.pixels[rows[i]] for i in top],

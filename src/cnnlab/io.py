@@ -182,3 +182,17 @@ class FolderClaim:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(text: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: one that begins like a formula (=, +, -, @; class and file
+    names come from folder names) gets a leading apostrophe, as OWASP's CSV-injection advice has it."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def from_spreadsheet_cell(text: str) -> str:
+    """What `spreadsheet_cell` wrote, as it was."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text

@@ -18,13 +18,50 @@ from .io import atomic_write  # noqa: E402
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
+    """The figure as a PNG (written whole or not at all), its texts in fonts that have their characters."""
+    import warnings
+
     path = Path(path)
     try:
-        atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=110,
-                                                  bbox_inches="tight"))
+        use_fonts_for_every_script(fig)
+        with warnings.catch_warnings():  # a character no installed font has is drawn as a box, never a warning
+            warnings.filterwarnings("ignore", message="Glyph .* missing from")
+            atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=110,
+                                                      bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path
+
+
+def use_fonts_for_every_script(fig: Any) -> list[str]:
+    """Class names come from folder names, in any script: a text with characters that matplotlib's DejaVu Sans
+    lacks (CJK, emoji) gets, after DejaVu Sans, the installed fonts that have them (Noto CJK, Droid Sans Fallback,
+    ...), as a per-glyph fallback list. Returns the fonts added; [] when none was needed or none is installed."""
+    from matplotlib import font_manager, ft2font
+    from matplotlib.text import Text
+
+    texts = [t for t in fig.findobj(Text) if t.get_text()]
+    base = ft2font.FT2Font(font_manager.findfont("DejaVu Sans")).get_charmap()
+    missing = {ord(c) for t in texts for c in t.get_text() if not c.isspace() and ord(c) not in base}
+    if not missing:
+        return []
+    families, wanted = [], set(missing)
+    paths = sorted({f.fname for f in font_manager.fontManager.ttflist} | set(font_manager.findSystemFonts()))
+    for font in paths:  # read only when a text needs it: a folder of Latin class names costs nothing
+        try:
+            covered = wanted & ft2font.FT2Font(font).get_charmap().keys()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if covered:
+            font_manager.fontManager.addfont(font)  # fonts installed after matplotlib built its list
+            families.append(font_manager.FontProperties(fname=font).get_name())
+            wanted -= covered
+        if not wanted:
+            break
+    for t in texts:
+        if families and any(ord(c) in missing for c in t.get_text()):
+            t.set_fontfamily(["DejaVu Sans", *dict.fromkeys(families)])
+    return families
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: list[str], path: str | Path) -> Path:

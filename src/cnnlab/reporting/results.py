@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..comparison import is_stale
+from ..io import from_spreadsheet_cell
 from ..visualise import plot_curves
 from .inputs import RunFolder
 from .observations import compare_claim, interval_text
@@ -62,7 +63,9 @@ def mistakes_block(eval_dir: Path, shown: int = 10) -> str:
         return missing("The most confident mistakes", f"cnnlab evaluate {eval_dir.parent} --data ROOT (again)")
     with path.open(newline="", encoding="utf-8", errors="replace") as fh:
         rows = list(csv.DictReader(fh))
-    top = [[Path(r["file"]).name, r["true"], r["predicted"], r["confidence"], r["loss"]] for r in rows[:shown]]
+    cell = from_spreadsheet_cell
+    top = [[Path(cell(r["file"])).name, cell(r["true"]), cell(r["predicted"]), r["confidence"], r["loss"]]
+           for r in rows[:shown]]
     return ("<h3>most confident mistakes</h3>" + figure(eval_dir / "top_losses.png", "the test images with the highest "
             "loss: true class, prediction and its confidence", width=720)
             + table(["file", "true", "predicted", "confidence", "loss"], top, (3, 4))
