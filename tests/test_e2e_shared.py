@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
@@ -31,7 +32,12 @@ def test_full_size_jpegs_and_the_gif_placeholder_decode(tmp_path):
 
     images = load_images(SHARED_DATA / "hymenoptera" / "train", 96, tmp_path / "cache", progress=False)
     assert images.classes == ["ants", "bees"] and len(images.files) == 245
-    assert len(images.valid) + len(images.errors) == 245
+    assert images.errors == {} and len(images.valid) == 245  # every file decodes, the palette GIF too
+    gif = images.files.index(SHARED_DATA / "hymenoptera" / "train" / "ants" / "imageNotFound.gif")
+    from PIL import Image
+
+    expected = np.asarray(Image.open(images.files[gif]).convert("RGB").resize((96, 96), Image.BILINEAR))
+    assert np.abs(images.pixels[gif].astype(int) - expected.astype(int)).mean() < 2  # its pixels, as PIL shows it
 
 
 SHARED_WEIGHTS = SHARED_DATA.parent / "weights" / "tf_efficientnet_lite0.safetensors"

@@ -113,7 +113,11 @@ def test_predict_reports_bad_files_and_predicts_the_rest(trained, tiny_data, tmp
     captured = capsys.readouterr()
     results = json.loads(captured.out)
     assert code == 1 and [len(r.get("top", [])) for r in results] == [2, 2, 0, 0]
-    assert abs(sum(t["prob"] for t in results[0]["top"])) <= 1.0
+    assert main(["predict", str(ckpt), str(good), "--top", "10", "--json"]) == 0  # every class of the ten
+    every = json.loads(capsys.readouterr().out)[0]["top"]
+    assert sum(t["prob"] for t in every) == pytest.approx(1.0, abs=1e-4)  # a distribution over the classes
+    assert [t["prob"] for t in every] == sorted((t["prob"] for t in every), reverse=True)
+    assert results[0]["top"] == every[:2]  # top-2 is the head of the full ranking, the same numbers
     assert "nope.jpg: no such file" in captured.err and len(captured.err.strip().splitlines()) == 2
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import missing_component
 from PIL import Image
 
 import cnnlab
@@ -464,8 +465,7 @@ def test_class_names_in_any_script_get_a_font_that_has_them_and_no_warning(tmp_p
     assert not [w for w in recwarn.list if "Glyph" in str(w.message)]  # boxes at worst, never a warning
     have = [f for f in font_manager.findSystemFonts() if ord("熊") in ft2font.FT2Font(f).get_charmap()]
     if not have:
-        assert os.environ.get("CI") != "true", ".ci/run installs fonts-droid-fallback, a font with CJK characters"
-        pytest.skip("no font with CJK characters on this machine (Debian: fonts-droid-fallback)")
+        missing_component("a font with CJK characters", ".ci/run installs Debian's fonts-droid-fallback")
     import matplotlib.pyplot as plt
 
     from cnnlab.visualise import use_fonts_for_every_script
@@ -475,3 +475,13 @@ def test_class_names_in_any_script_get_a_font_that_has_them_and_no_warning(tmp_p
     added = use_fonts_for_every_script(fig)
     plt.close(fig)
     assert added and any(ord("熊") in ft2font.FT2Font(font_manager.findfont(name)).get_charmap() for name in added)
+
+
+def test_a_loss_made_nan_by_its_inputs_never_advises_a_lower_lr(data, tmp_path):
+    from cnnlab.training import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged) as caught:  # a std of 1e-45 sends every normalised pixel to inf
+        cnnlab.train(data=str(data), image_size=32, filters=4, dense_units=8, epochs=1, device="cpu", precision="fp32",
+                     std="1e-45,1e-45,1e-45", cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"),
+                     progress=False, log=None)
+    assert "the inputs hold inf or nan values" in str(caught.value) and "lower --lr" not in str(caught.value)

@@ -96,13 +96,16 @@ OLD_RECIPE = {"optimizer": "adam", "lr": 1e-3, "scheduler": "none", "warmup_epoc
               "conv_init": "kaiming"}
 
 
+PINNED = {"device": "cpu", "precision": "fp32"}  # margins measured in fp32 on the CPU: the same on every CPU kind
+
+
 @pytest.mark.slow
 def test_the_default_recipe_beats_the_old_constant_lr_recipe(tmp_path):
     """Same synthetic photos, same seed, same epochs: only the recipe differs (a fixed seed, so the margin is a
     property of this data and seed, measured, not luck from run to run)."""
     data = make_demo_data(tmp_path / "demo", train_per_class=40, val_per_class=2, seed=5)
     base = {"data": str(data), "image_size": 48, "epochs": 6, "seed": 0, "decode_workers": 1, "out": str(tmp_path / "runs"),
-            "cache_dir": str(tmp_path / "cache")}
+            "cache_dir": str(tmp_path / "cache"), **PINNED}
     new = fit(make_config(base, {"name": "default"}), progress=False, log=lambda s: None)
     old = fit(make_config(base, OLD_RECIPE, {"name": "old"}), progress=False, log=lambda s: None)
     assert new.best_val_acc >= old.best_val_acc + 0.05, (new.best_val_acc, old.best_val_acc)
@@ -114,7 +117,7 @@ def test_a_whitened_first_conv_learns_faster_than_a_random_one(tmp_path):
     since on this tiny set the identity init moves the whitened runs both ways: 0.38/0.34/0.26)."""
     data = make_demo_data(tmp_path / "demo", train_per_class=40, val_per_class=2, seed=5)
     base = {"data": str(data), "image_size": 48, "epochs": 3, "seed": 0, "augment": False, "decode_workers": 1,
-            "conv_init": "kaiming", "out": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")}
+            "conv_init": "kaiming", "out": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"), **PINNED}
     whitened = fit(make_config(base, {"conv1_init": "whiten", "name": "whiten"}), progress=False, log=lambda s: None)
     random = fit(make_config(base, {"conv1_init": "kaiming", "name": "kaiming"}), progress=False, log=lambda s: None)
     assert whitened.best_val_acc >= random.best_val_acc + 0.1, (whitened.best_val_acc, random.best_val_acc)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import missing_component
 
 import cnnlab
 from cnnlab.evaluate import calibration
@@ -86,12 +87,21 @@ def test_an_assignment_killed_mid_sweep_continues_where_it_stopped(tiny_data, tm
             break
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL
+    from cnnlab.sweeps.report import load_study
+    from cnnlab.whole_job import finished_trials
+
+    folder = tmp_path / "a" / "sweeps" / "partA"
+    finished = lambda: {t.number: (t.datetime_complete, t.value) for t in load_study(folder).trials  # noqa: E731
+                        if t.state.name == "COMPLETE"}
+    kept = finished()
+    assert len(kept) == 1
     again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Part B skipped: give --weights" in again.stdout
-    from cnnlab.whole_job import finished_trials
-
-    assert finished_trials(tmp_path / "a" / "sweeps" / "partA") == 3  # the first trial kept, two more run
+    assert finished_trials(folder) == 3
+    after = finished()
+    assert len(after) == 3 and all(after[n] == done for n, done in kept.items())  # the first trial kept as it was,
+    # never run again (a restart from scratch would complete it a second time, at a later time)
     html = (tmp_path / "a" / "report" / "index.html").read_text()
     assert "A fine-tuned pretrained model is not in the inputs" in section(html, "partb")
 
@@ -204,10 +214,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def browser():
-    playwright = pytest.importorskip("playwright.sync_api")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing_component("playwright (the dev extra)", "pip install -e '.[dev]'")
     if CHROMIUM is None:
-        pytest.skip("no chromium on this machine (.ci/run installs Debian's package)")
-    return playwright.sync_playwright()
+        missing_component("Chromium", ".ci/run installs Debian's chromium")
+    return sync_api.sync_playwright()
 
 
 def open_page(p, index: Path, width: int):
@@ -243,9 +256,18 @@ def test_the_report_works_in_a_real_browser(job):
         assert axes()[:2] == [first[1], first[0]]
         rows = lambda: page.eval_on_selector_all(".pc-table tr td:first-child", "tds => tds.map(t => t.textContent)")  # noqa: E731
         before = rows()
+        column = lambda name: page.evaluate("""name => {  // the cells of the column headed `name`, top to bottom
+            const heads = [...document.querySelectorAll('.pc-table th')].map(h => h.textContent.replace(/ [▲▼]$/, ''));
+            const k = heads.indexOf(name);
+            return [...document.querySelectorAll('.pc-table tr')].slice(1).map(r => r.cells[k].textContent); }""", name)  # noqa: E731
+        metric = [float(v) for v in column("val_acc")]
+        assert metric == sorted(metric, reverse=True)  # first sorted by the metric, best first
+        lr_cell = lambda: [float(v) for v in column("lr")]  # noqa: E731
         page.locator(".pc-table th", has_text="lr").click()
+        assert lr_cell() == sorted(lr_cell(), reverse=True)  # a click sorts by lr, largest first
         page.locator(".pc-table th", has_text="lr").click()
-        assert sorted(rows()) == sorted(before) and len(before) == 3
+        assert lr_cell() == sorted(lr_cell())  # a second click turns the order round
+        assert sorted(rows()) == sorted(before) and len(before) == 3 and len(set(lr_cell())) == 3
         metric = page.locator(".pc-axis[data-name='val_acc'] .pc-hit")
         metric.scroll_into_view_if_needed()  # the last axis lies to the right, in the plot's own scroll box
         box = metric.bounding_box()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import missing_component
 
 from cnnlab.sweeps import SweepError, load_sweep, parse_sweep, run_sweep
 from cnnlab.sweeps.engine import orphans
@@ -284,15 +285,19 @@ def test_each_worker_process_runs_on_the_gpu_it_was_given(tiny_data, tmp_path):
     folder.mkdir(parents=True)
     open_study(load_sweep(path), make_storage(None, folder), 0, 1, folder, log=lambda s: None)
     argv = _sweep_cmd(path, tiny_data, tmp_path)[3:]
-    assert spawn_workers(argv, 2, gpus=["0", "1"]) == 0
+    gpus = ["3", "7"]  # ids that are not worker numbers: a worker index passed off as a GPU id would show
+    assert spawn_workers(argv, 2, gpus=gpus) == 0
     study = study_of(folder, "gpus")
     owners = [t.user_attrs["owner"] for t in study.get_trials() if "owner" in t.user_attrs]
     assert len(owners) == 6
     by_worker = {}
     for owner in owners:
         by_worker.setdefault(owner["worker"], set()).add((owner["pid"], owner["gpu"]))
-    assert {w: {gpu for _, gpu in seen} for w, seen in by_worker.items()} == {"0": {"0"}, "1": {"1"}}
+    # what each child process read from its own environment: worker i on GPU gpus[i mod n]
+    assert {w: {gpu for _, gpu in seen} for w, seen in by_worker.items()} == {str(i): {gpus[i % 2]} for i in range(2)}
     assert all(len(seen) == 1 for seen in by_worker.values())  # one process per worker, on one GPU
+    assert len({pid for seen in by_worker.values() for pid, _ in seen}) == 2 and os.getpid() not in {
+        pid for seen in by_worker.values() for pid, _ in seen}  # two real processes, neither this one
 
 
 @pytest.mark.slow
@@ -332,7 +337,7 @@ def postgres():
 
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
+        missing_component("PostgreSQL's server binaries", ".ci/run installs Debian's postgresql")
     pytest.importorskip("psycopg")
     root = Path(tempfile.mkdtemp(prefix="cnnlab-pg-"))
     as_user = []

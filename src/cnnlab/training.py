@@ -250,6 +250,7 @@ def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool,
     return FitResult(run_dir, run.best_val_acc, run.best_epoch, summary["history"], status)
 
 
+@torch.inference_mode()  # as validation reads these batches
 def inputs_are_finite(data: EpochData, batches: int = 4) -> bool:
     """Whether the first few batches, as the network sees them, are finite (validation's: the same images or stored
     features, unaugmented, and re-readable where the epoch's training batches are spent)."""

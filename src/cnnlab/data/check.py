@@ -12,7 +12,8 @@ re-encoded at another JPEG quality differs in 0 bits, resized and re-encoded in 
   the 256 comparisons are decided by JPEG noise, so such hashes match each other by chance. Measured: line
   drawings and dots on white have 2-17% of clear edges, the photos of grocery 56% or more;
 - an independent second check agrees: their 12 x 12 colour thumbnails, centred, correlate at MIN_SIMILARITY or
-  more (re-encoded and resized copies at 0.98 or more; two distinct crosses of nearly one place and size at 0.93).
+  more (re-encoded and resized copies at 0.98 or more, a re-exposed copy of a flowers photo at 0.95; two distinct
+  crosses of nearly one place and size at 0.93, and the hash's decided comparisons already tell them apart).
 Clusters join images of one class only; a pair across classes (one picture under two labels) is listed as a pair,
 and a test image counts as leaked only when it is matched directly to a training image (or has its bytes), never
 through a chain of other images.
@@ -38,7 +39,7 @@ HASH_SIZE = 32  # the decode size the hash is computed from when no larger cache
 EDGE = 4.0  # grey levels (of 255) between neighbours that make a clear edge: a comparison decided, not JPEG noise
 MIN_DECIDED = 8  # decided comparisons (of 256) an image's hash needs to count at all: a blank page has none
 MAX_WRONG = 0.1  # of the comparisons decided in either image, the share that may disagree
-MIN_SIMILARITY = 0.97  # the second check: correlation of the two 12 x 12 colour thumbnails
+MIN_SIMILARITY = 0.94  # the second check: correlation of the two 12 x 12 colour thumbnails
 THUMB = 12
 CROSS_PAIRS_KEPT = 1000  # pairs across classes listed (each is reported, none is chained)
 
