@@ -19,8 +19,9 @@ from .api import Log, Run, SweepRun, check, compare, load, report, sweep, train
 from .arguments import optional_whole_number, path_like, whole_number
 from .errors import CnnlabError
 from .io import FolderClaim
+from .sweeps.schema import shipped_sweep
 
-SHIPPED_SWEEP = Path(__file__).resolve().parents[2] / "sweeps" / "partA.yaml"
+SHIPPED_SWEEP = "partA.yaml"  # the assignment's Part A search space, shipped with cnnlab (sweeps.shipped_sweep)
 
 
 @dataclass
@@ -136,8 +137,8 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
     if not (data / "train").is_dir() or not (data / "val").is_dir():
         raise CnnlabError(f"{data} needs train/ and val/ folders of class folders (val/ is the test set)")
     plan = Plan.make(quick, trials, image_size, strategies)
-    sweep_path = Path(sweep_file) if sweep_file else SHIPPED_SWEEP
-    if not sweep_path.is_file():
+    sweep_path = Path(sweep_file) if sweep_file else shipped_sweep(SHIPPED_SWEEP)
+    if sweep_path is None or not sweep_path.is_file():
         raise CnnlabError(f"sweep file {sweep_path} not found: give one with --sweep FILE (sweeps/partA.yaml in cnnlab's "
                           "repository is the assignment's)")
     if weights:  # Part B's model and weights checked now, not after Part A's sweep has run for an hour

@@ -232,5 +232,28 @@ def _hyperband(et: Any) -> dict[str, int] | None:
     return {"min_iter": max(1, int(max_iter / eta ** (s - 1))), "max_iter": max_iter, "eta": eta}
 
 
+def shipped_sweep(name: str) -> Path | None:
+    """One of the sweep files cnnlab ships (partA, partB: package data, so an installed wheel has them too), by its
+    name with or without .yaml; None when there is no such file."""
+    from importlib import resources
+
+    stem = Path(name).name.removesuffix(".yaml")
+    path = Path(str(resources.files("cnnlab.shipped_sweeps").joinpath(f"{stem}.yaml")))
+    return path if stem and path.is_file() else None
+
+
+def sweep_path(given: str | Path) -> Path:
+    """A sweep file as given, or, where no file has that path, the shipped one of that name: `cnnlab sweep partA`
+    and `cnnlab sweep sweeps/partA.yaml` work in an installed cnnlab as in a checkout."""
+    given = Path(given)
+    if given.exists():
+        return given
+    return shipped_sweep(given.name) or given
+
+
 def load_sweep(path: str | Path) -> Sweep:
-    return parse_sweep(read_yaml(path, "sweep", SweepError), Path(path).stem)
+    path = sweep_path(path)
+    if not path.exists():
+        raise SweepError(f"sweep file {path} not found: give a W&B sweep file, or the name of one cnnlab ships "
+                         "(partA, partB)")
+    return parse_sweep(read_yaml(path, "sweep", SweepError), path.stem)
