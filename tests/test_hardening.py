@@ -485,3 +485,17 @@ def test_a_loss_made_nan_by_its_inputs_never_advises_a_lower_lr(data, tmp_path):
                      std="1e-45,1e-45,1e-45", cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"),
                      progress=False, log=None)
     assert "the inputs hold inf or nan values" in str(caught.value) and "lower --lr" not in str(caught.value)
+
+
+def test_cnnlab_sweep_shares_a_study_through_cnnlab_storage_as_the_cli_does(tiny_data, tmp_path, monkeypatch):
+    """One rule for the storage (sweeps.storage.storage_url): the Python API reads $CNNLAB_STORAGE as the CLI does."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv("CNNLAB_STORAGE", url)
+    space = {"name": "shared", "method": "grid", "parameters": {"activation": {"values": ["relu", "gelu"]}}}
+    cnnlab.sweep(space, data=str(tiny_data), sweeps_dir=tmp_path / "sweeps", image_size=32, filters=4, dense_units=8,
+                 epochs=1, cache_dir=str(tmp_path / "cache"), device="cpu", log=None, progress=False)
+    assert not (tmp_path / "sweeps" / "shared" / "journal.log").exists()
+    studies = optuna.get_all_study_summaries(url)
+    assert [s.n_trials for s in studies] == [2]

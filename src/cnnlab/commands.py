@@ -179,7 +179,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .api import sweep as run_the_sweep
 
-    args.storage = args.storage or os.environ.get("CNNLAB_STORAGE")  # keeps a password out of `ps`
     check_workers(args.workers)
     if args.workers > 1:
         return spawn_sweep_workers(args)
@@ -233,7 +232,7 @@ def spawn_sweep_workers(args: argparse.Namespace) -> int:
 def cmd_sweep_report(args: argparse.Namespace) -> int:
     from .api import SweepRun
 
-    out = SweepRun(Path(args.folder), storage=args.storage or os.environ.get("CNNLAB_STORAGE")).report()
+    out = SweepRun(Path(args.folder), storage=args.storage).report()
     print(f"wrote {out}")
     return 0
 
@@ -258,7 +257,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_assignment(args: argparse.Namespace) -> int:
     from .whole_job import assignment
 
-    args.storage = args.storage or os.environ.get("CNNLAB_STORAGE")
     check_workers(args.workers)
     index = assignment(args.data, args.out, quick=args.quick, sweep_file=args.sweep_file, trials=args.trials,
                        image_size=args.image_size, model=args.model, weights=args.weights, strategies=args.strategies,

@@ -106,9 +106,7 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     so a second trial of the same architecture compiles in a fraction of the first one's time."""
     if mode == "off":
         return model
-    import torch._dynamo
-
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 

@@ -3,6 +3,7 @@ Optuna RDB URL (`--storage postgresql://...`) so processes on many machines shar
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import warnings
@@ -10,10 +11,19 @@ from pathlib import Path
 
 from ..errors import CnnlabError
 
+STORAGE_VARIABLE = "CNNLAB_STORAGE"  # an RDB URL in the environment keeps its password out of `ps`
+
+
+def storage_url(url: str | None) -> str | None:
+    """The storage a sweep uses: the URL given, else $CNNLAB_STORAGE, else None (a journal file in its folder). The
+    one place this is decided, so the CLI, the Python API and worker processes share a study the same way."""
+    return url or os.environ.get(STORAGE_VARIABLE) or None
+
 
 def make_storage(url: str | None, folder: Path):
     import optuna
 
+    url = storage_url(url)
     if not url:
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
