@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from .config import Config
-from .hardware import autocast
 from .io import atomic_write_json
-from .training import Prepared, epoch_seed, make_losses, prepare
+from .training import Prepared, epoch_seed, make_losses, prepare, train_step
 
 RULE = "half the learning rate of the lowest smoothed loss"
 
@@ -108,12 +107,8 @@ def range_test(cfg: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
             for x, y in data.train:
                 for group, ratio in zip(optimizer.param_groups, ratios):
                     group["lr"] = lr * ratio
-                x = data.transform(x, aug)
-                with autocast(device, ready.amp):
-                    loss = loss_fn(data.net(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss, _ = train_step(data.net, x, y, data.transform, aug, optimizer, loss_fn, device, ready.amp,
+                                     cfg.grad_clip)
                 lrs.append(lr)
                 losses.append(float(loss.detach()))
                 lr *= factor

@@ -113,6 +113,23 @@ def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
 
 # ---- one epoch -----------------------------------------------------------------------------------------
 
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform: Callable, aug: torch.Generator | None,
+               optimizer: torch.optim.Optimizer, loss_fn: nn.Module, device: torch.device, amp: torch.dtype | None,
+               grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one training step (augment, forward under autocast, backward, clip, optimiser step), which every epoch
+    and the learning-rate range test run; returns the batch's loss and logits, detached from nothing."""
+    x = transform(x, aug)
+    with autocast(device, amp):
+        logits = model(x)
+        loss = loss_fn(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss, logits
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], transform: Callable,
                     optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: nn.Module, device: torch.device,
                     amp: torch.dtype | None, aug: torch.Generator | None, grad_clip: float = 0.0,
@@ -124,15 +141,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for x, y in batches:
-        x = transform(x, aug)
-        with autocast(device, amp):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        loss, logits = train_step(model, x, y, transform, aug, optimizer, loss_fn, device, amp, grad_clip)
         if scheduler is not None:
             scheduler.step()
         if after_step is not None:
