@@ -41,14 +41,11 @@ def cpu_has_bf16() -> bool:
         if override not in ("0", "1"):
             raise ConfigError(f"${BF16_OVERRIDE}={override!r}: expected 1 (treat this CPU as having native bf16) or 0")
         return override == "1"
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+    try:  # the CPU's own flags (PyTorch's public API tells the vector width, not bf16); no /proc: not Linux, fp32
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
