@@ -91,11 +91,6 @@ def signatures(pixels: np.ndarray, chunk: int = 1024) -> Signature:
     return Signature(torch.cat(hashes), torch.cat(decided), torch.cat(thumbs))
 
 
-def perceptual_hashes(pixels: np.ndarray, chunk: int = 1024) -> torch.Tensor:
-    """(N, 256) bool difference hashes of (N, S, S, 3) uint8 images (any S >= 17)."""
-    return signatures(pixels, chunk).hashes
-
-
 @dataclass
 class NearDuplicates:
     """The outcome of one pass: a cluster id per image (the smallest index in its cluster; clusters join images
@@ -166,14 +161,6 @@ def merge(ids: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ids = ids.copy()
     ids[moved] = smallest[component[np.searchsorted(nodes, ids[moved])]]
     return ids
-
-
-def clusters_of(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
-    """A cluster id per index (the smallest index of its cluster) from a list of pairs; an index in no pair is its
-    own cluster."""
-    a = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
-    b = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
-    return merge(np.arange(n, dtype=np.int64), a, b)
 
 
 def groups_of(ids: np.ndarray) -> list[list[int]]:
