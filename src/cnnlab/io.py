@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -11,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import StorageError
+from .errors import CnnlabError, StorageError
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -153,10 +154,6 @@ class FolderClaim:
     NAME = ".cnnlab.lock"
 
     def __init__(self, folder: str | Path, what: str, fix: str) -> None:
-        import fcntl
-
-        from .errors import CnnlabError
-
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.folder / self.NAME, "a+")

@@ -312,8 +312,8 @@ def check_data(root: str | Path, cache_dir: str | Path, progress: bool = True, l
     rotated = sum(1 for f in facts if f.get("orientation", 1) != 1)
     sizes = [tuple(f["size"]) for f in facts if "size" in f]
     exact_index = list(exact_groups(files).values())
-    sizes_ = [len(im.files) for im in sets.values()]
-    offsets = np.cumsum([0, *sizes_[:-1]])
+    lengths = [len(im.files) for im in sets.values()]
+    offsets = np.cumsum([0, *lengths[:-1]])
     valid = np.concatenate([im.valid + off for im, off in zip(sets.values(), offsets)])
     pixels = np.concatenate([np.asarray(im.pixels) for im in sets.values()])
     names = sorted({c for im in sets.values() for c in im.classes})  # val/ classes by name, as train/'s

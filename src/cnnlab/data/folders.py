@@ -31,19 +31,19 @@ def class_name(name: str) -> str:
 def list_classes(folder: Path) -> list[str]:
     """The sorted class sub-folder names of `folder` (NFC), hidden and clutter folders skipped. A link to a folder
     that does not exist is listed too, so the class it names is reported as empty rather than silently dropped."""
+    return [class_name(p.name) for p in class_folders(folder)]
+
+
+def class_folders(folder: Path) -> list[Path]:
+    """The class folders of `folder` (and links to folders that do not exist), sorted by class name; a folder that
+    is missing or holds no class folder is one DataError."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: expected ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg "
                         f"(run `cnnlab demo-data data/demo` or `cnnlab download inaturalist-12k data/`)")
-    classes = sorted(class_name(p.name) for p in class_folders(folder))
-    if not classes:
-        raise DataError(f"{folder} has no class folders: expected {folder}/<class>/<image files>")
-    return classes
-
-
-def class_folders(folder: Path) -> list[Path]:
-    """The class folders of `folder` (and links to folders that do not exist), sorted by class name."""
     found = [p for p in folder.iterdir() if not skipped(p.name) and (p.is_dir() or (p.is_symlink() and not p.exists()))]
+    if not found:
+        raise DataError(f"{folder} has no class folders: expected {folder}/<class>/<image files>")
     return sorted(found, key=lambda p: class_name(p.name))
 
 
@@ -71,7 +71,6 @@ def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
     are read too. Hidden files are skipped; every other file is listed, so a non-image (or a link to nowhere) is
     reported rather than silently ignored."""
     folder = Path(folder)
-    list_classes(folder)  # the folder's own errors first
     classes, files, labels = [], [], []
     for path in class_folders(folder):
         classes.append(class_name(path.name))
@@ -100,6 +99,8 @@ def classes_without_images(folder: Path, classes: list[str], files: list[Path], 
     from .decode import file_kind
 
     usable = np.bincount(np.delete(labels, list(errors)), minlength=len(classes))
+    if usable.all():  # the usual case: no folder is listed again
+        return {}
     paths = {class_name(p.name): p for p in class_folders(folder)}
     reasons = {}
     for k, name in enumerate(classes):
