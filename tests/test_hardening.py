@@ -474,7 +474,24 @@ def test_class_names_in_any_script_get_a_font_that_has_them_and_no_warning(tmp_p
     ax.set_title(names[2])
     added = use_fonts_for_every_script(fig)
     plt.close(fig)
-    assert added and any(ord("熊") in ft2font.FT2Font(font_manager.findfont(name)).get_charmap() for name in added)
+    # a name may hold a '-', which a plain string would parse as a fontconfig pattern
+    found = [font_manager.findfont(font_manager.FontProperties(family=[name])) for name in added]
+    assert added and any(ord("熊") in ft2font.FT2Font(f).get_charmap() for f in found)
+    assert not [name for name in added if name.startswith("Last Resort")]
+
+
+def test_a_character_no_real_font_has_is_left_to_matplotlibs_own_last_resort(tmp_path):
+    """matplotlib (3.10+) ends every font list with Unicode's Last Resort font, whose every glyph is a placeholder
+    box: it covers all of Unicode, so it must never be picked as the font that 'has' a character. Where the checkout
+    path sorts before /usr (CI's /check/...), it was picked first, and CJK class names were drawn as boxes."""
+    import matplotlib.pyplot as plt
+
+    from cnnlab.visualise import use_fonts_for_every_script
+
+    fig, ax = plt.subplots()
+    ax.set_title("\U00030000 owl")  # CJK Extension G: no font installed here or on CI has it
+    assert use_fonts_for_every_script(fig) == []
+    plt.close(fig)
 
 
 def test_a_loss_made_nan_by_its_inputs_never_advises_a_lower_lr(data, tmp_path):

@@ -52,10 +52,14 @@ def use_fonts_for_every_script(fig: Any) -> list[str]:
             covered = wanted & ft2font.FT2Font(font).get_charmap().keys()
         except (OSError, RuntimeError, ValueError):
             continue
-        if covered:
-            font_manager.fontManager.addfont(font)  # fonts installed after matplotlib built its list
-            families.append(font_manager.FontProperties(fname=font).get_name())
-            wanted -= covered
+        if not covered:
+            continue
+        name = font_manager.FontProperties(fname=font).get_name()
+        if name.startswith("Last Resort"):  # matplotlib's own final fallback: it covers everything, with boxes
+            continue
+        font_manager.fontManager.addfont(font)  # fonts installed after matplotlib built its list
+        families.append(name)
+        wanted -= covered
         if not wanted:
             break
     for t in texts:
