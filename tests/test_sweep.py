@@ -277,17 +277,17 @@ def test_worker_i_gets_gpu_i_mod_n_and_its_share_of_the_cores():
 def test_each_worker_process_runs_on_the_gpu_it_was_given(tiny_data, tmp_path):
     """Real worker processes, spawned as `--workers 2` spawns them on a 2-GPU machine: each trial records the
     environment its process received (on a CPU machine the device stays the CPU)."""
-    from cnnlab.sweeps import make_storage, open_study
-    from cnnlab.sweeps.workers import spawn_workers
+    from cnnlab.run_folder import RunFolder
+    from cnnlab.sweeps import launch_workers
 
     path = grid_file(tmp_path, "gpus", a=(4, 6, 8), b=("relu", "gelu"), epochs=1)
-    folder = tmp_path / "sweeps" / "gpus"
-    folder.mkdir(parents=True)
-    open_study(load_sweep(path), make_storage(None, folder), 0, 1, folder, log=lambda s: None)
-    argv = _sweep_cmd(path, tiny_data, tmp_path)[3:]
     gpus = ["3", "7"]  # ids that are not worker numbers: a worker index passed off as a GPU id would show
-    assert spawn_workers(argv, 2, gpus=gpus) == 0
-    study = study_of(folder, "gpus")
+    base = {**tiny_base(tiny_data, tmp_path / "cache"), "image_size": 40}
+    assert launch_workers(load_sweep(path), base, tmp_path / "sweeps", 2, None, gpus=gpus, log=lambda s: None) == 0
+    study = study_of(tmp_path / "sweeps" / "gpus", "gpus")
+    # the base config reached every trial as data (no command line rebuilt from it and parsed again)
+    configs = [RunFolder(t.user_attrs["run_dir"]).config for t in study.get_trials()]
+    assert len(configs) == 6 and {(c.image_size, c.dense_units, c.data) for c in configs} == {(40, 16, str(tiny_data))}
     owners = [t.user_attrs["owner"] for t in study.get_trials() if "owner" in t.user_attrs]
     assert len(owners) == 6
     by_worker = {}

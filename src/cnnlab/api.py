@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from .arguments import optional_whole_number, path_like, real_number, whole_numb
 from .arguments import paths as path_list
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
 from .errors import CnnlabError, ConfigError, quote
+from .run_folder import BEST, CONFIG, EVAL, RunFolder
 
 __all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
            "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
@@ -74,7 +74,7 @@ def resume_config(folder: str | Path, **overrides: Any) -> Config:
     run = Path(folder)
     if run.is_file():
         raise CnnlabError(f"--resume takes the run folder, not a file: cnnlab train --resume {run.parent}")
-    saved = run / "config.yaml"
+    saved = run / CONFIG
     if not saved.exists():
         raise CnnlabError(f"{run} is not a run folder (no config.yaml); expected runs/<name>")
     before = saved_config(load_yaml(saved))
@@ -116,9 +116,9 @@ def train(config: str | Path | Config | dict[str, Any] | None = None, *, resume:
         folder = where.folder
         if raise_interrupt or folder is None:  # before the first epoch began there is no run to return
             raise
-        epochs = len(_read_history(folder))
+        epochs = len(RunFolder(folder).history)
         log(f"interrupted: {folder} holds {epochs} finished epoch(s)" + (
-            f"; continue with cnnlab.train(resume={str(folder)!r})" if (folder / "last.pt").exists() else ""))
+            f"; continue with cnnlab.train(resume={str(folder)!r})" if RunFolder(folder).resumable else ""))
         return Run(folder, status="interrupted")
     return Run(result.run_dir, status=result.status)
 
@@ -132,18 +132,12 @@ def load(path: str | Path) -> Run | Any:
 
         return OnnxClassifier(p)
     if p.is_dir():
-        if not (p / "best.pt").is_file():
+        if not (p / BEST).is_file():
             raise CnnlabError(f"{p} is a folder without best.pt: give a run folder (runs/<name>) or a checkpoint file")
         return Run(p)
     if not p.is_file():
         raise CnnlabError(f"checkpoint {p} not found: expected runs/<name>/best.pt or last.pt, or the run folder")
     return Run(p.parent, checkpoint=p)
-
-
-def _read_history(folder: Path) -> list[dict[str, Any]]:
-    from .io import read_jsonl
-
-    return read_jsonl(folder / "metrics.jsonl")
 
 
 def _png_html(path: Path, width: int = 640) -> str:
@@ -205,39 +199,35 @@ class Run:
         self.folder = Path(self.folder)
 
     @property
+    def files(self) -> RunFolder:
+        """The folder as written: every rule about a run (its best epoch, kind, stale evaluation) is read there."""
+        return RunFolder(self.folder)
+
+    @property
     def best_checkpoint(self) -> Path:
-        return Path(self.checkpoint) if self.checkpoint else self.folder / "best.pt"
+        return Path(self.checkpoint) if self.checkpoint else self.folder / BEST
 
     @property
     def config(self) -> Config:
-        return saved_config(load_yaml(self.folder / "config.yaml"))
+        return self.files.config
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """One dict per finished epoch: epoch, train_loss, train_acc, val_loss, val_acc, lr, epoch_time, ..."""
-        return _read_history(self.folder)
+        return self.files.history
 
     @property
     def summary(self) -> dict[str, Any]:
-        path = self.folder / "summary.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return self.files.summary
 
     @property
     def best_val_acc(self) -> float | None:
         """Of the epoch best.pt holds (training's rule: the best accuracy, ties broken by the lower loss)."""
-        best = self._best()
-        return best["val_acc"] if best else None
+        return self.files.best_val_acc
 
     @property
     def best_epoch(self) -> int | None:
-        best = self._best()
-        return best["epoch"] if best else None
-
-    def _best(self) -> dict[str, Any] | None:
-        history = self.history
-        if not history:
-            return None
-        return min(history, key=lambda r: (-r["val_acc"], r["val_loss"], r["epoch"]))
+        return self.files.best_epoch
 
     def _loaded(self, device: str) -> tuple[Any, Any]:
         """(the checkpoint's model, its device), loaded once per device and kept for later predictions."""
@@ -261,7 +251,7 @@ class Run:
         whole_number("top", top, 1)
         whole_number("seed", seed)
         data = data if data is not None else self.config.data
-        out_dir = Path(out) if out else self.best_checkpoint.parent / "eval"
+        out_dir = Path(out) if out else self.best_checkpoint.parent / EVAL
         metrics = evaluate_checkpoint(self.best_checkpoint, data, resolve_device(device), _cache(cache_dir), out_dir,
                                       top, seed, progress=_progress(progress), log=log or _silent)
         return Evaluation(metrics, out_dir)
@@ -364,10 +354,10 @@ class SweepRun:
     def report(self) -> Path:
         """The offline report in the sweep folder's report/: figures, tables, best.yaml and index.html (the page
         `cnnlab report` writes: interactive parallel coordinates, observations, the best trial)."""
-        from .reporting import write_report as write_page
-        from .sweeps.report import write_report
+        from .reporting import write_report
+        from .sweeps.report import write_sweep_figures
 
-        return write_page([self.folder], write_report(self.folder, self.storage), storage=self.storage)
+        return write_report([self.folder], write_sweep_figures(self.folder, self.storage), storage=self.storage)
 
 
 def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, storage: str | None = None,

@@ -1,5 +1,5 @@
 """What `fit` reports through, instead of branches inside its loop (as minGPT's Trainer does): each callback
-sees the `Run` at its start, after every epoch (with that epoch's record) and at its end. Checkpoints, the
+sees the `TrainingState` at its start, after every epoch (with that epoch's record) and at its end. Checkpoints, the
 metrics file, the console line, Weights & Biases, early stopping and a sweep's pruning are all callbacks."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .config import Config
 from .errors import ConfigError
 from .io import append_jsonl
 from .preprocess import Preprocess
+from .run_folder import BEST, LAST, METRICS
 
 
 class StopTraining(Exception):
@@ -30,8 +31,8 @@ class StopTraining(Exception):
 
 
 @dataclass
-class Run:
-    """The state of one training run, as callbacks see it."""
+class TrainingState:
+    """The state of one training run in this process, as callbacks see it (its folder: `run_folder.RunFolder`)."""
 
     cfg: Config
     run_dir: Path
@@ -55,13 +56,13 @@ class Run:
 
 
 class Callback:
-    def on_fit_start(self, run: Run) -> None:
+    def on_fit_start(self, run: TrainingState) -> None:
         pass
 
-    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
         pass
 
-    def on_fit_end(self, run: Run) -> None:
+    def on_fit_end(self, run: TrainingState) -> None:
         pass
 
 
@@ -70,28 +71,28 @@ class Checkpoints(Callback):
     every epoch. best.pt first: a crash between the two saves only redoes this epoch on resume. With --ema,
     best.pt holds the average (what was validated) and last.pt the trained weights plus the average."""
 
-    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
         def state(model: nn.Module, **extra: Any) -> dict[str, Any]:
             return make_checkpoint(model, run.cfg, run.classes, run.preprocess, record["epoch"], run.history,
                                    best_val_acc=run.best_val_acc, best_val_loss=run.best_val_loss,
                                    best_epoch=run.best_epoch, **extra)
 
         if run.improved:
-            save_checkpoint(state(run.result_model), run.run_dir / "best.pt")
+            save_checkpoint(state(run.result_model), run.run_dir / BEST)
         save_checkpoint(state(run.model, optimizer=run.optimizer.state_dict(),
                               scheduler=run.scheduler.state_dict() if run.scheduler else None,
-                              ema=run.ema.state_dict() if run.ema is not None else None), run.run_dir / "last.pt")
+                              ema=run.ema.state_dict() if run.ema is not None else None), run.run_dir / LAST)
 
 
 class MetricsFile(Callback):
     """One JSON line per epoch in metrics.jsonl, synced: a crash loses at most the line being written."""
 
-    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
-        append_jsonl(run.run_dir / "metrics.jsonl", record)
+    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
+        append_jsonl(run.run_dir / METRICS, record)
 
 
 class ConsoleLog(Callback):
-    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
         r = record
         run.log(f"epoch {r['epoch']}/{run.cfg.epochs}  train_loss {r['train_loss']:.4f}  train_acc {r['train_acc']:.4f}  "
                 f"val_loss {r['val_loss']:.4f}  val_acc {r['val_acc']:.4f}  lr {r['lr']:.2e}  "
@@ -104,7 +105,7 @@ class EarlyStopping(Callback):
     def __init__(self, patience: int):
         self.patience = patience
 
-    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
         if self.patience and record["epoch"] - run.best_epoch >= self.patience:
             run.log(f"early stop: no better val_acc for {self.patience} epochs "
                     f"(best {run.best_val_acc:.4f} at epoch {run.best_epoch})")
@@ -123,7 +124,7 @@ class WandbTracker(Callback):
             except ImportError:
                 raise ConfigError(f"wandb={cfg.wandb} needs the wandb package: pip install wandb (or --wandb off)") from None
 
-    def on_fit_start(self, run: Run) -> None:
+    def on_fit_start(self, run: TrainingState) -> None:
         if run.cfg.wandb == "off":
             return
         import wandb
@@ -133,11 +134,11 @@ class WandbTracker(Callback):
                                     reinit="create_new")
         run.log(f"wandb {run.cfg.wandb}: {self.wandb_run.dir}")
 
-    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=int(record["epoch"]))
 
-    def on_fit_end(self, run: Run) -> None:
+    def on_fit_end(self, run: TrainingState) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None

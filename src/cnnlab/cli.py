@@ -15,6 +15,7 @@ from . import __version__, arguments
 from .commands import COMMANDS
 from .config import FIELDS, describe
 from .errors import CnnlabError, ConfigError
+from .sweeps.workers import WORKER_COMMAND
 
 
 class Terminated(KeyboardInterrupt):
@@ -63,7 +64,8 @@ CACHE_HELP = "where decoded images are cached [default: $CNNLAB_CACHE or ~/.cach
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="{" + ",".join(c for c, (_, about) in COMMANDS.items() if about) + "}")
 
     p = sub.add_parser("train", help=COMMANDS["train"][1], allow_abbrev=False)
     p.add_argument("--config", help="YAML file of config keys; flags given here win")
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML of base config keys for every trial")
     p.add_argument("--quiet", action="store_true", help="no progress bars: one line per trial")
     _add_config_flags(p)
+
+    sub.add_parser(WORKER_COMMAND, allow_abbrev=False)  # no help: a launcher's child (its job comes on stdin)
 
     p = sub.add_parser("sweep-report", help=COMMANDS["sweep-report"][1], allow_abbrev=False)
     p.add_argument("folder", help="the sweep folder, sweeps/<name>")

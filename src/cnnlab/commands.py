@@ -185,12 +185,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     swept = run_the_sweep(args.sweep_file, count=args.count, storage=args.storage, sweeps_dir=args.out_root,
                           sampler_seed=args.seed, config=args.config, progress=show_progress(args), log=print,
                           warn=lambda m: print(f"cnnlab sweep: {m}", file=sys.stderr), **config_overrides(args))
+    print(sweep_line(swept))
+    return 0
+
+
+def cmd_sweep_worker(args: argparse.Namespace) -> int:
+    """One worker process of `launch_workers`: its job (sweep, base config, trials) is read from stdin, as data."""
+    from .api import sweep as run_the_sweep
+    from .sweeps import WorkerJob
+
+    job = WorkerJob.from_json(sys.stdin.read())
+    swept = run_the_sweep(job.sweep, count=job.count, sweeps_dir=job.sweeps_dir, sampler_seed=job.seed,
+                          progress=False, log=print, warn=lambda m: None, **job.base)  # the launcher warned once
+    print(sweep_line(swept))
+    return 0
+
+
+def sweep_line(swept: Any) -> str:
+    """The line a sweep process ends with: how many trials it ran, how they ended, the best so far."""
     result, name = swept.result, swept.folder.name
     best = (f"best {result.metric} {result.best_value:.4f} (trial {result.best_trial})"
             if result.best_value is not None else "no complete trial")
-    print(f"sweep {name}: {result.ran} trials in {result.seconds:.0f}s ({result.complete} complete, "
-          f"{result.pruned} pruned, {result.failed} failed); {best}; report: cnnlab sweep-report {swept.folder}")
-    return 0
+    return (f"sweep {name}: {result.ran} trials in {result.seconds:.0f}s ({result.complete} complete, "
+            f"{result.pruned} pruned, {result.failed} failed); {best}; report: cnnlab sweep-report {swept.folder}")
 
 
 def check_workers(workers: int) -> None:
@@ -201,32 +218,20 @@ def check_workers(workers: int) -> None:
 
 
 def spawn_sweep_workers(args: argparse.Namespace) -> int:
-    """`--workers N`: the study is created (and a grid queued) once here, then N processes run this same command
-    with --workers 1 and share it."""
+    """`--workers N`: N processes share the sweep, each running --count trials (default: until it is done)."""
     from .models import check_config
-    from .sweeps import load_sweep, make_storage, open_study, spawn_workers
+    from .sweeps import launch_workers, load_sweep
 
     sweep = load_sweep(args.sweep_file)
     for warning in sweep.warnings:
         print(f"cnnlab sweep: warning: {warning}", file=sys.stderr)
     base = {**(load_yaml(args.config) if args.config else {}), **config_overrides(args)}
-    config = check_config(make_config(base))  # refuse bad base flags before anything starts
-    folder = Path(args.out_root) / sweep.name
-    folder.mkdir(parents=True, exist_ok=True)
-    open_study(sweep, make_storage(args.storage, folder), args.seed, config.epochs, folder, show_progress(args))
-    argv = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
-    cleaned, skip = [], False
-    for a in argv:  # drop --workers N / --workers=N: each child runs one process's worth
-        if skip:
-            skip = False
-            continue
-        if a == "--workers":
-            skip = True
-            continue
-        if not a.startswith("--workers="):
-            cleaned.append(a)
+    if "data" in base:  # the same data wherever a worker runs from
+        base["data"] = str(Path(base["data"]).resolve())
+    check_config(make_config(base))  # refuse bad base flags before anything starts
     print(f"sweep {sweep.name}: {args.workers} worker processes, {args.count or 'all'} trials each")
-    return spawn_workers(cleaned, args.workers)
+    return launch_workers(sweep, base, Path(args.out_root), args.workers, args.count, args.storage,
+                          args.seed, show_progress(args))
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> int:
@@ -276,6 +281,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "check": (cmd_check, "what is in a data folder: counts, imbalance, unreadable files, duplicates, leakage"),
     "models": (cmd_models, "list the model names --model accepts"),
     "evaluate": (cmd_evaluate, "test accuracy, per-class metrics, confusion matrix and prediction grid on ROOT/val"),
+    "sweep-worker": (cmd_sweep_worker, ""),  # started by launch_workers, never by hand: not in --help
     "sweep": (cmd_sweep, "run a W&B-schema sweep file on the embedded Optuna engine"),
     "sweep-report": (cmd_sweep_report, "plots and tables of a sweep, offline"),
     "compare": (cmd_compare, "runs side by side: a table and a plot of validation accuracy"),

@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .callbacks import Callback, Checkpoints, ConsoleLog, EarlyStopping, MetricsFile, Run, StopTraining, WandbTracker
+from .callbacks import Callback, Checkpoints, ConsoleLog, EarlyStopping, MetricsFile, StopTraining, TrainingState, WandbTracker
 from .checkpoint import load_checkpoint
 from .config import Config, save_yaml
 from .data import (
@@ -53,6 +53,7 @@ from .models import (
     whiten_first_conv,
 )
 from .preprocess import Preprocess
+from .run_folder import CONFIG, LAST, METRICS, SUMMARY, is_better
 from .sources import EpochData, ImageSource
 
 __all__ = ["fit", "FitResult", "StopTraining", "TrainingDiverged", "Callback", "train_one_epoch"]
@@ -237,13 +238,13 @@ def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool,
     cfg, run_dir, device, amp, parts, plan = ready.cfg, ready.run_dir, ready.device, ready.amp, ready.parts, ready.plan
     images, train_rows, val_rows, source = ready.images, ready.train_rows, ready.val_rows, ready.source
     optimizer, tracker = ready.optimizer, ready.tracker
-    run = Run(cfg, run_dir, parts.module, optimizer, make_scheduler(cfg, optimizer, source.steps_per_epoch),
+    run = TrainingState(cfg, run_dir, parts.module, optimizer, make_scheduler(cfg, optimizer, source.steps_per_epoch),
               images.classes, parts.preprocess, log)
     if cfg.ema:
         run.ema = AveragedModel(parts.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     start_epoch = restore(run) + 1 if resume else 1
     if not resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / METRICS).unlink(missing_ok=True)
     log(f"{run_dir.name}: {cfg.model}, {sum(p.numel() for p in run.model.parameters()):,} parameters "
         f"({plan.trainable_count():,} trainable), {len(train_rows)} train / {len(val_rows)} val images, "
         f"{len(run.classes)} classes, {device.type}, {'bf16 autocast' if amp else 'fp32'}"
@@ -308,19 +309,19 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, FolderClaim]:
     """The run folder (made and claimed by this process until the run ends), with the config it holds saved; the
     config gets the folder's name. Two processes given one --name at once: the second is refused in one line."""
     run_dir = Path(cfg.out) / (cfg.name or default_run_name(cfg))
-    if resume and not (run_dir / "last.pt").exists():
+    if resume and not (run_dir / LAST).exists():
         raise CnnlabError(f"{run_dir} has no last.pt to resume from; start it without --resume")
     if not resume and not cfg.name:  # a made-up name is claimed atomically: two runs started in the same second
         run_dir = claim_folder(run_dir)  # (a shell loop, a sweep launcher) get two folders
     claim = FolderClaim(run_dir, "a training run", "choose another --name")
     try:  # every look at what the folder holds happens under the claim
-        if not resume and (run_dir / "metrics.jsonl").exists():
+        if not resume and (run_dir / METRICS).exists():
             raise CnnlabError(f"{run_dir} already holds a run: resume it with `cnnlab train --resume {run_dir}` "
                               f"or choose another --name")
         cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()))  # --resume works from anywhere
         if cfg.model == "smallcnn":  # the stride it trains with, not "auto": a later auto rule cannot change the model
             cfg = replace(cfg, conv1_stride=cfg.first_stride())
-        save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, run_dir / CONFIG)
     except BaseException:
         claim.release()
         raise
@@ -409,9 +410,9 @@ def init_first_conv(model: SmallCNN, images: CachedImages, train_rows: np.ndarra
                               for i in range(0, len(rows), 64)))
 
 
-def restore(run: Run) -> int:
+def restore(run: TrainingState) -> int:
     """Continue from last.pt: weights, optimiser, schedule, history and best so far. Returns its epoch."""
-    path = run.run_dir / "last.pt"
+    path = run.run_dir / LAST
     state = load_checkpoint(path, next(run.model.parameters()).device)
     if "optimizer" not in state:  # best.pt copied over last.pt: weights alone, no optimiser or schedule to go on with
         raise CnnlabError(f"{path} holds weights only (a best.pt checkpoint), but --resume needs the last.pt that "
@@ -425,7 +426,7 @@ def restore(run: Run) -> int:
         run.scheduler.load_state_dict(state["scheduler"])
     run.history, run.best_val_acc, run.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
     run.best_val_loss = state.get("best_val_loss", math.inf)
-    atomic_write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
+    atomic_write_text(run.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in run.history))
     if state["epoch"] >= run.cfg.epochs:
         run.log(f"{run.run_dir} has finished all {state['epoch']} epochs; to train it further: "
                 f"cnnlab train --resume {run.run_dir} --epochs {state['epoch'] + 10}")
@@ -449,15 +450,9 @@ def weights_of(model: nn.Module, source: nn.Module) -> Iterator[None]:
         model.load_state_dict(own)
 
 
-def is_better(record: dict[str, Any], run: Run) -> bool:
-    """Validation accuracy decides; at equal accuracy (a small validation set saturates) the lower loss wins."""
-    return record["val_acc"] > run.best_val_acc or (record["val_acc"] == run.best_val_acc
-                                                    and record["val_loss"] < run.best_val_loss)
-
-
 @dataclass
 class EpochLoop:
-    run: Run
+    run: TrainingState
     source: ImageSource | FeatureSource
     plan: TrainablePlan
     loss_fn: nn.Module
@@ -473,7 +468,7 @@ class EpochLoop:
             for epoch in epochs:
                 record = self.epoch(epoch, progress)
                 self.run.history.append(record)
-                self.run.improved = is_better(record, self.run)
+                self.run.improved = is_better(record, self.run.best_val_acc, self.run.best_val_loss)
                 if self.run.improved:
                     self.run.best_val_acc, self.run.best_val_loss = record["val_acc"], record["val_loss"]
                     self.run.best_epoch = epoch
@@ -533,7 +528,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def provenance(run: Run, device: torch.device) -> dict[str, Any]:
+def provenance(run: TrainingState, device: torch.device) -> dict[str, Any]:
     """Where the run's numbers came from: versions, the machine, the seed, the command that started this process
     and the one that trains the same run again."""
     import shlex
@@ -547,10 +542,10 @@ def provenance(run: Run, device: torch.device) -> dict[str, Any]:
                          f"--name {shlex.quote(run.run_dir.name)}-again"}
 
 
-def write_summary(run: Run, plan: TrainablePlan, status: str, setup_seconds: float, device: torch.device,
+def write_summary(run: TrainingState, plan: TrainablePlan, status: str, setup_seconds: float, device: torch.device,
                   amp: torch.dtype | None, counts: dict[str, Any]) -> dict[str, Any]:
     """summary.json, from the metrics file (every epoch, resumed ones included); returned with the history."""
-    history = read_jsonl(run.run_dir / "metrics.jsonl")
+    history = read_jsonl(run.run_dir / METRICS)
     summary = {"status": status, "best_val_acc": run.best_val_acc, "best_epoch": run.best_epoch,
                "epochs_run": len(history), "params": sum(p.numel() for p in run.model.parameters()),
                "trainable_params": plan.trainable_count(), "model": run.cfg.model, "finetune": run.cfg.finetune,
@@ -558,5 +553,5 @@ def write_summary(run: Run, plan: TrainablePlan, status: str, setup_seconds: flo
                "train_seconds": sum(r["epoch_time"] for r in history), "setup_seconds": setup_seconds,
                "images_per_s": (sum(r["images_per_s"] for r in history) / len(history)) if history else 0.0,
                "torch": torch.__version__, "provenance": provenance(run, device)}
-    atomic_write_json(run.run_dir / "summary.json", summary)
+    atomic_write_json(run.run_dir / SUMMARY, summary)
     return {**summary, "history": history}

@@ -9,7 +9,6 @@ continues where the first stopped (a sweep keeps its trials; a half-trained run 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from .api import Log, Run, SweepRun, check, compare, load, report, sweep, train
 from .arguments import optional_whole_number, path_like, whole_number
 from .errors import CnnlabError
 from .io import FolderClaim
+from .run_folder import EVAL, RunFolder
 from .sweeps.schema import shipped_sweep
 
 SHIPPED_SWEEP = "partA.yaml"  # the assignment's Part A search space, shipped with cnnlab (sweeps.shipped_sweep)
@@ -78,40 +78,31 @@ def finished_trials(folder: Path) -> int:
 
 
 def sweep_in_processes(sweep_path: Path, folder: Path, workers: int, remaining: int | None, storage: str | None,
-                       base: dict[str, Any]) -> None:
-    """Part A's trials in `workers` processes sharing the study (created once here), each a `cnnlab sweep` with
-    the same base flags and its share of the `remaining` trials (None: until run_cap)."""
-    from .sweeps import load_sweep, make_storage, open_study, spawn_workers
+                       base: dict[str, Any], log: Log) -> None:
+    """Part A's trials in `workers` processes sharing the study, each with its share of the `remaining` trials
+    (None: until run_cap)."""
+    from .sweeps import launch_workers, load_sweep
 
-    folder.mkdir(parents=True, exist_ok=True)
-    open_study(load_sweep(sweep_path), make_storage(storage, folder), 0, None, folder)
-    argv = ["sweep", str(sweep_path), "--sweeps_dir", str(folder.parent), "--quiet",
-            *(f"--{k}={v}" for k, v in base.items())]
-    argv += ["--count", str(-(-remaining // workers))] if remaining else []
-    argv += [f"--storage={storage}"] if storage else []
-    code = spawn_workers(argv, workers)
+    each = None if remaining is None else -(-remaining // workers)
+    code = launch_workers(load_sweep(sweep_path), base, folder.parent, workers, each, storage, log=log)
     if code:
         raise CnnlabError(f"a Part A sweep worker ended with exit code {code}: rerun the same command to continue")
 
 
 def evaluated(run: Run) -> bool:
-    """Whether run/eval holds the test-folder evaluation of the best.pt there now."""
-    from .io import sha256_of
-
-    metrics = run.folder / "eval" / "metrics.json"
-    if not metrics.is_file() or not (run.folder / "eval" / "reliability.png").is_file():
-        return False
-    return json.loads(metrics.read_text()).get("checkpoint_sha256") == sha256_of(run.folder / "best.pt")
+    """Whether run/eval holds the whole test-folder evaluation (its last figure written) of the best.pt there now."""
+    metrics = run.files.evaluation
+    return (metrics is not None and run.files.figure(f"{EVAL}/reliability.png") is not None
+            and not run.files.evaluation_is_stale(metrics))
 
 
 def trained_or_resumed(out: Path, name: str, log: Log, progress: bool | None, **config: Any) -> tuple[Run, str]:
     """Run `name` in out/runs: left as it is when finished, resumed from its last.pt when not, else trained."""
-    folder = out / "runs" / name
-    summary = folder / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") in ("completed", "early_stopped"):
-        return Run(folder), "done before"
-    if (folder / "last.pt").is_file():
-        return train(resume=folder, progress=progress, log=log, raise_interrupt=True), "resumed"
+    folder = RunFolder(out / "runs" / name)
+    if folder.finished:
+        return Run(folder.path), "done before"
+    if folder.resumable:
+        return train(resume=folder.path, progress=progress, log=log, raise_interrupt=True), "resumed"
     return train(out=str(out / "runs"), name=name, progress=progress, log=log, raise_interrupt=True, **config), "trained"
 
 
@@ -169,7 +160,7 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
                 return "done before", {"trials": done, "folder": str(folder)}
             base = {"image_size": plan.image_size, **common}
             if workers > 1:
-                sweep_in_processes(sweep_path, folder, workers, remaining, storage, base)
+                sweep_in_processes(sweep_path, folder, workers, remaining, storage, base, log)
             else:
                 sweep(sweep_path, count=remaining, storage=storage, sweeps_dir=out / "sweeps", progress=progress, log=log,
                       **base)

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from ..io import atomic_write_text
-from .inputs import Inputs, RunFolder, gather
+from ..run_folder import RunFolder
+from .inputs import Inputs, gather
 from .page import esc, markdown_table, missing, page
 from .results import curves_section, explain_section, partb_section, reproducibility_section, test_section
 from .sections import cost_section, data_section, sweep_section
@@ -20,10 +21,11 @@ __all__ = ["write_report", "gather", "Inputs", "RunFolder"]
 
 
 def choose_best(inputs: Inputs, sweep_best: list[tuple[str, RunFolder]]) -> tuple[RunFolder | None, str]:
-    """Part A's model: the scratch CNN with the highest validation accuracy among the sweeps' best trials and the
+    """Part A's model: the small CNN with the highest validation accuracy among the sweeps' best trials and the
     scratch runs given, never chosen on the test folder; and a sentence saying how it was chosen."""
     candidates = [(f"the best trial of sweep {name} ({run.name})", run) for name, run in sweep_best]
-    candidates += [(f"run {r.name}", r) for r in inputs.runs if r.scratch]
+    candidates += [(f"run {r.name}", r) for r in inputs.runs if r.is_small_cnn]
+    candidates = [c for c in candidates if c[1].best_val_acc is not None]  # a run killed before its first epoch
     if not candidates:
         return None, ""
     how, best = max(candidates, key=lambda c: c[1].best_val_acc)
@@ -47,7 +49,7 @@ def write_report(paths: list[str | Path], out: str | Path, argv: list[str] | Non
             sweep_best.append((folder.name, runs[0]))
             trial_runs += runs
     best, why = choose_best(inputs, sweep_best)
-    finetuned = [r for r in inputs.runs if not r.scratch]
+    finetuned = [r for r in inputs.runs if not r.is_small_cnn]
     named = list(inputs.runs) + ([best] if best is not None and best not in inputs.runs else [])
     compares = "".join(f"<details><summary>the table <code>cnnlab compare</code> wrote in {esc(c)}</summary>"
                        + markdown_table((c / "compare.md").read_text()) + "</details>" for c in inputs.compares)

@@ -3,68 +3,23 @@ A folder that is none of these (the output of `cnnlab assignment`, a runs/ folde
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from ..errors import CnnlabError
+from ..run_folder import RunFolder
 
 
 def kind_of(folder: Path) -> str | None:
     if (folder / "sweep_info.json").is_file():
         return "sweep"
-    if (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").is_file():
+    if RunFolder.holds_a_run(folder):
         return "run"
     if (folder / "compare.md").is_file():
         return "compare"
     if (folder / "check.json").is_file():
         return "check"
     return None
-
-
-@dataclass
-class RunFolder:
-    """A run folder as the report reads it: nothing is loaded but JSON and YAML."""
-
-    path: Path
-    config: dict[str, Any]
-    summary: dict[str, Any]
-    history: list[dict[str, Any]]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def scratch(self) -> bool:
-        return self.config.get("model") == "smallcnn"
-
-    @property
-    def best_val_acc(self) -> float:
-        if "best_val_acc" in self.summary:
-            return float(self.summary["best_val_acc"])
-        return max((r["val_acc"] for r in self.history), default=float("nan"))
-
-    def read(self, relative: str) -> Any:
-        """A JSON file of the run folder (eval/metrics.json, ...), or None."""
-        path = self.path / relative
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def figure(self, relative: str) -> Path | None:
-        path = self.path / relative
-        return path if path.is_file() else None
-
-
-def read_run(folder: Path) -> RunFolder:
-    from ..io import read_jsonl
-
-    summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return RunFolder(folder, yaml.safe_load((folder / "config.yaml").read_text()) or {}, summary,
-                     read_jsonl(folder / "metrics.jsonl"))
 
 
 @dataclass
@@ -93,7 +48,7 @@ def gather(paths: list[str | Path]) -> Inputs:
                        if child.is_dir() and not child.name.startswith(".") and child.name != "trials")
         seen.add(key)
         if kind == "run":
-            found.runs.append(read_run(folder))
+            found.runs.append(RunFolder(folder))
         else:
             {"sweep": found.sweeps, "compare": found.compares, "check": found.checks}[kind].append(folder)
         return 1

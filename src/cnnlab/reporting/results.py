@@ -7,19 +7,18 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from ..comparison import is_stale
 from ..io import from_spreadsheet_cell
+from ..run_folder import EVAL, RunFolder
 from ..visualise import plot_curves
-from .inputs import RunFolder
 from .observations import compare_claim, interval_text
 from .page import esc, figure, missing, source, table
-from .sections import eval_source, run_source, strategy
+from .sections import eval_source, run_source
 
 
 def test_section(best: RunFolder | None, why: str) -> str:
     if best is None:
         return missing("A trained model", "cnnlab train --data ROOT")
-    m = best.read("eval/metrics.json")
+    m = best.evaluation
     if m is None:
         return f"<p>{esc(why)}</p>" + missing("Its test-folder evaluation", f"cnnlab evaluate {best.path} --data ROOT")
     per_class = sorted(m["per_class"].items(), key=lambda kv: (kv[1]["recall"], kv[0]))
@@ -30,10 +29,10 @@ def test_section(best: RunFolder | None, why: str) -> str:
         lines.append(f"<li>balanced accuracy (mean per-class recall) {m['balanced_accuracy']:.3f}</li>")
     if topk:
         lines.append(f"<li>{esc(topk.replace('_', ' '))} {m[topk]:.3f}; macro F1 {m['macro_f1']:.3f}</li>")
-    if is_stale(m, best.summary):
+    if best.evaluation_is_stale(m):
         lines.append(f"<li class=missing>stale: evaluated best.pt of epoch {m.get('checkpoint_epoch', '?')}, but the run's best "
-                     f"epoch is now {best.summary['best_epoch']}: run <code>cnnlab evaluate {esc(best.path)}</code> again</li>")
-    eval_dir = best.path / "eval"
+                     f"epoch is now {best.best_epoch}: run <code>cnnlab evaluate {esc(best.path)}</code> again</li>")
+    eval_dir = best.path / EVAL
     body = (f"<p>{esc(why)}</p><ul>" + "".join(lines) + "</ul>"
             + "<details open><summary>per class (worst recall first)</summary>" + table(
                 ["class", "precision", "recall", "F1", "images"],
@@ -92,23 +91,23 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
     runs = finetuned + ([scratch] if scratch else [])
     rows = []
     for r in runs:
-        m = r.read("eval/metrics.json")
+        m = r.evaluation
         total, trainable = r.summary.get("params"), r.summary.get("trainable_params", r.summary.get("params"))
-        size = (r.summary.get("preprocess") or {}).get("image_size", r.config.get("image_size"))
-        rows.append([r.name, r.config.get("model"), strategy(r), f"{size} px", f"{trainable:,} / {total:,}" if total else "?",
-                     r.summary.get("epochs_run", len(r.history)), f"{r.best_val_acc:.3f}",
-                     (interval_text(m["accuracy"], m["accuracy_ci95"]) + (" (stale)" if is_stale(m, r.summary) else ""))
+        size = (r.summary.get("preprocess") or {}).get("image_size", r.config.image_size)
+        rows.append([r.name, r.config.model, r.strategy, f"{size} px", f"{trainable:,} / {total:,}" if total else "?",
+                     r.summary.get("epochs_run", len(r.history)), "-" if r.best_val_acc is None else f"{r.best_val_acc:.3f}",
+                     (interval_text(m["accuracy"], m["accuracy_ci95"]) + (" (stale)" if r.evaluation_is_stale(m) else ""))
                      if m else "not evaluated",
                      f"{r.summary.get('setup_seconds', 0):.0f}", f"{r.summary.get('train_seconds', 0):.0f}"])
     plot = plot_curves({r.name: r.history for r in runs}, out / "partB-curves.png")
     claims = []
-    base = scratch.read("eval/metrics.json") if scratch else None
+    base = scratch.evaluation if scratch else None
     for r in finetuned:
-        m = r.read("eval/metrics.json")
+        m = r.evaluation
         if m and base:
             seconds = (r.summary.get("setup_seconds", 0) + r.summary.get("train_seconds", 0),
                        scratch.summary.get("setup_seconds", 0) + scratch.summary.get("train_seconds", 0))
-            claims.append(compare_claim(f"{r.name} ({strategy(r)})", m, f"the scratch CNN {scratch.name}", base)
+            claims.append(compare_claim(f"{r.name} ({r.strategy})", m, f"the scratch CNN {scratch.name}", base)
                           + f"; {seconds[0]:.0f} s against {seconds[1]:.0f} s of setup and training")
     text = "<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in claims) + "</ul>" if claims else (
         "<p class=muted>Evaluate the runs on the test folder (<code>cnnlab evaluate</code>) to compare them.</p>")
@@ -158,7 +157,7 @@ def reproducibility_section(runs: list[RunFolder], report_argv: str) -> str:
         prov = r.summary.get("provenance")
         if not prov:
             rows.append([r.name, "not recorded", r.summary.get("torch", "?"), r.summary.get("device", "?"),
-                         precision_name(r.summary.get("precision", "?")), "-", r.config.get("seed", "?"), "-"])
+                         precision_name(r.summary.get("precision", "?")), "-", r.config.seed, "-"])
             continue
         v, machine = prov["versions"], prov["machine"]
         rows.append([r.name, v.get("cnnlab"), v.get("torch"), r.summary.get("device"), precision_name(r.summary.get("precision")),

@@ -9,15 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .inputs import RunFolder, read_run
+from ..run_folder import BEST, RunFolder
 from .observations import sweep_observations
 from .page import esc, figure, missing, parcoords, source, table
-
-
-def strategy(run: RunFolder) -> str:
-    from ..comparison import strategy_of
-
-    return strategy_of(run.config)
 
 
 def run_source(run: RunFolder) -> str:
@@ -28,7 +22,7 @@ def run_source(run: RunFolder) -> str:
 
 def eval_source(run: RunFolder, metrics: dict[str, Any]) -> str:
     sha = metrics.get("checkpoint_sha256", "")
-    return (f"<code>{esc(metrics.get('checkpoint', run.path / 'best.pt'))}</code>, epoch "
+    return (f"<code>{esc(metrics.get('checkpoint', run.path / BEST))}</code>, epoch "
             f"{esc(metrics.get('checkpoint_epoch', '?'))}, SHA-256 {esc(sha[:16]) + '…' if sha else 'not recorded'}; "
             f"tested on <code>{esc(metrics.get('data', '?'))}</code> ({metrics['images']} images) by "
             f"<code>cnnlab evaluate</code>")
@@ -61,13 +55,13 @@ def data_section(checks: list[Path]) -> str:
 def cost_section(best: RunFolder | None) -> str:
     """Parameters and FLOPs by formula and measured, for the assignment's network (cnnlab's defaults at the best
     run's image size and class count) and for the network trained."""
-    from ..config import Config, saved_config
+    from ..config import Config
     from ..models import create_model, measured_cost, smallcnn_cost
 
     if best is None:
         return missing("A trained small CNN", "cnnlab train --data ROOT (or cnnlab sweep sweeps/partA.yaml)")
-    trained = saved_config(best.config, {"weights": "none"})
-    n = len(best.summary.get("classes") or (best.read("eval/metrics.json") or {}).get("classes") or [0] * 10)
+    trained = best.config
+    n = len(best.summary.get("classes") or (best.evaluation or {}).get("classes") or [0] * 10)
     same = Config(image_size=trained.image_size, filters=32, filter_org="same", kernel_size="3", dense_units=256,
                   batch_norm=False, conv1_stride=1, global_pool=False)
     rows = []
@@ -91,8 +85,8 @@ def trial_run(folder: Path, t: Any) -> RunFolder | None:
     """The run folder of a trial, where the sweep's folder is now (the recorded path may be relative)."""
     recorded = Path(t.user_attrs.get("run_dir", ""))
     for candidate in (recorded, folder / "trials" / recorded.name):
-        if (candidate / "config.yaml").is_file() and (candidate / "metrics.jsonl").is_file():
-            return read_run(candidate)
+        if RunFolder.holds_a_run(candidate):
+            return RunFolder(candidate)
     return None
 
 

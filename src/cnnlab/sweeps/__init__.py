@@ -4,7 +4,7 @@ an RDB (`storage`), in one or several processes (`workers`), then analysed offli
 from .engine import SweepResult, open_study, recover_orphans, run_sweep, suggest
 from .schema import Param, Sweep, SweepError, load_sweep, parse_sweep
 from .storage import make_storage, mask
-from .workers import spawn_workers
+from .workers import WorkerJob, launch_workers
 
 __all__ = ["SweepResult", "open_study", "recover_orphans", "run_sweep", "suggest", "Param", "Sweep", "SweepError",
-           "load_sweep", "parse_sweep", "make_storage", "mask", "spawn_workers"]
+           "load_sweep", "parse_sweep", "make_storage", "mask", "WorkerJob", "launch_workers"]

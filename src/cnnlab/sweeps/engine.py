@@ -28,7 +28,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from ..callbacks import Callback, Run, StopTraining
+from ..callbacks import Callback, StopTraining, TrainingState
 from ..config import FIELDS, Config, applicable, coerce, make_config
 from ..data import DeviceCache
 from ..errors import CnnlabError, ConfigError
@@ -301,7 +301,7 @@ class Pruning(Callback):
     def __init__(self, trial: Any, metric: str, epochs: int):
         self.trial, self.metric, self.epochs = trial, metric, epochs
 
-    def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
         self.trial.report(record[self.metric], record["epoch"])
         if record["epoch"] < self.epochs and self.trial.should_prune():  # at the last epoch there is nothing to save
             raise StopTraining("stopped")
@@ -368,13 +368,11 @@ class Objective:
         return best
 
 
-def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_url: str | None = None,
-              count: int | None = None, seed: int = 0, progress: bool = True,
-              log: Callable[[str], None] = print, max_skips: int = MAX_SKIPS_IN_A_ROW) -> SweepResult:
-    """Run up to `count` trials (None: until run_cap or the grid is done) in this process; refuse the space after
-    `max_skips` sampled combinations in a row that cannot run."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our own one line, not Optuna's traceback
-    folder = Path(folder)
+def prepare_sweep(sweep: Sweep, base: dict[str, Any], folder: Path, storage_url: str | None = None, seed: int = 0,
+                  progress: bool = False, log: Callable[[str], None] = print) -> Any:
+    """The sweep folder and its study, created (a grid queued, less the points the base flags cannot run) or
+    joined, refusing base flags that differ from the ones it began with. What every sweep process does first,
+    and what a launcher of worker processes does once before it starts them."""
     folder.mkdir(parents=True, exist_ok=True)
     base_cfg = make_config(base, {k: p.values[0] for k, p in sweep.params.items() if p.distribution == "constant"})
     epochs = base_cfg.epochs if "epochs" not in sweep.params or sweep.params["epochs"].distribution == "constant" else None
@@ -387,6 +385,17 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(sweep.validated, sort_keys=False))
     atomic_write_json(folder / "sweep_info.json", {"name": sweep.name, "storage": mask(storage_url) if storage_url else None,
                                                     "base": base})
+    return study
+
+
+def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_url: str | None = None,
+              count: int | None = None, seed: int = 0, progress: bool = True,
+              log: Callable[[str], None] = print, max_skips: int = MAX_SKIPS_IN_A_ROW) -> SweepResult:
+    """Run up to `count` trials (None: until run_cap or the grid is done) in this process; refuse the space after
+    `max_skips` sampled combinations in a row that cannot run."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our own one line, not Optuna's traceback
+    folder = Path(folder)
+    study = prepare_sweep(sweep, base, folder, storage_url, seed, progress, log)
     recover_orphans(study, log)
     if count is None and sweep.run_cap is None and sweep.method != "grid":
         raise CnnlabError("random and bayes sweeps need --count or run_cap in the sweep file")

@@ -108,7 +108,7 @@ def trial_value(t: Any) -> float:
     return t.value if t.value is not None else t.user_attrs.get("pruned_value", float("nan"))
 
 
-def write_report(folder: Path, storage_url: str | None = None) -> Path:
+def write_sweep_figures(folder: Path, storage_url: str | None = None) -> Path:
     """The figures and tables of a sweep, in its report/ folder (returned); its index.html is cnnlab.report's page."""
     study, sweep, _ = load_sweep_folder(folder, storage_url)
     out = folder / "report"
