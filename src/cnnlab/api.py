@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import html
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -28,6 +27,7 @@ from .arguments import optional_whole_number, path_like, real_number, whole_numb
 from .arguments import paths as path_list
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
 from .errors import CnnlabError, ConfigError, quote
+from .options import progress_bars, silent
 from .run_folder import BEST, CONFIG, EVAL, RunFolder
 
 __all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
@@ -36,21 +36,6 @@ __all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
 # What `resume` may change; any other setting would continue a different experiment under the old name.
 RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
 Log = Callable[[str], None] | None
-
-
-def _silent(message: str) -> None:
-    pass
-
-
-def in_notebook() -> bool:
-    return "ipykernel" in sys.modules
-
-
-def _progress(progress: bool | None) -> bool:
-    """Progress bars on a terminal or in a notebook; never into a file a script's output is redirected to."""
-    if progress is not None:
-        return progress
-    return in_notebook() or (sys.stderr is not None and sys.stderr.isatty())
 
 
 def make_run_config(config: str | Path | Config | dict[str, Any] | None = None, **overrides: Any) -> Config:
@@ -107,10 +92,10 @@ def train(config: str | Path | Config | dict[str, Any] | None = None, *, resume:
         def on_fit_start(self, run: Any) -> None:
             self.folder = run.run_dir
 
-    log = log or _silent
+    log = log or silent
     cfg = resume_config(resume, **overrides) if resume is not None else make_run_config(config, **overrides)
     try:
-        result = fit(cfg, [where := Where(), *callbacks], resume=resume is not None, progress=_progress(progress),
+        result = fit(cfg, [where := Where(), *callbacks], resume=resume is not None, progress=progress_bars(progress),
                      log=log)
     except KeyboardInterrupt:
         folder = where.folder
@@ -253,7 +238,7 @@ class Run:
         data = data if data is not None else self.config.data
         out_dir = Path(out) if out else self.best_checkpoint.parent / EVAL
         metrics = evaluate_checkpoint(self.best_checkpoint, data, resolve_device(device), _cache(cache_dir), out_dir,
-                                      top, seed, progress=_progress(progress), log=log or _silent)
+                                      top, seed, progress=progress_bars(progress), log=log or silent)
         return Evaluation(metrics, out_dir)
 
     def predict_iter(self, images: Iterable[Any], *, top: int = 3, device: str = "auto", batch: int = 64
@@ -289,10 +274,10 @@ class Run:
         whole_number("seed", seed)
         data = data if data is not None else self.config.data
         loaded = load_model(self.best_checkpoint, resolve_device("cpu"))
-        test = load_test_images(loaded, data, _cache(cache_dir), progress=_progress(progress))
+        test = load_test_images(loaded, data, _cache(cache_dir), progress=progress_bars(progress))
         out_dir = Path(out) if out else self.best_checkpoint.parent / "explain"
         paths = explain(loaded.model, test, test.valid, ImageTransform(loaded.pre, loaded.cfg.channels_last),
-                        loaded.classes, out_dir, neurons, per_neuron, seed=seed, log=log or _silent)
+                        loaded.classes, out_dir, neurons, per_neuron, seed=seed, log=log or silent)
         return Explanation(paths)
 
     def export(self, format: str = "onnx", out: str | Path | None = None) -> Path:
@@ -372,7 +357,7 @@ def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, 
 
     optional_whole_number("count", count, 1)  # None: until run_cap or the grid is done
     whole_number("sampler_seed", sampler_seed)
-    log = log or _silent
+    log = log or silent
     warn = warn or log
     parsed = parse_sweep(sweep_file, sweep_file.get("name") or "sweep") if isinstance(sweep_file, dict) else \
         load_sweep(path_like("sweep_file", sweep_file))
@@ -383,7 +368,7 @@ def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, 
         base["data"] = str(Path(base["data"]).resolve())
     check_config(make_config(base))  # refuse bad base values before anything starts
     folder = Path(sweeps_dir) / parsed.name
-    result = run_sweep(parsed, base, folder, storage, count, sampler_seed, progress=_progress(progress), log=log)
+    result = run_sweep(parsed, base, folder, storage, count, sampler_seed, progress=progress_bars(progress), log=log)
     return SweepRun(folder, result, storage)
 
 
@@ -420,7 +405,7 @@ def check(root: str | Path, *, out: str | Path | None = None, cache_dir: str | P
     counts.png and sizes.png to `out` (default: check/<the folder's name>)."""
     from .data.check import check_data, write_check
 
-    report = check_data(path_like("root", root), _cache(cache_dir), progress=_progress(progress), log=log or _silent)
+    report = check_data(path_like("root", root), _cache(cache_dir), progress=progress_bars(progress), log=log or silent)
     out_dir = Path(out) if out else Path("check") / Path(root).resolve().name
     return DataCheck(report, write_check(report, out_dir))
 
@@ -436,7 +421,7 @@ def lr_find(config: str | Path | Config | dict[str, Any] | None = None, *, start
     whole_number("steps", steps, 5)
     real_number("start", start, above=0)
     real_number("end", end, above=0)
-    return range_test(make_run_config(config, **overrides), start, end, steps, _progress(progress), log or _silent)
+    return range_test(make_run_config(config, **overrides), start, end, steps, progress_bars(progress), log or silent)
 
 
 def report(paths: str | Path | Sequence[str | Path], out: str | Path = "report", *, argv: list[str] | None = None,

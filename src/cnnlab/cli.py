@@ -15,6 +15,7 @@ from . import __version__, arguments
 from .commands import COMMANDS
 from .config import FIELDS, describe
 from .errors import CnnlabError, ConfigError
+from .options import common_flags
 from .sweeps.workers import WORKER_COMMAND
 
 
@@ -57,8 +58,6 @@ def _add_config_flags(p: argparse.ArgumentParser, only: Sequence[str] | None = N
 
 CHECKPOINT_HELP = "a run folder (runs/<name>: its best.pt) or a checkpoint file (best.pt, last.pt)"
 MODEL_HELP = CHECKPOINT_HELP + ", or a model.onnx that cnnlab export wrote"
-DEVICE_HELP = "auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps [default: auto]"
-CACHE_HELP = "where decoded images are cached [default: $CNNLAB_CACHE or ~/.cache/cnnlab]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,19 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
                                 metavar="{" + ",".join(c for c, (_, about) in COMMANDS.items() if about) + "}")
 
-    p = sub.add_parser("train", help=COMMANDS["train"][1], allow_abbrev=False)
+    p = sub.add_parser("train", help=COMMANDS["train"][1], allow_abbrev=False, parents=[common_flags("quiet")])
     p.add_argument("--config", help="YAML file of config keys; flags given here win")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bars (they are drawn on a terminal only; a redirected run writes a line per epoch)")
     _add_config_flags(p)
 
-    p = sub.add_parser("lr-find", help=COMMANDS["lr-find"][1], allow_abbrev=False)
+    p = sub.add_parser("lr-find", help=COMMANDS["lr-find"][1], allow_abbrev=False, parents=[common_flags("quiet")])
     p.add_argument("--config", help="YAML file of config keys; flags given here win")
     p.add_argument("--start", type=float, default=1e-6, help="the first learning rate [default: 1e-6]")
     p.add_argument("--end", type=float, default=1.0, help="the last learning rate [default: 1]")
     p.add_argument("--steps", type=_at_least_5, default=200, help="training steps (batches) [default: 200]")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
 
     p = sub.add_parser("info", help=COMMANDS["info"][1], allow_abbrev=False)
@@ -100,32 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="download from here instead of the data set's usual address")
     p.add_argument("--sha256", help="expected SHA-256 of the archive")
 
-    p = sub.add_parser("check", help=COMMANDS["check"][1], allow_abbrev=False)
+    p = sub.add_parser("check", help=COMMANDS["check"][1], allow_abbrev=False, parents=[common_flags("cache_dir", "quiet")])
     p.add_argument("root", help="the data folder: ROOT/train/<class>/* and ROOT/val/<class>/*")
     p.add_argument("--out", help="folder for check.json, check.md, counts.png, sizes.png [default: check/<ROOT's name>]")
-    p.add_argument("--cache_dir", default="", help=CACHE_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("models", help=COMMANDS["models"][1])
     p.add_argument("--grep", metavar="WORD", help="only names containing WORD (case-insensitive)")
 
-    p = sub.add_parser("sweep", help=COMMANDS["sweep"][1], allow_abbrev=False)
+    p = sub.add_parser("sweep", help=COMMANDS["sweep"][1], allow_abbrev=False, parents=[common_flags("storage", "quiet")])
     p.add_argument("sweep_file", help="a W&B sweep YAML (method, metric, parameters, early_terminate, run_cap)")
     p.add_argument("--count", type=positive_int, help="trials this process runs (default: until run_cap or the grid is done)")
     p.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study [default: 1]")
-    p.add_argument("--storage", help="Optuna RDB URL shared by many machines, or set $CNNLAB_STORAGE (keeps a password "
-                   "out of `ps`) [default: a journal file in the sweep folder]")
     p.add_argument("--sweeps_dir", dest="out_root", default="sweeps", help="where sweep folders go [default: sweeps]")
     p.add_argument("--sampler_seed", dest="seed", type=whole_number, default=0, help="seed of the sampler [default: 0]")
     p.add_argument("--config", help="YAML of base config keys for every trial")
-    p.add_argument("--quiet", action="store_true", help="no progress bars: one line per trial")
     _add_config_flags(p)
 
     sub.add_parser(WORKER_COMMAND, allow_abbrev=False)  # no help: a launcher's child (its job comes on stdin)
 
-    p = sub.add_parser("sweep-report", help=COMMANDS["sweep-report"][1], allow_abbrev=False)
+    p = sub.add_parser("sweep-report", help=COMMANDS["sweep-report"][1], allow_abbrev=False,
+                       parents=[common_flags("storage")])
     p.add_argument("folder", help="the sweep folder, sweeps/<name>")
-    p.add_argument("--storage", help="the RDB URL the sweep used, if it used one [default: $CNNLAB_STORAGE]")
 
     p = sub.add_parser("compare", help=COMMANDS["compare"][1], allow_abbrev=False)
     p.add_argument("runs", nargs="+", help="run folders")
@@ -143,7 +134,8 @@ def _add_report_commands(sub: Any) -> None:
                    "assignment's output)")
     p.add_argument("--out", default="report", help="folder for index.html and its figures [default: report]")
 
-    p = sub.add_parser("assignment", help=COMMANDS["assignment"][1], allow_abbrev=False)
+    p = sub.add_parser("assignment", help=COMMANDS["assignment"][1], allow_abbrev=False,
+                       parents=[common_flags("device", "cache_dir", "storage", "quiet")])
     p.add_argument("--data", required=True, help="the data folder: ROOT/train/<class>/* and ROOT/val/<class>/* (the test set)")
     p.add_argument("--out", default="assignment", help="folder for everything it writes; rerun to resume [default: assignment]")
     p.add_argument("--quick", action="store_true", help="16 Part A trials on 64 px images; Part B head (10 epochs) and "
@@ -157,48 +149,39 @@ def _add_report_commands(sub: Any) -> None:
                    "(downloaded); without it Part B is skipped")
     p.add_argument("--strategies", help="Part B's strategies, comma-separated [default: head,partial with --quick, else "
                    "head,partial,full]")
-    p.add_argument("--storage", help="Optuna RDB URL to share Part A's sweep with other machines [default: "
-                   "$CNNLAB_STORAGE, else a journal file]")
     p.add_argument("--workers", type=positive_int, default=1, help="Part A sweep processes on this machine; on a "
                    "machine with several GPUs worker i uses GPU i mod n [default: 1]")
-    p.add_argument("--device", help=DEVICE_HELP)
-    p.add_argument("--cache_dir", default="", help=CACHE_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_model_commands(sub: Any) -> None:
     """The commands that take a trained model: evaluate, predict, export, explain."""
-    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1], allow_abbrev=False)
+    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1], allow_abbrev=False,
+                       parents=[common_flags("device", "cache_dir", "quiet")])
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="data root; its val/ folder is the test set")
     p.add_argument("--top", type=positive_int, default=3, help="k of the top-k accuracy [default: 3]")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
     p.add_argument("--seed", type=whole_number, default=0, help="seed of the prediction grid's sample [default: 0]")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--cache_dir", default="", help=CACHE_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("predict", help=COMMANDS["predict"][1], allow_abbrev=False)
+    p = sub.add_parser("predict", help=COMMANDS["predict"][1], allow_abbrev=False, parents=[common_flags("device")])
     p.add_argument("checkpoint", help=MODEL_HELP)
     p.add_argument("images", nargs="+", help="image files (any format PIL reads) or folders of them (recursively)")
     p.add_argument("--top", type=positive_int, default=3, help="classes shown per image [default: 3]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser("export", help=COMMANDS["export"][1], allow_abbrev=False)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="[default: onnx]")
     p.add_argument("--out", help="the file to write [default: model.onnx or model.torchscript.pt beside the checkpoint]")
 
-    p = sub.add_parser("explain", help=COMMANDS["explain"][1], allow_abbrev=False)
+    p = sub.add_parser("explain", help=COMMANDS["explain"][1], allow_abbrev=False,
+                       parents=[common_flags("cache_dir", "quiet")])
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="data root; its val/ test images are the ones explained")
     p.add_argument("--neurons", type=positive_int, default=10, help="last-conv channels to show [default: 10]")
     p.add_argument("--per_neuron", type=positive_int, default=3, help="top-exciting test images per neuron [default: 3]")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, explain/)")
     p.add_argument("--seed", type=whole_number, default=0, help="seed of the Grad-CAM sample [default: 0]")
-    p.add_argument("--cache_dir", default="", help=CACHE_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 # The machine, not cnnlab, ran out of something: one line, not a traceback (files are written atomically).

@@ -11,11 +11,7 @@ from typing import Any, Callable
 
 from .config import FIELDS, Config, load_yaml, make_config
 from .errors import CnnlabError, ConfigError
-
-
-def show_progress(args: argparse.Namespace) -> bool:
-    """Progress bars go to a terminal only: redirected to a file, a run writes one line per epoch instead."""
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+from .options import Common
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -32,7 +28,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import train
 
-    run = train(args.config, resume=args.resume, progress=show_progress(args), raise_interrupt=True,
+    run = train(args.config, resume=args.resume, progress=Common.from_args(args).progress, raise_interrupt=True,
                 **config_overrides(args))
     print(f"best val_acc {run.best_val_acc:.4f} at epoch {run.best_epoch}; run folder {run.folder}")
     return 0
@@ -41,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from .api import lr_find
 
-    lr_find(args.config, start=args.start, end=args.end, steps=args.steps, progress=show_progress(args),
+    lr_find(args.config, start=args.start, end=args.end, steps=args.steps, progress=Common.from_args(args).progress,
             **config_overrides(args))
     return 0
 
@@ -96,7 +92,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .api import check
 
-    checked = check(args.root, out=args.out, cache_dir=args.cache_dir or None, progress=show_progress(args))
+    common = Common.from_args(args)
+    checked = check(args.root, out=args.out, cache_dir=common.cache_dir, progress=common.progress)
     r = checked.report
     print(f"{r.root}: " + ", ".join(f"{s} {sum(c.values())} images" for s, c in r.counts.items())
           + f" in {len(r.classes)} classes; imbalance {r.imbalance:.1f}; unreadable "
@@ -122,9 +119,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import load
 
-    evaluation = load(args.checkpoint).evaluate(args.data, top=args.top, out=args.out, device=args.device,
-                                                cache_dir=args.cache_dir or None, seed=args.seed,
-                                                progress=show_progress(args))
+    evaluation = load(args.checkpoint).evaluate(args.data, top=args.top, out=args.out, seed=args.seed,
+                                                **Common.from_args(args).for_model())
     print(evaluation)
     print(f"wrote {evaluation.folder}/metrics.json, confusion.png, predictions.png, mistakes.csv "
           f"({evaluation['mistakes']} mistakes), top_losses.png, reliability.png")
@@ -169,9 +165,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .api import load
 
+    common = Common.from_args(args)
     explanation = load(args.checkpoint).explain(args.data, neurons=args.neurons, per_neuron=args.per_neuron,
-                                                out=args.out, seed=args.seed, cache_dir=args.cache_dir or None,
-                                                progress=show_progress(args))
+                                                out=args.out, seed=args.seed, cache_dir=common.cache_dir,
+                                                progress=common.progress)
     print("wrote " + ", ".join(str(p) for p in explanation.figures.values()))
     return 0
 
@@ -183,7 +180,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return spawn_sweep_workers(args)
     swept = run_the_sweep(args.sweep_file, count=args.count, storage=args.storage, sweeps_dir=args.out_root,
-                          sampler_seed=args.seed, config=args.config, progress=show_progress(args), log=print,
+                          sampler_seed=args.seed, config=args.config, progress=Common.from_args(args).progress, log=print,
                           warn=lambda m: print(f"cnnlab sweep: {m}", file=sys.stderr), **config_overrides(args))
     print(sweep_line(swept))
     return 0
@@ -231,7 +228,7 @@ def spawn_sweep_workers(args: argparse.Namespace) -> int:
     check_config(make_config(base))  # refuse bad base flags before anything starts
     print(f"sweep {sweep.name}: {args.workers} worker processes, {args.count or 'all'} trials each")
     return launch_workers(sweep, base, Path(args.out_root), args.workers, args.count, args.storage,
-                          args.seed, show_progress(args))
+                          args.seed, Common.from_args(args).bars)
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> int:
@@ -265,9 +262,7 @@ def cmd_assignment(args: argparse.Namespace) -> int:
     check_workers(args.workers)
     index = assignment(args.data, args.out, quick=args.quick, sweep_file=args.sweep_file, trials=args.trials,
                        image_size=args.image_size, model=args.model, weights=args.weights, strategies=args.strategies,
-                       storage=args.storage, workers=args.workers,
-                       device=args.device or "auto", cache_dir=args.cache_dir or None, progress=show_progress(args),
-                       argv=["cnnlab", *sys.argv[1:]])
+                       workers=args.workers, **Common.from_args(args).keywords(), argv=["cnnlab", *sys.argv[1:]])
     print(f"the assignment's report: {index} (opens offline: file://{index.resolve()})")
     return 0
 

@@ -18,6 +18,7 @@ from .api import Log, Run, SweepRun, check, compare, load, report, sweep, train
 from .arguments import optional_whole_number, path_like, whole_number
 from .errors import CnnlabError
 from .io import FolderClaim
+from .options import Common
 from .run_folder import EVAL, RunFolder
 from .sweeps.schema import shipped_sweep
 
@@ -96,14 +97,16 @@ def evaluated(run: Run) -> bool:
             and not run.files.evaluation_is_stale(metrics))
 
 
-def trained_or_resumed(out: Path, name: str, log: Log, progress: bool | None, **config: Any) -> tuple[Run, str]:
+def trained_or_resumed(out: Path, name: str, common: Common, **config: Any) -> tuple[Run, str]:
     """Run `name` in out/runs: left as it is when finished, resumed from its last.pt when not, else trained."""
     folder = RunFolder(out / "runs" / name)
     if folder.finished:
         return Run(folder.path), "done before"
     if folder.resumable:
-        return train(resume=folder.path, progress=progress, log=log, raise_interrupt=True), "resumed"
-    return train(out=str(out / "runs"), name=name, progress=progress, log=log, raise_interrupt=True, **config), "trained"
+        return train(resume=folder.path, progress=common.progress, log=common.say, raise_interrupt=True,
+                     **common.config_values()), "resumed"
+    return train(out=str(out / "runs"), name=name, progress=common.progress, log=common.say, raise_interrupt=True,
+                 **config), "trained"
 
 
 def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool = False, sweep_file: str | Path | None = None,
@@ -120,7 +123,8 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
     `strategies` (quick: head for 10 epochs and partial for 2; else head,partial,full for 15 and 8), each
     evaluated; without `weights` Part B is skipped, saying so. `workers` > 1 runs Part A's trials in that many
     `cnnlab sweep` processes sharing the study (worker i on GPU i mod n where there are n)."""
-    log = log or (lambda message: None)
+    common = Common(device, cache_dir, progress, log, storage)  # carried whole to every step below
+    log = common.say
     data, out = path_like("data", data), path_like("out", out)
     optional_whole_number("trials", trials, 1)
     optional_whole_number("image_size", image_size, 1)
@@ -142,13 +146,12 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
     with FolderClaim(out, "an assignment", "give another --out"):
         journal = Journal(out / "assignment.json", settings={"data": str(data.resolve()), "quick": quick, **asdict(plan),
                                                                "sweep_file": str(sweep_path), "model": model, "weights": weights})
-        machine = {k: v for k, v in (("device", device), ("cache_dir", cache_dir)) if v}
-        common = {"data": str(data.resolve()), **machine}
+        run_config = {"data": str(data.resolve()), **common.config_values()}  # every run's, Part A's and Part B's
 
         step(journal, "check the data", log, lambda: (
             ("done before", {}) if (out / "check" / "check.json").is_file()
-            else ("done", {"files": str(check(data, out=out / "check", cache_dir=cache_dir, progress=progress,
-                                              log=log).files["json"])})))
+            else ("done", {"files": str(check(data, out=out / "check", cache_dir=common.cache_dir,
+                                              progress=common.progress, log=log).files["json"])})))
 
         def part_a() -> tuple[str, dict[str, Any]]:
             from .sweeps import load_sweep
@@ -158,34 +161,35 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
             remaining = None if plan.trials is None else max(0, plan.trials - done)
             if remaining == 0:
                 return "done before", {"trials": done, "folder": str(folder)}
-            base = {"image_size": plan.image_size, **common}
+            base = {"image_size": plan.image_size, **run_config}
             if workers > 1:
-                sweep_in_processes(sweep_path, folder, workers, remaining, storage, base, log)
+                sweep_in_processes(sweep_path, folder, workers, remaining, common.storage, base, log)
             else:
-                sweep(sweep_path, count=remaining, storage=storage, sweeps_dir=out / "sweeps", progress=progress, log=log,
-                      **base)
+                sweep(sweep_path, count=remaining, storage=common.storage, sweeps_dir=out / "sweeps",
+                      progress=common.progress, log=log, **base)
             return "done", {"trials": finished_trials(folder), "folder": str(folder)}
 
         step(journal, "Part A: sweep", log, part_a)
         folder = Path(journal.steps["Part A: sweep"]["folder"])
-        best = SweepRun(folder, storage=storage).best
+        best = SweepRun(folder, storage=common.storage).best
         log(f"Part A's model: {best.folder} (the best trial by validation accuracy, taken as it is)")
         step(journal, "Part A: evaluate the best trial on the test folder", log, lambda: (
             ("done before", {}) if evaluated(best) else
-            ("done", {"accuracy": best.evaluate(data, progress=progress, log=log, cache_dir=cache_dir).accuracy})))
+            ("done", {"accuracy": best.evaluate(data, **common.for_model()).accuracy})))
         step(journal, "Part A: explain it", log, lambda: (
             ("done before", {}) if (best.folder / "explain" / "gradcam.png").is_file() else
-            ("done", {"figures": sorted(str(p) for p in best.explain(data, progress=progress, log=log,
-                                                                        cache_dir=cache_dir).figures.values())})))
-        finetuned = part_b(out, plan, model, weights, common, journal, progress, log)
+            ("done", {"figures": sorted(str(p) for p in best.explain(data, progress=common.progress, log=log,
+                                                                        cache_dir=common.cache_dir).figures.values())})))
+        finetuned = part_b(out, plan, model, weights, run_config, journal, common)
         step(journal, "compare", log, lambda: ("done", {"table": str(compare([best, *finetuned], out / "compare")["table"])}))
         step(journal, "report", log, lambda: ("done", {"index": str(report([out], out / "report", argv=argv))}))
         return out / "report" / "index.html"
 
 
-def part_b(out: Path, plan: Plan, model: str, weights: str | None, common: dict[str, Any], journal: Journal,
-           progress: bool | None, log: Callable[[str], None]) -> list[Run]:
+def part_b(out: Path, plan: Plan, model: str, weights: str | None, run_config: dict[str, Any], journal: Journal,
+           common: Common) -> list[Run]:
     """Each strategy trained (or resumed) and evaluated; [] with a message when no weights were given."""
+    log = common.say
     if not weights:
         log("Part B skipped: give --weights (a weights file, or DEFAULT to download torchvision's) to fine-tune "
             f"{model}")
@@ -197,10 +201,10 @@ def part_b(out: Path, plan: Plan, model: str, weights: str | None, common: dict[
         extra = {"freeze_stages": 3} if strategy == "partial" else {}  # ResNet50: stem and layer1-3 frozen
 
         def work(strategy: str = strategy, epochs: int = epochs, extra: dict[str, Any] = extra) -> tuple[str, dict[str, Any]]:
-            run, state = trained_or_resumed(out, f"partB-{strategy}", log, progress, model=model, weights=weights,
-                                            finetune=strategy, epochs=epochs, **extra, **common)
+            run, state = trained_or_resumed(out, f"partB-{strategy}", common, model=model, weights=weights,
+                                            finetune=strategy, epochs=epochs, **extra, **run_config)
             if not evaluated(run):
-                run.evaluate(common["data"], progress=progress, log=log, cache_dir=common.get("cache_dir"))
+                run.evaluate(run_config["data"], **common.for_model())
             runs.append(load(run.folder))
             return state, {"run": str(run.folder)}
 

@@ -1,0 +1,56 @@
+"""The options every command shares (device, cache folder, progress bars, storage) are declared once and read once
+into one `Common` carried to the work."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+
+from cnnlab.cli import build_parser
+from cnnlab.options import CACHE_HELP, DEVICE_HELP, QUIET_HELP, STORAGE_HELP, Common, progress_bars
+
+SHARED = {"--device": DEVICE_HELP, "--cache_dir": CACHE_HELP, "--quiet": QUIET_HELP, "--storage": STORAGE_HELP}
+
+
+def help_of(command: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    return " ".join(out.getvalue().split())
+
+
+def test_each_shared_flag_means_the_same_on_every_command_that_takes_it():
+    takes = {"--device": ("evaluate", "predict", "assignment"), "--cache_dir": ("check", "evaluate", "explain", "assignment"),
+             "--quiet": ("train", "lr-find", "check", "sweep", "assignment", "evaluate", "explain"),
+             "--storage": ("sweep", "sweep-report", "assignment")}
+    for flag, commands in takes.items():
+        for command in commands:
+            assert f"{flag} " in help_of(command) and " ".join(SHARED[flag].split()) in help_of(command), (command, flag)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["evaluate", "runs/a", "--data", "d"], Common()),
+    (["evaluate", "runs/a", "--data", "d", "--device", "cpu", "--cache_dir", "/c", "--quiet"],
+     Common(device="cpu", cache_dir="/c", progress=False)),
+    (["assignment", "--data", "d", "--storage", "sqlite:///s.db", "--device", "cuda:1"],
+     Common(device="cuda:1", storage="sqlite:///s.db")),
+    (["train", "--device", "cpu"], Common(device="cpu")),
+    (["predict", "runs/a", "x.jpg"], Common()),
+])
+def test_the_flags_are_read_into_one_common_object(argv, expected):
+    args, _ = build_parser().parse_known_args(argv)
+    common = Common.from_args(args)
+    assert common == expected
+    assert common.config_values() == {k: v for k, v in (("device", expected.device), ("cache_dir", expected.cache_dir))
+                                      if v and v != "auto"}
+    assert common.for_model() == {"device": expected.device, "cache_dir": expected.cache_dir,
+                                  "progress": expected.progress, "log": print}
+
+
+def test_progress_bars_follow_one_rule():
+    assert progress_bars(True) and not progress_bars(False)
+    # under pytest stderr is captured, not a terminal: no bars unless asked
+    assert progress_bars(None) is False
+    assert Common(log=None).say("dropped") is None
