@@ -3,6 +3,7 @@ import yaml
 
 from cnnlab.cli import main
 from cnnlab.config import FIELDS, Config, ConfigError, coerce, make_config
+from cnnlab.models import check_config
 
 
 @pytest.mark.parametrize("org,expected", [
@@ -43,7 +44,7 @@ def test_booleans_in_every_spelling(value, expected):
 ])
 def test_bad_values_are_one_clear_error(source, needle):
     with pytest.raises(ConfigError, match=None) as e:
-        make_config(source)
+        check_config(make_config(source))  # the config's own rules, then its model family's
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 

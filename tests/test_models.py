@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cnnlab.config import ACTIVATIONS, ConfigError, make_config
-from cnnlab.models import create_model, measured_cost, smallcnn_cost
+from cnnlab.models import check_config, create_model, measured_cost, smallcnn_cost
 
 
 def test_golden_parameter_count_of_the_assignment_cnn():
@@ -21,7 +21,7 @@ def test_golden_parameter_count_of_the_assignment_cnn():
     {"conv1_stride": 3, "image_size": 100, "kernel_size": 5, "global_pool": True},
 ])
 def test_formula_matches_numel_and_flop_counter(overrides):
-    cfg = make_config(overrides)
+    cfg = check_config(make_config(overrides))  # image_size 0 (not given): the small CNN's own, 224
     model = create_model(cfg, 10).module
     formula, measured = smallcnn_cost(cfg, 10), measured_cost(model, cfg.image_size)
     assert formula.params == measured.params == sum(p.numel() for p in model.parameters())
@@ -82,8 +82,8 @@ def test_dirac_init_passes_each_blocks_input_through_its_first_filters_and_keeps
 
 
 def test_image_too_small_for_five_pools():
-    with pytest.raises(ConfigError, match="needs at least 32"):  # refused with the config, before any work
-        make_config({"image_size": 16})
+    with pytest.raises(ConfigError, match="needs at least 32"):  # refused by its family's rules, before any work
+        check_config(make_config({"image_size": 16}))
 
 
 def test_first_stride_is_2_from_128_px_unless_set():
@@ -94,7 +94,7 @@ def test_first_stride_is_2_from_128_px_unless_set():
     assert model.features[0][0].stride == (2, 2)
     assert model(torch.zeros(2, 3, 128, 128)).shape == (2, 5)
     with pytest.raises(ConfigError, match="after a stride-2 first convolution, so it needs at least 64"):
-        make_config({"image_size": 48, "conv1_stride": 2})
+        check_config(make_config({"image_size": 48, "conv1_stride": 2}))
 
 
 def test_a_checkpoint_saved_before_conv1_stride_existed_loads_as_stride_1(tmp_path):

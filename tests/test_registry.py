@@ -47,7 +47,7 @@ def test_every_model_has_a_head_and_stages(name):
     head_name = replace_head(model, 7)
     head = model.get_submodule(head_name)
     assert head_name == found and getattr(head, "out_features", getattr(head, "out_channels", None)) == 7
-    body = stages(model, head)
+    body = stages(name, model, head)
     assert len(body) >= 3, "a stem and at least two stages, so partial and gradual have something to choose"
     in_body = {id(p) for stage in body for m in stage for p in m.parameters()}
     assert not in_body & {id(p) for p in head.parameters()}, "the head is never part of a stage"

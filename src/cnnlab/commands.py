@@ -44,9 +44,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .data import list_classes
-    from .models import create_model, measured_cost, smallcnn_cost
+    from .models import check_config, create_model, measured_cost, smallcnn_cost
 
-    cfg = config_from_args(args)
+    cfg = check_config(config_from_args(args))
     if args.num_classes is not None:
         n = args.num_classes
     else:

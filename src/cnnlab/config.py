@@ -39,7 +39,9 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
 class Config:
     # data
     data: str = _f("data/demo", "data root holding train/<class>/ and val/<class>/ (val/ is the test set)")
-    image_size: int = _f(224, "images are resized to image_size x image_size once, into the cache", min=16, max=1024)
+    image_size: int = _f(0, "images are resized to image_size x image_size once, into the cache; 0: the model's own "
+                            "(224 for smallcnn, the pretrained weights' input size: 299 for Inception v3)",
+                         min=16, max=1024, auto=0)
     val_fraction: float = _f(0.2, "fraction of train/ held out, stratified, for validation", min=0.01, max=0.9)
     group_duplicates: bool = _f(True, "keep each cluster of near-duplicate training images (copies, re-encodings; "
                                       "see cnnlab check) on one side of the train/validation split, so validation "
@@ -228,6 +230,8 @@ def describe(key: str) -> str:
     if "min" in f.metadata:
         lo, hi = f.metadata["min"], f.metadata["max"]
         parts.append(f"from {lo:,} to {hi:,}" if t is int else f"from {lo:g} to {hi:g}")
+    if "auto" in f.metadata:
+        parts.append(f"or {f.metadata['auto']} (the model's own)")
     return " ".join(parts)
 
 
@@ -275,7 +279,7 @@ def check_value(key: str, value: Any) -> Any:
     f = FIELDS[key]
     if "choices" in f.metadata and value not in f.metadata["choices"]:
         raise ConfigError(f"{key}={quote(value)}: expected {describe(key)}")
-    if "min" in f.metadata and not (f.metadata["min"] <= value <= f.metadata["max"]):
+    if "min" in f.metadata and not (f.metadata["min"] <= value <= f.metadata["max"] or value == f.metadata.get("auto")):
         raise ConfigError(f"{key}={quote(value)}: expected {describe(key)}")
     return value
 
@@ -295,13 +299,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"name={quote(cfg.name)}: a run's name is its folder's inside --out, so use letters, digits, "
                           "'.', '_' and '-' only (no '/', no leading dot, at most 100 characters); put the folder "
                           "elsewhere with --out")
-    stride = cfg.first_stride()
-    if cfg.model == "smallcnn" and cfg.image_size < 32 * stride:
-        raise ConfigError(f"image_size={cfg.image_size}: the small CNN halves the image five times"
-                          + (f" after a stride-{stride} first convolution" if stride > 1 else "")
-                          + f", so it needs at least {32 * stride}")
     check_finetuning(cfg)
-    return cfg  # whether `model` names a known architecture is checked by models.check_config
+    return cfg  # the rules of the model's family (smallcnn's sizes, a known architecture): models.check_config
 
 
 APPLIES_WITH = {"freeze_stages": ("partial",), "unfreeze_every": ("gradual",),
@@ -316,22 +315,8 @@ def applicable(values: dict[str, Any], finetune: str) -> dict[str, Any]:
 
 def check_finetuning(cfg: Config) -> None:
     """Combinations that would silently do something else than asked are refused, saying what to write."""
-    pretrained = cfg.weights.lower() not in ("none", "random")
     if cfg.finetune == "partial" and cfg.freeze_stages < 1:
         raise ConfigError("finetune=partial needs freeze_stages >= 1")
-    if cfg.model == "smallcnn" and cfg.finetune != "none":
-        raise ConfigError(f"finetune={cfg.finetune!r} needs a pretrained model (model=resnet50, timm/..., see "
-                          "`cnnlab models`); smallcnn trains from scratch")
-    if cfg.model == "smallcnn" and cfg.weights.lower() != "none":
-        raise ConfigError(f"weights={cfg.weights!r}: smallcnn has no pretrained weights and trains from scratch; "
-                          "drop --weights, or fine-tune a pretrained model (--model resnet50 --finetune head)")
-    if cfg.finetune == "none" and pretrained:
-        raise ConfigError(f"finetune=none trains from scratch, but weights={cfg.weights!r} is set: write "
-                          "--finetune full to train every layer from those weights (or head, partial, gradual)")
-    if cfg.finetune != "none" and cfg.weights.lower() == "none":
-        raise ConfigError(f"finetune={cfg.finetune} needs pretrained weights (a frozen or fine-tuned random network "
-                          "learns little): add --weights DEFAULT (or a weights file), or --finetune none to train "
-                          "from scratch (--weights random freezes a random backbone on purpose)")
     if cfg.freeze_stages and cfg.finetune != "partial":
         raise ConfigError(f"freeze_stages={cfg.freeze_stages} only applies with --finetune partial "
                           f"(finetune is {cfg.finetune})")

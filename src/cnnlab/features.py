@@ -119,7 +119,7 @@ def split_for_store(parts: ModelParts, cfg: Config, head_only: bool) -> Split | 
     family = _family(model)
     if family is None:
         return f"partial freezing of {cfg.model} is not supported by the feature store"
-    body = stages(model, head)
+    body = stages(cfg.model, model, head)
     k = cfg.freeze_stages
     frozen_modules = [m for stage in body[:k + 1] for m in stage]
 

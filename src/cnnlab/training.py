@@ -182,7 +182,7 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
             device_cache: DeviceCache | None = None, group: str | None = None) -> Prepared:
     """Check the config, build the model, open the run folder, decode and split the data (checking it), place the
     model on its device, and make the batch source and the optimiser."""
-    check_config(cfg)
+    cfg = check_config(cfg)  # the family's own rules and values (image_size=0: the model's own)
     device = resolve_device(cfg.device)
     decoder = decode_device(cfg.decoder, device)
     tracker = WandbTracker(cfg, group)  # refuses --wandb without the package before anything is written
@@ -418,6 +418,11 @@ def restore(run: TrainingState) -> int:
         raise CnnlabError(f"{path} holds weights only (a best.pt checkpoint), but --resume needs the last.pt that "
                           "training writes after every epoch, with the optimiser and schedule; to train on from these "
                           "weights, start a new run")
+    trained_on = state.get("preprocess")
+    if trained_on is not None and trained_on != run.preprocess.to_dict():  # e.g. a folder from before image_size 0
+        before = Preprocess.from_dict(trained_on)  # meant the model's own size, where 224 stood for it
+        raise CnnlabError(f"{path} trained on {before.describe()} input, but {run.run_dir / CONFIG} now gives "
+                          f"{run.preprocess.describe()}: set image_size: {before.image_size} there to resume it")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.ema is not None:

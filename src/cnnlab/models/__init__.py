@@ -10,59 +10,42 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ConfigError
-from ..preprocess import Preprocess
-from .from_timm import PREFIX as TIMM_PREFIX
-from .from_timm import check_timm_name, timm_names
 from .parts import ModelParts
 from .plan import TrainablePlan, stages
-from .pretrained import weights_file
+from .pretrained import torchvision_names, weights_file
+from .registry import FAMILIES, SMALLCNN_NAME, ModelFamily, family_of
 from .smallcnn import SmallCNN, measured_cost, smallcnn_cost, whiten_first_conv
-
-SCRATCH = "smallcnn"
-
-
-def torchvision_names() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def model_names() -> list[str]:
     """smallcnn, torchvision's classifiers, then timm's (prefixed timm/, when timm is installed)."""
-    return [SCRATCH, *torchvision_names(), *timm_names()]
+    return [name for family in (FAMILIES[0], FAMILIES[2], FAMILIES[1]) for name in family.names()]
 
 
 def check_model_name(name: str) -> None:
-    if name.startswith(TIMM_PREFIX):
-        check_timm_name(name)
-    elif name != SCRATCH and name not in torchvision_names():
-        raise ConfigError(f"model={name!r}: expected smallcnn, a torchvision classifier or timm/<name> "
-                          f"(see `cnnlab models`), e.g. resnet18, resnet50, timm/tf_efficientnet_lite0")
+    family_of(name).check(Config(model=name))
 
 
 def check_config(cfg: Config) -> Config:
-    """The config's model-dependent rules (the config module itself knows no models)."""
-    check_model_name(cfg.model)
-    return cfg
+    """The config's model-dependent rules (the config module itself knows no models), by the model's family;
+    returns the config with the family's own values for what was left to it (image_size=0: the model's own)."""
+    return family_of(cfg.model).check(cfg)
 
 
 def create_model(cfg: Config, num_classes: int) -> ModelParts:
-    """Build the model the config names, with a `num_classes`-way output."""
-    check_model_name(cfg.model)
-    if cfg.model == SCRATCH:
-        model = SmallCNN.from_config(cfg, num_classes)
-        parts = ModelParts(model, f"classifier.{len(model.classifier) - 1}", Preprocess(cfg.image_size))
-    elif cfg.model.startswith(TIMM_PREFIX):
-        from .from_timm import create_timm
-
-        parts = create_timm(cfg, num_classes)
-    else:
-        from .pretrained import create_pretrained
-
-        parts = create_pretrained(cfg, num_classes)
+    """Build the model the config names, with a `num_classes`-way output: the one way a model is built."""
+    cfg = check_config(cfg)
+    parts = family_of(cfg.model).create(cfg, num_classes)
     mean, std = cfg.normalisation()
     parts.preprocess = replace(parts.preprocess, mean=mean or parts.preprocess.mean, std=std or parts.preprocess.std)
     return parts
+
+
+def default_freeze_stages(model: str) -> int:
+    """For finetune=partial when no freeze_stages is given: every stage frozen but the last (ResNet50: the stem and
+    layer1-3, as the assignment asks), counted on the model itself (built without weights)."""
+    parts = create_model(Config(model=model, image_size=64), 2)
+    return max(1, len(stages(model, parts.module, parts.head_module())) - 2)
 
 
 PROBE_SIZES = (32, 48, 64, 75, 96, 112, 128, 160, 192, 224, 256, 299, 320, 384, 448, 512)
@@ -106,6 +89,6 @@ def check_input_size(parts: ModelParts, name: str) -> None:
 
 
 __all__ = ["ModelParts", "check_input_size", "TrainablePlan", "stages", "SmallCNN", "measured_cost", "smallcnn_cost",
-           "model_names",
+           "model_names", "ModelFamily", "FAMILIES", "family_of", "SMALLCNN_NAME", "default_freeze_stages",
            "check_model_name", "check_config", "create_model", "torchvision_names", "weights_file",
            "whiten_first_conv"]

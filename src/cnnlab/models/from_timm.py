@@ -82,9 +82,9 @@ def head_name(model: nn.Module) -> str:
 
 
 def preprocess_of(model: nn.Module, cfg: Config) -> Preprocess:
-    """The pretrained config's preprocessing; the config's default image size (224) gives way to the model's."""
+    """The pretrained config's preprocessing; image_size 0 (the default) is the model's own input size."""
     data = _timm().data.resolve_model_data_config(model)
-    size = cfg.image_size if cfg.image_size != 224 else int(data["input_size"][-1])
+    size = cfg.image_size or int(data["input_size"][-1])
     interpolation = data.get("interpolation", "bilinear")
     crop = float(data.get("crop_pct", 0.875)) if data.get("crop_mode", "center") == "center" else 0.0
     return Preprocess(size, tuple(data["mean"]), tuple(data["std"]), min(crop, 1.0),

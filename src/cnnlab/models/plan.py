@@ -10,35 +10,15 @@ from torch import nn
 
 from ..config import Config
 from ..errors import ConfigError
-from .from_timm import is_timm_model, timm_stages
 from .parts import ModelParts
+from .registry import family_of
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def stages(model: nn.Module, head: nn.Module) -> list[list[nn.Module]]:
-    """The body from input to output as [stem, stage 1, stage 2, ...], the head excluded."""
-    if is_timm_model(model):
-        return timm_stages(model, head)
-    if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
-        stem = [m for n, m in model.named_children() if n in ("conv1", "bn1", "relu", "maxpool")]
-        return [stem] + [[getattr(model, f"layer{i}")] for i in range(1, 5)]
-    if hasattr(model, "encoder") and hasattr(model.encoder, "layers"):  # ViT
-        return [[model.conv_proj]] + [[layer] for layer in model.encoder.layers]
-    if hasattr(model, "trunk_output"):  # RegNet
-        return [[model.stem]] + [[s] for s in model.trunk_output]
-    if hasattr(model, "stem") and isinstance(getattr(model, "blocks", None), nn.ModuleList):  # MaxViT
-        return [[model.stem]] + [[b] for b in model.blocks]
-    if isinstance(getattr(model, "layers", None), nn.Sequential):  # MNASNet: stem layers, block stacks, last conv
-        layers = list(model.layers)
-        stacks = [i for i, m in enumerate(layers) if isinstance(m, nn.Sequential)]
-        return [layers[:stacks[0]]] + [[layers[i]] for i in stacks] + [layers[stacks[-1] + 1:]]
-    if hasattr(model, "features") and isinstance(model.features, nn.Sequential):
-        blocks = list(model.features)  # EfficientNet, MobileNet, VGG, DenseNet, ConvNeXt, Swin, MNASNet...
-        return [[blocks[0]]] + [[b] for b in blocks[1:]]
-    children = [m for m in model.children() if m is not head and any(p.numel() for p in m.parameters())
-                and head not in list(m.modules())]
-    return [[c] for c in children]
+def stages(model_name: str, model: nn.Module, head: nn.Module) -> list[list[nn.Module]]:
+    """The body from input to output as [stem, stage 1, stage 2, ...], the head excluded, as its family cuts it."""
+    return family_of(model_name).stages(model, head)
 
 
 class TrainablePlan:
@@ -52,7 +32,7 @@ class TrainablePlan:
         self.model, self.cfg = model, cfg
         self.mode = cfg.finetune
         self.head = parts.head_module() if self.mode != "none" else None
-        self.stages = stages(model, self.head) if self.mode in ("partial", "gradual") else []
+        self.stages = stages(cfg.model, model, self.head) if self.mode in ("partial", "gradual") else []
         if self.mode == "partial" and cfg.freeze_stages >= len(self.stages):
             raise ConfigError(f"freeze_stages={cfg.freeze_stages}: {cfg.model} has a stem and "
                               f"{len(self.stages) - 1} stages, so at most {len(self.stages) - 1}")

@@ -21,6 +21,36 @@ from .parts import ModelParts
 ORIGINAL_CLASSES = 1000  # every torchvision classifier is built for ImageNet-1k
 
 
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def torchvision_stages(model: nn.Module, head: nn.Module) -> list[list[nn.Module]]:
+    """A torchvision classifier's body from input to output as [stem, stage 1, stage 2, ...], the head excluded,
+    found by the layout of each architecture family."""
+    if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
+        stem = [m for n, m in model.named_children() if n in ("conv1", "bn1", "relu", "maxpool")]
+        return [stem] + [[getattr(model, f"layer{i}")] for i in range(1, 5)]
+    if hasattr(model, "encoder") and hasattr(model.encoder, "layers"):  # ViT
+        return [[model.conv_proj]] + [[layer] for layer in model.encoder.layers]
+    if hasattr(model, "trunk_output"):  # RegNet
+        return [[model.stem]] + [[s] for s in model.trunk_output]
+    if hasattr(model, "stem") and isinstance(getattr(model, "blocks", None), nn.ModuleList):  # MaxViT
+        return [[model.stem]] + [[b] for b in model.blocks]
+    if isinstance(getattr(model, "layers", None), nn.Sequential):  # MNASNet: stem layers, block stacks, last conv
+        layers = list(model.layers)
+        stacks = [i for i, m in enumerate(layers) if isinstance(m, nn.Sequential)]
+        return [layers[:stacks[0]]] + [[layers[i]] for i in stacks] + [layers[stacks[-1] + 1:]]
+    if hasattr(model, "features") and isinstance(model.features, nn.Sequential):
+        blocks = list(model.features)  # EfficientNet, MobileNet, VGG, DenseNet, ConvNeXt, Swin, MNASNet...
+        return [[blocks[0]]] + [[b] for b in blocks[1:]]
+    children = [m for m in model.children() if m is not head and any(p.numel() for p in m.parameters())
+                and head not in list(m.modules())]
+    return [[c] for c in children]
+
+
 def weights_file(weights: str) -> Path | None:
     """The local weights file `--weights` names (~ expanded), None when it names no file (none, random, a
     torchvision or timm tag); a name that looks like a file but is missing is refused."""
@@ -150,15 +180,13 @@ def create_pretrained(cfg: Config, num_classes: int) -> ModelParts:
 
 def preprocess_for(cfg: Config, weights) -> Preprocess:
     """The weights' own preprocessing: mean, std, interpolation and crop (crop size over resize size, 224/256)
-    from the enum's transforms; ImageNet's standard ones for a local file. The image size is as configured,
-    except that the config's default 224 gives way to the weights' own crop size (299 for Inception v3)."""
-    size, mean, std, crop, interpolation = cfg.image_size, IMAGENET_MEAN, IMAGENET_STD, 224 / 256, "bilinear"
+    from the enum's transforms; ImageNet's standard ones for a local file. The image size is as configured; 0
+    (the default) is the weights' own crop size (224 for most, 299 for Inception v3; ImageNet's 224 for a file)."""
+    own = 299 if cfg.model == "inception_v3" else 224
+    mean, std, crop, interpolation = IMAGENET_MEAN, IMAGENET_STD, 224 / 256, "bilinear"
     if weights is not None and not isinstance(weights, Path):
         t = weights.transforms()
         mean, std = tuple(t.mean), tuple(t.std)
         crop, interpolation = t.crop_size[0] / t.resize_size[0], t.interpolation.value
-        if cfg.image_size == 224:
-            size = int(t.crop_size[0])
-    elif cfg.model == "inception_v3" and cfg.image_size == 224:
-        size = 299
-    return Preprocess(size, mean, std, crop, interpolation)
+        own = int(t.crop_size[0])
+    return Preprocess(cfg.image_size or own, mean, std, crop, interpolation)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -24,6 +24,7 @@ ACTIVATION_LAYERS: dict[str, Callable[[], nn.Module]] = {
 }
 # Non-decreasing activations commute with max-pooling: max(f(a), f(b)) = f(max(a, b)). Pooling first gives the
 # same output and gradients, and the activation (forward and backward) touches a quarter of the values.
+IMAGE_SIZE = 224  # what image_size=0 (the default) means for the small CNN: the assignment's input
 MONOTONE = ("relu", "leaky_relu", "elu", "selu")
 assert set(ACTIVATION_LAYERS) == set(ACTIVATIONS), "config.ACTIVATIONS and the layers must name the same set"
 
@@ -70,6 +71,7 @@ class SmallCNN(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Config, num_classes: int) -> "SmallCNN":
+        cfg = with_own_size(cfg)
         return cls(cfg.filter_counts(), cfg.kernel_sizes(), cfg.activation, cfg.batch_norm,
                    cfg.dense_units, cfg.dropout, num_classes, cfg.image_size, global_pool=cfg.global_pool,
                    conv1_stride=cfg.first_stride(), conv_init=cfg.conv_init)
@@ -124,6 +126,11 @@ class Cost:
         return self.flops / 1e9
 
 
+def with_own_size(cfg: Config) -> Config:
+    """The config with image_size=0 (the default: the model's own size) read as the small CNN's, IMAGE_SIZE."""
+    return cfg if cfg.image_size else replace(cfg, image_size=IMAGE_SIZE)
+
+
 def smallcnn_cost(cfg: Config, num_classes: int) -> Cost:
     """Closed form. Block i (input size s_i x s_i, c_{i-1} -> c_i channels, kernel k_i, 'same' padding):
         params_i = k_i^2 c_{i-1} c_i + (2 c_i with batch norm, else c_i for the conv bias)
@@ -136,6 +143,7 @@ def smallcnn_cost(cfg: Config, num_classes: int) -> Cost:
     With m filters in every layer, kernel k, image s and no batch norm this is the assignment's
     sum_i (k^2 m^2 + m) + ... ; the FLOPs drop the bias adds, batch norm, activations and pooling, as
     torch.utils.flop_counter does, so the two numbers can be compared exactly."""
+    cfg = with_own_size(cfg)
     params = flops = 0
     c_in, s = 3, cfg.image_size
     for i, (c, k) in enumerate(zip(cfg.filter_counts(), cfg.kernel_sizes())):

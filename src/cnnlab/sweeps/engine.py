@@ -33,6 +33,7 @@ from ..config import FIELDS, Config, applicable, coerce, make_config
 from ..data import DeviceCache
 from ..errors import CnnlabError, ConfigError
 from ..io import atomic_write_json, atomic_write_text
+from ..models import check_config
 from ..training import fit
 from .schema import Sweep, SweepError
 from .storage import make_storage, mask
@@ -160,7 +161,7 @@ def known_problem(base: dict[str, Any], values: dict[str, Any]) -> str | None:
     """Why the config refuses this combination (images too small for a stride-2 first conv, ...), known before any
     training; None when it is a config that may train."""
     try:
-        trial_config(base, values)
+        check_config(trial_config(base, values))
     except ConfigError as e:
         return str(e)
     return None
