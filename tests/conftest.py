@@ -84,10 +84,15 @@ def start_training_process(data: Path, tmp_path: Path, name: str) -> subprocess.
     argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(data), "--image_size=224", "--epochs=1",
             "--filters=4", "--dense_units=8", "--decode_workers=2", "--cache_dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "runs"), f"--name={name}", "--quiet"]
-    # SIGINT's default action restored in the child, as a terminal gives it: pytest started in the background by a
-    # non-interactive shell (`cmd &`) ignores SIGINT, and an ignored signal stays ignored across exec
+    # default actions restored in the child, as a terminal gives them: pytest started in the background by a
+    # non-interactive shell (`cmd &`) ignores SIGINT, under `nohup` SIGHUP, and an ignored signal stays ignored
+    # across exec (cnnlab then leaves it ignored, as it should: the test would see a run that finished)
+    def default_signals() -> None:
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_signals)
 
 
 def decode_workers_of(proc: subprocess.Popen, tmp_path: Path) -> list:
