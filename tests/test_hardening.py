@@ -384,6 +384,19 @@ def test_features_past_float16_are_stored_in_float32_and_train(data, tmp_path):
     assert np.isfinite(run.history[0]["train_loss"])
 
 
+def test_the_float32_fallback_store_keeps_to_the_size_limit(data, tmp_path):
+    """The size limit was checked for the float16 store only; its float32 fallback, twice as large, was then built
+    whatever its size. Here 24 images x 512 features: 24.6 kB in float16, 49.2 kB in float32, a 30 kB limit."""
+    lines: list[str] = []
+    run = cnnlab.train(data=str(data), model="resnet18", weights="random", finetune="head", image_size=64,
+                       std="0.00001,0.00001,0.00001", epochs=1, device="cpu", precision="bf16", feature_cache_max=3e-5,
+                       cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"), progress=False, log=lines.append)
+    assert any("past float16's range; storing float32 instead" in line for line in lines), lines
+    assert any("feature store off: in float32 it would take 0.00 GB, over the limit of 0.00 GB" in line for line in lines)
+    assert not list((tmp_path / "cache" / "features").glob("*.npy"))  # nothing over the limit was written
+    assert run.status == "completed" and np.isfinite(run.history[0]["train_loss"])  # trained on images instead
+
+
 # ---- 7. the Python API refuses bad arguments as the CLI refuses bad flags ------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -254,20 +254,26 @@ def prepare_store(cfg: Config, parts: ModelParts, images: CachedImages, transfor
             log(f"feature store off: it would take {size / 1e9:.2f} GB, over the limit of {limit / 1e9:.2f} GB "
                 f"(--feature_cache_max)")
             return None
-        array = store_of(cfg, split, images, transform, device, amp, folder, dtype, shape, blocks, progress, log)
+        array = store_of(cfg, split, images, transform, device, amp, folder, dtype, shape, blocks, limit, progress,
+                         log)
     finally:
         model.train(was_training)
-    return split, array
+    return None if array is None else (split, array)
 
 
 def store_of(cfg: Config, split: Split, images: CachedImages, transform: ImageTransform, device: torch.device,
-             amp: torch.dtype | None, folder: Path, dtype: np.dtype, shape: tuple[int, ...], blocks: int, progress: bool,
-             log: Callable[[str], None]) -> np.ndarray:
-    """The store in `dtype`, or in float32 when a feature lies past float16's range (Inception v3's reach 4.9e8)."""
+             amp: torch.dtype | None, folder: Path, dtype: np.dtype, shape: tuple[int, ...], blocks: int, limit: int,
+             progress: bool, log: Callable[[str], None]) -> np.ndarray | None:
+    """The store in `dtype`, or in float32 when a feature lies past float16's range (Inception v3's reach 4.9e8);
+    None (no store) when the float32 one would pass the size limit the float16 one kept within."""
     wide = np.dtype(np.float32)
     for kind in (dtype, wide) if dtype != wide else (dtype,):
         path = folder / f"{store_key(cfg, images, split.boundary, kind, transform.pre.to_dict())}.npy"
         size = blocks * len(images.files) * int(np.prod(shape)) * kind.itemsize
+        if size > limit:  # only the float32 fallback can get here: prepare_store checked the first kind
+            log(f"feature store off: in {kind} it would take {size / 1e9:.2f} GB, over the limit of "
+                f"{limit / 1e9:.2f} GB (--feature_cache_max)")
+            return None
         log(f"feature store: {split.boundary}, {blocks} view(s) x {len(images.files)} images x {tuple(shape)} {kind}, "
             f"{size / 1e6:.1f} MB{' (reused)' if path.exists() else ''}: {path}")
         try:
