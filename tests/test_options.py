@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -50,7 +53,16 @@ def test_the_flags_are_read_into_one_common_object(argv, expected):
 
 
 def test_progress_bars_follow_one_rule():
+    """As asked; else on a terminal, never into a redirected file: checked in real processes, one whose stderr is
+    a pseudo-terminal and one whose stderr is a pipe."""
     assert progress_bars(True) and not progress_bars(False)
-    # under pytest stderr is captured, not a terminal: no bars unless asked
-    assert progress_bars(None) is False
+    probe = [sys.executable, "-c", "import sys; from cnnlab.options import progress_bars; print(progress_bars(None))"]
+    piped = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+    leader, follower = os.openpty()
+    try:
+        on_terminal = subprocess.run(probe, stdout=subprocess.PIPE, stderr=follower, text=True, timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert (piped.stdout.strip(), on_terminal.stdout.strip()) == ("False", "True")
     assert Common(log=None).say("dropped") is None
