@@ -226,7 +226,8 @@ def spawn_sweep_workers(args: argparse.Namespace) -> int:
     if "data" in base:  # the same data wherever a worker runs from
         base["data"] = str(Path(base["data"]).resolve())
     check_config(make_config(base))  # refuse bad base flags before anything starts
-    print(f"sweep {sweep.name}: {args.workers} worker processes, {args.count or 'all'} trials each")
+    share = f"{args.count} trials each" if args.count else "sharing the trials until the sweep is done"
+    print(f"sweep {sweep.name}: {args.workers} worker processes, {share}")
     return launch_workers(sweep, base, Path(args.out_root), args.workers, args.count, args.storage,
                           args.seed, Common.from_args(args).bars)
 

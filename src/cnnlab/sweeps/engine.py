@@ -374,6 +374,7 @@ def prepare_sweep(sweep: Sweep, base: dict[str, Any], folder: Path, storage_url:
     """The sweep folder and its study, created (a grid queued, less the points the base flags cannot run) or
     joined, refusing base flags that differ from the ones it began with. What every sweep process does first,
     and what a launcher of worker processes does once before it starts them."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our own one line, not Optuna's traceback
     folder.mkdir(parents=True, exist_ok=True)
     base_cfg = make_config(base, {k: p.values[0] for k, p in sweep.params.items() if p.distribution == "constant"})
     epochs = base_cfg.epochs if "epochs" not in sweep.params or sweep.params["epochs"].distribution == "constant" else None
@@ -394,7 +395,6 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
               log: Callable[[str], None] = print, max_skips: int = MAX_SKIPS_IN_A_ROW) -> SweepResult:
     """Run up to `count` trials (None: until run_cap or the grid is done) in this process; refuse the space after
     `max_skips` sampled combinations in a row that cannot run."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our own one line, not Optuna's traceback
     folder = Path(folder)
     study = prepare_sweep(sweep, base, folder, storage_url, seed, progress, log)
     recover_orphans(study, log)
