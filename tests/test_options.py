@@ -66,3 +66,10 @@ def test_progress_bars_follow_one_rule():
         os.close(follower)
     assert (piped.stdout.strip(), on_terminal.stdout.strip()) == ("False", "True")
     assert Common(log=None).say("dropped") is None
+
+
+def test_the_sweep_worker_command_is_a_launchers_child_not_in_help():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    assert "sweep-worker" not in out.getvalue() and "sweep-report" in out.getvalue()
