@@ -39,3 +39,18 @@ def test_the_example_notebook_runs_without_an_error(tmp_path, monkeypatch):
     page = (tmp_path / "report-demo" / "index.html").read_text()  # cnnlab.report from the notebook
     assert '<section id="partb">' in page and "parcoords" in page
     assert list((tmp_path / "cache").glob("*.npy"))  # the kernel decoded into the cache it was given, not ~/.cache
+
+
+def test_a_kernel_is_a_notebook_and_a_process_that_imported_ipykernel_is_not(tmp_path):
+    """Progress bars and inline figures follow `options.in_notebook`. It was `'ipykernel' in sys.modules`, which
+    the test process itself meets once a notebook test has run: an in-process `cnnlab.cli.main` then drew bars into
+    captured stderr, and its one-line error became three lines."""
+    import subprocess
+    import sys
+
+    probe = "from cnnlab.options import in_notebook; print(in_notebook())"
+    plain = subprocess.run([sys.executable, "-c", "import ipykernel; " + probe], capture_output=True, text=True,
+                           timeout=120)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(probe)])
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert (plain.stdout.strip(), nb.cells[0].outputs[0]["text"].strip()) == ("False", "True")

@@ -24,7 +24,11 @@ def silent(message: str) -> None:
 
 
 def in_notebook() -> bool:
-    return "ipykernel" in sys.modules
+    """Whether this process is a Jupyter kernel (a notebook, JupyterLab, Colab): its IPython shell has a kernel.
+    A process that merely imported ipykernel (a test runner driving a notebook in another process) is not one."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def progress_bars(progress: bool | None) -> bool:

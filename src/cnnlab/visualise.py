@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
 
-if "ipykernel" not in sys.modules:  # in a notebook its inline backend shows the figures cnnlab returns
+from .options import in_notebook
+
+if not in_notebook():  # in a notebook its inline backend shows the figures cnnlab returns
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
