@@ -117,13 +117,15 @@ def test_wandb_offline_logs_config_and_metrics_without_an_account(tiny_cfg, monk
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    from wandb_file import offline_runs
+
     result = fit(tiny_cfg(wandb="offline", epochs=2, name="tracked"), progress=False)
-    runs = list((result.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1
-    data = runs[0].read_bytes()
-    for needle in (b"filter_org", b"batch_norm", b"val_acc", b"train_loss", b"images_per_s"):
-        assert needle in data, needle
-    assert (result.run_dir / "metrics.jsonl").exists()  # the local run folder is still the source of truth
+    [run] = offline_runs(result.run_dir / "wandb")  # read back from the run's own file
+    assert run.config["filter_org"] == "double" and run.config["batch_norm"] is True and run.project == "cnnlab"
+    rows = [r for r in run.history if "val_acc" in r]
+    epochs = read_jsonl(result.run_dir / "metrics.jsonl")  # the local run folder is still the source of truth
+    assert [(r["train_loss"], r["val_acc"], r["images_per_s"]) for r in rows] == [
+        (e["train_loss"], e["val_acc"], e["images_per_s"]) for e in epochs]
 
 
 def test_balanced_sampler_and_class_weights_on_an_unbalanced_set(tiny_cfg, tiny_data, tmp_path):

@@ -5,9 +5,10 @@ metrics file, the console line, Weights & Biases, early stopping and a sweep's p
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -112,33 +113,52 @@ class EarlyStopping(Callback):
             raise StopTraining("early_stopped")
 
 
+AGENT = "agent"  # what --wandb auto means under `wandb agent`: its run, in W&B's own mode and project
+
+
+def wandb_mode(setting: str, env: Mapping[str, str]) -> str:
+    """off, offline, online, or `AGENT` when `wandb agent` started this process (it sets $WANDB_SWEEP_ID and the
+    run's id) and --wandb is auto: the agent's sweep then gets its metric without a flag."""
+    if setting != "auto":
+        return setting
+    return AGENT if env.get("WANDB_SWEEP_ID") else "off"
+
+
 class WandbTracker(Callback):
     """Weights & Biases logging of the config and every epoch's metrics (`--wandb offline|online`; offline needs
-    no account). The local run folder is always written and stays the source of truth."""
+    no account; under `wandb agent`, the agent's run). The run's summary holds the best epoch's values, the ones
+    best.pt keeps, so a W&B sweep ranks runs as cnnlab does. The local run folder stays the source of truth."""
 
     def __init__(self, cfg: Config, group: str | None = None):
         self.group, self.wandb_run = group, None
-        if cfg.wandb != "off":
+        self.mode = wandb_mode(cfg.wandb, os.environ)
+        if self.mode != "off":
             try:
                 import wandb  # noqa: F401 - refused at once, before any training, when it is missing
             except ImportError:
-                raise ConfigError(f"wandb={cfg.wandb} needs the wandb package: pip install wandb (or --wandb off)") from None
+                why = "runs under `wandb agent`" if self.mode == AGENT else f"wandb={cfg.wandb}"
+                raise ConfigError(f"{why}: that needs the wandb package: pip install wandb (or --wandb off)") from None
 
     def on_fit_start(self, run: TrainingState) -> None:
-        if run.cfg.wandb == "off":
+        if self.mode == "off":
             return
         import wandb
 
-        self.wandb_run = wandb.init(project=run.cfg.wandb_project, name=run.run_dir.name, group=self.group,
-                                    mode=run.cfg.wandb, dir=str(run.run_dir), config=run.cfg.to_dict(),
-                                    reinit="create_new")
-        run.log(f"wandb {run.cfg.wandb}: {self.wandb_run.dir}")
+        agent = self.mode == AGENT  # the agent's environment names the run, its project and its mode
+        self.wandb_run = wandb.init(project=None if agent else run.cfg.wandb_project, name=run.run_dir.name,
+                                    group=self.group, mode=None if agent else self.mode, dir=str(run.run_dir),
+                                    config=run.cfg.to_dict(), reinit="create_new")
+        run.log(f"wandb {'agent run ' + self.wandb_run.id if agent else self.mode}: {self.wandb_run.dir}")
 
     def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=int(record["epoch"]))
+        if self.wandb_run is not None:  # committed now, so the summary written at the end is not overwritten
+            self.wandb_run.log(record, step=int(record["epoch"]), commit=True)
 
     def on_fit_end(self, run: TrainingState) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        if self.wandb_run is None:
+            return
+        best = next((r for r in run.history if r["epoch"] == run.best_epoch), None)
+        if best is not None:  # W&B would keep the last epoch's values; best.pt holds the best epoch's
+            self.wandb_run.summary.update({**best, "best_epoch": run.best_epoch})
+        self.wandb_run.finish()
+        self.wandb_run = None

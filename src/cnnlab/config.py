@@ -141,7 +141,9 @@ class Config:
     cache_dir: str = _f("", "where decoded images are cached (default: $CNNLAB_CACHE or ~/.cache/cnnlab)")
     out: str = _f("runs", "folder that receives run folders")
     name: str = _f("", "run folder name (default: made from the time and the main knobs)")
-    wandb: str = _f("off", "Weights & Biases logging; offline needs no account", choices=("off", "offline", "online"))
+    wandb: str = _f("auto", "Weights & Biases logging: offline (needs no account), online, off, or auto: into the agent's "
+                            "run when `wandb agent` started this process ($WANDB_SWEEP_ID), else off",
+                    choices=("auto", "off", "offline", "online"))
     wandb_project: str = _f("cnnlab", "Weights & Biases project")
 
     # ---- derived values -------------------------------------------------------------------------

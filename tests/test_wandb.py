@@ -1,0 +1,69 @@
+"""Weights & Biases, offline (no account, no network), read back from the run's own file (tests/wandb_file.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from wandb_file import offline_runs
+
+from cnnlab.io import read_jsonl
+
+pytest.importorskip("wandb")
+
+
+def agent_environment(tmp_path, run_id: str) -> dict[str, str]:
+    """What `wandb agent` sets for the command it runs (wandb/wandb_agent.py): the sweep's and the run's ids, the
+    run's parameters in a YAML file, its project; offline here, as W&B's own WANDB_MODE says."""
+    params = tmp_path / "params.yaml"
+    params.write_text("filters:\n  value: 8\nactivation:\n  value: gelu\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "WANDB_SWEEP_ID": "sweep42", "WANDB_RUN_ID": run_id, "WANDB_SWEEP_PARAM_PATH": str(params),
+            "WANDB_PROJECT": "course", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
+
+
+def train_as_the_agent_does(tiny_data, tmp_path, env, *extra):
+    # `${program} ${args}`: the sweep's parameters as --key=value flags, as a W&B sweep file's command runs them
+    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--filters=8", "--activation=gelu", "--data", str(tiny_data),
+            "--image_size=32", "--dense_units=32", "--batch_size=16", "--epochs=3", "--device=cpu", "--precision=fp32",
+            "--decode_workers=1", "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"),
+            "--name=agent", "--quiet", *extra]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_under_a_wandb_agent_train_logs_into_the_agents_run_with_the_best_epoch_as_summary(tiny_data, tmp_path):
+    """Under `wandb agent`, `cnnlab train` (--wandb auto, the default) logged nothing: the W&B sweep got no metric."""
+    done = train_as_the_agent_does(tiny_data, tmp_path, agent_environment(tmp_path, "run7"))
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "runs" / "agent"
+    [run] = offline_runs(folder / "wandb")
+    assert (run.run_id, run.sweep_id, run.project) == ("run7", "sweep42", "course")
+    epochs = read_jsonl(folder / "metrics.jsonl")
+    rows = [r for r in run.history if "val_acc" in r]
+    assert [r["val_acc"] for r in rows] == [e["val_acc"] for e in epochs]  # the sweep's metric, every epoch
+    assert [r["_step"] for r in rows] == [1, 2, 3]
+    summary = json.loads((folder / "summary.json").read_text())
+    best = next(e for e in epochs if e["epoch"] == summary["best_epoch"])
+    # what W&B's sweep controller and its panels read: the epoch best.pt holds, not the last one
+    assert (run.summary["val_acc"], run.summary["val_loss"], run.summary["best_epoch"]) == (
+        summary["best_val_acc"], best["val_loss"], summary["best_epoch"])
+    assert run.config["filters"] == 8 and run.config["activation"] == "gelu"
+
+
+@pytest.mark.slow
+def test_wandb_off_still_turns_it_off_under_an_agent(tiny_data, tmp_path):
+    done = train_as_the_agent_does(tiny_data, tmp_path, agent_environment(tmp_path, "run8"), "--wandb=off")
+    assert done.returncode == 0, done.stderr
+    assert not offline_runs(tmp_path) and (tmp_path / "runs" / "agent" / "best.pt").is_file()
+
+
+def test_auto_is_the_agents_run_only_under_an_agent():
+    from cnnlab.callbacks import AGENT, wandb_mode
+
+    assert wandb_mode("auto", {"WANDB_SWEEP_ID": "abc"}) == AGENT
+    assert wandb_mode("auto", {"WANDB_PROJECT": "p"}) == "off"  # a project alone is not an agent
+    assert [wandb_mode(m, {"WANDB_SWEEP_ID": "abc"}) for m in ("off", "offline", "online")] == ["off", "offline", "online"]
