@@ -67,3 +67,28 @@ def test_auto_is_the_agents_run_only_under_an_agent():
     assert wandb_mode("auto", {"WANDB_SWEEP_ID": "abc"}) == AGENT
     assert wandb_mode("auto", {"WANDB_PROJECT": "p"}) == "off"  # a project alone is not an agent
     assert [wandb_mode(m, {"WANDB_SWEEP_ID": "abc"}) for m in ("off", "offline", "online")] == ["off", "offline", "online"]
+
+
+@pytest.mark.slow
+def test_an_embedded_sweep_makes_one_wandb_run_per_trial_grouped_tagged_with_its_best(tiny_data, tmp_path, monkeypatch):
+    import yaml
+
+    from cnnlab.sweeps import load_sweep, run_sweep
+    from cnnlab.sweeps.report import load_study
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = tmp_path / "wb.yaml"
+    path.write_text(yaml.safe_dump({"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+                                    "parameters": {"filters": {"values": [4, 8]}, "epochs": {"value": 3}}}))
+    base = {"data": str(tiny_data), "image_size": 32, "dense_units": 16, "batch_size": 32, "decode_workers": 1,
+            "cache_dir": str(tmp_path / "cache"), "device": "cpu", "precision": "fp32", "wandb": "offline"}
+    run_sweep(load_sweep(path), base, tmp_path / "sweeps" / "wb", progress=False, log=lambda s: None)
+    trials = {t.number: t for t in load_study(tmp_path / "sweeps" / "wb").get_trials()}
+    runs = offline_runs(tmp_path / "sweeps" / "wb" / "trials")
+    assert len(runs) == len(trials) == 2
+    for run in runs:
+        assert run.group == "wb" and "completed" in run.tags
+        trial = next(t for t in trials.values() if t.user_attrs["config"]["filters"] == run.config["filters"])
+        assert run.summary["val_acc"] == trial.value  # the trial's value is its best epoch's, as W&B's summary now

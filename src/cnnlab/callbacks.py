@@ -48,6 +48,7 @@ class TrainingState:
     best_val_loss: float = math.inf  # of the best epoch: breaks ties of accuracy
     best_epoch: int = 0
     improved: bool = False  # whether the latest epoch is the best so far
+    status: str = "running"  # when training ends: completed, early_stopped, stopped (pruned), interrupted, failed
     ema: AveragedModel | None = None  # with --ema: the average that is validated and kept as best.pt
 
     @property
@@ -160,5 +161,7 @@ class WandbTracker(Callback):
         best = next((r for r in run.history if r["epoch"] == run.best_epoch), None)
         if best is not None:  # W&B would keep the last epoch's values; best.pt holds the best epoch's
             self.wandb_run.summary.update({**best, "best_epoch": run.best_epoch})
-        self.wandb_run.finish()
+        tag = {"stopped": "pruned"}.get(run.status, run.status)  # a sweep's pruner is what stops a run early
+        self.wandb_run.tags = (*self.wandb_run.tags, tag)
+        self.wandb_run.finish(exit_code=0 if run.status in ("completed", "early_stopped", "stopped") else 1)
         self.wandb_run = None

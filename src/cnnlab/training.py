@@ -479,12 +479,19 @@ class EpochLoop:
                     self.run.best_epoch = epoch
                 for callback in callbacks:
                     callback.on_epoch_end(self.run, record)
+            self.run.status = "completed"
         except StopTraining as stop:
-            return stop.status
+            self.run.status = stop.status
+        except KeyboardInterrupt:  # Ctrl-C, and SIGTERM or SIGHUP as the CLI raises them (cli.Terminated)
+            self.run.status = "interrupted"
+            raise
+        except BaseException:
+            self.run.status = "failed"
+            raise
         finally:
             for callback in callbacks:
                 callback.on_fit_end(self.run)
-        return "completed"
+        return self.run.status
 
     def epoch(self, epoch: int, progress: bool) -> dict[str, Any]:
         """One epoch of training and validation. Every epoch's randomness (shuffle, augmentation, dropout) is
