@@ -92,3 +92,30 @@ def test_an_embedded_sweep_makes_one_wandb_run_per_trial_grouped_tagged_with_its
         assert run.group == "wb" and "completed" in run.tags
         trial = next(t for t in trials.values() if t.user_attrs["config"]["filters"] == run.config["filters"])
         assert run.summary["val_acc"] == trial.value  # the trial's value is its best epoch's, as W&B's summary now
+
+
+@pytest.mark.slow
+def test_the_evaluation_and_explanation_reach_the_wandb_run_of_the_training(tiny_cfg, monkeypatch):
+    """evaluate and explain logged nothing to W&B: no test accuracy, confusion matrix, grid, filters or model."""
+    import cnnlab
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = cnnlab.train(tiny_cfg(wandb="offline", epochs=2, name="tracked"), progress=False, log=None)
+    evaluation = run.evaluate(progress=False, log=None, device="cpu")
+    explanation = run.explain(progress=False, log=None, neurons=2, per_neuron=1)
+    runs = offline_runs(run.folder / "wandb")
+    assert len(runs) == 3 and len({r.run_id for r in runs}) == 1  # training, then the same run resumed twice
+    # W&B's own media objects, each logged under its key with its type (nested keys come flattened with dots)
+    media = {k.removesuffix("._type"): v for r in runs for row in r.history for k, v in row.items() if k.endswith("._type")}
+    summary = {k: v for r in runs for k, v in r.summary.items()}
+    assert summary["test_acc"] == evaluation.accuracy and summary["test_images"] == evaluation["images"]
+    assert [summary["test_acc_ci95_low"], summary["test_acc_ci95_high"]] == evaluation["accuracy_ci95"]
+    assert {k: media.get(k) for k in ("test/per_class", "test/confusion_matrix_table", "test/predictions",
+                                      "test/reliability", "test/top_losses")} == {
+        "test/per_class": "table-file", "test/confusion_matrix_table": "table-file", "test/predictions": "image-file",
+        "test/reliability": "image-file", "test/top_losses": "image-file"}
+    assert {media.get(f"explain/{name}") for name in explanation.figures} == {"image-file"}
+    [model] = [a for r in runs for a in r.artifacts if a["type"] == "model"]
+    assert model["files"] == ["best.pt"]

@@ -239,7 +239,15 @@ class Run:
         out_dir = Path(out) if out else self.best_checkpoint.parent / EVAL
         metrics = evaluate_checkpoint(self.best_checkpoint, data, resolve_device(device), _cache(cache_dir), out_dir,
                                       top, seed, progress=progress_bars(progress), log=log or silent)
+        if self._of_best():  # to the W&B run its training logged to, where there is one
+            from .tracking import log_evaluation
+
+            log_evaluation(self.files, metrics, out_dir, log or silent)
         return Evaluation(metrics, out_dir)
+
+    def _of_best(self) -> bool:
+        """Whether this Run stands for its folder's best.pt (not another checkpoint file loaded from it)."""
+        return self.best_checkpoint.resolve() == (self.folder / BEST).resolve()
 
     def predict_iter(self, images: Iterable[Any], *, top: int = 3, device: str = "auto", batch: int = 64
                      ) -> Iterator[dict[str, Any]]:
@@ -278,6 +286,10 @@ class Run:
         out_dir = Path(out) if out else self.best_checkpoint.parent / "explain"
         paths = explain(loaded.model, test, test.valid, ImageTransform(loaded.pre, loaded.cfg.channels_last),
                         loaded.classes, out_dir, neurons, per_neuron, seed=seed, log=log or silent)
+        if self._of_best():
+            from .tracking import log_explanation
+
+            log_explanation(self.files, paths, log or silent)
         return Explanation(paths)
 
     def export(self, format: str = "onnx", out: str | Path | None = None) -> Path:

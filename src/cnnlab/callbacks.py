@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .io import append_jsonl
 from .preprocess import Preprocess
 from .run_folder import BEST, LAST, METRICS
+from .tracking import remember_wandb_run
 
 
 class StopTraining(Exception):
@@ -149,6 +150,7 @@ class WandbTracker(Callback):
         self.wandb_run = wandb.init(project=None if agent else run.cfg.wandb_project, name=run.run_dir.name,
                                     group=self.group, mode=None if agent else self.mode, dir=str(run.run_dir),
                                     config=run.cfg.to_dict(), reinit="create_new")
+        remember_wandb_run(run.run_dir, self.wandb_run, self.group)  # evaluate and explain log to it later
         run.log(f"wandb {'agent run ' + self.wandb_run.id if agent else self.mode}: {self.wandb_run.dir}")
 
     def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
