@@ -41,13 +41,14 @@ def test_each_shared_flag_means_the_same_on_every_command_that_takes_it():
      Common(device="cuda:1", storage="sqlite:///s.db")),
     (["train", "--device", "cpu"], Common(device="cpu")),
     (["predict", "runs/a", "x.jpg"], Common()),
+    (["assignment", "--data", "d", "--wandb", "offline"], Common(wandb="offline")),
 ])
 def test_the_flags_are_read_into_one_common_object(argv, expected):
     args, _ = build_parser().parse_known_args(argv)
     common = Common.from_args(args)
     assert common == expected
-    assert common.config_values() == {k: v for k, v in (("device", expected.device), ("cache_dir", expected.cache_dir))
-                                      if v and v != "auto"}
+    given = (("device", expected.device), ("cache_dir", expected.cache_dir), ("wandb", expected.wandb))
+    assert common.config_values() == {k: v for k, v in given if v and v != "auto"}
     assert common.for_model() == {"device": expected.device, "cache_dir": expected.cache_dir,
                                   "progress": expected.progress, "log": print}
 

@@ -119,3 +119,22 @@ def test_the_evaluation_and_explanation_reach_the_wandb_run_of_the_training(tiny
     assert {media.get(f"explain/{name}") for name in explanation.figures} == {"image-file"}
     [model] = [a for r in runs for a in r.artifacts if a["type"] == "model"]
     assert model["files"] == ["best.pt"]
+
+
+@pytest.mark.slow
+def test_assignment_with_wandb_logs_every_run_and_each_evaluation_into_its_own_run(tiny_data, tmp_path, monkeypatch):
+    import cnnlab
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "job"
+    cnnlab.assignment(tiny_data, out, quick=True, trials=2, image_size=32, model="resnet18", weights="random",
+                      strategies="head", cache_dir=str(tmp_path / "cache"), log=None, progress=False, wandb="offline")
+    trials = offline_runs(out / "sweeps" / "partA" / "trials")
+    assert len({r.run_id for r in trials}) == 2 and {r.group for r in trials} == {"partA"}
+    part_b = offline_runs(out / "runs" / "partB-head" / "wandb")
+    for runs in (trials, part_b):
+        tested = [r for r in runs if "test_acc" in r.summary]
+        assert tested and all(r.run_id in {t.run_id for t in runs if "val_acc" in t.summary} for r in tested)
+    assert any(k.startswith("explain/") for r in trials for row in r.history for k in row)  # the best trial's

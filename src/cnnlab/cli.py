@@ -135,7 +135,7 @@ def _add_report_commands(sub: Any) -> None:
     p.add_argument("--out", default="report", help="folder for index.html and its figures [default: report]")
 
     p = sub.add_parser("assignment", help=COMMANDS["assignment"][1], allow_abbrev=False,
-                       parents=[common_flags("device", "cache_dir", "storage", "quiet")])
+                       parents=[common_flags("device", "cache_dir", "storage", "wandb", "quiet")])
     p.add_argument("--data", required=True, help="the data folder: ROOT/train/<class>/* and ROOT/val/<class>/* (the test set)")
     p.add_argument("--out", default="assignment", help="folder for everything it writes; rerun to resume [default: assignment]")
     p.add_argument("--quick", action="store_true", help="16 Part A trials on 64 px images; Part B head (10 epochs) and "

@@ -46,12 +46,14 @@ class Common:
     progress: bool | None = None  # None: `progress_bars`' rule
     log: Log | None = print  # None: silent
     storage: str | None = None  # None: $CNNLAB_STORAGE, else a journal file in the sweep folder
+    wandb: str | None = None  # the tracker of every run the work trains: None, the config's own (auto)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Common:
         """From the flags `common_flags` declared (a command without one of them gets its default)."""
         return cls(device=getattr(args, "device", None) or "auto", cache_dir=getattr(args, "cache_dir", None) or None,
-                   progress=False if getattr(args, "quiet", False) else None, storage=getattr(args, "storage", None))
+                   progress=False if getattr(args, "quiet", False) else None, storage=getattr(args, "storage", None),
+                   wandb=getattr(args, "wandb", None))
 
     @property
     def bars(self) -> bool:
@@ -63,7 +65,8 @@ class Common:
 
     def config_values(self) -> dict[str, Any]:
         """The config keys it sets for a training run, only those given (a run's own config keeps the others)."""
-        return {k: v for k, v in (("device", self.device), ("cache_dir", self.cache_dir)) if v and v != "auto"}
+        given = (("device", self.device), ("cache_dir", self.cache_dir), ("wandb", self.wandb))
+        return {k: v for k, v in given if v and v != "auto"}
 
     def keywords(self) -> dict[str, Any]:
         """All of it, as the keywords of the Python API's entry points (`cnnlab.assignment(..., **keywords)`)."""
@@ -75,12 +78,18 @@ class Common:
 
 
 def common_flags(*names: str) -> argparse.ArgumentParser:
-    """A parent parser declaring the shared flags `names` (device, cache_dir, quiet, storage), each in one place."""
+    """A parent parser declaring the shared flags `names` (device, cache_dir, quiet, storage, wandb), each in one
+    place (--wandb as the config declares it)."""
+    from .config import FIELDS
+
     parent = argparse.ArgumentParser(add_help=False)
+    tracker = FIELDS["wandb"]
     declare = {"device": lambda: parent.add_argument("--device", default="auto", help=DEVICE_HELP),
                "cache_dir": lambda: parent.add_argument("--cache_dir", default="", help=CACHE_HELP),
                "quiet": lambda: parent.add_argument("--quiet", action="store_true", help=QUIET_HELP),
-               "storage": lambda: parent.add_argument("--storage", help=STORAGE_HELP)}
+               "storage": lambda: parent.add_argument("--storage", help=STORAGE_HELP),
+               "wandb": lambda: parent.add_argument("--wandb", choices=tracker.metadata["choices"],
+                                                    help=tracker.metadata["help"] + " [default: auto]")}
     for name in names:
         declare[name]()
     return parent

@@ -120,7 +120,8 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
                trials: int | None = None, image_size: int | None = None, model: str = "resnet50",
                weights: str | None = None, strategies: str | None = None, storage: str | None = None,
                workers: int = 1, device: str = "auto", cache_dir: str | None = None,
-               progress: bool | None = None, log: Log = print, argv: list[str] | None = None) -> Path:
+               progress: bool | None = None, log: Log = print, wandb: str | None = None,
+               argv: list[str] | None = None) -> Path:
     """The whole assignment on `data` (ROOT/train, ROOT/val) into `out`; returns the report's index.html.
 
     Part A: `sweep_file` (default: the shipped sweeps/partA.yaml) for `trials` trials (quick: 16; else its run_cap) on
@@ -129,8 +130,10 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
     ROOT/val and explained. Part B: `model` with `weights` (a file, or a name such as DEFAULT) fine-tuned by each of
     `strategies` (quick: head for 10 epochs and partial for 2; else head,partial,full for 15 and 8), each
     evaluated; without `weights` Part B is skipped, saying so. `workers` > 1 runs Part A's trials in that many
-    `cnnlab sweep` processes sharing the study (worker i on GPU i mod n where there are n)."""
-    common = Common(device, cache_dir, progress, log, storage)  # carried whole to every step below
+    `cnnlab sweep` processes sharing the study (worker i on GPU i mod n where there are n). `wandb` (offline,
+    online) logs every run to Weights & Biases, Part A's trials grouped by the sweep, and the best trial's and
+    Part B's evaluations and explanations into the runs they belong to."""
+    common = Common(device, cache_dir, progress, log, storage, wandb)  # carried whole to every step below
     log = common.say
     data, out = path_like("data", data), path_like("out", out)
     optional_whole_number("trials", trials, 1)
