@@ -138,3 +138,31 @@ def test_assignment_with_wandb_logs_every_run_and_each_evaluation_into_its_own_r
         tested = [r for r in runs if "test_acc" in r.summary]
         assert tested and all(r.run_id in {t.run_id for t in runs if "val_acc" in t.summary} for r in tested)
     assert any(k.startswith("explain/") for r in trials for row in r.history for k in row)  # the best trial's
+
+
+@pytest.mark.slow
+def test_the_agents_sigterm_ends_the_wandb_run_with_what_was_trained(tiny_data, tmp_path):
+    """hyperband stops a run by sending it SIGTERM: the run ends, W&B's file has its epochs, its best as summary and
+    the tag 'interrupted', and the run folder can be resumed."""
+    import signal
+    import time
+
+    env = agent_environment(tmp_path, "run9")
+    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(tiny_data), "--image_size=32", "--filters=8",
+            "--dense_units=32", "--batch_size=16", "--epochs=200", "--device=cpu", "--precision=fp32",
+            "--decode_workers=1", "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"),
+            "--name=agent", "--quiet"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    metrics = tmp_path / "runs" / "agent" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(read_jsonl(metrics)) >= 2):
+        time.sleep(0.05)  # polling for the event: two finished epochs on disk
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    [run] = offline_runs(tmp_path / "runs" / "agent" / "wandb")
+    epochs = read_jsonl(metrics)
+    assert "interrupted" in run.tags and len([r for r in run.history if "val_acc" in r]) == len(epochs) >= 2
+    assert run.summary["val_acc"] == max(e["val_acc"] for e in epochs)
+    assert (tmp_path / "runs" / "agent" / "last.pt").is_file()
