@@ -34,7 +34,8 @@ __all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
            "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
 
 # What `resume` may change; any other setting would continue a different experiment under the old name.
-RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project")
+RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project",
+                     "tensorboard")
 Log = Callable[[str], None] | None
 
 

@@ -19,7 +19,7 @@ from .config import Config
 from .errors import ConfigError
 from .io import append_jsonl
 from .preprocess import Preprocess
-from .run_folder import BEST, LAST, METRICS
+from .run_folder import BEST, LAST, METRICS, TENSORBOARD
 from .tracking import remember_wandb_run
 
 
@@ -167,3 +167,44 @@ class WandbTracker(Callback):
         self.wandb_run.tags = (*self.wandb_run.tags, tag)
         self.wandb_run.finish(exit_code=0 if run.status in ("completed", "early_stopped", "stopped") else 1)
         self.wandb_run = None
+
+
+
+class TensorBoardTracker(Callback):
+    """TensorBoard, the tracker that needs no account (`--tensorboard`): every epoch's metrics as scalars, and at the
+    end the hyperparameters with the best epoch's metrics (TensorBoard's HPARAMS tab), in run_dir/tensorboard/."""
+
+    def __init__(self, cfg: Config):
+        self.writer: Any = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - refused before any training
+            except ImportError:
+                raise ConfigError("tensorboard=true needs the tensorboard package: pip install 'cnnlab[tensorboard]' "
+                                  "(or drop --tensorboard)") from None
+
+    def on_fit_start(self, run: TrainingState) -> None:
+        if run.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run.run_dir / TENSORBOARD))
+
+    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=int(record["epoch"]))
+        self.writer.flush()  # an epoch on disk as soon as it is in metrics.jsonl
+
+    def on_fit_end(self, run: TrainingState) -> None:
+        if self.writer is None:
+            return
+        best = next((r for r in run.history if r["epoch"] == run.best_epoch), None)
+        if best is not None:
+            hparams = {k: v for k, v in run.cfg.to_dict().items() if isinstance(v, (int, float, str, bool))
+                       and k not in ("data", "out", "name", "cache_dir")}
+            self.writer.add_hparams(hparams, {"hparam/best_val_acc": best["val_acc"], "hparam/best_val_loss":
+                                              best["val_loss"], "hparam/best_epoch": run.best_epoch}, run_name=".")
+        self.writer.close()
+        self.writer = None

@@ -144,6 +144,8 @@ class Config:
     wandb: str = _f("auto", "Weights & Biases logging: offline (needs no account), online, off, or auto: into the agent's "
                             "run when `wandb agent` started this process ($WANDB_SWEEP_ID), else off",
                     choices=("auto", "off", "offline", "online"))
+    tensorboard: bool = _f(False, "write TensorBoard event files into the run folder's tensorboard/: every epoch's "
+                                  "metrics, the hyperparameters with the best epoch's, and what evaluate and explain add")
     wandb_project: str = _f("cnnlab", "Weights & Biases project")
 
     # ---- derived values -------------------------------------------------------------------------

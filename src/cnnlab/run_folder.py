@@ -20,6 +20,8 @@ BEST = "best.pt"  # the weights of the best epoch (the validated ones: the avera
 LAST = "last.pt"  # the weights, optimiser and schedule after the latest epoch: what --resume continues from
 EVAL = "eval"  # `cnnlab evaluate`'s output for best.pt: metrics.json and its figures
 EVAL_METRICS = f"{EVAL}/metrics.json"
+TENSORBOARD = "tensorboard"  # TensorBoard's event files, with --tensorboard
+WANDB_RUN = "wandb_run.json"  # the W&B run its training logged to (id, project, mode, group), with --wandb
 FINISHED = ("completed", "early_stopped")  # statuses of a run that trained to its end
 
 

@@ -1,6 +1,7 @@
-"""What happens to a run after training reaches the W&B run its training logged to: the run folder remembers that
-run (`WANDB_RUN`, written by the training's tracker), and `cnnlab evaluate` and `explain` resume it to log the test
-metrics, the confusion matrix, per-class metrics, the figures and the best checkpoint, in W&B's own objects."""
+"""What happens to a run after training reaches the trackers its training logged to. W&B: the run folder remembers
+that run (`WANDB_RUN`, written by the training's tracker), and `cnnlab evaluate` and `explain` resume it to log the
+test metrics, the confusion matrix, per-class metrics, the figures and the best checkpoint, in W&B's own objects.
+TensorBoard: the same numbers and figures are added to the run folder's event files, where it has them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .io import atomic_write_json
-from .run_folder import BEST, RunFolder
-
-WANDB_RUN = "wandb_run.json"  # in the run folder: the W&B run its training logged to (id, project, mode, group)
+from .run_folder import BEST, TENSORBOARD, WANDB_RUN, RunFolder
 
 
 def remember_wandb_run(run_dir: Path, wandb_run: Any, group: str | None) -> None:
@@ -32,6 +31,16 @@ def resume_wandb_run(folder: RunFolder) -> Any | None:
 
 
 def log_evaluation(folder: RunFolder, metrics: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> None:
+    """To each tracker the run's training used."""
+    test = {"test_acc": metrics["accuracy"], "test_balanced_acc": metrics.get("balanced_accuracy"),
+            "test_macro_f1": metrics["macro_f1"]}
+    figures = {f"test/{name}": out_dir / f"{name}.png" for name in ("predictions", "top_losses", "reliability",
+                                                                     "confusion")}
+    to_tensorboard(folder, test, figures, int(metrics["checkpoint_epoch"]))
+    to_wandb_evaluation(folder, metrics, out_dir, log)
+
+
+def to_wandb_evaluation(folder: RunFolder, metrics: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> None:
     """Test accuracy with its interval, balanced accuracy and macro F1 in the summary; per-class metrics as a
     table; the confusion matrix as W&B's own plot; the prediction grid, top losses and reliability diagram as
     images; best.pt as a model artifact."""
@@ -65,7 +74,8 @@ def log_evaluation(folder: RunFolder, metrics: dict[str, Any], out_dir: Path, lo
 
 
 def log_explanation(folder: RunFolder, figures: dict[str, Path], log: Callable[[str], None]) -> None:
-    """The filters, guided back-propagation and Grad-CAM figures, as images of the run."""
+    """The filters, guided back-propagation and Grad-CAM figures, as images of the run, to each tracker."""
+    to_tensorboard(folder, {}, {f"explain/{name}": path for name, path in figures.items()}, folder.best_epoch or 0)
     wandb_run = resume_wandb_run(folder)
     if wandb_run is None:
         return
@@ -74,3 +84,27 @@ def log_explanation(folder: RunFolder, figures: dict[str, Path], log: Callable[[
     wandb_run.log({f"explain/{name}": wandb.Image(str(path)) for name, path in figures.items()})
     wandb_run.finish()
     log(f"wandb: the explanation logged to run {wandb_run.id}")
+
+
+def to_tensorboard(folder: RunFolder, scalars: dict[str, float | None], figures: dict[str, Path], step: int) -> None:
+    """Scalars and PNG figures added to the run's TensorBoard event files, where its training wrote some."""
+    if not (folder.path / TENSORBOARD).is_dir():
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    import numpy as np
+    from PIL import Image
+
+    writer = SummaryWriter(log_dir=str(folder.path / TENSORBOARD))
+    try:
+        for tag, value in scalars.items():
+            if value is not None:
+                writer.add_scalar(tag, value, global_step=step)
+        for tag, path in figures.items():
+            if path.is_file():
+                with Image.open(path) as im:
+                    writer.add_image(tag, np.asarray(im.convert("RGB")), global_step=step, dataformats="HWC")
+    finally:
+        writer.close()

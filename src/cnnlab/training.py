@@ -23,7 +23,17 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .callbacks import Callback, Checkpoints, ConsoleLog, EarlyStopping, MetricsFile, StopTraining, TrainingState, WandbTracker
+from .callbacks import (
+    Callback,
+    Checkpoints,
+    ConsoleLog,
+    EarlyStopping,
+    MetricsFile,
+    StopTraining,
+    TensorBoardTracker,
+    TrainingState,
+    WandbTracker,
+)
 from .checkpoint import load_checkpoint
 from .config import Config, save_yaml
 from .data import (
@@ -174,7 +184,7 @@ class Prepared:
     val_rows: np.ndarray
     source: ImageSource | FeatureSource
     optimizer: torch.optim.Optimizer
-    tracker: WandbTracker
+    trackers: list[Callback]  # W&B and TensorBoard: each does nothing when it is off
     claim: FolderClaim  # this process's hold on run_dir: released when the run ends
 
 
@@ -185,7 +195,7 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
     cfg = check_config(cfg)  # the family's own rules and values (image_size=0: the model's own)
     device = resolve_device(cfg.device)
     decoder = decode_device(cfg.decoder, device)
-    tracker = WandbTracker(cfg, group)  # refuses --wandb without the package before anything is written
+    trackers = [WandbTracker(cfg, group), TensorBoardTracker(cfg)]  # a missing package refused before any work
     classes = list_classes(Path(cfg.data) / "train")
     if len(classes) < 2:
         raise DataError(f"{Path(cfg.data) / 'train'} has one class folder ({classes[0]}): a classifier needs at "
@@ -196,14 +206,14 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
         check_input_size(parts, cfg.model)
     cfg, run_dir, claim = open_run_dir(cfg, resume)
     try:
-        return _prepare_in(cfg, run_dir, claim, parts, device, decoder, tracker, resume, progress, log, device_cache)
+        return _prepare_in(cfg, run_dir, claim, parts, device, decoder, trackers, resume, progress, log, device_cache)
     except BaseException:
         claim.release()
         raise
 
 
 def _prepare_in(cfg: Config, run_dir: Path, claim: FolderClaim, parts: ModelParts, device: torch.device,
-                decoder: torch.device | None, tracker: WandbTracker, resume: bool, progress: bool,
+                decoder: torch.device | None, trackers: list[Callback], resume: bool, progress: bool,
                 log: Callable[[str], None], device_cache: DeviceCache | None) -> Prepared:
     configure_backends(device, cfg.deterministic)
     images, train_rows, val_rows = load_data(cfg, parts.preprocess, run_dir, decoder, progress, log, resume)
@@ -214,7 +224,7 @@ def _prepare_in(cfg: Config, run_dir: Path, claim: FolderClaim, parts: ModelPart
     amp = autocast_dtype(cfg.precision, device)
     source = make_source(cfg, parts, plan, images, train_rows, val_rows, device, amp, device_cache, progress, log)
     optimizer = make_optimizer(cfg, plan.param_groups(), device)
-    return Prepared(cfg, run_dir, device, amp, parts, plan, images, train_rows, val_rows, source, optimizer, tracker,
+    return Prepared(cfg, run_dir, device, amp, parts, plan, images, train_rows, val_rows, source, optimizer, trackers,
                     claim)
 
 
@@ -237,7 +247,7 @@ def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool,
     """The epochs of a prepared run, its callbacks after each, then its summary."""
     cfg, run_dir, device, amp, parts, plan = ready.cfg, ready.run_dir, ready.device, ready.amp, ready.parts, ready.plan
     images, train_rows, val_rows, source = ready.images, ready.train_rows, ready.val_rows, ready.source
-    optimizer, tracker = ready.optimizer, ready.tracker
+    optimizer, trackers = ready.optimizer, ready.trackers
     run = TrainingState(cfg, run_dir, parts.module, optimizer, make_scheduler(cfg, optimizer, source.steps_per_epoch),
               images.classes, parts.preprocess, log)
     if cfg.ema:
@@ -250,7 +260,7 @@ def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool,
         f"{len(run.classes)} classes, {device.type}, {'bf16 autocast' if amp else 'fp32'}"
         f"{', channels_last' if cfg.channels_last else ''}; input {parts.preprocess.describe()}")
     setup_seconds = time.perf_counter() - started  # decoding, feature store, model build: once per run
-    everyone = [Checkpoints(), MetricsFile(), ConsoleLog(), tracker, *callbacks, EarlyStopping(cfg.early_stop)]
+    everyone = [Checkpoints(), MetricsFile(), ConsoleLog(), *trackers, *callbacks, EarlyStopping(cfg.early_stop)]
     loss_fn, val_loss_fn = make_losses(cfg, images.labels[train_rows], len(run.classes), device)
     epoch_loop = EpochLoop(run, source, plan, loss_fn, device, amp, val_loss_fn)
     status = epoch_loop.train(range(start_epoch, cfg.epochs + 1), everyone, progress)
