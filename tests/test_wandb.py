@@ -119,6 +119,9 @@ def test_the_evaluation_and_explanation_reach_the_wandb_run_of_the_training(tiny
     assert {media.get(f"explain/{name}") for name in explanation.figures} == {"image-file"}
     [model] = [a for r in runs for a in r.artifacts if a["type"] == "model"]
     assert model["files"] == ["best.pt"]
+    onnx = run.export()
+    exported = [a for r in offline_runs(run.folder / "wandb") for a in r.artifacts if a["type"] == "model"]
+    assert sorted(a["files"][0] for a in exported) == ["best.pt", onnx.name]
 
 
 @pytest.mark.slow

@@ -298,7 +298,12 @@ class Run:
         with the class names and preprocessing inside; see cnnlab.export. Default: model.onnx in the run folder."""
         from .export import export_model
 
-        return export_model(self.best_checkpoint, out, format)
+        path = export_model(self.best_checkpoint, out, format)
+        if self._of_best():  # the exported model joins best.pt among the W&B run's model artifacts
+            from .tracking import log_export
+
+            log_export(self.files, path, format)
+        return path
 
     def plot(self, key: str = "val_acc") -> Any:
         """A matplotlib Figure of `key` (val_acc, val_loss, train_loss, ...) per epoch."""

@@ -73,6 +73,19 @@ def to_wandb_evaluation(folder: RunFolder, metrics: dict[str, Any], out_dir: Pat
     log(f"wandb: the test evaluation logged to run {wandb_run.id}")
 
 
+def log_export(folder: RunFolder, path: Path, format: str) -> None:
+    """An exported model (ONNX, TorchScript) as a model artifact of the run's W&B run, where it has one."""
+    wandb_run = resume_wandb_run(folder)
+    if wandb_run is None:
+        return
+    import wandb
+
+    model = wandb.Artifact(f"model-{wandb_run.id}-{format}", type="model", metadata={"format": format})
+    model.add_file(str(path))
+    wandb_run.log_artifact(model, aliases=["best", format])
+    wandb_run.finish()
+
+
 def log_explanation(folder: RunFolder, figures: dict[str, Path], log: Callable[[str], None]) -> None:
     """The filters, guided back-propagation and Grad-CAM figures, as images of the run, to each tracker."""
     to_tensorboard(folder, {}, {f"explain/{name}": path for name, path in figures.items()}, folder.best_epoch or 0)
