@@ -15,6 +15,14 @@ from cnnlab.io import read_jsonl
 pytest.importorskip("wandb")
 
 
+@pytest.fixture
+def clean_wandb_env(monkeypatch):
+    """No W&B setting of the machine (an account, a mode, a sweep) reaches the test's runs."""
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
 def agent_environment(tmp_path, run_id: str) -> dict[str, str]:
     """What `wandb agent` sets for the command it runs (wandb/wandb_agent.py): the sweep's and the run's ids, the
     run's parameters in a YAML file, its project; offline here, as W&B's own WANDB_MODE says."""
@@ -70,15 +78,12 @@ def test_auto_is_the_agents_run_only_under_an_agent():
 
 
 @pytest.mark.slow
-def test_an_embedded_sweep_makes_one_wandb_run_per_trial_grouped_tagged_with_its_best(tiny_data, tmp_path, monkeypatch):
+def test_an_embedded_sweep_makes_one_wandb_run_per_trial_grouped_tagged_with_its_best(tiny_data, tmp_path, clean_wandb_env):
     import yaml
 
     from cnnlab.sweeps import load_sweep, run_sweep
     from cnnlab.sweeps.report import load_study
 
-    for key in [k for k in os.environ if k.startswith("WANDB_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("WANDB_SILENT", "true")
     path = tmp_path / "wb.yaml"
     path.write_text(yaml.safe_dump({"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
                                     "parameters": {"filters": {"values": [4, 8]}, "epochs": {"value": 3}}}))
@@ -95,13 +100,10 @@ def test_an_embedded_sweep_makes_one_wandb_run_per_trial_grouped_tagged_with_its
 
 
 @pytest.mark.slow
-def test_the_evaluation_and_explanation_reach_the_wandb_run_of_the_training(tiny_cfg, monkeypatch):
+def test_the_evaluation_and_explanation_reach_the_wandb_run_of_the_training(tiny_cfg, clean_wandb_env):
     """evaluate and explain logged nothing to W&B: no test accuracy, confusion matrix, grid, filters or model."""
     import cnnlab
 
-    for key in [k for k in os.environ if k.startswith("WANDB_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("WANDB_SILENT", "true")
     run = cnnlab.train(tiny_cfg(wandb="offline", epochs=2, name="tracked"), progress=False, log=None)
     evaluation = run.evaluate(progress=False, log=None, device="cpu")
     explanation = run.explain(progress=False, log=None, neurons=2, per_neuron=1)
@@ -125,12 +127,9 @@ def test_the_evaluation_and_explanation_reach_the_wandb_run_of_the_training(tiny
 
 
 @pytest.mark.slow
-def test_assignment_with_wandb_logs_every_run_and_each_evaluation_into_its_own_run(tiny_data, tmp_path, monkeypatch):
+def test_assignment_with_wandb_logs_every_run_and_each_evaluation_into_its_own_run(tiny_data, tmp_path, clean_wandb_env):
     import cnnlab
 
-    for key in [k for k in os.environ if k.startswith("WANDB_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "job"
     cnnlab.assignment(tiny_data, out, quick=True, trials=2, image_size=32, model="resnet18", weights="random",
                       strategies="head", cache_dir=str(tmp_path / "cache"), log=None, progress=False, wandb="offline")
