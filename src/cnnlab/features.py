@@ -246,14 +246,9 @@ def prepare_store(cfg: Config, parts: ModelParts, images: CachedImages, transfor
     try:
         shape = _feature_shape(split, images, transform, device, amp)
         blocks = cfg.feature_cache_views + 1 if cfg.feature_cache_views else 1
-        size = blocks * len(images.files) * int(np.prod(shape)) * dtype.itemsize
         folder = cfg.resolved_cache_dir() / "features"
         folder.mkdir(parents=True, exist_ok=True)
         limit = int(cfg.feature_cache_max * 1e9) if cfg.feature_cache_max else default_max_bytes(folder)
-        if size > limit:
-            log(f"feature store off: it would take {size / 1e9:.2f} GB, over the limit of {limit / 1e9:.2f} GB "
-                f"(--feature_cache_max)")
-            return None
         array = store_of(cfg, split, images, transform, device, amp, folder, dtype, shape, blocks, limit, progress,
                          log)
     finally:
@@ -265,12 +260,12 @@ def store_of(cfg: Config, split: Split, images: CachedImages, transform: ImageTr
              amp: torch.dtype | None, folder: Path, dtype: np.dtype, shape: tuple[int, ...], blocks: int, limit: int,
              progress: bool, log: Callable[[str], None]) -> np.ndarray | None:
     """The store in `dtype`, or in float32 when a feature lies past float16's range (Inception v3's reach 4.9e8);
-    None (no store) when the float32 one would pass the size limit the float16 one kept within."""
+    None (no store) when the one it would build passes the size limit."""
     wide = np.dtype(np.float32)
     for kind in (dtype, wide) if dtype != wide else (dtype,):
         path = folder / f"{store_key(cfg, images, split.boundary, kind, transform.pre.to_dict())}.npy"
         size = blocks * len(images.files) * int(np.prod(shape)) * kind.itemsize
-        if size > limit:  # only the float32 fallback can get here: prepare_store checked the first kind
+        if size > limit:  # checked for each kind: the float32 fallback is twice the size
             log(f"feature store off: in {kind} it would take {size / 1e9:.2f} GB, over the limit of "
                 f"{limit / 1e9:.2f} GB (--feature_cache_max)")
             return None
