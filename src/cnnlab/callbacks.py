@@ -53,6 +53,11 @@ class TrainingState:
     ema: AveragedModel | None = None  # with --ema: the average that is validated and kept as best.pt
 
     @property
+    def best_record(self) -> dict[str, Any] | None:
+        """The history's record of the epoch best.pt holds (None before the first epoch)."""
+        return next((r for r in self.history if r["epoch"] == self.best_epoch), None)
+
+    @property
     def result_model(self) -> nn.Module:
         """The weights this run validates and keeps: the moving average when there is one."""
         return self.ema.module if self.ema is not None else self.model
@@ -160,7 +165,7 @@ class WandbTracker(Callback):
     def on_fit_end(self, run: TrainingState) -> None:
         if self.wandb_run is None:
             return
-        best = next((r for r in run.history if r["epoch"] == run.best_epoch), None)
+        best = run.best_record
         if best is not None:  # W&B would keep the last epoch's values; best.pt holds the best epoch's
             self.wandb_run.summary.update({**best, "best_epoch": run.best_epoch})
         tag = {"stopped": "pruned"}.get(run.status, run.status)  # a sweep's pruner is what stops a run early
@@ -200,7 +205,7 @@ class TensorBoardTracker(Callback):
     def on_fit_end(self, run: TrainingState) -> None:
         if self.writer is None:
             return
-        best = next((r for r in run.history if r["epoch"] == run.best_epoch), None)
+        best = run.best_record
         if best is not None:
             hparams = {k: v for k, v in run.cfg.to_dict().items() if isinstance(v, (int, float, str, bool))
                        and k not in ("data", "out", "name", "cache_dir")}

@@ -5,8 +5,9 @@ TensorBoard: the same numbers and figures are added to the run folder's event fi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .io import atomic_write_json
 from .run_folder import BEST, TENSORBOARD, WANDB_RUN, RunFolder
@@ -17,42 +18,54 @@ def remember_wandb_run(run_dir: Path, wandb_run: Any, group: str | None) -> None
                                             "mode": wandb_run.settings.mode, "group": group})
 
 
-def resume_wandb_run(folder: RunFolder) -> Any | None:
-    """The run folder's W&B run, resumed (None when its training logged to none, or wandb is gone)."""
+@contextmanager
+def resumed_wandb_run(folder: RunFolder) -> Iterator[Any | None]:
+    """The run folder's W&B run, resumed for the block and finished after it, however the block ends (None when
+    its training logged to none, or wandb is gone)."""
     ids = folder.read(WANDB_RUN)
     if not ids:
-        return None
+        yield None
+        return
     try:
         import wandb
     except ImportError:
-        return None
-    return wandb.init(id=ids["id"], project=ids["project"], mode=ids["mode"], group=ids.get("group"), resume="allow",
-                      dir=str(folder.path), reinit="create_new")
+        yield None
+        return
+    wandb_run = wandb.init(id=ids["id"], project=ids["project"], mode=ids["mode"], group=ids.get("group"),
+                           resume="allow", dir=str(folder.path), reinit="create_new")
+    try:
+        yield wandb_run
+    finally:
+        wandb_run.finish()
 
 
 def log_evaluation(folder: RunFolder, metrics: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> None:
-    """To each tracker the run's training used."""
-    test = {"test_acc": metrics["accuracy"], "test_balanced_acc": metrics.get("balanced_accuracy"),
-            "test_macro_f1": metrics["macro_f1"]}
+    """To each tracker the run's training used: the test metrics and the evaluation's figures."""
+    scalars = {"test_acc": metrics["accuracy"], "test_balanced_acc": metrics.get("balanced_accuracy"),
+               "test_macro_f1": metrics["macro_f1"]}
     figures = {f"test/{name}": out_dir / f"{name}.png" for name in ("predictions", "top_losses", "reliability",
                                                                      "confusion")}
-    to_tensorboard(folder, test, figures, int(metrics["checkpoint_epoch"]))
-    to_wandb_evaluation(folder, metrics, out_dir, log)
+    to_tensorboard(folder, scalars, figures, int(metrics["checkpoint_epoch"]))
+    to_wandb_evaluation(folder, metrics, scalars, figures, log)
 
 
-def to_wandb_evaluation(folder: RunFolder, metrics: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> None:
-    """Test accuracy with its interval, balanced accuracy and macro F1 in the summary; per-class metrics as a
-    table; the confusion matrix as W&B's own plot; the prediction grid, top losses and reliability diagram as
-    images; best.pt as a model artifact."""
-    wandb_run = resume_wandb_run(folder)
-    if wandb_run is None:
-        return
+def to_wandb_evaluation(folder: RunFolder, metrics: dict[str, Any], scalars: dict[str, Any], figures: dict[str, Path],
+                        log: Callable[[str], None]) -> None:
+    """`scalars` with the accuracy's interval in the summary; per-class metrics as a table; the confusion matrix as
+    W&B's own plot (not our figure of it); the other figures as images; best.pt as a model artifact."""
+    with resumed_wandb_run(folder) as wandb_run:
+        if wandb_run is not None:
+            _log_evaluation_to(wandb_run, folder, metrics, scalars, figures)
+            log(f"wandb: the test evaluation logged to run {wandb_run.id}")
+
+
+def _log_evaluation_to(wandb_run: Any, folder: RunFolder, metrics: dict[str, Any], scalars: dict[str, Any],
+                       figures: dict[str, Path]) -> None:
     import wandb
 
     classes = list(metrics["per_class"])
     low, high = metrics["accuracy_ci95"]
-    wandb_run.summary.update({"test_acc": metrics["accuracy"], "test_acc_ci95_low": low, "test_acc_ci95_high": high,
-                              "test_balanced_acc": metrics.get("balanced_accuracy"), "test_macro_f1": metrics["macro_f1"],
+    wandb_run.summary.update({**scalars, "test_acc_ci95_low": low, "test_acc_ci95_high": high,
                               "test_images": metrics["images"], "test_checkpoint_epoch": metrics["checkpoint_epoch"]})
     table = wandb.Table(columns=["class", "precision", "recall", "f1", "images"],
                         data=[[k, v["precision"], v["recall"], v["f1"], v["support"]] for k, v in metrics["per_class"].items()])
@@ -60,43 +73,35 @@ def to_wandb_evaluation(folder: RunFolder, metrics: dict[str, Any], out_dir: Pat
     predicted = [j for row in metrics["confusion"] for j, n in enumerate(row) for _ in range(n)]
     media = {"test/per_class": table,
              "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=predicted, class_names=classes)}
-    for name in ("predictions", "top_losses", "reliability"):
-        if (out_dir / f"{name}.png").is_file():
-            media[f"test/{name}"] = wandb.Image(str(out_dir / f"{name}.png"))
+    media |= {tag: wandb.Image(str(path)) for tag, path in figures.items() if tag != "test/confusion" and path.is_file()}
     wandb_run.log(media)
     model = wandb.Artifact(f"model-{wandb_run.id}", type="model",
                            metadata={"epoch": metrics["checkpoint_epoch"], "sha256": metrics["checkpoint_sha256"],
                                      "test_acc": metrics["accuracy"]})
     model.add_file(str(folder.path / BEST))
     wandb_run.log_artifact(model, aliases=["best"])
-    wandb_run.finish()
-    log(f"wandb: the test evaluation logged to run {wandb_run.id}")
 
 
 def log_export(folder: RunFolder, path: Path, format: str) -> None:
     """An exported model (ONNX, TorchScript) as a model artifact of the run's W&B run, where it has one."""
-    wandb_run = resume_wandb_run(folder)
-    if wandb_run is None:
-        return
-    import wandb
+    with resumed_wandb_run(folder) as wandb_run:
+        if wandb_run is not None:
+            import wandb
 
-    model = wandb.Artifact(f"model-{wandb_run.id}-{format}", type="model", metadata={"format": format})
-    model.add_file(str(path))
-    wandb_run.log_artifact(model, aliases=["best", format])
-    wandb_run.finish()
+            model = wandb.Artifact(f"model-{wandb_run.id}-{format}", type="model", metadata={"format": format})
+            model.add_file(str(path))
+            wandb_run.log_artifact(model, aliases=["best", format])
 
 
 def log_explanation(folder: RunFolder, figures: dict[str, Path], log: Callable[[str], None]) -> None:
     """The filters, guided back-propagation and Grad-CAM figures, as images of the run, to each tracker."""
     to_tensorboard(folder, {}, {f"explain/{name}": path for name, path in figures.items()}, folder.best_epoch or 0)
-    wandb_run = resume_wandb_run(folder)
-    if wandb_run is None:
-        return
-    import wandb
+    with resumed_wandb_run(folder) as wandb_run:
+        if wandb_run is not None:
+            import wandb
 
-    wandb_run.log({f"explain/{name}": wandb.Image(str(path)) for name, path in figures.items()})
-    wandb_run.finish()
-    log(f"wandb: the explanation logged to run {wandb_run.id}")
+            wandb_run.log({f"explain/{name}": wandb.Image(str(path)) for name, path in figures.items()})
+            log(f"wandb: the explanation logged to run {wandb_run.id}")
 
 
 def to_tensorboard(folder: RunFolder, scalars: dict[str, float | None], figures: dict[str, Path], step: int) -> None:
