@@ -19,7 +19,7 @@ from .smallcnn import SmallCNN, measured_cost, smallcnn_cost, whiten_first_conv
 
 def model_names() -> list[str]:
     """smallcnn, torchvision's classifiers, then timm's (prefixed timm/, when timm is installed)."""
-    return [name for family in (FAMILIES[0], FAMILIES[2], FAMILIES[1]) for name in family.names()]
+    return [name for family in FAMILIES for name in family.names()]
 
 
 def check_model_name(name: str) -> None:

@@ -1,7 +1,9 @@
 """The model families cnnlab builds, registered in timm's manner: each says which model names are its, lists them,
 checks a config that names one of them (its own rules, with `image_size=0` resolved to the model's own size), builds
 one with its preprocessing and a new head, and cuts it into stages for fine-tuning. `family_of(name)` is the one
-place a model name is told apart; nothing else branches on the family."""
+place a model name is told apart for these. (Code about the small CNN's own knobs, conv1_stride and its cost
+formula, still asks `model == "smallcnn"` where it reads them: training's run name and saved stride, `info`, and
+the report's Part A candidates.)"""
 
 from __future__ import annotations
 
@@ -79,13 +81,13 @@ def _check_timm(cfg: Config) -> Config:
     return _check_pretrained(cfg)
 
 
-FAMILIES = (
+FAMILIES = (  # in the order `cnnlab models` lists them; each name is owned by exactly one
     ModelFamily(SMALLCNN_NAME, lambda name: name == SMALLCNN_NAME, lambda: [SMALLCNN_NAME], _check_smallcnn,
                 _create_smallcnn, lambda model, head: [], pretrained=False),
-    ModelFamily("timm", lambda name: name.startswith(TIMM_PREFIX), timm_names, _check_timm, create_timm, timm_stages,
-                pretrained=True),
     ModelFamily("torchvision", lambda name: not name.startswith(TIMM_PREFIX) and name != SMALLCNN_NAME,
                 torchvision_names, _check_torchvision, create_pretrained, torchvision_stages, pretrained=True),
+    ModelFamily("timm", lambda name: name.startswith(TIMM_PREFIX), timm_names, _check_timm, create_timm, timm_stages,
+                pretrained=True),
 )
 
 
