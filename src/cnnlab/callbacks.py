@@ -51,6 +51,7 @@ class TrainingState:
     improved: bool = False  # whether the latest epoch is the best so far
     status: str = "running"  # when training ends: completed, early_stopped, stopped (pruned), interrupted, failed
     ema: AveragedModel | None = None  # with --ema: the average that is validated and kept as best.pt
+    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (precision policy), saved in last.pt
 
     @property
     def best_record(self) -> dict[str, Any] | None:
@@ -89,7 +90,8 @@ class Checkpoints(Callback):
             save_checkpoint(state(run.result_model), run.run_dir / BEST)
         save_checkpoint(state(run.model, optimizer=run.optimizer.state_dict(),
                               scheduler=run.scheduler.state_dict() if run.scheduler else None,
-                              ema=run.ema.state_dict() if run.ema is not None else None), run.run_dir / LAST)
+                              ema=run.ema.state_dict() if run.ema is not None else None,
+                              scaler=run.scaler.state_dict() if run.scaler is not None else None), run.run_dir / LAST)
 
 
 class MetricsFile(Callback):

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data root: its train/ class folders set the number of classes")
     _add_config_flags(p, MODEL_KEYS)
 
+    p = sub.add_parser("env", help=COMMANDS["env"][1], allow_abbrev=False, parents=[common_flags("device", "cache_dir")])
+    p.add_argument("--precision", default="auto", choices=FIELDS["precision"].metadata["choices"],
+                   help="the precision setting whose meaning on the device is shown [default: auto]")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("demo-data", help=COMMANDS["demo-data"][1], allow_abbrev=False)
     p.add_argument("root", nargs="?", default="data/demo", help="where train/ and val/ go [default: data/demo]")
     p.add_argument("--train_per_class", type=positive_int, default=100, help="training images per class [default: 100]")
@@ -175,7 +180,7 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--out", help="the file to write [default: model.onnx or model.torchscript.pt beside the checkpoint]")
 
     p = sub.add_parser("explain", help=COMMANDS["explain"][1], allow_abbrev=False,
-                       parents=[common_flags("cache_dir", "quiet")])
+                       parents=[common_flags("device", "cache_dir", "quiet")])
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="data root; its val/ test images are the ones explained")
     p.add_argument("--neurons", type=positive_int, default=10, help="last-conv channels to show [default: 10]")

@@ -71,6 +71,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from .environment import environment, environment_text
+    from .hardware import resolve_device
+
+    common = Common.from_args(args)
+    info = environment(resolve_device(common.device), args.precision, cache_dir=Config(cache_dir=common.cache_dir or "")
+                       .resolved_cache_dir())
+    print(json.dumps(info, indent=2) if args.json else environment_text(info))
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from .data.demo import make_demo_data
 
@@ -167,8 +180,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     common = Common.from_args(args)
     explanation = load(args.checkpoint).explain(args.data, neurons=args.neurons, per_neuron=args.per_neuron,
-                                                out=args.out, seed=args.seed, cache_dir=common.cache_dir,
-                                                progress=common.progress)
+                                                out=args.out, seed=args.seed, device=common.device,
+                                                cache_dir=common.cache_dir, progress=common.progress)
     print("wrote " + ", ".join(str(p) for p in explanation.figures.values()))
     return 0
 
@@ -272,6 +285,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "train a model (scratch CNN or fine-tuned torchvision model) on ROOT/train"),
     "lr-find": (cmd_lr_find, "the learning-rate range test: loss against a rising lr, a plot and a suggested lr"),
     "info": (cmd_info, "parameter count and FLOPs of a config"),
+    "env": (cmd_env, "versions, device, precision, decoder and cache: what to paste into a question"),
     "demo-data": (cmd_demo_data, "write a small synthetic 10-class data set"),
     "download": (cmd_download, "download and unpack a data set (resumable, checksummed)"),
     "check": (cmd_check, "what is in a data folder: counts, imbalance, unreadable files, duplicates, leakage"),

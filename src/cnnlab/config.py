@@ -130,11 +130,16 @@ class Config:
     seed: int = _f(0, "seed of the split, initialisation, shuffling, augmentation and dropout", min=0, max=2**31 - 1)
     # execution
     device: str = _f("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N, mps")
-    precision: str = _f("auto", "auto: bf16 autocast where the hardware has bf16, else fp32", choices=("auto", "bf16", "fp32"))
+    precision: str = _f("auto", "auto: bf16 autocast where the device computes bf16 (Ampere GPUs and later, CPUs with "
+                                "AVX512-BF16 or AMX), fp16 with a gradient scaler on GPUs with fp16 tensor cores only "
+                                "(V100, T4), else fp32 (cnnlab env shows the choice)",
+                        choices=("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = _f(True, "channels_last memory format (faster convolutions on CPU and GPU)")
     compile: str = _f("off", "torch.compile the model with this mode (true: default)", choices=COMPILE_MODES,
                       aliases={"true": "default", "false": "off", "on": "default", "yes": "default", "no": "off"})
-    deterministic: bool = _f(False, "bit-identical repeats on GPU too (no cuDNN autotuning; CPU runs always repeat)")
+    deterministic: bool = _f(False, "bit-identical repeats on a GPU too: deterministic cuDNN and PyTorch algorithms, no "
+                                    "autotuning or TF32 (slower; an operation without a deterministic version is refused "
+                                    "by name); runs on the CPU repeat without it")
     decoder: str = _f("auto", "cache build: pil (worker processes), nvjpeg (batches on the GPU), auto (nvjpeg on CUDA)",
                       choices=("auto", "pil", "nvjpeg"))
     decode_workers: int = _f(0, "processes decoding images into the cache with PIL (0: one per core)", min=0, max=256)

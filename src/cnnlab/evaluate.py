@@ -17,7 +17,7 @@ from .config import Config, saved_config
 from .data import Batches, ImageTransform, load_images
 from .data.decode import describe_error, image_from_array, load_rgb, prepare
 from .errors import DataError
-from .hardware import autocast, autocast_dtype, decode_device
+from .hardware import autocast, autocast_dtype, decode_device, precision_for
 from .io import atomic_write_json, atomic_write_text, sha256_of
 from .models import create_model
 from .preprocess import Preprocess
@@ -181,15 +181,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
         log(f"skipped {len(test.errors)} unreadable test file(s): listed in {out_dir / 'bad_files.txt'}")
     rows = test.valid
     batches = Batches(test, rows, 128, device, shuffle=False)
-    amp = autocast_dtype(loaded.cfg.precision, device)
-    logits, labels = predict_logits(loaded.model, batches, ImageTransform(loaded.pre, loaded.cfg.channels_last), device, amp,
-                                    loaded.cfg.tta)
+    precision = precision_for(loaded.cfg.precision, device, strict=False)  # the training's, where this device runs it
+    logits, labels = predict_logits(loaded.model, batches, ImageTransform(loaded.pre, loaded.cfg.channels_last), device,
+                                    precision.dtype, loaded.cfg.tta)
     metrics = classification_metrics(logits, labels, loaded.classes, top_k)
     probs = logits.softmax(1)
     metrics.update({"calibration": calibration(probs, labels),
                    "checkpoint": str(checkpoint), "checkpoint_epoch": int(loaded.state["epoch"]),
                     "checkpoint_sha256": sha256_of(checkpoint),  # which best.pt: --resume may replace it
-                    "data": str(Path(data) / "val"),
+                    "data": str(Path(data) / "val"), "device": str(device), "precision": precision.name,
                     "skipped_files": len(test.errors)})
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,14 +50,124 @@ def cpu_has_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32" or device.type == "mps":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What cnnlab's device-dependent decisions (precision, decoder, keeping data on the GPU) read about a device;
+    each decision is a pure function of these, so the rules for a T4 or an H100 are tested on a machine without one."""
+
+    type: str  # cpu | cuda | mps
+    name: str = ""
+    capability: tuple[int, int] | None = None  # CUDA compute capability (7, 5) for a T4
+    memory_bytes: int | None = None  # the GPU's total memory
+    cpu_bf16: bool = False  # the CPU computes bf16 natively (AVX512-BF16 or AMX)
+
+    def describe(self) -> str:
+        if self.type == "cuda":
+            memory = f", {self.memory_bytes / 2**30:.0f} GiB" if self.memory_bytes else ""
+            return f"{self.name or 'CUDA GPU'} (compute capability {'.'.join(map(str, self.capability or ()))}{memory})"
+        if self.type == "cpu":
+            return f"CPU ({'native bf16' if self.cpu_bf16 else 'no native bf16'})"
+        return self.type.upper()
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    """The facts of a resolved device, read from PyTorch (CUDA) or the CPU's flags."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_bf16() else None
+        props = torch.cuda.get_device_properties(device)
+        return DeviceFacts("cuda", props.name, (props.major, props.minor), props.total_memory)
+    if device.type == "cpu":
+        return DeviceFacts("cpu", cpu_bf16=cpu_has_bf16())
+    return DeviceFacts(device.type)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TENSOR_CORES = (7, 0)  # Volta: the first GPUs whose tensor cores multiply fp16
+BF16_ARITHMETIC = (8, 0)  # Ampere: the first with bf16 arithmetic (and tensor cores for it)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How training and inference compute: autocast's dtype (fp32: no autocast) and whether a gradient scaler keeps
+    fp16's small gradients from underflowing (bf16 has fp32's range and needs none)."""
+
+    name: str  # fp32 | bf16 | fp16
+    scaler: bool
+    why: str
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    def describe(self) -> str:
+        how = "fp32" if self.name == "fp32" else f"{self.name} autocast" + (" with a gradient scaler" if self.scaler else "")
+        return f"{how} ({self.why})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "scaler": self.scaler, "why": self.why}
+
+
+def precision_policy(precision: str, facts: DeviceFacts, strict: bool = True) -> Precision:
+    """The precision `precision` (auto, fp32, bf16, fp16) means on a device with `facts`. auto: on CUDA bf16 from
+    compute capability 8.0 (Ampere: A100, L4, H100), fp16 with a gradient scaler from 7.0 (V100, T4: their tensor cores
+    are fp16's), fp32 below (P100: no tensor cores); on the CPU bf16 where it is native, else fp32 (emulated bf16 is
+    slower); on MPS fp32. A request the device cannot honour is refused (`strict`, for training) or, for inference on
+    a checkpoint trained elsewhere, replaced by auto's choice."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    where = facts.describe()
+    if precision == "fp32":
+        return Precision("fp32", False, "asked for")
+    refusal = None
+    if facts.type == "mps":
+        refusal = "cnnlab computes in fp32 on MPS (PyTorch's MPS autocast covers too few operations to rely on)"
+    elif precision == "bf16" and facts.type == "cuda" and (facts.capability or (0, 0)) < BF16_ARITHMETIC:
+        refusal = (f"the {where} has no bf16 arithmetic (it needs compute capability 8.0); use --precision fp16, "
+                   "which its tensor cores are for, or auto")
+    if refusal is not None and precision != "auto":
+        if strict:
+            raise ConfigError(f"precision={precision}: {refusal}")
+        fallback = precision_policy("auto", facts)
+        return replace(fallback, why=f"{precision} asked for, which this device cannot run; auto: {fallback.why}")
+    if precision == "bf16":
+        emulated = facts.type == "cpu" and not facts.cpu_bf16
+        return Precision("bf16", False, "asked for" + ("; this CPU emulates bf16, slower than fp32" if emulated else ""))
+    if precision == "fp16":
+        note = ("; on the CPU fp16 is emulated and slower than fp32, there to test the GPU's path"
+                if facts.type == "cpu" else "")
+        return Precision("fp16", True, "asked for" + note)
+    if facts.type == "cuda":
+        capability = facts.capability or (0, 0)
+        if capability >= BF16_ARITHMETIC:
+            return Precision("bf16", False, f"auto: the {where} has bf16 arithmetic")
+        if capability >= TENSOR_CORES:
+            return Precision("fp16", True, f"auto: the {where} has fp16 tensor cores and no bf16")
+        return Precision("fp32", False, f"auto: the {where} has no tensor cores, so half precision gains little")
+    if facts.type == "cpu":
+        if facts.cpu_bf16:
+            return Precision("bf16", False, "auto: this CPU computes bf16 natively")
+        return Precision("fp32", False, "auto: this CPU has no native bf16 (emulated bf16 is slower than fp32)")
+    return Precision("fp32", False, f"auto: {refusal}")
+
+
+def precision_for(precision: str, device: torch.device, strict: bool = True) -> Precision:
+    """`precision_policy` for a resolved device."""
+    return precision_policy(precision, device_facts(device), strict)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Inference's autocast dtype for a checkpoint trained with `precision` (which may be another device's)."""
+    return precision_for(precision, device, strict=False).dtype
+
+
+def grad_scaler(policy: Precision, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16's gradient scaler on `device` (None where the policy needs none)."""
+    return torch.amp.GradScaler(device.type) if policy.scaler else None
+
+
+def keeps_on_device(array_bytes: int, free_bytes: int) -> bool:
+    """Whether a cache array is copied whole to GPU memory: when it takes under half of what is free, leaving the
+    rest to the model, its activations and the optimiser."""
+    return array_bytes < 0.5 * free_bytes
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -76,18 +188,24 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
     torch.backends.cudnn.allow_tf32 = not deterministic
 
 
+def decoder_choice(decoder: str, device_type: str, torchvision_decodes: bool) -> str:
+    """Which decoder builds the image cache (nvjpeg or pil) for `decoder` (auto, pil, nvjpeg) on a device of
+    `device_type`: auto takes nvJPEG on CUDA when torchvision still has its GPU decoder, else PIL."""
+    if decoder == "nvjpeg" and device_type != "cuda":
+        raise ConfigError(f"decoder=nvjpeg needs a CUDA device (device is {device_type}); use --decoder pil or auto")
+    if decoder == "nvjpeg" and not torchvision_decodes:
+        raise ConfigError("decoder=nvjpeg: this torchvision has no torchvision.io.decode_jpeg; use --decoder pil")
+    if decoder == "nvjpeg" or (decoder == "auto" and device_type == "cuda" and torchvision_decodes):
+        return "nvjpeg"
+    return "pil"
+
+
 def decode_device(decoder: str, device: torch.device) -> torch.device | None:
     """Where the cache build decodes JPEGs: None for PIL worker processes, a CUDA device for nvJPEG."""
-    if decoder == "nvjpeg" and device.type != "cuda":
-        raise ConfigError(f"decoder=nvjpeg needs a CUDA device (device is {device}); use --decoder pil or auto")
-    if decoder == "nvjpeg" and not _torchvision_decodes_jpeg():
-        raise ConfigError("decoder=nvjpeg: this torchvision has no torchvision.io.decode_jpeg; use --decoder pil")
-    if decoder == "nvjpeg" or (decoder == "auto" and device.type == "cuda" and _torchvision_decodes_jpeg()):
-        return device
-    return None
+    return device if decoder_choice(decoder, device.type, torchvision_decodes_jpeg()) == "nvjpeg" else None
 
 
-def _torchvision_decodes_jpeg() -> bool:
+def torchvision_decodes_jpeg() -> bool:
     """torchvision 0.29 deprecates its decoders in favour of TorchCodec; a later release may drop them."""
     try:
         from torchvision.io import decode_jpeg  # noqa: F401
@@ -133,3 +251,23 @@ def describe_machine(device: torch.device | str | None = None) -> dict[str, obje
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+CPU_ALLOCATOR_FAILED = "DefaultCPUAllocator: can't allocate memory"  # PyTorch raises it as a plain RuntimeError
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says the device ran out of memory: CUDA's OutOfMemoryError, Python's MemoryError (NumPy's too),
+    or the CPU allocator's RuntimeError (for which PyTorch has no type of its own)."""
+    return (isinstance(error, (torch.OutOfMemoryError, MemoryError))
+            or (isinstance(error, RuntimeError) and CPU_ALLOCATOR_FAILED in str(error)))
+
+
+def release_memory(device: torch.device) -> None:
+    """What an out-of-memory error left (the failed batch's tensors, cached CUDA blocks) given back, so the next trial
+    of a sweep, or a probe of a smaller batch, starts from free memory."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

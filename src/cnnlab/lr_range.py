@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .hardware import grad_scaler
 from .io import atomic_write_json
 from .training import Prepared, epoch_seed, make_losses, prepare, train_step
 
@@ -89,6 +90,7 @@ def range_test(cfg: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
             ready.claim.release()
     model, optimizer, device = ready.parts.module, ready.optimizer, ready.device
     loss_fn, _ = make_losses(ready.cfg, ready.images.labels[ready.train_rows], len(ready.images.classes), device)
+    scaler = grad_scaler(ready.precision, device)  # fp16's, as training would step
     saved_model = copy.deepcopy(model.state_dict())
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
     ratios = [g["lr"] / cfg.lr for g in optimizer.param_groups]  # lr_backbone keeps its proportion
@@ -108,7 +110,7 @@ def range_test(cfg: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
                 for group, ratio in zip(optimizer.param_groups, ratios):
                     group["lr"] = lr * ratio
                 loss, _ = train_step(data.net, x, y, data.transform, aug, optimizer, loss_fn, device, ready.amp,
-                                     cfg.grad_clip)
+                                     cfg.grad_clip, scaler)
                 lrs.append(lr)
                 losses.append(float(loss.detach()))
                 lr *= factor

@@ -51,7 +51,18 @@ from .data import (
 from .errors import CnnlabError, DataError
 from .evaluate import evaluate
 from .features import FeatureSource, prepare_store
-from .hardware import autocast, autocast_dtype, compile_model, configure_backends, decode_device, resolve_device
+from .hardware import (
+    Precision,
+    autocast,
+    compile_model,
+    configure_backends,
+    decode_device,
+    grad_scaler,
+    is_out_of_memory,
+    precision_for,
+    release_memory,
+    resolve_device,
+)
 from .io import FolderClaim, atomic_write_json, atomic_write_text, read_jsonl
 from .models import (
     ModelParts,
@@ -66,11 +77,15 @@ from .preprocess import Preprocess
 from .run_folder import CONFIG, LAST, METRICS, SUMMARY, is_better
 from .sources import EpochData, ImageSource
 
-__all__ = ["fit", "FitResult", "StopTraining", "TrainingDiverged", "Callback", "train_one_epoch"]
+__all__ = ["fit", "FitResult", "StopTraining", "TrainingDiverged", "OutOfMemory", "Callback", "train_one_epoch"]
 
 
 class TrainingDiverged(CnnlabError):
     """The loss became NaN or infinite."""
+
+
+class OutOfMemory(CnnlabError):
+    """A batch did not fit the device's memory (CUDA's, or the CPU's under a memory limit)."""
 
 
 @dataclass
@@ -126,25 +141,36 @@ def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform: Callable, aug: torch.Generator | None,
                optimizer: torch.optim.Optimizer, loss_fn: nn.Module, device: torch.device, amp: torch.dtype | None,
-               grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one training step (augment, forward under autocast, backward, clip, optimiser step), which every epoch
-    and the learning-rate range test run; returns the batch's loss and logits, detached from nothing."""
+    and the learning-rate range test run; returns the batch's loss and logits, detached from nothing. With fp16's
+    `scaler` the loss is scaled before backward and the gradients unscaled before clipping; a step whose gradients
+    overflowed is skipped and the scale lowered (torch.amp.GradScaler's rule)."""
     x = transform(x, aug)
     with autocast(device, amp):
         logits = model(x)
         loss = loss_fn(logits, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        return loss, logits
+    scaler.scale(loss).backward()
     if grad_clip > 0:
+        scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     return loss, logits
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], transform: Callable,
                     optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: nn.Module, device: torch.device,
                     amp: torch.dtype | None, aug: torch.Generator | None, grad_clip: float = 0.0,
-                    bar: Any = None, after_step: Callable[[], None] | None = None) -> dict[str, float]:
+                    bar: Any = None, after_step: Callable[[], None] | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One pass over `batches`. Loss and accuracy are summed on the device and read once at the end,
     so the GPU never waits for the host inside an epoch. `after_step` runs after every optimiser step."""
     model.train()
@@ -152,7 +178,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for x, y in batches:
-        loss, logits = train_step(model, x, y, transform, aug, optimizer, loss_fn, device, amp, grad_clip)
+        loss, logits = train_step(model, x, y, transform, aug, optimizer, loss_fn, device, amp, grad_clip, scaler)
         if scheduler is not None:
             scheduler.step()
         if after_step is not None:
@@ -176,7 +202,7 @@ class Prepared:
     cfg: Config
     run_dir: Path
     device: torch.device
-    amp: torch.dtype | None
+    precision: Precision
     parts: ModelParts
     plan: TrainablePlan
     images: CachedImages
@@ -186,6 +212,10 @@ class Prepared:
     optimizer: torch.optim.Optimizer
     trackers: list[Callback]  # W&B and TensorBoard: each does nothing when it is off
     claim: FolderClaim  # this process's hold on run_dir: released when the run ends
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        return self.precision.dtype
 
 
 def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
@@ -216,15 +246,16 @@ def _prepare_in(cfg: Config, run_dir: Path, claim: FolderClaim, parts: ModelPart
                 decoder: torch.device | None, trackers: list[Callback], resume: bool, progress: bool,
                 log: Callable[[str], None], device_cache: DeviceCache | None) -> Prepared:
     configure_backends(device, cfg.deterministic)
+    precision = precision_for(cfg.precision, device)  # refused here, before decoding, when the device cannot run it
     images, train_rows, val_rows = load_data(cfg, parts.preprocess, run_dir, decoder, progress, log, resume)
     if isinstance(parts.module, SmallCNN) and cfg.conv1_init == "whiten" and not resume:
         init_first_conv(parts.module, images, train_rows, parts.preprocess, cfg.seed)
     parts.module.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     plan = TrainablePlan(parts, cfg)
-    amp = autocast_dtype(cfg.precision, device)
-    source = make_source(cfg, parts, plan, images, train_rows, val_rows, device, amp, device_cache, progress, log)
+    source = make_source(cfg, parts, plan, images, train_rows, val_rows, device, precision.dtype, device_cache, progress,
+                         log)
     optimizer = make_optimizer(cfg, plan.param_groups(), device)
-    return Prepared(cfg, run_dir, device, amp, parts, plan, images, train_rows, val_rows, source, optimizer, trackers,
+    return Prepared(cfg, run_dir, device, precision, parts, plan, images, train_rows, val_rows, source, optimizer, trackers,
                     claim)
 
 
@@ -249,7 +280,7 @@ def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool,
     images, train_rows, val_rows, source = ready.images, ready.train_rows, ready.val_rows, ready.source
     optimizer, trackers = ready.optimizer, ready.trackers
     run = TrainingState(cfg, run_dir, parts.module, optimizer, make_scheduler(cfg, optimizer, source.steps_per_epoch),
-              images.classes, parts.preprocess, log)
+                        images.classes, parts.preprocess, log, scaler=grad_scaler(ready.precision, device))
     if cfg.ema:
         run.ema = AveragedModel(parts.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     start_epoch = restore(run) + 1 if resume else 1
@@ -257,17 +288,79 @@ def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool,
         (run_dir / METRICS).unlink(missing_ok=True)
     log(f"{run_dir.name}: {cfg.model}, {sum(p.numel() for p in run.model.parameters()):,} parameters "
         f"({plan.trainable_count():,} trainable), {len(train_rows)} train / {len(val_rows)} val images, "
-        f"{len(run.classes)} classes, {device.type}, {'bf16 autocast' if amp else 'fp32'}"
-        f"{', channels_last' if cfg.channels_last else ''}; input {parts.preprocess.describe()}")
+        f"{len(run.classes)} classes, {device}{', channels_last' if cfg.channels_last else ''}; "
+        f"input {parts.preprocess.describe()}; {ready.precision.describe()}")
     setup_seconds = time.perf_counter() - started  # decoding, feature store, model build: once per run
     everyone = [Checkpoints(), MetricsFile(), ConsoleLog(), *trackers, *callbacks, EarlyStopping(cfg.early_stop)]
     loss_fn, val_loss_fn = make_losses(cfg, images.labels[train_rows], len(run.classes), device)
     epoch_loop = EpochLoop(run, source, plan, loss_fn, device, amp, val_loss_fn)
-    status = epoch_loop.train(range(start_epoch, cfg.epochs + 1), everyone, progress)
-    summary = write_summary(run, plan, status, setup_seconds, device, amp,
+    failed = None
+    try:
+        status = epoch_loop.train(range(start_epoch, cfg.epochs + 1), everyone, progress)
+    except Exception as error:  # noqa: BLE001 - out of memory is told in one line; anything else is raised as it is
+        if not is_out_of_memory(error):
+            raise
+        failed = failed_allocation(error)
+    if failed is not None:  # out of the except block: its traceback no longer holds the failed batch's tensors
+        raise OutOfMemory(out_of_memory_message(ready, run, loss_fn, failed)) from None
+    summary = write_summary(run, plan, status, setup_seconds, device, ready.precision,
                             {"train_images": len(train_rows), "val_images": len(val_rows), "bad_files": len(images.errors),
                              "preprocess": parts.preprocess.to_dict()})
     return FitResult(run_dir, run.best_val_acc, run.best_epoch, summary["history"], status)
+
+
+def out_of_memory_message(ready: Prepared, run: TrainingState, loss_fn: nn.Module, error: str) -> str:
+    """One line: what did not fit (model, batch, image size, device), a batch size that does where a probe finds one,
+    and what of the run is kept."""
+    cfg, device = ready.cfg, ready.device
+    run.optimizer.zero_grad(set_to_none=True)
+    release_memory(device)
+    size = ready.parts.preprocess.image_size
+    fits = (largest_fitting_batch(ready.parts.module, (3, size, size), cfg.batch_size, loss_fn, device, ready.precision)
+            if isinstance(ready.source, ImageSource) else None)
+    advice = (f"batch_size {fits} fits (tried): give --batch_size {fits}" if fits
+              else "lower --batch_size or --image_size" if isinstance(ready.source, ImageSource)
+              else "lower --batch_size")
+    kept = (f"; {ready.run_dir / LAST} after epoch {run.history[-1]['epoch']} is kept" if run.history else "")
+    return (f"out of memory on {device}: {cfg.model} with batch_size {cfg.batch_size} on {size}x{size} images does not "
+            f"fit ({error}); {advice}{kept}")
+
+
+def failed_allocation(error: BaseException) -> str:
+    """What the out-of-memory error says was asked for, briefly: the allocators' own messages run to a paragraph."""
+    import re
+
+    text = str(error)
+    cpu = re.search(r"tried to allocate (\d+) bytes", text)
+    if cpu:
+        return f"an allocation of {int(cpu.group(1)) / 2**20:,.0f} MiB failed"
+    cuda = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    if cuda:
+        return f"an allocation of {cuda.group(1)} failed"
+    return type(error).__name__
+
+
+def largest_fitting_batch(model: nn.Module, shape: tuple[int, ...], batch_size: int, loss_fn: nn.Module,
+                          device: torch.device, precision: Precision) -> int | None:
+    """The largest of batch_size/2, /4, ... for which one forward and backward pass of `model` on zeros of `shape`
+    fits the device's memory now (None: not even one image). Its gradients are cleared again."""
+    b = batch_size // 2
+    while b >= 1:
+        try:
+            x = torch.zeros((b, *shape), device=device).contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision.dtype):
+                loss = loss_fn(model(x), torch.zeros(b, dtype=torch.long, device=device))
+            loss.backward()
+            return b
+        except Exception as error:  # noqa: BLE001 - only out of memory means "try a smaller batch"
+            if not is_out_of_memory(error):
+                raise
+        finally:
+            model.zero_grad(set_to_none=True)
+            x = loss = None
+            release_memory(device)
+        b //= 2
+    return None
 
 
 @torch.inference_mode()  # as validation reads these batches
@@ -439,6 +532,8 @@ def restore(run: TrainingState) -> int:
         run.ema.load_state_dict(state["ema"])
     if run.scheduler is not None:
         run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):  # fp16's loss scale goes on where it was
+        run.scaler.load_state_dict(state["scaler"])
     run.history, run.best_val_acc, run.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
     run.best_val_loss = state.get("best_val_loss", math.inf)
     atomic_write_text(run.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in run.history))
@@ -517,7 +612,7 @@ class EpochLoop:
                   disable=not progress, leave=False, dynamic_ncols=True) as bar:
             update_ema = (lambda: run.ema.update_parameters(run.model)) if run.ema is not None else None
             stats = train_one_epoch(data.net, data.train, data.transform, run.optimizer, run.scheduler, self.loss_fn,
-                                    self.device, self.amp, aug, cfg.grad_clip, bar, update_ema)
+                                    self.device, self.amp, aug, cfg.grad_clip, bar, update_ema, run.scaler)
         train_time = time.perf_counter() - t0
         if not math.isfinite(stats["train_loss"]):
             if not inputs_are_finite(data):  # the inputs, not the steps: a lower lr would change nothing
@@ -534,44 +629,30 @@ class EpochLoop:
                 "epoch_time": time.perf_counter() - t0, "images_per_s": stats["seen"] / train_time}
 
 
-def package_versions() -> dict[str, str]:
-    """cnnlab's and the versions of what computes its numbers (read from the installed metadata, nothing imported)."""
-    import platform
-    from importlib import metadata
-
-    from . import __version__
-
-    versions = {"cnnlab": __version__, "python": platform.python_version()}
-    for name in ("torch", "torchvision", "timm", "numpy", "optuna"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def provenance(run: TrainingState, device: torch.device) -> dict[str, Any]:
-    """Where the run's numbers came from: versions, the machine, the seed, the command that started this process
-    and the one that trains the same run again."""
+    """Where the run's numbers came from: what `cnnlab env` shows (versions, the machine, the device, its precision
+    and decoder, the cache), the seed, the command that started this process and the one that trains the run again."""
     import shlex
     import sys
 
-    from .hardware import describe_machine
+    from .environment import environment
 
-    return {"versions": package_versions(), "machine": describe_machine(device), "seed": run.cfg.seed,
+    cfg = run.cfg
+    return {**environment(device, cfg.precision, cfg.decoder, cfg.resolved_cache_dir()), "seed": cfg.seed,
             "argv": " ".join(shlex.quote(a) for a in sys.argv),
             "reproduce": f"cnnlab train --config {shlex.quote(str(run.run_dir / 'config.yaml'))} "
                          f"--name {shlex.quote(run.run_dir.name)}-again"}
 
 
 def write_summary(run: TrainingState, plan: TrainablePlan, status: str, setup_seconds: float, device: torch.device,
-                  amp: torch.dtype | None, counts: dict[str, Any]) -> dict[str, Any]:
+                  precision: Precision, counts: dict[str, Any]) -> dict[str, Any]:
     """summary.json, from the metrics file (every epoch, resumed ones included); returned with the history."""
     history = read_jsonl(run.run_dir / METRICS)
     summary = {"status": status, "best_val_acc": run.best_val_acc, "best_epoch": run.best_epoch,
                "epochs_run": len(history), "params": sum(p.numel() for p in run.model.parameters()),
                "trainable_params": plan.trainable_count(), "model": run.cfg.model, "finetune": run.cfg.finetune,
-               **counts, "classes": run.classes, "device": str(device), "precision": str(amp or "fp32"),
+               **counts, "classes": run.classes, "device": str(device), "precision": precision.name,
+               "precision_policy": precision.to_dict(),
                "train_seconds": sum(r["epoch_time"] for r in history), "setup_seconds": setup_seconds,
                "images_per_s": (sum(r["images_per_s"] for r in history) / len(history)) if history else 0.0,
                "torch": torch.__version__, "provenance": provenance(run, device)}

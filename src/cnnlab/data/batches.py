@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..hardware import keeps_on_device
 from .cache import CachedImages
 
 
@@ -83,7 +84,7 @@ class Batches:
         device_cache = device_cache if device_cache is not None else DeviceCache()
         if resident is None:
             resident = device.type == "cuda" and (device_cache.holds(array, device) or
-                                                  array.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0])
+                                                  keeps_on_device(array.nbytes, torch.cuda.mem_get_info(device)[0]))
         self._buffers: dict[int, torch.Tensor] = {}
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self.resident = device_cache.upload(array, device) if resident else None

@@ -470,7 +470,7 @@ def _trial_line(study: Any, t: Any, sweep: Sweep) -> str:
     if value is not None:
         return line + f"{sweep.metric} {value:.4f}  epochs {t.user_attrs.get('epochs_run', 0)}  {params}  | {best}"
     error = t.user_attrs.get("error", "")
-    error = error if len(error) <= 100 else error[:97] + "..."
+    error = error if len(error) <= 240 else error[:237] + "..."  # room for out of memory's batch size that fits
     return line + f"{params}  | {error} (traceback: errors/trial-{t.number:04d}.txt)"
 
 
