@@ -269,10 +269,11 @@ class Run:
         return list(self.predict_iter(as_image_list(images), top=top, device=device))
 
     def explain(self, data: str | Path | None = None, *, neurons: int = 10, per_neuron: int = 3,
-                out: str | Path | None = None, seed: int = 0, cache_dir: str | Path | None = None,
+                out: str | Path | None = None, seed: int = 0, device: str = "auto", cache_dir: str | Path | None = None,
                 progress: bool | None = None, log: Log = print) -> Explanation:
         """filters.png (first-layer filters), guided_backprop.png (`neurons` channels of the last conv layer, each
-        on its `per_neuron` most exciting test images) and gradcam.png, in `out` (default: explain/)."""
+        on its `per_neuron` most exciting test images) and gradcam.png, in `out` (default: explain/), computed on
+        `device`."""
         from .data import ImageTransform
         from .evaluate import load_model, load_test_images
         from .explain import explain
@@ -282,11 +283,12 @@ class Run:
         whole_number("per_neuron", per_neuron, 1)
         whole_number("seed", seed)
         data = data if data is not None else self.config.data
-        loaded = load_model(self.best_checkpoint, resolve_device("cpu"))
+        where = resolve_device(device)
+        loaded = load_model(self.best_checkpoint, where)
         test = load_test_images(loaded, data, _cache(cache_dir), progress=progress_bars(progress))
         out_dir = Path(out) if out else self.best_checkpoint.parent / "explain"
         paths = explain(loaded.model, test, test.valid, ImageTransform(loaded.pre, loaded.cfg.channels_last),
-                        loaded.classes, out_dir, neurons, per_neuron, seed=seed, log=log or silent)
+                        loaded.classes, out_dir, neurons, per_neuron, seed=seed, log=log or silent, device=where)
         if self._of_best():
             from .tracking import log_explanation
 

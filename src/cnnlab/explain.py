@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .data import CachedImages, ImageTransform
+from .io import atomic_write_json
 from .models.smallcnn import ACTIVATION_LAYERS
 
 ACTIVATION_TYPES = tuple({type(factory()) for factory in ACTIVATION_LAYERS.values()})
@@ -119,17 +120,20 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, classes: torch
 
 def explain(model: nn.Module, images: CachedImages, rows: np.ndarray, transform: ImageTransform, classes: list[str],
             out_dir: str | Path, neurons: int = 10, per_neuron: int = 3, sample: int = 256, seed: int = 0,
-            log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Write filters.png, guided_backprop.png and gradcam.png into out_dir (fp32 on the CPU: small work)."""
+            log: Callable[[str], None] = print, device: torch.device | None = None) -> dict[str, Path]:
+    """Write filters.png, guided_backprop.png and gradcam.png into out_dir, computed in fp32 (gradients of single
+    images: autocast's rounding would show in the maps) on `device` (default: the model's), and explain.json saying
+    on what, with which neurons and how many images."""
     from .visualise import plot_filters, plot_gradcam, plot_guided
 
     out_dir = Path(out_dir)
-    model = model.float().cpu().eval()
+    device = device if device is not None else next(model.parameters()).device
+    model = model.float().to(device).eval()
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(rows, size=min(sample, len(rows)), replace=False))
     pixels = np.ascontiguousarray(images.pixels[chosen])
-    x_all = transform(torch.from_numpy(pixels).permute(0, 3, 1, 2)).clone()
-    paths = {"filters": plot_filters(first_conv(model).weight.detach().float().numpy(), out_dir / "filters.png")}
+    x_all = transform(torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)).clone()
+    paths = {"filters": plot_filters(first_conv(model).weight.detach().float().cpu().numpy(), out_dir / "filters.png")}
 
     layer = last_conv(model)
     store, handle = _capture(layer)
@@ -139,7 +143,7 @@ def explain(model: nn.Module, images: CachedImages, rows: np.ndarray, transform:
             model(x_all[i:i + 64])
             peaks.append(store["out"].float().flatten(2).max(2).values)
     handle.remove()
-    peaks = torch.cat(peaks)  # (images, channels)
+    peaks = torch.cat(peaks).cpu()  # (images, channels)
     picked = torch.linspace(0, peaks.shape[1] - 1, min(neurons, peaks.shape[1])).round().long().tolist() \
         if peaks.shape[1] > neurons else list(range(peaks.shape[1]))
     if neurons > peaks.shape[1]:
@@ -149,14 +153,18 @@ def explain(model: nn.Module, images: CachedImages, rows: np.ndarray, transform:
         top = peaks[:, c].topk(min(per_neuron, len(x_all))).indices
         g = guided_backprop(model, x_all[top], layer, c)
         row_images.append([pixels[int(i)] for i in top])
-        row_maps.append([m.permute(1, 2, 0).numpy() for m in g])
+        row_maps.append([m.permute(1, 2, 0).cpu().numpy() for m in g])
         row_scores.append([float(peaks[int(i), c]) for i in top])
     paths["guided_backprop"] = plot_guided(picked, row_images, row_maps, row_scores, out_dir / "guided_backprop.png")
 
     grid = torch.from_numpy(rng.choice(len(x_all), size=min(12, len(x_all)), replace=False))
-    cams, predicted = grad_cam(model, x_all[grid], layer)
+    cams, predicted = grad_cam(model, x_all[grid.to(device)], layer)
+    cams, predicted = cams.cpu(), predicted.cpu()
     titles = [f"pred: {classes[int(p)]}\ntrue: {classes[int(images.labels[chosen[int(i)]])]}"
               for p, i in zip(predicted, grid)]
     paths["gradcam"] = plot_gradcam([pixels[int(i)] for i in grid], list(cams.numpy()), titles, out_dir / "gradcam.png")
-    log(f"explained neurons {picked} of {layer} using {len(x_all)} test images")
+    log(f"explained neurons {picked} of {layer} using {len(x_all)} test images on {device}")
+    atomic_write_json(out_dir / "explain.json", {"device": str(device), "precision": "fp32", "neurons": picked,
+                                                 "images": len(x_all), "seed": seed,
+                                                 "figures": {k: p.name for k, p in paths.items()}})
     return paths

@@ -188,8 +188,7 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
             ("done", {"accuracy": best.evaluate(data, **common.for_model()).accuracy})))
         step(journal, "Part A: explain it", log, lambda: (
             ("done before", {}) if (best.folder / "explain" / "gradcam.png").is_file() else
-            ("done", {"figures": sorted(str(p) for p in best.explain(data, progress=common.progress, log=log,
-                                                                        cache_dir=common.cache_dir).figures.values())})))
+            ("done", {"figures": sorted(str(p) for p in best.explain(data, **common.for_model()).figures.values())})))
         finetuned = part_b(out, plan, model, weights, run_config, journal, common)
         step(journal, "compare", log, lambda: ("done", {"table": str(compare([best, *finetuned], out / "compare")["table"])}))
         step(journal, "report", log, lambda: ("done", {"index": str(report([out], out / "report", argv=argv))}))
