@@ -258,3 +258,35 @@ def test_out_of_memory_in_a_sweep_trial_fails_that_trial_and_the_sweep_goes_on(t
     assert [s["status"] for s in completed] == ["completed"]
     assert yaml.safe_load(next((tmp_path / "sweeps" / "oom" / "trials").glob("*/summary.json")).with_name(
         "config.yaml").read_text())["batch_size"] == 16
+
+
+def test_the_suite_and_the_processes_it_starts_compute_on_the_cpu():
+    """conftest hides the machine's GPUs, so the bit-identical assertions hold on a GPU machine too (test_gpu.py
+    gives them back to its own process)."""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+    child = json.loads(cnnlab("env", "--json").stdout)
+    assert child["cuda_devices"] == 0 and child["device"]["type"] == "cpu"
+
+
+def test_deterministic_sets_every_switch_both_ways(monkeypatch):
+    """What --deterministic changes for a CUDA run (PyTorch's switches exist without a GPU); the next run of a sweep
+    process, without it, gets them back."""
+    from cnnlab.hardware import CUBLAS_WORKSPACE, configure_backends
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        configure_backends(torch.device("cuda"), deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+        configure_backends(torch.device("cuda"), deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        configure_backends(torch.device("cpu"), deterministic=True)  # the CPU repeats as it is: nothing set
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = before[1:]

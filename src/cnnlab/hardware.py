@@ -176,12 +176,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to repeat its results (CUDA's documentation, "Reproducibility")
+
+
 def configure_backends(device: torch.device, deterministic: bool) -> None:
     """cuDNN autotuning picks the fastest convolution algorithms for each shape (the first batches pay for the
-    search); TF32 for the fp32 matrix products that autocast leaves. `deterministic` trades both for
-    bit-identical repeats."""
+    search); TF32 for the fp32 matrix products that autocast leaves. `deterministic` trades both for bit-identical
+    repeats: cuDNN's deterministic algorithms, PyTorch's (an operation without one is refused, by name) and cuBLAS's
+    fixed workspace (read when cuBLAS starts: a run sets it before its first CUDA work; a process that already used
+    cuBLAS without it gets PyTorch's error naming CUBLAS_WORKSPACE_CONFIG). Set both ways on every run, so a sweep
+    process's next trial starts clean. On the CPU nothing changes: its runs repeat as they are."""
     if device.type != "cuda":
         return
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cuda.matmul.allow_tf32 = not deterministic
