@@ -9,12 +9,18 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-import pytest
-from PIL import Image
+# The suite computes on the CPU on every machine, the processes it starts too: its bit-identical assertions (a resumed
+# run equal to an uninterrupted one) hold there, and CUDA's non-deterministic kernels would break them. Set before
+# torch first looks for a GPU. The GPU path is tested by test_gpu.py, in processes given the machine's GPUs again.
+GPUS_OF_THIS_MACHINE = os.environ.get("CUDA_VISIBLE_DEVICES")  # None: every GPU
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from cnnlab.config import make_config
-from cnnlab.data.demo import make_demo_data
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cnnlab.config import make_config  # noqa: E402
+from cnnlab.data.demo import make_demo_data  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -111,3 +117,18 @@ def decode_workers_of(proc: subprocess.Popen, tmp_path: Path) -> list:
 def cache_build():
     """Start a training process and wait for its cache build's decode workers (tests of signals and kills)."""
     return SimpleNamespace(start=start_training_process, workers=decode_workers_of)
+
+
+def devices_recorded(out: Path) -> dict[str, set[str]]:
+    """The device each step of an assignment in `out` wrote down: every trial's and Part B run's config and training,
+    the best trial's evaluation and explanation, Part B's evaluations."""
+    import json
+
+    import yaml
+
+    read = lambda paths: {json.loads(p.read_text())["device"] for p in paths}
+    runs = [*(out / "sweeps").glob("*/trials/*"), *(out / "runs").glob("partB-*")]
+    return {"configs": {yaml.safe_load((r / "config.yaml").read_text())["device"] for r in runs},
+            "trainings": read(r / "summary.json" for r in runs),
+            "evaluations": read(out.glob("*/*/trials/*/eval/metrics.json")) | read(out.glob("runs/*/eval/metrics.json")),
+            "explanations": read(out.glob("*/*/trials/*/explain/explain.json"))}
