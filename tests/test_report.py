@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import missing_component
+from conftest import devices_recorded, missing_component
 
 import cnnlab
 from cnnlab.evaluate import calibration
@@ -25,7 +25,7 @@ SECTIONS = ("data", "cost", "sweep", "test", "explain", "partb", "curves", "repr
 
 def quick_job(data: Path, out: Path, cache: Path, **kw):
     return cnnlab.assignment(data, out, quick=True, trials=3, image_size=32, model="resnet18", weights="random", strategies="head",
-                             cache_dir=str(cache), log=None, progress=False, **kw)
+                             cache_dir=str(cache), log=None, progress=False, **{"device": "cpu", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,14 @@ def test_the_assignment_fills_every_section_of_its_report(job):
     assert "to train it again" in section(html, "repro") and "CPU flags" in section(html, "repro")
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html  # no CDN
     assert (out / "report" / "sweep-partA-parallel-coordinates.png").is_file()  # the PNG beside it
+
+
+@pytest.mark.slow
+def test_every_step_of_the_assignment_ran_on_the_device_it_was_given(job):
+    out, _ = job
+    recorded = devices_recorded(out)
+    assert recorded == {"configs": {"cpu"}, "trainings": {"cpu"}, "evaluations": {"cpu"}, "explanations": {"cpu"}}
+    assert len(list(out.glob("runs/*/eval/metrics.json"))) == 1 and len(list(out.glob("*/*/trials/*/eval"))) == 1
 
 
 @pytest.mark.slow

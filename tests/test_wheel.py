@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import devices_recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,9 @@ def test_the_installed_wheel_runs_the_whole_assignment(installed, tiny_data, tmp
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (tmp_path / "job" / "report" / "index.html").is_file()
     assert (tmp_path / "job" / "sweeps" / "partA").is_dir()  # the shipped sweep, read from the installed package
+    # --device reached every step: each trial's config and training, the best trial's evaluation and explanation
+    assert devices_recorded(tmp_path / "job") == {"configs": {"cpu"}, "trainings": {"cpu"}, "evaluations": {"cpu"},
+                                                 "explanations": {"cpu"}}
     named = subprocess.run([str(installed / "cnnlab"), "sweep", "partB", "--data", str(tiny_data), "--count", "1",
                             "--sweeps_dir", "s", "--image_size", "32", "--cache_dir", "cache", "--quiet"],
                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
