@@ -54,3 +54,25 @@ def test_a_kernel_is_a_notebook_and_a_process_that_imported_ipykernel_is_not(tmp
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(probe)])
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert (plain.stdout.strip(), nb.cells[0].outputs[0]["text"].strip()) == ("False", "True")
+
+
+@pytest.mark.slow
+def test_the_colab_notebook_runs_on_the_cpu_with_demo_data_for_the_download(tmp_path, monkeypatch):
+    """examples/colab.ipynb as a student runs it on a GPU, executed here on the CPU: no install (not on Colab), demo
+    data in place of iNaturalist-12K's download (CNNLAB_NOTEBOOK_DEMO), W&B offline; the whole job, its report
+    zipped and its best model exported and run by onnxruntime."""
+    nb = nbformat.read(NOTEBOOK.with_name("colab.ipynb"), as_version=4)
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CNNLAB_NOTEBOOK_DEMO", "1")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "precision: " in text and "decoder: " in text  # cnnlab env's screen, in the notebook
+    assert "on cpu: test accuracy" in text  # the best trial's evaluation, read from its run folder
+    assert (tmp_path / "assignment" / "report" / "index.html").is_file() and (tmp_path / "assignment-report.zip").is_file()
+    assert list((tmp_path / "assignment" / "sweeps" / "partA" / "trials").glob("*/model.onnx"))
+    assert list(tmp_path.glob("assignment/**/wandb/offline-run-*"))  # the runs were logged to W&B, offline, in their folders
+    result = nb.cells[-1].outputs[-1]["data"]["text/plain"]
+    assert "'class'" in result and "'prob'" in result  # onnxruntime's prediction of a test image
