@@ -60,8 +60,9 @@ def test_cnnlab_export_and_predict_model_onnx(tiny_cfg, tiny_data, tmp_path, cap
     from cnnlab.training import fit
 
     run = fit(tiny_cfg(epochs=1, precision="fp32"), progress=False, log=lambda s: None)
-    assert main(["export", str(run.run_dir), "--out", str(tmp_path / "m.onnx")]) == 0
-    assert "wrote" in capsys.readouterr().out
+    assert main(["export", str(run.run_dir), "--out", str(tmp_path / "m.onnx"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "parity: m.onnx's logits agree with PyTorch's on cpu to " in out
     photo = next((tiny_data / "val" / "circle").iterdir())
     assert main(["predict", str(tmp_path / "m.onnx"), str(photo), "--json"]) == 0
     from_onnx = json.loads(capsys.readouterr().out)
@@ -72,3 +73,19 @@ def test_cnnlab_export_and_predict_model_onnx(tiny_cfg, tiny_data, tmp_path, cap
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     assert main(["predict", str(tmp_path / "junk.onnx"), str(photo)]) == 2
     assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+def test_export_checks_the_file_against_the_checkpoint_and_refuses_a_wrong_one(tiny_cfg, tmp_path):
+    """The parity check export runs: the file's logits against the checkpoint's in PyTorch. Another run's weights
+    in the file (what a wrong export would give) are refused in one line; its own agree to rounding."""
+    from cnnlab.errors import CnnlabError
+    from cnnlab.export import check_parity, export_model
+    from cnnlab.training import fit
+
+    a = fit(tiny_cfg(epochs=1, name="a"), progress=False, log=lambda s: None).run_dir
+    b = fit(tiny_cfg(epochs=1, name="b", seed=1), progress=False, log=lambda s: None).run_dir
+    for fmt in ("onnx", "torchscript"):
+        path = export_model(a / "best.pt", tmp_path / f"a.{fmt}", fmt)
+        assert check_parity(path, a / "best.pt", torch.device("cpu")) < 1e-4
+        with pytest.raises(CnnlabError, match=r"its logits differ from .*b/best.pt's in PyTorch on cpu by .*the export is wrong"):
+            check_parity(path, b / "best.pt", torch.device("cpu"))

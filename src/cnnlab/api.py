@@ -295,12 +295,19 @@ class Run:
             log_explanation(self.files, paths, log or silent)
         return Explanation(paths)
 
-    def export(self, format: str = "onnx", out: str | Path | None = None) -> Path:
+    def export(self, format: str = "onnx", out: str | Path | None = None, *, device: str = "auto",
+               log: Log = print) -> Path:
         """The trained model as a file that runs without cnnlab: ONNX (onnxruntime, dynamic batch) or TorchScript,
-        with the class names and preprocessing inside; see cnnlab.export. Default: model.onnx in the run folder."""
-        from .export import export_model
+        with the class names and preprocessing inside; see cnnlab.export. Default: model.onnx in the run folder.
+        The file is checked against the checkpoint in PyTorch on `device` (`export.check_parity`): its logits on
+        seeded random images must agree to rounding, or the export is refused."""
+        from .export import check_parity, export_model
+        from .hardware import resolve_device
 
+        where = resolve_device(device)
         path = export_model(self.best_checkpoint, out, format)
+        difference = check_parity(path, self.best_checkpoint, where)
+        (log or silent)(f"parity: {path.name}'s logits agree with PyTorch's on {where} to {difference:.1g}")
         if self._of_best():  # the exported model joins best.pt among the W&B run's model artifacts
             from .tracking import log_export
 

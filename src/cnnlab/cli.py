@@ -174,7 +174,7 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--top", type=positive_int, default=3, help="classes shown per image [default: 3]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("export", help=COMMANDS["export"][1], allow_abbrev=False)
+    p = sub.add_parser("export", help=COMMANDS["export"][1], allow_abbrev=False, parents=[common_flags("device")])
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="[default: onnx]")
     p.add_argument("--out", help="the file to write [default: model.onnx or model.torchscript.pt beside the checkpoint]")

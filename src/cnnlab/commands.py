@@ -169,7 +169,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .api import load
 
-    path = load(args.checkpoint).export(args.format, args.out)
+    path = load(args.checkpoint).export(args.format, args.out, device=Common.from_args(args).device)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {args.format}, uint8 RGB input of any batch size, "
           "class names and preprocessing inside")
     return 0

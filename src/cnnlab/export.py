@@ -80,6 +80,33 @@ def export_model(checkpoint: str | Path, out: str | Path | None = None, fmt: str
     return path
 
 
+def check_parity(path: str | Path, checkpoint: str | Path, device: torch.device, images: int = 8, seed: int = 0) -> float:
+    """The largest difference between the exported file's logits (onnxruntime on the CPU, or the TorchScript loaded
+    back) and the checkpoint's own in PyTorch on `device`, on seeded random images; refused past a tolerance that
+    rounding cannot explain (1e-3 of the logits' scale in fp32 on the CPU, 2e-2 on a GPU, whose convolutions may
+    use TF32)."""
+    path, checkpoint = Path(path), Path(checkpoint)
+    loaded = load_model(checkpoint, device)
+    size = loaded.pre.image_size
+    x = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    module = Deployable(loaded.model.float(), loaded.pre, loaded.cfg.tta).to(device).eval()
+    with torch.no_grad():
+        expected = module(x.to(device)).float().cpu()
+    if path.suffix == ".onnx":
+        got = torch.from_numpy(OnnxClassifier(path).logits(x.permute(0, 2, 3, 1).numpy()))
+    else:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice, as when it was written
+            got = torch.jit.load(str(path), map_location="cpu")(x).float()
+    difference = float((got - expected).abs().max())
+    tolerance = (1e-3 if device.type == "cpu" else 2e-2) * max(1.0, float(expected.abs().max()))
+    if not difference <= tolerance:
+        raise CnnlabError(f"{path}: its logits differ from {checkpoint}'s in PyTorch on {device} by {difference:.3g} "
+                          f"(more than rounding's {tolerance:.1g}): the export is wrong; please report it with the "
+                          "checkpoint")
+    return difference
+
+
 def _export_onnx(module: nn.Module, example: torch.Tensor, meta: dict[str, str], path: Path) -> None:
     try:
         import onnx
