@@ -52,6 +52,7 @@ class TrainingState:
     status: str = "running"  # when training ends: completed, early_stopped, stopped (pruned), interrupted, failed
     ema: AveragedModel | None = None  # with --ema: the average that is validated and kept as best.pt
     scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (precision policy), saved in last.pt
+    teacher: dict[str, Any] | None = None  # with --teacher: its checkpoint and SHA-256, kept in every checkpoint
 
     @property
     def best_record(self) -> dict[str, Any] | None:
@@ -84,7 +85,7 @@ class Checkpoints(Callback):
         def state(model: nn.Module, **extra: Any) -> dict[str, Any]:
             return make_checkpoint(model, run.cfg, run.classes, run.preprocess, record["epoch"], run.history,
                                    best_val_acc=run.best_val_acc, best_val_loss=run.best_val_loss,
-                                   best_epoch=run.best_epoch, **extra)
+                                   best_epoch=run.best_epoch, teacher=run.teacher, **extra)
 
         if run.improved:
             save_checkpoint(state(run.result_model), run.run_dir / BEST)

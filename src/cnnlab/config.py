@@ -118,6 +118,13 @@ class Config:
                                         "where the classes are balanced; measured on grocery, 3 seeds: balanced "
                                         "test accuracy 0.891 against 0.876 with none, accuracy within noise) or none",
                             choices=("none", "balanced"))
+    teacher: str = _f("", "knowledge distillation: a trained run (its folder, or a checkpoint) whose outputs the model "
+                          "learns from beside the labels; its logits are computed once, with its own preprocessing, "
+                          "and the run keeps its train/validation split ('': none)")
+    distill_weight: float = _f(0.5, "with --teacher: the weight of the teacher's term (the labels' loss weighs 1 - it)",
+                               min=0.0, max=1.0)
+    distill_temperature: float = _f(4.0, "with --teacher: the temperature of both softmaxes in the teacher's term",
+                                    min=0.1, max=100.0)
     sampler: str = _f("none", "how an epoch draws training images: none (each once, shuffled) or balanced (as many "
                               "draws, with replacement, each class equally likely; seeded per epoch)",
                       choices=("none", "balanced"))

@@ -106,11 +106,11 @@ def range_test(cfg: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
             data = ready.source.epoch(epoch, seed)
             aug = torch.Generator(device=device).manual_seed(seed) if data.augment else None
             model.train()
-            for x, y in data.train:
+            for x, y, *targets in data.train:
                 for group, ratio in zip(optimizer.param_groups, ratios):
                     group["lr"] = lr * ratio
                 loss, _ = train_step(data.net, x, y, data.transform, aug, optimizer, loss_fn, device, ready.amp,
-                                     cfg.grad_clip, scaler)
+                                     cfg.grad_clip, scaler, targets)
                 lrs.append(lr)
                 losses.append(float(loss.detach()))
                 lr *= factor

@@ -48,6 +48,7 @@ from .data import (
     stratified_split,
     write_bad_file_report,
 )
+from .distill import DistillationLoss, check_teacher, teacher_logits, teacher_record, teacher_split
 from .errors import CnnlabError, DataError
 from .evaluate import evaluate
 from .features import FeatureSource, prepare_store
@@ -141,15 +142,17 @@ def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform: Callable, aug: torch.Generator | None,
                optimizer: torch.optim.Optimizer, loss_fn: nn.Module, device: torch.device, amp: torch.dtype | None,
-               grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None,
+               targets: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """The one training step (augment, forward under autocast, backward, clip, optimiser step), which every epoch
     and the learning-rate range test run; returns the batch's loss and logits, detached from nothing. With fp16's
     `scaler` the loss is scaled before backward and the gradients unscaled before clipping; a step whose gradients
-    overflowed is skipped and the scale lowered (torch.amp.GradScaler's rule)."""
+    overflowed is skipped and the scale lowered (torch.amp.GradScaler's rule). `targets`: the batch's further
+    targets the loss takes after the labels (a teacher's logits)."""
     x = transform(x, aug)
     with autocast(device, amp):
         logits = model(x)
-        loss = loss_fn(logits, y)
+        loss = loss_fn(logits, y, *targets)
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -177,8 +180,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for x, y in batches:
-        loss, logits = train_step(model, x, y, transform, aug, optimizer, loss_fn, device, amp, grad_clip, scaler)
+    for x, y, *targets in batches:  # a third element: a teacher's logits (distillation)
+        loss, logits = train_step(model, x, y, transform, aug, optimizer, loss_fn, device, amp, grad_clip, scaler,
+                                  targets)
         if scheduler is not None:
             scheduler.step()
         if after_step is not None:
@@ -234,6 +238,8 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
     parts = create_model(cfg, len(classes))  # first: its preprocessing decides how images are decoded
     if not isinstance(parts.module, SmallCNN):  # the config's own rules cover the small CNN's sizes
         check_input_size(parts, cfg.model)
+    if cfg.teacher:
+        check_teacher(cfg.teacher, classes)  # a wrong --teacher refused before any work
     cfg, run_dir, claim = open_run_dir(cfg, resume)
     try:
         return _prepare_in(cfg, run_dir, claim, parts, device, decoder, trackers, resume, progress, log, device_cache)
@@ -254,6 +260,8 @@ def _prepare_in(cfg: Config, run_dir: Path, claim: FolderClaim, parts: ModelPart
     plan = TrainablePlan(parts, cfg)
     source = make_source(cfg, parts, plan, images, train_rows, val_rows, device, precision.dtype, device_cache, progress,
                          log)
+    if cfg.teacher:  # its logits drawn with each training batch, by the same rows as the labels
+        source.train.attach_targets(teacher_logits(cfg, images, run_dir, device, progress, log))
     optimizer = make_optimizer(cfg, plan.param_groups(), device)
     return Prepared(cfg, run_dir, device, precision, parts, plan, images, train_rows, val_rows, source, optimizer, trackers,
                     claim)
@@ -280,7 +288,8 @@ def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool,
     images, train_rows, val_rows, source = ready.images, ready.train_rows, ready.val_rows, ready.source
     optimizer, trackers = ready.optimizer, ready.trackers
     run = TrainingState(cfg, run_dir, parts.module, optimizer, make_scheduler(cfg, optimizer, source.steps_per_epoch),
-                        images.classes, parts.preprocess, log, scaler=grad_scaler(ready.precision, device))
+                        images.classes, parts.preprocess, log, scaler=grad_scaler(ready.precision, device),
+                        teacher=teacher_record(run_dir) if cfg.teacher else None)
     if cfg.ema:
         run.ema = AveragedModel(parts.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     start_epoch = restore(run) + 1 if resume else 1
@@ -385,8 +394,10 @@ def make_losses(cfg: Config, train_labels: np.ndarray, n_classes: int, device: t
     if cfg.class_weights == "balanced" and counts.min() != counts.max():  # balanced classes: the plain loss
         weight = torch.tensor(np.where(counts > 0, len(train_labels) / (n_classes * np.maximum(counts, 1)), 0.0),
                               dtype=torch.float32)
-    train_loss = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
-                                     label_smoothing=cfg.label_smoothing)
+    train_loss: nn.Module = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
+                                                label_smoothing=cfg.label_smoothing)
+    if cfg.teacher:  # the labels' loss and the teacher's term (validation: the labels' alone)
+        train_loss = DistillationLoss(train_loss, cfg.distill_weight, cfg.distill_temperature)
     return train_loss, nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
@@ -449,8 +460,12 @@ def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device
                         "the folder out of train/")
     if n_bad:
         log(f"skipped {n_bad} unreadable file(s) of {len(images.files)}: listed in {run_dir / 'bad_files.txt'}")
-    if resume and (run_dir / "split.json").exists():
-        train_rows, val_rows = saved_split(run_dir / "split.json", images, log)
+    kept = (run_dir / "split.json" if resume and (run_dir / "split.json").exists()
+            else teacher_split(cfg.teacher) if cfg.teacher else None)  # a student keeps its teacher's split
+    if kept is not None:
+        train_rows, val_rows = saved_split(kept, images, log)
+        if not resume:
+            save_split(run_dir / "split.json", images, train_rows, val_rows)
     else:
         groups = look_at_the_data(cfg, images, log)
         train_rows, val_rows = stratified_split(images.labels, images.valid, cfg.val_fraction, cfg.seed, groups)
@@ -651,6 +666,7 @@ def write_summary(run: TrainingState, plan: TrainablePlan, status: str, setup_se
     summary = {"status": status, "best_val_acc": run.best_val_acc, "best_epoch": run.best_epoch,
                "epochs_run": len(history), "params": sum(p.numel() for p in run.model.parameters()),
                "trainable_params": plan.trainable_count(), "model": run.cfg.model, "finetune": run.cfg.finetune,
+               "teacher": run.teacher,
                **counts, "classes": run.classes, "device": str(device), "precision": precision.name,
                "precision_policy": precision.to_dict(),
                "train_seconds": sum(r["epoch_time"] for r in history), "setup_seconds": setup_seconds,

@@ -132,6 +132,11 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
 
+    def attach_targets(self, table: np.ndarray) -> None:
+        """A second target per image (a teacher's logits: `table` has one row per image of the cache), yielded with
+        each batch after its labels, drawn by the same index."""
+        self.targets = torch.from_numpy(np.ascontiguousarray(table[self.rows])).to(self.device)
+
     def balance_classes(self) -> None:
         """Each epoch then draws len(rows) positions with replacement, every class equally likely (seeded like the
         shuffle, so a resumed run draws the same)."""
@@ -166,4 +171,6 @@ class Batches:
                     x = x.to(self.device, non_blocking=True)
                     self._copied[b % 2] = torch.cuda.Event()
                     self._copied[b % 2].record()
-            yield (x.permute(0, 3, 1, 2) if self.nhwc else x), y  # NHWC viewed as NCHW is exactly channels_last
+            x = x.permute(0, 3, 1, 2) if self.nhwc else x  # NHWC viewed as NCHW is exactly channels_last
+            targets = getattr(self, "targets", None)
+            yield (x, y) if targets is None else (x, y, targets.index_select(0, pos_d))

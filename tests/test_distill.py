@@ -1,0 +1,89 @@
+"""Knowledge distillation (`--teacher RUN`): a small CNN learns from a trained run's logits, computed once with the
+teacher's own preprocessing; the teacher is recorded in the student's checkpoints; the student keeps its split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlab.cli import main
+from cnnlab.data import Batches, ImageTransform, load_images
+from cnnlab.distill import TEACHER_LOGITS, DistillationLoss
+from cnnlab.errors import ConfigError, DataError
+from cnnlab.evaluate import load_model, predict_logits
+from cnnlab.io import sha256_of
+from cnnlab.training import fit
+
+
+@pytest.fixture
+def teacher(tiny_cfg):
+    """A run that knows more than the students below: larger input (48 px, its own preprocessing), wider, longer."""
+    return fit(tiny_cfg(name="teacher", image_size=48, filters=16, epochs=6), progress=False, log=lambda s: None).run_dir
+
+
+def teacher_term(run_dir, table, cfg, temperature=4.0):
+    """The distillation term (T^2 KL(teacher || student)) of a run's best.pt over its training images."""
+    loaded = load_model(run_dir / "best.pt", torch.device("cpu"))
+    images = load_images(f"{cfg.data}/train", loaded.pre.image_size, cfg.cache_dir, workers=1, progress=False)
+    split = json.loads((run_dir / "split.json").read_text())
+    rel = [str(p.relative_to(images.root.parent)) for p in images.files]
+    rows = np.asarray(sorted(rel.index(r) for r in split["train"]))
+    with torch.inference_mode():
+        logits, _ = predict_logits(loaded.model, Batches(images, rows, 64, torch.device("cpu"), shuffle=False),
+                                   ImageTransform(loaded.pre, loaded.cfg.channels_last), torch.device("cpu"), None,
+                                   loaded.cfg.tta)
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), 0.5, temperature)
+    return float(loss.teacher_term(logits, torch.from_numpy(table[rows])))
+
+
+def test_a_student_moves_toward_its_teacher(tiny_cfg, teacher):
+    lines = []
+    student = fit(tiny_cfg(name="student", teacher=str(teacher), distill_weight=0.9, epochs=4), progress=False,
+                  log=lines.append).run_dir
+    alone = fit(tiny_cfg(name="alone", epochs=4), progress=False, log=lambda s: None).run_dir
+    untrained = fit(tiny_cfg(name="untrained", teacher=str(teacher), distill_weight=0.9, epochs=1, lr=1e-7),
+                    progress=False, log=lambda s: None).run_dir
+    table = np.load(student / TEACHER_LOGITS)
+    cfg = tiny_cfg()
+    distilled, plain, start = (teacher_term(r, table, cfg) for r in (student, alone, untrained))
+    assert distilled < start and distilled < plain, (distilled, plain, start)  # the term falls, and more than without
+    # the teacher's own logits: its preprocessing (48 px), each training image once, mirror-averaged (its TTA)
+    loaded = load_model(teacher / "best.pt", torch.device("cpu"))
+    images = load_images(f"{cfg.data}/train", 48, cfg.cache_dir, workers=1, progress=False)
+    with torch.inference_mode():
+        own, _ = predict_logits(loaded.model, Batches(images, images.valid, 64, torch.device("cpu"), shuffle=False),
+                                ImageTransform(loaded.pre, True), torch.device("cpu"), None, True)
+    assert np.allclose(table[images.valid], own.numpy(), atol=1e-5)
+    assert any("its logits for 160 training images" in line for line in lines)
+    record = torch.load(student / "best.pt", weights_only=True)["teacher"]
+    assert record["sha256"] == sha256_of(teacher / "best.pt") and record["model"] == "smallcnn"
+    assert json.loads((student / "summary.json").read_text())["teacher"] == record
+    assert (student / "split.json").read_text() == (teacher / "split.json").read_text()  # the teacher's split
+
+
+def test_a_resumed_student_reads_its_teachers_logits_back(tiny_cfg, teacher):
+    fit(tiny_cfg(name="s", teacher=str(teacher), epochs=1), progress=False, log=lambda s: None)
+    kept = Path(tiny_cfg().out) / "s" / TEACHER_LOGITS
+    stamp = kept.stat().st_mtime_ns
+    lines = []
+    fit(tiny_cfg(name="s", teacher=str(teacher), epochs=2), resume=True, progress=False, log=lines.append)
+    assert kept.stat().st_mtime_ns == stamp and not any("its logits" in line for line in lines)
+
+
+def test_a_wrong_teacher_is_one_line(tiny_cfg, teacher, tiny_data, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="teacher='nowhere': nowhere not found; give a trained run folder"):
+        fit(tiny_cfg(name="x", teacher="nowhere"), progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    shutil.rmtree(other / "train" / "star")
+    shutil.rmtree(other / "val" / "star")
+    with pytest.raises(DataError, match="was trained on classes .* distil from a run on the same class folders"):
+        fit(tiny_cfg(name="y", data=str(other), teacher=str(teacher)), progress=False, log=lambda s: None)
+    assert main(["train", "--data", str(tiny_data), "--teacher", str(tmp_path / "none"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "none not found; give a trained run folder" in err and len(err.strip().splitlines()) == 1
