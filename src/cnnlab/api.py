@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -356,6 +357,31 @@ class SweepRun:
                  "error": t.user_attrs.get("error")} for t in self._study().get_trials(deepcopy=False)]
 
     @property
+    def verification(self) -> dict[str, Any] | None:
+        """What `verify` found (verify.json): each of the top configurations' values over new seeds, the winner, the
+        tests against it, and the model chosen for the test folder; None before any verification."""
+        path = self.folder / "verify.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @property
+    def verified(self) -> Run:
+        """The verified winner's model (chosen by validation only), or the search's best where nothing was verified."""
+        found = self.verification
+        return Run(Path(found["model"])) if found else self.best
+
+    def verify(self, k: int = 3, *, seeds: int = 3, device: str | None = None, cache_dir: str | Path | None = None,
+               progress: bool | None = None, log: Log = print) -> dict[str, Any]:
+        """Train the top `k` configurations again with `seeds` new seeds each; the winner is the best mean, tested
+        against each runner-up (see cnnlab.sweeps.verify). Resumes where it was cut; returns what verify.json holds."""
+        from .sweeps.verify import verify_sweep
+
+        whole_number("k", k, 1)
+        whole_number("seeds", seeds, 2)
+        machine = {key: value for key, value in (("device", device), ("cache_dir", str(cache_dir) if cache_dir else None))
+                   if value and value != "auto"}
+        return verify_sweep(self.folder, k, seeds, self.storage, machine, progress_bars(progress), log or silent)
+
+    @property
     def best(self) -> Run:
         try:
             best = self._study().best_trial
@@ -374,16 +400,19 @@ class SweepRun:
 
 def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, storage: str | None = None,
           sweeps_dir: str | Path = "sweeps", sampler_seed: int = 0, config: str | Path | dict[str, Any] | None = None,
-          progress: bool | None = None, log: Log = print, warn: Log = None, **overrides: Any) -> SweepRun:
+          verify: int = 0, progress: bool | None = None, log: Log = print, warn: Log = None,
+          **overrides: Any) -> SweepRun:
     """Run a Weights & Biases sweep file on the embedded Optuna engine in this process: `count` trials (None:
     until run_cap or the grid is done). Keywords are base config values for every trial (data=..., epochs=...).
-    Running it again continues the sweep; other processes and machines join with the same file and storage."""
+    Running it again continues the sweep; other processes and machines join with the same file and storage.
+    `verify` K > 0: then the top K configurations are trained again with 3 seeds each (`SweepRun.verify`)."""
     from .models import check_config
     from .sweeps import load_sweep, run_sweep
     from .sweeps.schema import parse_sweep
 
     optional_whole_number("count", count, 1)  # None: until run_cap or the grid is done
     whole_number("sampler_seed", sampler_seed)
+    whole_number("verify", verify)
     log = log or silent
     warn = warn or log
     parsed = parse_sweep(sweep_file, sweep_file.get("name") or "sweep") if isinstance(sweep_file, dict) else \
@@ -396,7 +425,10 @@ def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, 
     check_config(make_config(base))  # refuse bad base values before anything starts
     folder = Path(sweeps_dir) / parsed.name
     result = run_sweep(parsed, base, folder, storage, count, sampler_seed, progress=progress_bars(progress), log=log)
-    return SweepRun(folder, result, storage)
+    swept = SweepRun(folder, result, storage)
+    if verify:
+        swept.verify(verify, device=base.get("device"), cache_dir=base.get("cache_dir"), progress=progress, log=log)
+    return swept
 
 
 def compare(runs: Sequence[str | Path | Run], out: str | Path = "compare") -> dict[str, Any]:

@@ -191,9 +191,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     check_workers(args.workers)
     if args.workers > 1:
-        return spawn_sweep_workers(args)
+        code = spawn_sweep_workers(args)
+        if code == 0 and args.verify:  # after every worker's trials, in this process
+            from .api import SweepRun
+            from .sweeps import load_sweep
+
+            overrides = config_overrides(args)
+            SweepRun(Path(args.out_root) / load_sweep(args.sweep_file).name, storage=args.storage).verify(
+                args.verify, device=overrides.get("device"), cache_dir=overrides.get("cache_dir"),
+                progress=Common.from_args(args).progress)
+        return code
     swept = run_the_sweep(args.sweep_file, count=args.count, storage=args.storage, sweeps_dir=args.out_root,
-                          sampler_seed=args.seed, config=args.config, progress=Common.from_args(args).progress, log=print,
+                          sampler_seed=args.seed, config=args.config, verify=args.verify,
+                          progress=Common.from_args(args).progress, log=print,
                           warn=lambda m: print(f"cnnlab sweep: {m}", file=sys.stderr), **config_overrides(args))
     print(sweep_line(swept))
     return 0
