@@ -25,7 +25,7 @@ SECTIONS = ("data", "cost", "sweep", "test", "explain", "partb", "curves", "repr
 
 def quick_job(data: Path, out: Path, cache: Path, **kw):
     return cnnlab.assignment(data, out, quick=True, trials=3, image_size=32, model="resnet18", weights="random", strategies="head",
-                             cache_dir=str(cache), log=None, progress=False, **{"device": "cpu", **kw})
+                             cache_dir=str(cache), log=None, progress=False, **{"device": "cpu", "verify": 2, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,9 @@ def test_the_assignment_fills_every_section_of_its_report(job):
     assert "most confident mistakes" in section(html, "test")
     sweep = section(html, "sweep")
     assert "3 trial(s) trained" in sweep and "parcoords" in sweep
+    assert "the winner, verified" in sweep and "Part A: verify the top 2" in steps  # verified, and the report says so
+    found = json.loads((out / "sweeps" / "partA" / "verify.json").read_text())
+    assert f"Part A&#x27;s model is the verified winner of sweep partA ({Path(found['model']).name})" in html
     assert "skipped" in sweep and "stride-2 first convolution, so it needs at least 64" in sweep  # said, not trained
     assert "Grad-CAM" in section(html, "explain") and "guided back-propagation" in section(html, "explain")
     partb = section(html, "partb")
@@ -69,16 +72,14 @@ def test_every_step_of_the_assignment_ran_on_the_device_it_was_given(job):
     out, _ = job
     recorded = devices_recorded(out)
     assert recorded == {"configs": {"cpu"}, "trainings": {"cpu"}, "evaluations": {"cpu"}, "explanations": {"cpu"}}
-    assert len(list(out.glob("runs/*/eval/metrics.json"))) == 1 and len(list(out.glob("*/*/trials/*/eval"))) == 1
+    assert len(list(out.glob("runs/*/eval/metrics.json"))) == 1 and len(list(out.glob("sweeps/partA/*/*/eval"))) == 1
 
 
 @pytest.mark.slow
 def test_a_rerun_redoes_nothing_that_is_complete(job, tiny_data):
     out, _ = job
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
-    lines: list[str] = []
-    cnnlab.assignment(tiny_data, out, quick=True, trials=3, image_size=32, model="resnet18", weights="random", strategies="head",
-                      cache_dir=str(out.parent / "cache"), log=lines.append, progress=False)
+    quick_job(tiny_data, out, out.parent / "cache")
     steps = json.loads((out / "assignment.json").read_text())["steps"]
     assert all(s["state"] == "done before" for k, s in steps.items() if k not in ("compare", "report")), steps
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == before  # no checkpoint written again
@@ -171,7 +172,7 @@ def test_a_report_renders_run_folders_written_before_it_existed(job, tmp_path):
     """An old run folder: no provenance in summary.json, no calibration, no reliability.png, no mistakes."""
     out, _ = job
     old = tmp_path / "old-run"
-    best = next(p for p in (out / "sweeps" / "partA" / "trials").iterdir() if (p / "eval").is_dir())
+    best = next(p for p in (out / "sweeps" / "partA").glob("*/*") if (p / "eval").is_dir())  # Part A's model
     shutil.copytree(best, old)
     summary = json.loads((old / "summary.json").read_text())
     del summary["provenance"]
@@ -288,5 +289,12 @@ def test_the_report_works_in_a_real_browser(job):
         assert 1 <= kept <= 2 and len(rows()) == kept and page.locator(".pc-line.pc-out").count() == 3 - kept
         page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # a click clears the range
         assert page.locator(".pc-count").text_content().startswith("3 of 3")
+        verified = page.locator("#sweep h3", has_text="the winner, verified")  # Part A's winner, verified over seeds
+        assert verified.is_visible()
+        found = json.loads((index.parents[1] / "sweeps" / "partA" / "verify.json").read_text())
+        table = page.locator("#sweep h3:has-text('the winner, verified') ~ div.scroll table").first
+        cells = table.locator("tr").nth(1).locator("td").all_text_contents()
+        winner = found["candidates"][0]
+        assert cells[1] == str(winner["trial"]) and cells[4] == f"{winner['mean']:.4f} ± {winner['std']:.4f}"
         assert errors == []
         b.close()

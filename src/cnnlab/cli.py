@@ -156,6 +156,8 @@ def _add_report_commands(sub: Any) -> None:
                    "(downloaded); without it Part B is skipped")
     p.add_argument("--strategies", help="Part B's strategies, comma-separated [default: head,partial with --quick, else "
                    "head,partial,full]")
+    p.add_argument("--verify", type=whole_number, metavar="K", help="Part A's top K configurations trained again with 3 "
+                   "new seeds each, the best mean taken [default: 3; with --quick 0: the best trial as it is]")
     p.add_argument("--workers", type=positive_int, default=1, help="Part A sweep processes on this machine; on a "
                    "machine with several GPUs worker i uses GPU i mod n [default: 1]")
 

@@ -286,7 +286,8 @@ def cmd_assignment(args: argparse.Namespace) -> int:
     check_workers(args.workers)
     index = assignment(args.data, args.out, quick=args.quick, sweep_file=args.sweep_file, trials=args.trials,
                        image_size=args.image_size, model=args.model, weights=args.weights, strategies=args.strategies,
-                       workers=args.workers, **Common.from_args(args).keywords(), argv=["cnnlab", *sys.argv[1:]])
+                       workers=args.workers, verify=args.verify, **Common.from_args(args).keywords(),
+                       argv=["cnnlab", *sys.argv[1:]])
     print(f"the assignment's report: {index} (opens offline: file://{index.resolve()})")
     return 0
 

@@ -20,17 +20,20 @@ from .sections import cost_section, data_section, sweep_section
 __all__ = ["write_report", "gather", "Inputs", "RunFolder"]
 
 
-def choose_best(inputs: Inputs, sweep_best: list[tuple[str, RunFolder]]) -> tuple[RunFolder | None, str]:
+def choose_best(inputs: Inputs, sweep_best: list[tuple[str, RunFolder, bool]]) -> tuple[RunFolder | None, str]:
     """Part A's model: the small CNN with the highest validation accuracy among the sweeps' best trials and the
     scratch runs given, never chosen on the test folder; and a sentence saying how it was chosen."""
-    candidates = [(f"the best trial of sweep {name} ({run.name})", run) for name, run in sweep_best]
+    candidates = [(f"the {'verified winner' if verified else 'best trial'} of sweep {name} ({run.name})", run)
+                  for name, run, verified in sweep_best]
     candidates += [(f"run {r.name}", r) for r in inputs.runs if r.is_small_cnn]
     candidates = [c for c in candidates if c[1].best_val_acc is not None]  # a run killed before its first epoch
     if not candidates:
         return None, ""
     how, best = max(candidates, key=lambda c: c[1].best_val_acc)
+    taken = ("its configuration's mean over new seeds was the best of the verified ones (the sweep section)"
+             if how.startswith("the verified") else "taken as it is (not retrained)")
     why = (f"Part A's model is {how}: the highest validation accuracy ({best.best_val_acc:.4f}, best.pt's epoch) of "
-           f"{len(candidates)} candidate(s), taken as it is (not retrained); the test folder played no part in choosing it.")
+           f"{len(candidates)} candidate(s), {taken}; the test folder played no part in choosing it.")
     return best, why
 
 
@@ -45,8 +48,8 @@ def write_report(paths: list[str | Path], out: str | Path, argv: list[str] | Non
     for folder in inputs.sweeps:
         text, runs = sweep_section(folder, out, storage)
         sweep_parts.append(text)
-        if runs:
-            sweep_best.append((folder.name, runs[0]))
+        if runs:  # the verified winner's model first where the sweep was verified
+            sweep_best.append((folder.name, runs[0], (folder / "verify.json").is_file()))
             trial_runs += runs
     best, why = choose_best(inputs, sweep_best)
     finetuned = [r for r in inputs.runs if not r.is_small_cnn]

@@ -208,8 +208,47 @@ def sweep_section(folder: Path, out: Path, storage: str | None = None) -> tuple[
     parts.append(best_trials_table(complete, names, sweep))
     ranked = sorted(complete, key=lambda t: t.value, reverse=sweep.goal == "maximize")
     runs = [r for r in (trial_run(folder, t) for t in ranked) if r is not None]
+    verified = read_verification(folder)
+    if verified is not None:  # the verified winner's model goes first: Part A's model
+        parts.append(verification_block(verified))
+        runs = [RunFolder(Path(verified["model"])), *runs]
     parts.append(source(f"study and trials in <code>{esc(folder)}</code>; figures re-drawn from them"))
     return "".join(parts), runs
+
+
+def read_verification(folder: Path) -> dict[str, Any] | None:
+    """What `--verify` wrote in a sweep folder (verify.json), or None."""
+    path = folder / "verify.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def verification_block(found: dict[str, Any]) -> str:
+    """The top configurations trained again: each one's values over new seeds, mean and std, and the paired test of
+    each runner-up against the winner; every number from verify.json."""
+    metric, candidates = found["metric"], found["candidates"]
+    rows = []
+    for rank, c in enumerate(candidates, 1):
+        versus = c.get("versus_winner")
+        rows.append([rank, c["trial"], f"{c['search_value']:.4f}", ", ".join(f"{v:.4f}" for v in c["values"]),
+                     f"{c['mean']:.4f} ± {c['std']:.4f}",
+                     "the winner" if versus is None else
+                     f"{versus['difference']:+.4f}, p = {versus['p_value']:.3f} ("
+                     + ("distinguishable" if versus["distinguishable"] else "within seed noise") + ")"])
+    winner = candidates[0]
+    ties = [str(c["trial"]) for c in candidates[1:] if not c["versus_winner"]["distinguishable"]]
+    text = (f"<p>The search's best single run is one noisy draw, so its top {len(candidates)} configurations were "
+            f"trained again with {found['seeds']} new seeds each (the search's own run left out of the mean: it was "
+            f"chosen for scoring high). Trial {esc(winner['trial'])} has the best mean {esc(metric)}, "
+            f"{winner['mean']:.4f} ± {winner['std']:.4f}"
+            + (f"; the search's best single run was trial {esc(found['search_best'])}" if found["changed"] else "")
+            + ". " + (f"Against trial(s) {esc(', '.join(ties))} the difference is within seed noise (paired t-test over "
+                      "the shared seeds, p ≥ 0.05): the data cannot tell them apart." if ties else
+                      "Each runner-up is behind it by more than seed noise (paired t-test, p < 0.05).")
+            + f" Part A's model is the winner's run with the best validation score: <code>{esc(found['model'])}</code>."
+            + "</p>")
+    return ("<h3>the winner, verified</h3>" + text
+            + table(["rank", "trial", f"search {metric}", f"{metric} per new seed", "mean ± std", "against the winner"],
+                    rows, (2, 3, 4)))
 
 
 def correlation_table(trials: list[Any], names: list[str], sweep: Any) -> str:

@@ -42,13 +42,15 @@ def top_trials(study: Any, k: int, goal: str) -> list[Any]:
     return ordered[:k]
 
 
-def train_again(cfg: Any, folder: Path, name: str, progress: bool) -> RunFolder:
-    """A run folder of `cfg` named `name` in `folder`: left as it is when finished, resumed when cut, else trained."""
+def train_again(cfg: Any, folder: Path, name: str, progress: bool) -> tuple[RunFolder, bool]:
+    """A run folder of `cfg` named `name` in `folder`: left as it is when finished, resumed when cut, else trained;
+    and whether it was trained (or resumed) now."""
     run = RunFolder(folder / name)
     cfg = replace(cfg, out=str(folder), name=name)
-    if not run.finished:
-        fit(cfg, resume=run.resumable, progress=progress, log=lambda s: None)
-    return RunFolder(folder / name)
+    if run.finished:
+        return run, False
+    fit(cfg, resume=run.resumable, progress=progress, log=lambda s: None)
+    return RunFolder(folder / name), True
 
 
 def paired_test(a: list[float], b: list[float]) -> float:
@@ -76,16 +78,18 @@ def verify_sweep(folder: str | Path, k: int, seeds: int = 3, storage: str | None
         raise CnnlabError(f"{folder}: no complete trial to verify yet")
     if len(top) < k:
         log(f"verify: only {len(top)} complete trial(s) to verify of the {k} asked for")
-    candidates = []
+    candidates, trained = [], 0
     for rank, trial in enumerate(top, 1):
         trial_run = RunFolder(Path(trial.user_attrs["run_dir"]))
         cfg = make_config(trial_run.config.to_dict(), machine or {})
         values, runs = [], []
         for s in range(1, seeds + 1):
             name = f"{trial_run.path.name}-seed{cfg.seed + s}"
-            log(f"verify: trial {trial.number} (#{rank} of the search, {metric} {trial.value:.4f}) with seed "
-                f"{cfg.seed + s}")
-            run = train_again(replace(cfg, seed=cfg.seed + s), folder / "verify", name, progress)
+            run, now = train_again(replace(cfg, seed=cfg.seed + s), folder / "verify", name, progress)
+            trained += now
+            if now:
+                log(f"verify: trial {trial.number} (#{rank} of the search, {metric} {trial.value:.4f}) trained with "
+                    f"seed {cfg.seed + s}: {metric} {best_of(run.history, metric, goal):.4f}")
             values.append(best_of(run.history, metric, goal))
             runs.append(str(run.path))
         candidates.append({"trial": trial.number, "search_value": trial.value, "config": trial.user_attrs["config"],
@@ -104,7 +108,7 @@ def verify_sweep(folder: str | Path, k: int, seeds: int = 3, storage: str | None
                  key=lambda vr: sign * vr[0])
     result = {"metric": metric, "goal": goal, "k": k, "seeds": seeds, "candidates": candidates,
               "winner": winner["trial"], "model": chosen[1], "search_best": top[0].number,
-              "changed": winner["trial"] != top[0].number}
+              "changed": winner["trial"] != top[0].number, "trained_now": trained}
     atomic_write_json(folder / VERIFY, result)
     atomic_write_text(folder / "verify.md", verify_markdown(result))
     log(verify_summary(result))
