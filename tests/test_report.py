@@ -53,6 +53,7 @@ def test_the_assignment_fills_every_section_of_its_report(job):
     assert {s["state"] for s in steps.values()} == {"done", "trained"}
     assert "data:image/png;base64," in section(html, "test") and "reliability diagram" in section(html, "test")
     assert "most confident mistakes" in section(html, "test")
+    assert "met its test folder 1 time(s) (<code>test_ledger.jsonl</code>); once, as it should" in section(html, "test")
     sweep = section(html, "sweep")
     assert "3 trial(s) trained" in sweep and "parcoords" in sweep
     assert "the winner, verified" in sweep and "Part A: verify the top 2" in steps  # verified, and the report says so

@@ -91,3 +91,32 @@ def test_a_run_killed_before_its_first_epoch_has_no_best_and_is_not_part_a_s_mod
     assert folder.best_epoch is None and folder.best_val_acc is None and not folder.finished
     page = write_report([run.folder.parent], tmp_path / "report").read_text()
     assert "model is run done: the highest validation accuracy" in page
+
+
+def test_every_test_folder_use_is_in_the_run_s_ledger_and_training_after_it_is_flagged(tiny_cfg, tiny_data, tmp_path):
+    """cnnlab evaluate counts each evaluation in the run folder (test_ledger.jsonl); a run trained on after its test
+    score was seen is flagged, and the report says both."""
+    import cnnlab
+    from cnnlab.reporting.results import test_use_line
+    from cnnlab.training import fit
+
+    result = fit(tiny_cfg(epochs=1, name="ledger"), progress=False, log=lambda s: None)
+    folder = RunFolder(result.run_dir)
+    assert folder.test_ledger == [] and not folder.trained_after_test()
+    run = cnnlab.load(result.run_dir)
+    first = run.evaluate(tiny_data, log=None, progress=False)
+    ledger = folder.test_ledger
+    assert len(ledger) == 1 and ledger[0]["accuracy"] == first.accuracy and ledger[0]["checkpoint"] == "best.pt"
+    assert ledger[0]["sha256"] == first["checkpoint_sha256"] and ledger[0]["data"] == str(tiny_data / "val")
+    assert "met its test folder 1 time(s)" in test_use_line(folder) and "flagged" not in test_use_line(folder)
+    run.evaluate(tiny_data, log=None, progress=False)
+    assert len(folder.test_ledger) == 2 and not folder.trained_after_test()  # seen twice, the same weights
+    assert "met its test folder 2 time(s)" in test_use_line(folder) and "flagged" not in test_use_line(folder)
+    other = fit(tiny_cfg(epochs=1, name="other", seed=1), progress=False, log=lambda s: None).run_dir
+    (result.run_dir / "best.pt").write_bytes((other / "best.pt").read_bytes())  # best.pt changed after its test
+    assert folder.trained_after_test()
+    assert "flagged: best.pt changed after its test score was seen" in test_use_line(folder)
+    copy = tmp_path / "elsewhere.pt"  # a checkpoint outside a run folder: no ledger to keep, nothing written
+    copy.write_bytes((result.run_dir / "best.pt").read_bytes())
+    cnnlab.load(copy).evaluate(tiny_data, out=tmp_path / "e", log=None, progress=False)
+    assert not (tmp_path / "test_ledger.jsonl").exists()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -18,9 +19,10 @@ from .data import Batches, ImageTransform, load_images
 from .data.decode import describe_error, image_from_array, load_rgb, prepare
 from .errors import DataError
 from .hardware import autocast, autocast_dtype, decode_device, precision_for
-from .io import atomic_write_json, atomic_write_text, sha256_of
+from .io import append_jsonl, atomic_write_json, atomic_write_text, sha256_of
 from .models import create_model
 from .preprocess import Preprocess
+from .run_folder import CONFIG, TEST_LEDGER
 from .visualise import plot_confusion, plot_prediction_grid, plot_reliability, plot_top_losses
 
 
@@ -193,11 +195,23 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
                     "skipped_files": len(test.errors)})
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)
+    record_test_use(Path(checkpoint), metrics)
     plot_confusion(metrics["confusion"], loaded.classes, out_dir / "confusion.png")
     plot_reliability(metrics["calibration"], out_dir / "reliability.png")
     plot_prediction_grid(test, rows, labels, probs, loaded.classes, out_dir / "predictions.png", seed=seed)
     metrics["mistakes"] = write_mistakes(test, rows, logits, labels, loaded.classes, out_dir)
     return metrics
+
+
+def record_test_use(checkpoint: Path, metrics: dict[str, Any]) -> None:
+    """One line in the checkpoint's run folder's test ledger: this checkpoint met this test folder (and scored so).
+    A checkpoint outside a run folder (no config.yaml beside it) has no ledger to keep."""
+    if not (checkpoint.parent / CONFIG).is_file():
+        return
+    append_jsonl(checkpoint.parent / TEST_LEDGER, {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": checkpoint.name, "sha256": metrics["checkpoint_sha256"],
+        "epoch": metrics["checkpoint_epoch"], "data": metrics["data"], "images": metrics["images"],
+        "accuracy": metrics["accuracy"]})
 
 
 def write_mistakes(test: Any, rows: np.ndarray, logits: torch.Tensor, labels: torch.Tensor, classes: list[str],

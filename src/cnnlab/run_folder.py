@@ -20,6 +20,7 @@ BEST = "best.pt"  # the weights of the best epoch (the validated ones: the avera
 LAST = "last.pt"  # the weights, optimiser and schedule after the latest epoch: what --resume continues from
 EVAL = "eval"  # `cnnlab evaluate`'s output for best.pt: metrics.json and its figures
 EVAL_METRICS = f"{EVAL}/metrics.json"
+TEST_LEDGER = "test_ledger.jsonl"  # one line each time a checkpoint of the folder met a test folder (cnnlab evaluate)
 TENSORBOARD = "tensorboard"  # TensorBoard's event files, with --tensorboard
 WANDB_RUN = "wandb_run.json"  # the W&B run its training logged to (id, project, mode, group), with --wandb
 FINISHED = ("completed", "early_stopped")  # statuses of a run that trained to its end
@@ -141,3 +142,17 @@ class RunFolder:
         if "checkpoint_sha256" in metrics and best.is_file():
             return metrics["checkpoint_sha256"] != sha256_of(best)
         return metrics.get("checkpoint_epoch") != self.best_epoch  # evaluations before the SHA-256 was recorded
+
+    @property
+    def test_ledger(self) -> list[dict[str, Any]]:
+        """Every evaluation of one of the folder's checkpoints on a test folder, oldest first (time, checkpoint,
+        sha256, epoch, data, accuracy): how often its test folder has been seen."""
+        path = self.path / TEST_LEDGER
+        return read_jsonl(path) if path.is_file() else []
+
+    def trained_after_test(self) -> bool:
+        """Whether best.pt changed after its test score was seen: trained again (resumed, or replaced) since an
+        evaluation of it, so the test folder may have steered it."""
+        best = self.path / BEST
+        seen = [e for e in self.test_ledger if e.get("checkpoint") == BEST]
+        return bool(seen) and best.is_file() and any(e["sha256"] != sha256_of(best) for e in seen)

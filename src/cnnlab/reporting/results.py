@@ -29,6 +29,7 @@ def test_section(best: RunFolder | None, why: str) -> str:
         lines.append(f"<li>balanced accuracy (mean per-class recall) {m['balanced_accuracy']:.3f}</li>")
     if topk:
         lines.append(f"<li>{esc(topk.replace('_', ' '))} {m[topk]:.3f}; macro F1 {m['macro_f1']:.3f}</li>")
+    lines.append(test_use_line(best))
     if best.evaluation_is_stale(m):
         lines.append(f"<li class=missing>stale: evaluated best.pt of epoch {m.get('checkpoint_epoch', '?')}, but the run's best "
                      f"epoch is now {best.best_epoch}: run <code>cnnlab evaluate {esc(best.path)}</code> again</li>")
@@ -44,6 +45,20 @@ def test_section(best: RunFolder | None, why: str) -> str:
                      "red wrong)", width=620)
             + mistakes_block(eval_dir) + source(eval_source(best, m), run_source(best)))
     return body
+
+
+def test_use_line(run: RunFolder) -> str:
+    """How often the model met its test folder (its run folder's ledger), flagged when it trained again after."""
+    ledger = run.test_ledger
+    if not ledger:
+        return "<li>test-folder uses: not recorded (evaluated before cnnlab kept a ledger)</li>"
+    text = (f"<li>this model's run met its test folder {len(ledger)} time(s) (<code>test_ledger.jsonl</code>)"
+            + ("; once, as it should" if len(ledger) == 1 else
+               ": its test score was seen more than once, so treat it as less than a clean estimate") + "</li>")
+    if run.trained_after_test():
+        text += ("<li class=missing>flagged: best.pt changed after its test score was seen (trained again), so the "
+                 "test folder may have steered it; a clean estimate needs a model never changed after its test</li>")
+    return text
 
 
 def calibration_block(m: dict[str, Any], eval_dir: Path) -> str:
@@ -98,6 +113,7 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
                      r.summary.get("epochs_run", len(r.history)), "-" if r.best_val_acc is None else f"{r.best_val_acc:.3f}",
                      (interval_text(m["accuracy"], m["accuracy_ci95"]) + (" (stale)" if r.evaluation_is_stale(m) else ""))
                      if m else "not evaluated",
+                     len(r.test_ledger) if r.test_ledger else "-",
                      f"{r.summary.get('setup_seconds', 0):.0f}", f"{r.summary.get('train_seconds', 0):.0f}"])
     plot = plot_curves({r.name: r.history for r in runs}, out / "partB-curves.png")
     claims = []
@@ -112,7 +128,7 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
     text = "<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in claims) + "</ul>" if claims else (
         "<p class=muted>Evaluate the runs on the test folder (<code>cnnlab evaluate</code>) to compare them.</p>")
     return (table(["run", "model", "strategy", "input", "trainable / total params", "epochs", "best val acc", "test acc",
-                   "setup (s)", "training (s)"], rows, (5, 6, 8, 9)) + text
+                   "test uses", "setup (s)", "training (s)"], rows, (5, 6, 8, 9, 10)) + text
             + figure(plot, "validation accuracy per epoch, every Part B run and the scratch model")
             + source(*runs_source(runs)))
 
