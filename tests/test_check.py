@@ -38,7 +38,8 @@ def test_check_finds_copies_re_encodings_leakage_and_imbalance(tiny_data, tmp_pa
     assert sorted([circle[2].name, "leak.jpg"]) in across and r.leaked == 1
     stored = json.loads((tmp_path / "report" / "check.json").read_text())
     assert stored["leaked_test_images"] == 1 and stored["imbalance_ratio"] == round(17 / 3, 3)
-    assert "--class_weights balanced" in (tmp_path / "report" / "check.md").read_text()
+    assert "strong, over 3: training weighs the classes by default, --class_weights auto" in (
+        tmp_path / "report" / "check.md").read_text()
     assert all((tmp_path / "report" / f).stat().st_size > 1000 for f in ("counts.png", "sizes.png"))
     assert main(["check", str(data), "--out", str(tmp_path / "cli"), "--cache_dir", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out

@@ -152,6 +152,11 @@ def test_balanced_sampler_and_class_weights_on_an_unbalanced_set(tiny_cfg, tiny_
     loss, val_loss = make_losses(tiny_cfg(class_weights="balanced"), images.labels, 10, torch.device("cpu"))
     weights = loss.weight.numpy()
     assert np.allclose(weights * counts, len(images.labels) / 10)  # each class weighs the same in total
+    auto, _ = make_losses(tiny_cfg(class_weights="auto"), images.labels, 10, torch.device("cpu"))
+    assert torch.equal(auto.weight, loss.weight)  # 11 / 2 = 5.5 > 3: auto weighs the classes
+    mild = np.repeat(np.arange(10), [14, 12, 12, 11, 10, 10, 10, 10, 10, 10])  # 1.4, as flowers: the plain loss
+    assert make_losses(tiny_cfg(class_weights="auto"), mild, 10, torch.device("cpu"))[0].weight is None
+    assert make_losses(tiny_cfg(class_weights="balanced"), mild, 10, torch.device("cpu"))[0].weight is not None
     run = fit(tiny_cfg(data=str(data), class_weights="balanced", sampler="balanced", epochs=2), progress=False,
               log=lambda s: None)
     history = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -113,11 +113,11 @@ class Config:
     ema: float = _f(0.0, "decay of an exponential moving average of the weights and batch-norm statistics, updated "
                           "every step; validation, best.pt and evaluate use the average (0: off)", min=0.0, max=0.9999)
     label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy loss", min=0.0, max=0.5)
-    class_weights: str = _f("balanced", "loss weight of each class: balanced (n_images / (n_classes x the class's "
-                                        "training images), so a rare class counts as much as a common one; all 1 "
-                                        "where the classes are balanced; measured on grocery, 3 seeds: balanced "
-                                        "test accuracy 0.891 against 0.876 with none, accuracy within noise) or none",
-                            choices=("none", "balanced"))
+    class_weights: str = _f("auto", "loss weight of each class: balanced (n_images / (n_classes x the class's training "
+                                    "images), so a rare class counts as much as a common one), none, or auto: balanced "
+                                    "where the largest training class has over 3 times the images of the smallest, "
+                                    "else none (measured on 4 sets, 3 seeds each: docs/recipe.md)",
+                            choices=("auto", "none", "balanced"))
     teacher: str = _f("", "knowledge distillation: a trained run (its folder, or a checkpoint) whose outputs the model "
                           "learns from beside the labels; its logits are computed once, with its own preprocessing, "
                           "and the run keeps its train/validation split ('': none)")

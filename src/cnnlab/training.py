@@ -46,6 +46,7 @@ from .data import (
     save_split,
     saved_split,
     stratified_split,
+    strongly_unbalanced,
     write_bad_file_report,
 )
 from .distill import DistillationLoss, check_teacher, teacher_logits, teacher_record, teacher_split
@@ -391,7 +392,8 @@ def make_losses(cfg: Config, train_labels: np.ndarray, n_classes: int, device: t
     n / (classes x its training images), so every class weighs as much in total."""
     weight = None
     counts = np.bincount(train_labels, minlength=n_classes).astype(np.float64)
-    if cfg.class_weights == "balanced" and counts.min() != counts.max():  # balanced classes: the plain loss
+    weigh = cfg.class_weights == "balanced" or (cfg.class_weights == "auto" and strongly_unbalanced(counts))
+    if weigh and counts.min() != counts.max():  # balanced classes: the plain loss
         weight = torch.tensor(np.where(counts > 0, len(train_labels) / (n_classes * np.maximum(counts, 1)), 0.0),
                               dtype=torch.float32)
     train_loss: nn.Module = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
@@ -484,11 +486,11 @@ def look_at_the_data(cfg: Config, images: CachedImages, log: Callable[[str], Non
     from .data.check import copies_in_test, near_duplicate_clusters
 
     counts = np.bincount(images.labels[images.valid], minlength=len(images.classes))
-    if counts.min() > 0 and counts.max() / counts.min() > 3:
+    if counts.min() > 0 and strongly_unbalanced(counts):
         log(f"warning: the classes of train/ are unbalanced ({images.classes[int(counts.argmax())]} {counts.max()} "
             f"images, {images.classes[int(counts.argmin())]} {counts.min()})"
-            + ("; the loss weighs each class by its rarity (--class_weights balanced)" if cfg.class_weights == "balanced"
-               else ": consider --class_weights balanced or --sampler balanced")
+            + ("; the loss weighs each class by its rarity (--class_weights " + cfg.class_weights + ")"
+               if cfg.class_weights in ("auto", "balanced") else ": consider --class_weights balanced or --sampler balanced")
             + "; read evaluate's balanced accuracy")
     leaked = copies_in_test(images.files, Path(cfg.data) / "val")
     if leaked:

@@ -5,9 +5,19 @@ batch transform that normalises and augments them there (`transform`). `demo` wr
 
 from .batches import Batches, DeviceCache
 from .cache import CachedImages, cache_key, load_images, write_bad_file_report
-from .folders import classes_without_images, list_classes, save_split, saved_split, scan_folder, stratified_split
+from .folders import (
+    STRONG_IMBALANCE,
+    classes_without_images,
+    imbalance_ratio,
+    list_classes,
+    save_split,
+    saved_split,
+    scan_folder,
+    stratified_split,
+    strongly_unbalanced,
+)
 from .transform import ImageTransform
 
 __all__ = ["Batches", "DeviceCache", "CachedImages", "cache_key", "load_images", "write_bad_file_report",
            "classes_without_images", "list_classes", "save_split", "saved_split", "scan_folder", "stratified_split",
-           "ImageTransform"]
+           "ImageTransform", "STRONG_IMBALANCE", "imbalance_ratio", "strongly_unbalanced"]

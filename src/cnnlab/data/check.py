@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CachedImages, load_images
-from .folders import classes_without_images
+from .folders import STRONG_IMBALANCE, classes_without_images
 
 NEAR_BITS = 12  # of 256
 HASH_SIZE = 32  # the decode size the hash is computed from when no larger cache is at hand
@@ -375,8 +375,9 @@ def check_markdown(report: DataReport, examples: int = 5) -> str:
         lines.append(f"| {c} | " + " | ".join(str(report.counts[s].get(c, 0)) for s in splits) + " |")
     lines.append("| **all** | " + " | ".join(str(sum(report.counts[s].values())) for s in splits) + " |")
     lines += ["", f"- imbalance (largest / smallest training class): {report.imbalance:.1f}"
-              + (" (strong: training weighs the classes by default, --class_weights balanced; --sampler balanced is the "
-                 "other remedy; read evaluate's balanced accuracy)" if report.imbalance > 3 else ""),
+              + (f" (strong, over {STRONG_IMBALANCE:g}: training weighs the classes by default, --class_weights auto; "
+                 "--sampler balanced is the other remedy; read evaluate's balanced accuracy)"
+                 if report.imbalance > STRONG_IMBALANCE else ""),
               "- unreadable files: " + ", ".join(f"{s} {len(v)}" for s, v in report.unreadable.items()),
               f"- photos with an EXIF rotation (turned upright when decoded): {report.rotated}",
               "- colour modes: " + ", ".join(f"{m} {n}" for m, n in sorted(report.modes.items())),
