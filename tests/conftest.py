@@ -121,13 +121,14 @@ def cache_build():
 
 def devices_recorded(out: Path) -> dict[str, set[str]]:
     """The device each step of an assignment in `out` wrote down: every trial's, verification run's and Part B run's
-    config and training, Part A's model's evaluation and explanation, Part B's evaluations."""
+    config and training, Part A's model's evaluation and explanation, Part B's and the distilled student's
+    evaluations."""
     import json
 
     import yaml
 
     read = lambda paths: {json.loads(p.read_text())["device"] for p in paths if p.is_file()}
-    runs = [*(out / "sweeps").glob("*/trials/*"), *(out / "sweeps").glob("*/verify/*"), *(out / "runs").glob("partB-*")]
+    runs = [*(out / "sweeps").glob("*/trials/*"), *(out / "sweeps").glob("*/verify/*"), *(out / "runs").glob("*")]
     return {"configs": {yaml.safe_load((r / "config.yaml").read_text())["device"] for r in runs},
             "trainings": read(r / "summary.json" for r in runs),
             "evaluations": read(r / "eval" / "metrics.json" for r in runs),

@@ -63,6 +63,11 @@ def test_the_assignment_fills_every_section_of_its_report(job):
     assert "Grad-CAM" in section(html, "explain") and "guided back-propagation" in section(html, "explain")
     partb = section(html, "partb")
     assert "partB-head" in partb and "the scratch CNN" in partb and "95% CI" in partb
+    # Part B's best run taught Part A's small CNN: the student beside them, with its teacher recorded
+    assert "distilled" in partb and steps["distil partB-head into Part A's small CNN"]["state"] == "trained"
+    student = json.loads((out / "runs" / "distilled" / "summary.json").read_text())
+    assert student["teacher"]["checkpoint"] == str((out / "runs" / "partB-head" / "best.pt").resolve())
+    assert "(distilled)" not in section(html, "test")  # Part A's model is still the sweep's, not the student
     assert "to train it again" in section(html, "repro") and "CPU flags" in section(html, "repro")
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html  # no CDN
     assert (out / "report" / "sweep-partA-parallel-coordinates.png").is_file()  # the PNG beside it
@@ -73,7 +78,7 @@ def test_every_step_of_the_assignment_ran_on_the_device_it_was_given(job):
     out, _ = job
     recorded = devices_recorded(out)
     assert recorded == {"configs": {"cpu"}, "trainings": {"cpu"}, "evaluations": {"cpu"}, "explanations": {"cpu"}}
-    assert len(list(out.glob("runs/*/eval/metrics.json"))) == 1 and len(list(out.glob("sweeps/partA/*/*/eval"))) == 1
+    assert len(list(out.glob("runs/*/eval/metrics.json"))) == 2 and len(list(out.glob("sweeps/partA/*/*/eval"))) == 1
 
 
 @pytest.mark.slow

@@ -42,8 +42,10 @@ def best_record(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def strategy_of(cfg: Config) -> str:
-    """How a run trained: scratch (from random weights), or its fine-tuning strategy (partial with how many stages
-    it froze). The config rules make finetune=none the same as no pretrained weights."""
+    """How a run trained: distilled (from a teacher run), scratch (from random weights), or its fine-tuning strategy
+    (partial with how many stages it froze). The config rules make finetune=none the same as no pretrained weights."""
+    if cfg.teacher:
+        return "distilled"
     if cfg.finetune == "none":
         return "scratch"
     return cfg.finetune + (f" (freeze {cfg.freeze_stages})" if cfg.finetune == "partial" else "")

@@ -1,7 +1,8 @@
 """`cnnlab assignment`: the whole assignment as one resumable job, built on the public API.
 
-    check the data -> Part A sweep -> its best trial (taken as it is) evaluated on the test folder once and
-    explained -> Part B fine-tuning strategies, each evaluated -> compare -> the report (report/index.html)
+    check the data -> Part A sweep -> its top configurations verified over new seeds (the full job) -> Part A's
+    model evaluated on the test folder once and explained -> Part B fine-tuning strategies, each evaluated -> Part
+    B's best run distilled into Part A's small CNN -> compare -> the report (report/index.html)
 
 Every step looks at what `out` already holds and does only what is missing, so a rerun after a crash or Ctrl-C
 continues where the first stopped (a sweep keeps its trials; a half-trained run resumes from its last.pt).
@@ -207,9 +208,31 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
             ("done before", {}) if (best.folder / "explain" / "gradcam.png").is_file() else
             ("done", {"figures": sorted(str(p) for p in best.explain(data, **common.for_model()).figures.values())})))
         finetuned = part_b(out, plan, model, weights, run_config, journal, common)
+        if finetuned:  # Part B's best run (by validation) taught to Part A's small CNN: its accuracy at its cost
+            finetuned.append(distil(out, best, finetuned, run_config, journal, common))
         step(journal, "compare", log, lambda: ("done", {"table": str(compare([best, *finetuned], out / "compare")["table"])}))
         step(journal, "report", log, lambda: ("done", {"index": str(report([out], out / "report", argv=argv))}))
         return out / "report" / "index.html"
+
+
+def distil(out: Path, student: Run, finetuned: list[Run], run_config: dict[str, Any], journal: Journal,
+           common: Common) -> Run:
+    """Part A's model's config trained again as a student of Part B's best run by validation accuracy (never by
+    the test folder), then evaluated: the small CNN with what the fine-tuned model knows."""
+    teacher = max(finetuned, key=lambda r: r.best_val_acc or 0.0)
+    values = {k: v for k, v in student.config.to_dict().items() if k not in ("name", "out")}
+    done: list[Run] = []
+
+    def work() -> tuple[str, dict[str, Any]]:
+        run, state = trained_or_resumed(out, "distilled", common, **{**values, **run_config,
+                                                                     "teacher": str(teacher.folder)})
+        if not evaluated(run):
+            run.evaluate(run_config["data"], **common.for_model())
+        done.append(load(run.folder))
+        return state, {"run": str(run.folder), "teacher": str(teacher.folder)}
+
+    step(journal, f"distil {teacher.folder.name} into Part A's small CNN", common.say, work)
+    return done[0]
 
 
 def part_b(out: Path, plan: Plan, model: str, weights: str | None, run_config: dict[str, Any], journal: Journal,

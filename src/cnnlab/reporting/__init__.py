@@ -25,7 +25,7 @@ def choose_best(inputs: Inputs, sweep_best: list[tuple[str, RunFolder, bool]]) -
     scratch runs given, never chosen on the test folder; and a sentence saying how it was chosen."""
     candidates = [(f"the {'verified winner' if verified else 'best trial'} of sweep {name} ({run.name})", run)
                   for name, run, verified in sweep_best]
-    candidates += [(f"run {r.name}", r) for r in inputs.runs if r.is_small_cnn]
+    candidates += [(f"run {r.name}", r) for r in inputs.runs if r.is_small_cnn and not r.config.teacher]
     candidates = [c for c in candidates if c[1].best_val_acc is not None]  # a run killed before its first epoch
     if not candidates:
         return None, ""
@@ -52,7 +52,7 @@ def write_report(paths: list[str | Path], out: str | Path, argv: list[str] | Non
             sweep_best.append((folder.name, runs[0], (folder / "verify.json").is_file()))
             trial_runs += runs
     best, why = choose_best(inputs, sweep_best)
-    finetuned = [r for r in inputs.runs if not r.is_small_cnn]
+    finetuned = [r for r in inputs.runs if not r.is_small_cnn or r.config.teacher]  # distilled: beside Part B
     named = list(inputs.runs) + ([best] if best is not None and best not in inputs.runs else [])
     compares = "".join(f"<details><summary>the table <code>cnnlab compare</code> wrote in {esc(c)}</summary>"
                        + markdown_table((c / "compare.md").read_text()) + "</details>" for c in inputs.compares)
