@@ -128,16 +128,16 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
     """The whole assignment on `data` (ROOT/train, ROOT/val) into `out`; returns the report's index.html.
 
     Part A: `sweep_file` (default: the shipped sweeps/partA.yaml) for `trials` trials (quick: 16; else its run_cap) on
-    `image_size` px images (quick: 64, else 128), shared through `storage` like `cnnlab sweep`; its best trial by
-    validation accuracy is taken as it is (never retrained, never chosen on the test folder), evaluated once on
-    ROOT/val and explained. Part B: `model` with `weights` (a file, or a name such as DEFAULT) fine-tuned by each of
+    `image_size` px images (quick: 64, else 128), shared through `storage` like `cnnlab sweep`; Part A's model
+    (`part_a_model`: chosen by validation alone) evaluated once on ROOT/val and explained. Part B: `model` with
+    `weights` (a file, or a name such as DEFAULT) fine-tuned by each of
     `strategies` (quick: head for 10 epochs and partial for 2; else head,partial,full for 15 and 8), each
     evaluated; without `weights` Part B is skipped, saying so. `workers` > 1 runs Part A's trials in that many
     `cnnlab sweep` processes sharing the study (worker i on GPU i mod n where there are n). `wandb` (offline,
     online) logs every run to Weights & Biases, Part A's trials grouped by the sweep, and the best trial's and
     Part B's evaluations and explanations into the runs they belong to. `verify` K (default: 3, with quick 0): Part
-    A's top K configurations are trained again with 3 new seeds each and the best mean is Part A's model (its
-    best run by validation), instead of the best single trial."""
+    A's top K configurations are trained again with 3 new seeds each and the best mean gives Part A's model. Part
+    B's best run then teaches Part A's configuration (`distil`)."""
     common = Common(device, cache_dir, progress, log, storage, wandb)  # carried whole to every step below
     log = common.say
     data, out = path_like("data", data), path_like("out", out)
@@ -148,16 +148,7 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
     if not (data / "train").is_dir() or not (data / "val").is_dir():
         raise CnnlabError(f"{data} needs train/ and val/ folders of class folders (val/ is the test set)")
     plan = Plan.make(quick, trials, image_size, strategies, verify)
-    sweep_path = Path(sweep_file) if sweep_file else shipped_sweep(SHIPPED_SWEEP)
-    if sweep_path is None or not sweep_path.is_file():
-        raise CnnlabError(f"sweep file {sweep_path} not found: give one with --sweep FILE (sweeps/partA.yaml in cnnlab's "
-                          "repository is the assignment's)")
-    if weights:  # Part B's model and weights checked now, not after Part A's sweep has run for an hour
-        from .config import make_config
-        from .models import check_config, weights_file
-
-        check_config(make_config({"model": model, "weights": weights, "finetune": "head"}))
-        weights_file(weights)
+    sweep_path = checked_inputs(sweep_file, model, weights)
     # one job per --out: a second one at once would run the trials twice and write over the first one's steps
     with FolderClaim(out, "an assignment", "give another --out"):
         journal = Journal(out / "assignment.json", settings={"data": str(data.resolve()), "quick": quick, **asdict(plan),
@@ -187,20 +178,7 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
 
         step(journal, "Part A: sweep", log, part_a)
         folder = Path(journal.steps["Part A: sweep"]["folder"])
-        swept = SweepRun(folder, storage=common.storage)
-        if plan.verify:  # resumable: a verification run already finished is read back, not trained again
-            def verify_part_a() -> tuple[str, dict[str, Any]]:
-                found = swept.verify(plan.verify, device=common.device, cache_dir=common.cache_dir,
-                                     progress=common.progress, log=log)
-                return ("done" if found["trained_now"] else "done before"), {"winner": found["winner"],
-                                                                             "model": found["model"]}
-
-            step(journal, f"Part A: verify the top {plan.verify}", log, verify_part_a)
-            best = swept.verified
-            log(f"Part A's model: {best.folder} (the verified winner's best run by validation accuracy)")
-        else:
-            best = swept.best
-            log(f"Part A's model: {best.folder} (the best trial by validation accuracy, taken as it is)")
+        best = part_a_model(SweepRun(folder, storage=common.storage), plan, journal, common)
         step(journal, "Part A: evaluate the best trial on the test folder", log, lambda: (
             ("done before", {}) if evaluated(best) else
             ("done", {"accuracy": best.evaluate(data, **common.for_model()).accuracy})))
@@ -213,6 +191,41 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
         step(journal, "compare", log, lambda: ("done", {"table": str(compare([best, *finetuned], out / "compare")["table"])}))
         step(journal, "report", log, lambda: ("done", {"index": str(report([out], out / "report", argv=argv))}))
         return out / "report" / "index.html"
+
+
+def checked_inputs(sweep_file: str | Path | None, model: str, weights: str | None) -> Path:
+    """Part A's sweep file, and Part B's model and weights checked now, not after Part A's sweep has run for an hour."""
+    sweep_path = Path(sweep_file) if sweep_file else shipped_sweep(SHIPPED_SWEEP)
+    if sweep_path is None or not sweep_path.is_file():
+        raise CnnlabError(f"sweep file {sweep_path} not found: give one with --sweep FILE (sweeps/partA.yaml in cnnlab's "
+                          "repository is the assignment's)")
+    if weights:
+        from .config import make_config
+        from .models import check_config, weights_file
+
+        check_config(make_config({"model": model, "weights": weights, "finetune": "head"}))
+        weights_file(weights)
+    return sweep_path
+
+
+def part_a_model(swept: SweepRun, plan: Plan, journal: Journal, common: Common) -> Run:
+    """Part A's model: the verified winner's best run by validation accuracy (its top configurations trained again
+    over seeds; resumable, a finished verification run is read back), or with verify 0 the best trial as it is."""
+    log = common.say
+    if not plan.verify:
+        best = swept.best
+        log(f"Part A's model: {best.folder} (the best trial by validation accuracy, taken as it is)")
+        return best
+
+    def verify_part_a() -> tuple[str, dict[str, Any]]:
+        found = swept.verify(plan.verify, device=common.device, cache_dir=common.cache_dir, progress=common.progress,
+                             log=log)
+        return ("done" if found["trained_now"] else "done before"), {"winner": found["winner"], "model": found["model"]}
+
+    step(journal, f"Part A: verify the top {plan.verify}", log, verify_part_a)
+    best = swept.verified
+    log(f"Part A's model: {best.folder} (the verified winner's best run by validation accuracy)")
+    return best
 
 
 def distil(out: Path, student: Run, finetuned: list[Run], run_config: dict[str, Any], journal: Journal,
