@@ -241,19 +241,20 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
         check_input_size(parts, cfg.model)
     if cfg.teacher:
         check_teacher(cfg.teacher, classes)  # a wrong --teacher refused before any work
+    precision = precision_for(cfg.precision, device)  # refused before the run folder is made, when the device cannot
     cfg, run_dir, claim = open_run_dir(cfg, resume)
     try:
-        return _prepare_in(cfg, run_dir, claim, parts, device, decoder, trackers, resume, progress, log, device_cache)
+        return _prepare_in(cfg, run_dir, claim, parts, device, precision, decoder, trackers, resume, progress, log,
+                           device_cache)
     except BaseException:
         claim.release()
         raise
 
 
 def _prepare_in(cfg: Config, run_dir: Path, claim: FolderClaim, parts: ModelParts, device: torch.device,
-                decoder: torch.device | None, trackers: list[Callback], resume: bool, progress: bool,
+                precision: Precision, decoder: torch.device | None, trackers: list[Callback], resume: bool, progress: bool,
                 log: Callable[[str], None], device_cache: DeviceCache | None) -> Prepared:
     configure_backends(device, cfg.deterministic)
-    precision = precision_for(cfg.precision, device)  # refused here, before decoding, when the device cannot run it
     images, train_rows, val_rows = load_data(cfg, parts.preprocess, run_dir, decoder, progress, log, resume)
     if isinstance(parts.module, SmallCNN) and cfg.conv1_init == "whiten" and not resume:
         init_first_conv(parts.module, images, train_rows, parts.preprocess, cfg.seed)
