@@ -360,13 +360,18 @@ class Objective:
         trial.set_user_attr("run_dir", str(self.folder / "trials" / name))
         fitted = fit(cfg, callbacks=[Pruning(trial, self.sweep.metric, cfg.epochs)], progress=self.progress,
                      log=lambda s: None, group=self.sweep.name, device_cache=self.device_cache)
-        seen = [r[self.sweep.metric] for r in fitted.history]
-        best = max(seen) if self.sweep.goal == "maximize" else min(seen)
+        best = best_of(fitted.history, self.sweep.metric, self.sweep.goal)
         trial.set_user_attr("epochs_run", len(fitted.history))
         if fitted.status == "stopped":
             trial.set_user_attr("pruned_value", best)
             raise optuna.TrialPruned()
         return best
+
+
+def best_of(history: list[dict[str, Any]], metric: str, goal: str) -> float:
+    """A run's value for a sweep: its metric at its best epoch (the highest, or the lowest where the goal is minimize)."""
+    values = [r[metric] for r in history if metric in r]
+    return max(values) if goal == "maximize" else min(values)
 
 
 def prepare_sweep(sweep: Sweep, base: dict[str, Any], folder: Path, storage_url: str | None = None, seed: int = 0,

@@ -24,15 +24,11 @@ from ..errors import CnnlabError
 from ..io import atomic_write_json, atomic_write_text
 from ..run_folder import RunFolder
 from ..training import fit
+from .engine import best_of
 from .report import finished_trials, load_sweep_folder
 
 VERIFY = "verify.json"
 SIGNIFICANCE = 0.05
-
-
-def best_of(history: list[dict[str, Any]], metric: str, goal: str) -> float:
-    values = [r[metric] for r in history if metric in r]
-    return max(values) if goal == "maximize" else min(values)
 
 
 def top_trials(study: Any, k: int, goal: str) -> list[Any]:
