@@ -87,3 +87,72 @@ def test_a_wrong_teacher_is_one_line(tiny_cfg, teacher, tiny_data, tmp_path, cap
     assert main(["train", "--data", str(tiny_data), "--teacher", str(tmp_path / "none"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "none not found; give a trained run folder" in err and len(err.strip().splitlines()) == 1
+
+
+class InputProbe(torch.nn.Module):
+    """Stands in for the teacher's network to show what it is given: its input, flattened, as its 'logits'."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def views_side_by_side(ready, seed):
+    """Each batch's view as the student's step makes it, as the online teacher is given it, and (a yardstick) the
+    same images in views drawn by another generator."""
+    aug, other = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    for x, y, seen_by_teacher in ready.teacher.alongside(ready.source.train.epoch(seed), seed, aug):
+        student_view = ready.source.transform(x, aug).clone()  # what train_step does next, drawing from aug
+        yield student_view, seen_by_teacher, ready.source.transform(x, other).clone()
+
+
+@pytest.mark.parametrize("teacher_size", [32, 48])
+def test_the_online_teacher_sees_the_students_view(tiny_cfg, teacher_size):
+    from cnnlab.training import prepare
+
+    teacher = fit(tiny_cfg(name=f"t{teacher_size}", image_size=teacher_size, epochs=1), progress=False,
+                  log=lambda s: None).run_dir
+    ready = prepare(tiny_cfg(name="student", teacher=str(teacher), distill_mode="online"), progress=False,
+                    log=lambda s: None)
+    try:
+        ready.teacher.loaded.model = InputProbe()
+        views = list(views_side_by_side(ready, seed=5))
+    finally:
+        ready.claim.release()
+    assert len(views) == len(ready.source.train) >= 2
+    near = far = 0.0
+    for student_view, teacher_input, other_view in views:
+        teacher_view = teacher_input.view(len(student_view), 3, teacher_size, teacher_size)
+        if teacher_size == 32:  # the same preprocessing: the very same crop, flip and colour, bit for bit
+            assert torch.equal(teacher_view, student_view)
+        down = torch.nn.functional.interpolate(teacher_view, size=32, mode="area")
+        near += float((down - student_view).abs().mean())
+        far += float((down - other_view).abs().mean())
+    assert near < 0.5 * far, (near, far)  # scaled down, the teacher's view is the student's, not just any view
+
+
+def test_online_distillation_learns_from_the_teacher_and_resumes_exactly(tiny_cfg, teacher):
+    online = dict(teacher=str(teacher), distill_mode="online", distill_weight=0.9)
+    lines = []
+    whole = fit(tiny_cfg(name="online", epochs=3, **online), progress=False, log=lines.append).run_dir
+    assert any("run online on each training view" in line for line in lines)
+    info = json.loads((whole / "teacher.json").read_text())
+    assert info["mode"] == "online" and info["sha256"] == sha256_of(teacher / "best.pt")
+    assert not (whole / TEACHER_LOGITS).exists()
+    assert torch.load(whole / "best.pt", weights_only=True)["teacher"]["sha256"] == info["sha256"]
+    fit(tiny_cfg(name="resumed", epochs=1, **online), progress=False, log=lambda s: None)
+    resumed = fit(tiny_cfg(name="resumed", epochs=3, **online), resume=True, progress=False, log=lambda s: None).run_dir
+    history = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    keys = ("train_loss", "val_loss", "val_acc")
+    assert [[r[k] for k in keys] for r in history] == [[r[k] for k in keys] for r in again]
+    stored = fit(tiny_cfg(name="stored", epochs=1, teacher=str(teacher)), progress=False, log=lambda s: None).run_dir
+    table = np.load(stored / TEACHER_LOGITS)  # the teacher's logits of each whole image: the yardstick for both
+    alone = fit(tiny_cfg(name="alone", epochs=3), progress=False, log=lambda s: None).run_dir
+    cfg = tiny_cfg()
+    assert teacher_term(whole, table, cfg) < teacher_term(alone, table, cfg)
+
+
+def test_online_distillation_needs_the_images(tiny_cfg, teacher):
+    with pytest.raises(ConfigError, match="distill_mode=online: this run trains on stored features"):
+        fit(tiny_cfg(name="frozen", model="resnet18", weights="random", finetune="head", teacher=str(teacher),
+                     distill_mode="online"), progress=False, log=lambda s: None)

@@ -119,12 +119,15 @@ class Config:
                                     "else none (measured on 4 sets, 3 seeds each: docs/recipe.md)",
                             choices=("auto", "none", "balanced"))
     teacher: str = _f("", "knowledge distillation: a trained run (its folder, or a checkpoint) whose outputs the model "
-                          "learns from beside the labels; its logits are computed once, with its own preprocessing, "
-                          "and the run keeps its train/validation split ('': none)")
+                          "learns from beside the labels, seeing the images with its own preprocessing (see "
+                          "--distill_mode); the run keeps its train/validation split ('': none)")
     distill_weight: float = _f(0.5, "with --teacher: the weight of the teacher's term (the labels' loss weighs 1 - it)",
                                min=0.0, max=1.0)
     distill_temperature: float = _f(4.0, "with --teacher: the temperature of both softmaxes in the teacher's term",
                                     min=0.1, max=100.0)
+    distill_mode: str = _f("stored", "with --teacher: stored (the teacher's logits of each whole training image, "
+                                     "computed once) or online (the teacher run on the very view the student sees, "
+                                     "every step: a teacher forward per image per epoch)", choices=("stored", "online"))
     sampler: str = _f("none", "how an epoch draws training images: none (each once, shuffled) or balanced (as many "
                               "draws, with replacement, each class equally likely; seeded per epoch)",
                       choices=("none", "balanced"))

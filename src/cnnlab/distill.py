@@ -12,6 +12,11 @@ The loss: (1 - distill_weight) x the labels' loss (with label smoothing and clas
 distill_weight x T^2 x KL(teacher's softmax(z/T) || student's softmax(z/T)), T = distill_temperature (Hinton et al.,
 2015). The student keeps the teacher's train/validation split, so its validation images were never the teacher's
 training images either, and validation accuracy still judges the student fairly.
+
+`distill_mode online` runs the teacher instead on the very view the student sees, every step ("a good teacher is
+patient and consistent", Beyer et al. 2022): the teacher's images are decoded at its own size with the student's
+field of view, batched in the student's order, and cropped, flipped and colour-jittered by the same draws of the
+same generator (`OnlineTeacher`). It costs a teacher forward per image per epoch; docs/recipe.md measures both.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -66,9 +71,7 @@ def teacher_logits(cfg: Any, images: Any, run_dir: Path, device: torch.device, p
                    log: Callable[[str], None]) -> np.ndarray:
     """(images, classes) float32: the teacher's logits for every readable training image (zeros elsewhere), computed
     once and kept in the run folder; a resumed run reads them back when they are of the same checkpoint."""
-    from .data import Batches, ImageTransform, load_images
-    from .evaluate import load_model
-    from .hardware import decode_device, precision_for
+    from .data import Batches, ImageTransform
 
     checkpoint = teacher_checkpoint(cfg.teacher)
     digest = sha256_of(checkpoint)
@@ -78,25 +81,93 @@ def teacher_logits(cfg: Any, images: Any, run_dir: Path, device: torch.device, p
         if table.shape[0] == len(images.files):
             return table
     started = time.perf_counter()
-    loaded = load_model(checkpoint, device)  # its classes are the data's: check_teacher, before the run began
-    pre = loaded.pre
-    seen = load_images(images.root, pre.image_size, cfg.resolved_cache_dir(), cfg.decode_workers, progress,
-                       decode_device(cfg.decoder, device), pre.crop, pre.interpolation, log)
-    if [str(p) for p in seen.files] != [str(p) for p in images.files]:
-        raise CnnlabError(f"{images.root} changed while the teacher's view of it was decoded: run again")
+    loaded, seen = _teacher_and_its_view(cfg, checkpoint, images, device, progress, log, crop=None)
     rows = images.valid
-    logits, _ = _predict(loaded, Batches(seen, rows, 128, device, shuffle=False), ImageTransform(pre, loaded.cfg.channels_last),
-                         device, precision_for(loaded.cfg.precision, device, strict=False).dtype)
+    logits, _ = _predict(loaded, Batches(seen, rows, 128, device, shuffle=False),
+                         ImageTransform(loaded.pre, loaded.cfg.channels_last), device, _teacher_precision(loaded, device))
     table = np.zeros((len(images.files), len(images.classes)), np.float32)
     table[rows] = logits.numpy()
     atomic_write(kept, lambda fh: np.save(fh, table))
     seconds = time.perf_counter() - started
-    atomic_write_json(info, {"checkpoint": str(checkpoint.resolve()), "sha256": digest, "model": loaded.cfg.model,
-                             "epoch": int(loaded.state["epoch"]), "preprocess": pre.to_dict(), "images": int(len(rows)),
-                             "seconds": seconds})
-    log(f"teacher {checkpoint} ({loaded.cfg.model}, input {pre.describe()}): its logits for {len(rows)} training "
+    _write_info(run_dir, checkpoint, digest, loaded, "stored", {"images": int(len(rows)), "seconds": seconds})
+    log(f"teacher {checkpoint} ({loaded.cfg.model}, input {loaded.pre.describe()}): its logits for {len(rows)} training "
         f"images in {seconds:.0f} s, kept in {kept}")
     return table
+
+
+def _teacher_and_its_view(cfg: Any, checkpoint: Path, images: Any, device: torch.device, progress: bool,
+                          log: Callable[[str], None], crop: float | None) -> tuple[Any, Any]:
+    """The teacher's model on `device`, and the training folder decoded at its input size (with its own crop, or
+    `crop` where given), file for file the student's."""
+    from .data import load_images
+    from .evaluate import load_model
+    from .hardware import decode_device
+
+    loaded = load_model(checkpoint, device)  # its classes are the data's: check_teacher, before the run began
+    pre = loaded.pre
+    seen = load_images(images.root, pre.image_size, cfg.resolved_cache_dir(), cfg.decode_workers, progress,
+                       decode_device(cfg.decoder, device), pre.crop if crop is None else crop, pre.interpolation, log)
+    if [str(p) for p in seen.files] != [str(p) for p in images.files]:
+        raise CnnlabError(f"{images.root} changed while the teacher's view of it was decoded: run again")
+    return loaded, seen
+
+
+def _teacher_precision(loaded: Any, device: torch.device) -> torch.dtype | None:
+    from .hardware import precision_for
+
+    return precision_for(loaded.cfg.precision, device, strict=False).dtype
+
+
+def _write_info(run_dir: Path, checkpoint: Path, digest: str, loaded: Any, mode: str, extra: dict[str, Any]) -> None:
+    atomic_write_json(run_dir / TEACHER_INFO, {"checkpoint": str(checkpoint.resolve()), "sha256": digest,
+                                               "model": loaded.cfg.model, "epoch": int(loaded.state["epoch"]),
+                                               "preprocess": loaded.pre.to_dict(), "mode": mode, **extra})
+
+
+class OnlineTeacher:
+    """The teacher run on the student's own augmented view, every step (`distill_mode online`).
+
+    The teacher's images are the training folder decoded at the teacher's input size but with the student's crop
+    (field of view), so a crop box in relative coordinates frames the same part of the photo in both. Its batches
+    are drawn with the student's seed, rows and sampler, so batch k holds the same images in the same order (checked
+    on each epoch's first batch). Before the student's step draws its augmentation from the epoch's generator, a
+    copy of that generator's state drives the teacher's transform (built with the student's crop scale and jitter):
+    the same draws in the same order give the same crop box, flip and colour change, at each model's resolution and
+    normalisation. This holds because the training loop asks for batch k only after step k - 1 is done."""
+
+    def __init__(self, cfg: Any, images: Any, train_rows: np.ndarray, student_transform: Any, run_dir: Path,
+                 device: torch.device, progress: bool, log: Callable[[str], None]):
+        from .data import Batches, ImageTransform
+
+        checkpoint = teacher_checkpoint(cfg.teacher)
+        self.loaded, seen = _teacher_and_its_view(cfg, checkpoint, images, device, progress, log,
+                                                  crop=student_transform.pre.crop)
+        self.device, self.amp = device, _teacher_precision(self.loaded, device)
+        self.batches = Batches(seen, train_rows, cfg.batch_size, device, shuffle=True, drop_last=True)
+        if cfg.sampler == "balanced":
+            self.batches.balance_classes()
+        self.transform = ImageTransform(self.loaded.pre, self.loaded.cfg.channels_last, scale=student_transform.scale,
+                                        ratio=student_transform.ratio, jitter=student_transform.jitter)
+        _write_info(run_dir, checkpoint, sha256_of(checkpoint), self.loaded, "online", {"images": int(len(train_rows))})
+        log(f"teacher {checkpoint} ({self.loaded.cfg.model}, input {self.loaded.pre.describe()}): run online on each "
+            "training view the student sees")
+
+    def alongside(self, student: Iterable[tuple[torch.Tensor, ...]], seed: int, aug: torch.Generator | None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The student's batches of this epoch (drawn with `seed`), each with the teacher's logits of the view
+        `aug` is about to give the student."""
+        from .hardware import autocast
+
+        for k, ((x, y), (tx, ty)) in enumerate(zip(student, self.batches.epoch(seed), strict=True)):
+            if k == 0 and not torch.equal(y, ty):
+                raise CnnlabError("the teacher's batches are not the student's: report this as a bug")
+            view = None
+            if aug is not None:
+                view = torch.Generator(device=aug.device)
+                view.set_state(aug.get_state())
+            with torch.inference_mode(), autocast(self.device, self.amp):
+                logits = self.loaded.model(self.transform(tx, view)).float()
+            yield x, y, logits.clone()  # out of inference mode: the loss may take it beside tensors with grad
 
 
 def teacher_record(run_dir: Path) -> dict[str, Any]:

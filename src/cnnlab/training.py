@@ -49,8 +49,8 @@ from .data import (
     strongly_unbalanced,
     write_bad_file_report,
 )
-from .distill import DistillationLoss, check_teacher, teacher_logits, teacher_record, teacher_split
-from .errors import CnnlabError, DataError
+from .distill import DistillationLoss, OnlineTeacher, check_teacher, teacher_logits, teacher_record, teacher_split
+from .errors import CnnlabError, ConfigError, DataError
 from .evaluate import evaluate
 from .features import FeatureSource, prepare_store
 from .hardware import (
@@ -217,6 +217,7 @@ class Prepared:
     optimizer: torch.optim.Optimizer
     trackers: list[Callback]  # W&B and TensorBoard: each does nothing when it is off
     claim: FolderClaim  # this process's hold on run_dir: released when the run ends
+    teacher: OnlineTeacher | None = None  # distill_mode online: the teacher run on each training view
 
     @property
     def amp(self) -> torch.dtype | None:
@@ -262,11 +263,17 @@ def _prepare_in(cfg: Config, run_dir: Path, claim: FolderClaim, parts: ModelPart
     plan = TrainablePlan(parts, cfg)
     source = make_source(cfg, parts, plan, images, train_rows, val_rows, device, precision.dtype, device_cache, progress,
                          log)
-    if cfg.teacher:  # its logits drawn with each training batch, by the same rows as the labels
+    teacher = None
+    if cfg.teacher and cfg.distill_mode == "stored":  # its logits drawn with each training batch, by the labels' rows
         source.train.attach_targets(teacher_logits(cfg, images, run_dir, device, progress, log))
+    elif cfg.teacher:
+        if not isinstance(source, ImageSource):
+            raise ConfigError("distill_mode=online: this run trains on stored features of a frozen backbone, which "
+                              "are not the views the teacher would see; use --distill_mode stored or --feature_cache off")
+        teacher = OnlineTeacher(cfg, images, train_rows, source.transform, run_dir, device, progress, log)
     optimizer = make_optimizer(cfg, plan.param_groups(), device)
     return Prepared(cfg, run_dir, device, precision, parts, plan, images, train_rows, val_rows, source, optimizer, trackers,
-                    claim)
+                    claim, teacher)
 
 
 def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True,
@@ -304,7 +311,7 @@ def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool,
     setup_seconds = time.perf_counter() - started  # decoding, feature store, model build: once per run
     everyone = [Checkpoints(), MetricsFile(), ConsoleLog(), *trackers, *callbacks, EarlyStopping(cfg.early_stop)]
     loss_fn, val_loss_fn = make_losses(cfg, images.labels[train_rows], len(run.classes), device)
-    epoch_loop = EpochLoop(run, source, plan, loss_fn, device, amp, val_loss_fn)
+    epoch_loop = EpochLoop(run, source, plan, loss_fn, device, amp, val_loss_fn, ready.teacher)
     failed = None
     try:
         status = epoch_loop.train(range(start_epoch, cfg.epochs + 1), everyone, progress)
@@ -587,6 +594,7 @@ class EpochLoop:
     device: torch.device
     amp: torch.dtype | None
     val_loss_fn: nn.Module | None = None  # the same loss, on the CPU where validation's logits are
+    teacher: OnlineTeacher | None = None  # distill_mode online: its logits of each batch's views, beside the batch
 
     def train(self, epochs: Iterable[int], callbacks: Sequence[Callback], progress: bool) -> str:
         """Train `epochs`, calling every callback; returns the status: completed, early_stopped or stopped."""
@@ -625,11 +633,12 @@ class EpochLoop:
         torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
         data = self.source.epoch(epoch, seed)
         aug = torch.Generator(device=self.device).manual_seed(seed) if data.augment else None
+        train = data.train if self.teacher is None else self.teacher.alongside(data.train, seed, aug)
         t0 = time.perf_counter()
         with tqdm(total=self.source.steps_per_epoch * cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", unit="img",
                   disable=not progress, leave=False, dynamic_ncols=True) as bar:
             update_ema = (lambda: run.ema.update_parameters(run.model)) if run.ema is not None else None
-            stats = train_one_epoch(data.net, data.train, data.transform, run.optimizer, run.scheduler, self.loss_fn,
+            stats = train_one_epoch(data.net, train, data.transform, run.optimizer, run.scheduler, self.loss_fn,
                                     self.device, self.amp, aug, cfg.grad_clip, bar, update_ema, run.scaler)
         train_time = time.perf_counter() - t0
         if not math.isfinite(stats["train_loss"]):
