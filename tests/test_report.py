@@ -59,6 +59,10 @@ def test_the_assignment_fills_every_section_of_its_report(job):
     assert "the winner, verified" in sweep and "Part A: verify the top 2" in steps  # verified, and the report says so
     found = json.loads((out / "sweeps" / "partA" / "verify.json").read_text())
     assert f"Part A&#x27;s model is the verified winner of sweep partA ({Path(found['model']).name})" in html
+    winner = found["candidates"][0]  # the observations cite the verified numbers, not the search's single run
+    observed = sweep[sweep.index("<h3>observations</h3>"):sweep.index("<h3>best trials</h3>")]
+    assert (f"The winning configuration, verified: trial {winner['trial']}, val_acc {winner['mean']:.4f} ± "
+            f"{winner['std']:.4f} over {len(winner['values'])} new seeds") in observed
     assert "skipped" in sweep and "stride-2 first convolution, so it needs at least 64" in sweep  # said, not trained
     assert "Grad-CAM" in section(html, "explain") and "guided back-propagation" in section(html, "explain")
     partb = section(html, "partb")
@@ -302,5 +306,14 @@ def test_the_report_works_in_a_real_browser(job):
         cells = table.locator("tr").nth(1).locator("td").all_text_contents()
         winner = found["candidates"][0]
         assert cells[1] == str(winner["trial"]) and cells[4] == f"{winner['mean']:.4f} ± {winner['std']:.4f}"
+        partb = page.locator("#partb div.scroll table").first  # each run's cost per image, as its summary has it
+        heads = partb.locator("th").all_text_contents()
+        runs = {f.parent.name: json.loads(f.read_text()) for f in index.parents[1].rglob("summary.json")}
+        shown = {}
+        for row in partb.locator("tr").all()[1:]:
+            cells = row.locator("td").all_text_contents()
+            shown[cells[heads.index("strategy")]] = float(cells[heads.index("GFLOPs per image")])
+            assert cells[heads.index("GFLOPs per image")] == f"{runs[cells[0]]['flops_per_image'] / 1e9:.3f}"
+        assert shown["distilled"] < shown["head"]  # the student costs a fraction of its teacher per image
         assert errors == []
         b.close()

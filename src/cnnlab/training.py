@@ -73,6 +73,7 @@ from .models import (
     check_config,
     check_input_size,
     create_model,
+    measured_cost,
     whiten_first_conv,
 )
 from .preprocess import Preprocess
@@ -323,7 +324,8 @@ def train_prepared(ready: Prepared, callbacks: Sequence[Callback], resume: bool,
         raise OutOfMemory(out_of_memory_message(ready, run, loss_fn, failed)) from None
     summary = write_summary(run, plan, status, setup_seconds, device, ready.precision,
                             {"train_images": len(train_rows), "val_images": len(val_rows), "bad_files": len(images.errors),
-                             "preprocess": parts.preprocess.to_dict()})
+                             "preprocess": parts.preprocess.to_dict(),
+                             "flops_per_image": measured_cost(parts.module, parts.preprocess.image_size).flops})
     return FitResult(run_dir, run.best_val_acc, run.best_epoch, summary["history"], status)
 
 

@@ -166,7 +166,8 @@ def measured_cost(model: nn.Module, image_size: int) -> Cost:
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
+    device = next(model.parameters()).device
     with counter, torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
     model.train(was_training)
     return Cost(sum(p.numel() for p in model.parameters()), counter.get_total_flops())

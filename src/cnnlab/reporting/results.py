@@ -109,7 +109,9 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
         m = r.evaluation
         total, trainable = r.summary.get("params"), r.summary.get("trainable_params", r.summary.get("params"))
         size = (r.summary.get("preprocess") or {}).get("image_size", r.config.image_size)
+        flops = r.summary.get("flops_per_image")
         rows.append([r.name, r.config.model, r.strategy, f"{size} px", f"{trainable:,} / {total:,}" if total else "?",
+                     "?" if flops is None else f"{flops / 1e9:.3f}",
                      r.summary.get("epochs_run", len(r.history)), "-" if r.best_val_acc is None else f"{r.best_val_acc:.3f}",
                      (interval_text(m["accuracy"], m["accuracy_ci95"]) + (" (stale)" if r.evaluation_is_stale(m) else ""))
                      if m else "not evaluated",
@@ -127,8 +129,8 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
                           + f"; {seconds[0]:.0f} s against {seconds[1]:.0f} s of setup and training")
     text = "<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in claims) + "</ul>" if claims else (
         "<p class=muted>Evaluate the runs on the test folder (<code>cnnlab evaluate</code>) to compare them.</p>")
-    return (table(["run", "model", "strategy", "input", "trainable / total params", "epochs", "best val acc", "test acc",
-                   "test uses", "setup (s)", "training (s)"], rows, (5, 6, 8, 9, 10)) + text
+    return (table(["run", "model", "strategy", "input", "trainable / total params", "GFLOPs per image", "epochs",
+                   "best val acc", "test acc", "test uses", "setup (s)", "training (s)"], rows, (5, 6, 7, 9, 10, 11)) + text
             + figure(plot, "validation accuracy per epoch, every Part B run and the scratch model")
             + source(*runs_source(runs)))
 

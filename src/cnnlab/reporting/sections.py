@@ -204,11 +204,11 @@ def sweep_section(folder: Path, out: Path, storage: str | None = None) -> tuple[
         plot_importance(study, names, sweep, Path(f"{stem}-importance.png")),
         "fANOVA importance over complete trials") + correlation_table(trials, names, sweep) + "</div>")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    parts.append(observations_block(complete, names, sweep))
+    verified = read_verification(folder)
+    parts.append(observations_block(complete, names, sweep, verified))
     parts.append(best_trials_table(complete, names, sweep))
     ranked = sorted(complete, key=lambda t: t.value, reverse=sweep.goal == "maximize")
     runs = [r for r in (trial_run(folder, t) for t in ranked) if r is not None]
-    verified = read_verification(folder)
     if verified is not None:  # the verified winner's model goes first: Part A's model
         parts.append(verification_block(verified))
         runs = [RunFolder(Path(verified["model"])), *runs]
@@ -268,13 +268,32 @@ def correlation_table(trials: list[Any], names: list[str], sweep: Any) -> str:
         "stopped)</p></div>")
 
 
-def observations_block(complete: list[Any], names: list[str], sweep: Any) -> str:
+def verified_claims(found: dict[str, Any] | None) -> list[str]:
+    """What the verification (verify.json) says of the winner and of seed noise, for the observations."""
+    if not found:
+        return []
+    metric, candidates = found["metric"], found["candidates"]
+    winner = candidates[0]
+    stds = [c["std"] for c in candidates]
+    return [f"The winning configuration, verified: trial {winner['trial']}, {metric} {winner['mean']:.4f} ± "
+            f"{winner['std']:.4f} over {len(winner['values'])} new seeds; its run in the search scored "
+            f"{winner['search_value']:.4f} ({winner['search_value'] - winner['mean']:+.4f} against that mean: a search's "
+            "best single run tends to be a lucky draw)",
+            f"Seed noise, measured: the verified configurations' std over seeds is {min(stds):.4f} to {max(stds):.4f}, "
+            f"so two single trials closer than about {2 * max(stds):.4f} in {metric} cannot be ranked by it"]
+
+
+def observations_block(complete: list[Any], names: list[str], sweep: Any, verified: dict[str, Any] | None = None) -> str:
     kinds = {n: "numeric" if not sweep.params[n].values else "categorical" for n in names}
     rows = [{"config": t.user_attrs["config"], "value": t.value} for t in complete]
+    cited = verified_claims(verified)
     if len(rows) < 4:
-        return (f"<h3>observations</h3><p class=muted>{len(rows)} complete trial(s): too few to support a claim about "
-                "any parameter (at least 4 are needed).</p>")
+        return ("<h3>observations</h3>" + ("<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in cited) + "</ul>"
+                                           if cited else "")
+                + f"<p class=muted>{len(rows)} complete trial(s): too few to support a claim about any parameter (at "
+                "least 4 are needed).</p>")
     claims, unclear = sweep_observations(rows, kinds, sweep.metric)
+    claims = cited + claims
     text = "<h3>observations</h3>"
     text += ("<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in claims) + "</ul>") if claims else (
         f"<p>No parameter's effect on {esc(sweep.metric)} is distinguishable from noise over these "
