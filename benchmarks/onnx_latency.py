@@ -1,9 +1,10 @@
 """ONNX Runtime on the CPU against PyTorch eager: latency per image of an exported cnnlab model, same weights,
 same uint8 input, same machine, measured in one run (interleaved, median of repeats).
 
-Models: the default small CNN at 224 px (untrained: the cost does not depend on the weights) and a torchvision
-ResNet50 at 224 px (random weights). PyTorch runs what `cnnlab predict` runs (the checkpoint's model, fp32 and
-bf16 autocast where the CPU has bf16, with the flip TTA); ONNX Runtime runs the exported graph (fp32, TTA inside).
+Models (untrained: the cost does not depend on the weights): the default small CNN at 224 px (smallcnn) or 128 px
+(smallcnn128), timm's EfficientNet-Lite0 at its 224 px (lite0), a torchvision ResNet50 at 224 px (resnet50).
+PyTorch runs what `cnnlab predict` runs (the checkpoint's model, fp32 and bf16 autocast where the CPU has bf16, with
+the flip TTA); ONNX Runtime runs the exported graph (fp32, TTA inside).
 
     python benchmarks/onnx_latency.py [--batch 1] [--repeats 20] [--models smallcnn,resnet50]
 Last line: `ratio: N.N` (PyTorch eager latency over ONNX Runtime's, for the first model; higher: ONNX faster)."""
@@ -29,6 +30,8 @@ from cnnlab.hardware import autocast_dtype
 from cnnlab.models import create_model
 
 MODELS = {"smallcnn": {"model": "smallcnn"},
+          "smallcnn128": {"model": "smallcnn", "image_size": 128},  # the distilled student's size (docs/recipe.md)
+          "lite0": {"model": "timm/tf_efficientnet_lite0", "weights": "random"},  # its teacher's network
           "resnet50": {"model": "resnet50", "weights": "random", "finetune": "head"}}
 
 
@@ -67,7 +70,8 @@ def main() -> None:
             classifier = OnnxClassifier(export_model(ckpt, Path(tmp) / f"{name}.onnx"))
             loaded = load_model(ckpt, torch.device("cpu"))
             transform = ImageTransform(loaded.pre, loaded.cfg.channels_last)
-            images = np.random.default_rng(0).integers(0, 256, (args.batch, 224, 224, 3), dtype=np.uint8)
+            size = loaded.pre.image_size
+            images = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
             x = torch.from_numpy(images).permute(0, 3, 1, 2)
             y = torch.zeros(args.batch, dtype=torch.long)
             amp = autocast_dtype("auto", torch.device("cpu"))

@@ -80,6 +80,23 @@ def test_a_resumed_student_reads_its_teachers_logits_back(tiny_cfg, teacher):
     assert kept.stat().st_mtime_ns == stamp and not any("its logits" in line for line in lines)
 
 
+def test_students_of_one_teacher_share_its_logits(tiny_cfg, teacher):
+    said = {}
+    for name, seed in (("first", 0), ("second", 1)):
+        said[name] = []
+        fit(tiny_cfg(name=name, seed=seed, teacher=str(teacher), epochs=1), progress=False, log=said[name].append)
+    runs = Path(tiny_cfg().out)
+    assert any("computed in" in line for line in said["first"])
+    assert any("read from" in line and "beside the image cache" in line for line in said["second"])
+    assert np.array_equal(np.load(runs / "first" / TEACHER_LOGITS), np.load(runs / "second" / TEACHER_LOGITS))
+    [beside] = Path(tiny_cfg().cache_dir).glob("*.teacher-*.npy")
+    beside.write_bytes(b"damaged")  # a damaged store is computed again, never trusted
+    lines = []
+    fit(tiny_cfg(name="third", teacher=str(teacher), epochs=1), progress=False, log=lines.append)
+    assert any("computed in" in line for line in lines)
+    assert np.array_equal(np.load(runs / "third" / TEACHER_LOGITS), np.load(runs / "first" / TEACHER_LOGITS))
+
+
 def test_a_wrong_teacher_is_one_line(tiny_cfg, teacher, tiny_data, tmp_path, capsys):
     with pytest.raises(ConfigError, match="teacher='nowhere': nowhere not found; give a trained run folder"):
         fit(tiny_cfg(name="x", teacher="nowhere"), progress=False)

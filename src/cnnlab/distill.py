@@ -82,17 +82,42 @@ def teacher_logits(cfg: Any, images: Any, run_dir: Path, device: torch.device, p
             return table
     started = time.perf_counter()
     loaded, seen = _teacher_and_its_view(cfg, checkpoint, images, device, progress, log, crop=None)
-    rows = images.valid
-    logits, _ = _predict(loaded, Batches(seen, rows, 128, device, shuffle=False),
-                         ImageTransform(loaded.pre, loaded.cfg.channels_last), device, _teacher_precision(loaded, device))
-    table = np.zeros((len(images.files), len(images.classes)), np.float32)
-    table[rows] = logits.numpy()
+    amp = _teacher_precision(loaded, device)
+    # Kept beside the teacher's view in the image cache too, so the next student of this teacher on these images
+    # (another seed, a sweep's trials) reads them instead of running the teacher again
+    beside = seen.cache_file.with_suffix(f".teacher-{digest[:16]}-{device.type}-{amp}.npy") if seen.cache_file else None
+    table, rows = _read_table(beside, len(images.files)), images.valid
+    if table is None:
+        logits, _ = _predict(loaded, Batches(seen, rows, 128, device, shuffle=False),
+                             ImageTransform(loaded.pre, loaded.cfg.channels_last), device, amp)
+        table = np.zeros((len(images.files), len(images.classes)), np.float32)
+        table[rows] = logits.numpy()
+        if beside is not None:
+            _keep_quietly(beside, table)
+        said = "computed"
+    else:
+        said = f"read from {beside.name} beside the image cache"
     atomic_write(kept, lambda fh: np.save(fh, table))
     seconds = time.perf_counter() - started
     _write_info(run_dir, checkpoint, digest, loaded, "stored", {"images": int(len(rows)), "seconds": seconds})
     log(f"teacher {checkpoint} ({loaded.cfg.model}, input {loaded.pre.describe()}): its logits for {len(rows)} training "
-        f"images in {seconds:.0f} s, kept in {kept}")
+        f"images {said} in {seconds:.0f} s, kept in {kept}")
     return table
+
+
+def _read_table(path: Path | None, rows: int) -> np.ndarray | None:
+    try:
+        table = np.load(path) if path is not None and path.is_file() else None
+    except (OSError, ValueError):  # damaged: computed again
+        return None
+    return table if table is not None and table.shape[0] == rows else None
+
+
+def _keep_quietly(path: Path, table: np.ndarray) -> None:
+    try:
+        atomic_write(path, lambda fh: np.save(fh, table))
+    except OSError:  # a read-only cache folder: the run folder keeps its own copy, and the next student computes again
+        pass
 
 
 def _teacher_and_its_view(cfg: Any, checkpoint: Path, images: Any, device: torch.device, progress: bool,

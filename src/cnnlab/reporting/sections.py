@@ -275,10 +275,11 @@ def verified_claims(found: dict[str, Any] | None) -> list[str]:
     metric, candidates = found["metric"], found["candidates"]
     winner = candidates[0]
     stds = [c["std"] for c in candidates]
+    gap = round(winner["search_value"] - winner["mean"], 4) + 0.0  # + 0.0: no "-0.0000"
     return [f"The winning configuration, verified: trial {winner['trial']}, {metric} {winner['mean']:.4f} ± "
             f"{winner['std']:.4f} over {len(winner['values'])} new seeds; its run in the search scored "
-            f"{winner['search_value']:.4f} ({winner['search_value'] - winner['mean']:+.4f} against that mean: a search's "
-            "best single run tends to be a lucky draw)",
+            f"{winner['search_value']:.4f} ({gap:+.4f} against that mean"
+            + (": the search's best single run was a lucky draw)" if gap > 0 else ")"),
             f"Seed noise, measured: the verified configurations' std over seeds is {min(stds):.4f} to {max(stds):.4f}, "
             f"so two single trials closer than about {2 * max(stds):.4f} in {metric} cannot be ranked by it"]
 
