@@ -314,6 +314,8 @@ def test_the_report_works_in_a_real_browser(job):
             cells = row.locator("td").all_text_contents()
             shown[cells[heads.index("strategy")]] = float(cells[heads.index("GFLOPs per image")])
             assert cells[heads.index("GFLOPs per image")] == f"{runs[cells[0]]['flops_per_image'] / 1e9:.3f}"
+            evaluated = json.loads(next(index.parents[1].rglob(f"{cells[0]}/eval/metrics.json")).read_text())
+            assert cells[heads.index("inference (ms / image)")] == f"{evaluated['inference']['ms_per_image']:.2f}"
         assert shown["distilled"] < shown["head"]  # the student costs a fraction of its teacher per image
         assert errors == []
         b.close()

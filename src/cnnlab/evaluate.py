@@ -184,15 +184,19 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     rows = test.valid
     batches = Batches(test, rows, 128, device, shuffle=False)
     precision = precision_for(loaded.cfg.precision, device, strict=False)  # the training's, where this device runs it
+    started = time.perf_counter()
     logits, labels = predict_logits(loaded.model, batches, ImageTransform(loaded.pre, loaded.cfg.channels_last), device,
                                     precision.dtype, loaded.cfg.tta)
+    seconds = time.perf_counter() - started  # the decoded test images through the model (and its TTA), in batches
     metrics = classification_metrics(logits, labels, loaded.classes, top_k)
     probs = logits.softmax(1)
     metrics.update({"calibration": calibration(probs, labels),
                    "checkpoint": str(checkpoint), "checkpoint_epoch": int(loaded.state["epoch"]),
                     "checkpoint_sha256": sha256_of(checkpoint),  # which best.pt: --resume may replace it
                     "data": str(Path(data) / "val"), "device": str(device), "precision": precision.name,
-                    "skipped_files": len(test.errors)})
+                    "skipped_files": len(test.errors),
+                    "inference": {"ms_per_image": 1000 * seconds / len(rows), "batch": 128, "tta": bool(loaded.cfg.tta),
+                                  "threads": torch.get_num_threads()}})
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)
     record_test_use(Path(checkpoint), metrics)

@@ -116,6 +116,7 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
                      (interval_text(m["accuracy"], m["accuracy_ci95"]) + (" (stale)" if r.evaluation_is_stale(m) else ""))
                      if m else "not evaluated",
                      len(r.test_ledger) if r.test_ledger else "-",
+                     f"{m['inference']['ms_per_image']:.2f}" if m and "inference" in m else "-",
                      f"{r.summary.get('setup_seconds', 0):.0f}", f"{r.summary.get('train_seconds', 0):.0f}"])
     plot = plot_curves({r.name: r.history for r in runs}, out / "partB-curves.png")
     claims = []
@@ -130,7 +131,10 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
     text = "<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in claims) + "</ul>" if claims else (
         "<p class=muted>Evaluate the runs on the test folder (<code>cnnlab evaluate</code>) to compare them.</p>")
     return (table(["run", "model", "strategy", "input", "trainable / total params", "GFLOPs per image", "epochs",
-                   "best val acc", "test acc", "test uses", "setup (s)", "training (s)"], rows, (5, 6, 7, 9, 10, 11)) + text
+                   "best val acc", "test acc", "test uses", "inference (ms / image)", "setup (s)", "training (s)"], rows,
+                  (5, 6, 7, 9, 10, 11, 12)) + text
+            + "<p class=muted>Inference: the time of the evaluation's pass over the decoded test images per image "
+              "(batches of 128, with the run's mirror averaging when it has it, on the device it ran on).</p>"
             + figure(plot, "validation accuracy per epoch, every Part B run and the scratch model")
             + source(*runs_source(runs)))
 
