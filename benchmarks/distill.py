@@ -75,7 +75,8 @@ def main() -> None:
     say(f"| EfficientNet-Lite0, head only (the teacher) | {t.accuracy:.3f} | {flops[1] / 1e9:.2f} G | {teacher_s:.0f} s |")
     for kind, (acc, seconds) in rows.items():
         extra = f" + the teacher's {teacher_s:.0f} s once" if kind != "scratch" else ""
-        say(f"| small CNN, {kind} | {statistics.mean(acc):.3f} +- {statistics.stdev(acc):.3f} | {flops[0] / 1e9:.2f} G | "
+        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0  # one seed: no spread to give
+        say(f"| small CNN, {kind} | {statistics.mean(acc):.3f} +- {spread:.3f} | {flops[0] / 1e9:.2f} G | "
             f"{statistics.mean(seconds):.0f} s{extra} |")
     scratch = statistics.mean(rows["scratch"][0])
     closed = {kind: (statistics.mean(acc) - scratch) / (t.accuracy - scratch) for kind, (acc, _) in rows.items()
