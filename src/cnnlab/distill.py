@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import CnnlabError, ConfigError, DataError
+from .hardware import autocast, autocast_dtype, decode_device
 from .io import atomic_write, atomic_write_json, sha256_of
 from .run_folder import BEST
 
@@ -82,7 +83,7 @@ def teacher_logits(cfg: Any, images: Any, run_dir: Path, device: torch.device, p
             return table
     started = time.perf_counter()
     loaded, seen = _teacher_and_its_view(cfg, checkpoint, images, device, progress, log, crop=None)
-    amp = _teacher_precision(loaded, device)
+    amp = autocast_dtype(loaded.cfg.precision, device)
     # Kept beside the teacher's view in the image cache too, so the next student of this teacher on these images
     # (another seed, a sweep's trials) reads them instead of running the teacher again
     beside = seen.cache_file.with_suffix(f".teacher-{digest[:16]}-{device.type}-{amp}.npy") if seen.cache_file else None
@@ -126,7 +127,6 @@ def _teacher_and_its_view(cfg: Any, checkpoint: Path, images: Any, device: torch
     `crop` where given), file for file the student's."""
     from .data import load_images
     from .evaluate import load_model
-    from .hardware import decode_device
 
     loaded = load_model(checkpoint, device)  # its classes are the data's: check_teacher, before the run began
     pre = loaded.pre
@@ -135,12 +135,6 @@ def _teacher_and_its_view(cfg: Any, checkpoint: Path, images: Any, device: torch
     if [str(p) for p in seen.files] != [str(p) for p in images.files]:
         raise CnnlabError(f"{images.root} changed while the teacher's view of it was decoded: run again")
     return loaded, seen
-
-
-def _teacher_precision(loaded: Any, device: torch.device) -> torch.dtype | None:
-    from .hardware import precision_for
-
-    return precision_for(loaded.cfg.precision, device, strict=False).dtype
 
 
 def _write_info(run_dir: Path, checkpoint: Path, digest: str, loaded: Any, mode: str, extra: dict[str, Any]) -> None:
@@ -167,7 +161,7 @@ class OnlineTeacher:
         checkpoint = teacher_checkpoint(cfg.teacher)
         self.loaded, seen = _teacher_and_its_view(cfg, checkpoint, images, device, progress, log,
                                                   crop=student_transform.pre.crop)
-        self.device, self.amp = device, _teacher_precision(self.loaded, device)
+        self.device, self.amp = device, autocast_dtype(self.loaded.cfg.precision, device)
         self.batches = Batches(seen, train_rows, cfg.batch_size, device, shuffle=True, drop_last=True)
         if cfg.sampler == "balanced":
             self.batches.balance_classes()
@@ -181,8 +175,6 @@ class OnlineTeacher:
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The student's batches of this epoch (drawn with `seed`), each with the teacher's logits of the view
         `aug` is about to give the student."""
-        from .hardware import autocast
-
         for k, ((x, y), (tx, ty)) in enumerate(zip(student, self.batches.epoch(seed), strict=True)):
             if k == 0 and not torch.equal(y, ty):
                 raise CnnlabError("the teacher's batches are not the student's: report this as a bug")
