@@ -40,6 +40,11 @@ def table(head: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[
             + "</table></div>")
 
 
+def claims_list(claims: Sequence[str]) -> str:
+    """Claims drawn from the numbers, one escaped list item each ('' for none)."""
+    return "<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in claims) + "</ul>" if claims else ""
+
+
 def markdown_table(text: str) -> str:
     """A Markdown table (as compare.md holds one) as an HTML table."""
     lines = [ln for ln in text.strip().splitlines() if ln.startswith("|") and not set(ln) <= set("|-: ")]

@@ -11,7 +11,7 @@ from ..io import from_spreadsheet_cell
 from ..run_folder import EVAL, RunFolder
 from ..visualise import plot_curves
 from .observations import compare_claim, interval_text
-from .page import esc, figure, missing, source, table
+from .page import claims_list, esc, figure, missing, source, table
 from .sections import eval_source, run_source
 
 
@@ -128,7 +128,7 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
                        scratch.summary.get("setup_seconds", 0) + scratch.summary.get("train_seconds", 0))
             claims.append(compare_claim(f"{r.name} ({r.strategy})", m, f"the scratch CNN {scratch.name}", base)
                           + f"; {seconds[0]:.0f} s against {seconds[1]:.0f} s of setup and training")
-    text = "<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in claims) + "</ul>" if claims else (
+    text = claims_list(claims) if claims else (
         "<p class=muted>Evaluate the runs on the test folder (<code>cnnlab evaluate</code>) to compare them.</p>")
     return (table(["run", "model", "strategy", "input", "trainable / total params", "GFLOPs per image", "epochs",
                    "best val acc", "test acc", "test uses", "inference (ms / image)", "setup (s)", "training (s)"], rows,

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..run_folder import BEST, RunFolder
 from .observations import sweep_observations
-from .page import esc, figure, missing, parcoords, source, table
+from .page import claims_list, esc, figure, missing, parcoords, source, table
 
 
 def run_source(run: RunFolder) -> str:
@@ -289,14 +289,13 @@ def observations_block(complete: list[Any], names: list[str], sweep: Any, verifi
     rows = [{"config": t.user_attrs["config"], "value": t.value} for t in complete]
     cited = verified_claims(verified)
     if len(rows) < 4:
-        return ("<h3>observations</h3>" + ("<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in cited) + "</ul>"
-                                           if cited else "")
+        return ("<h3>observations</h3>" + claims_list(cited)
                 + f"<p class=muted>{len(rows)} complete trial(s): too few to support a claim about any parameter (at "
                 "least 4 are needed).</p>")
     claims, unclear = sweep_observations(rows, kinds, sweep.metric)
     claims = cited + claims
     text = "<h3>observations</h3>"
-    text += ("<ul class=claims>" + "".join(f"<li>{esc(c)}</li>" for c in claims) + "</ul>") if claims else (
+    text += claims_list(claims) if claims else (
         f"<p>No parameter's effect on {esc(sweep.metric)} is distinguishable from noise over these "
         f"{len(rows)} complete trials.</p>")
     if unclear:
