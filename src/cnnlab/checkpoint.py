@@ -5,6 +5,7 @@ evaluate, predict, explain and the feature store. Plain tensors, numbers and str
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a cnnlab checkpoint without executing pickled code (weights_only=True)."""
+    return read_checkpoint(path, device)[0]
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, Any], str]:
+    """(the checkpoint, the SHA-256 of the very bytes it was read from). The file is read once, so the digest names
+    the weights that were loaded even when training replaces the file in the meantime (its atomic rename)."""
     path = Path(path)
     if not path.is_file():
         raise CnnlabError(f"checkpoint {path} not found: expected runs/<name>/best.pt or last.pt")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - PyTorch's own message advises weights_only=False: never repeat that
         raise CnnlabError(f"{path} is not a cnnlab checkpoint ({type(e).__name__} while reading it safely): expected "
                           f"runs/<name>/best.pt or last.pt, or the run folder itself") from None
@@ -61,4 +70,4 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
         bad = next((k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
         if bad is not None:
             raise CnnlabError(damaged + f"hold NaN or infinite values ({bad}) " + fix)
-    return state
+    return state, digest

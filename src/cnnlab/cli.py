@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=positive_int, help="trials this process runs (default: until run_cap or the grid is done)")
     p.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study [default: 1]")
     p.add_argument("--sweeps_dir", dest="out_root", default="sweeps", help="where sweep folders go [default: sweeps]")
-    p.add_argument("--sampler_seed", dest="seed", type=whole_number, default=0, help="seed of the sampler [default: 0]")
+    p.add_argument("--sampler_seed", type=whole_number, default=0, help="seed of the sampler [default: 0]")
     p.add_argument("--config", help="YAML of base config keys for every trial")
     p.add_argument("--verify", type=whole_number, default=0, metavar="K", help="then train the top K configurations "
                    "again with 3 new seeds each: the winner is the best mean, tested against each runner-up [default: 0]")

@@ -202,7 +202,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 progress=Common.from_args(args).progress)
         return code
     swept = run_the_sweep(args.sweep_file, count=args.count, storage=args.storage, sweeps_dir=args.out_root,
-                          sampler_seed=args.seed, config=args.config, verify=args.verify,
+                          sampler_seed=args.sampler_seed, config=args.config, verify=args.verify,
                           progress=Common.from_args(args).progress, log=print,
                           warn=lambda m: print(f"cnnlab sweep: {m}", file=sys.stderr), **config_overrides(args))
     print(sweep_line(swept))
@@ -252,7 +252,7 @@ def spawn_sweep_workers(args: argparse.Namespace) -> int:
     share = f"{args.count} trials each" if args.count else "sharing the trials until the sweep is done"
     print(f"sweep {sweep.name}: {args.workers} worker processes, {share}")
     return launch_workers(sweep, base, Path(args.out_root), args.workers, args.count, args.storage,
-                          args.seed, Common.from_args(args).bars)
+                          args.sampler_seed, Common.from_args(args).bars)
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> int:

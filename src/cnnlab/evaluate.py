@@ -13,16 +13,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import read_checkpoint
 from .config import Config, saved_config
 from .data import Batches, ImageTransform, load_images
 from .data.decode import describe_error, image_from_array, load_rgb, prepare
 from .errors import DataError
 from .hardware import autocast, autocast_dtype, decode_device, precision_for
-from .io import append_jsonl, atomic_write_json, atomic_write_text, sha256_of
+from .io import append_jsonl, atomic_write_json, atomic_write_text
 from .models import create_model
 from .preprocess import Preprocess
-from .run_folder import CONFIG, TEST_LEDGER
+from .run_folder import CONFIG, EVAL, TEST_LEDGER
 from .visualise import plot_confusion, plot_prediction_grid, plot_reliability, plot_top_losses
 
 
@@ -70,18 +70,20 @@ class LoadedModel:
     classes: list[str]
     pre: Preprocess
     state: dict[str, Any]
+    sha256: str  # of the bytes the weights were read from, not of whatever the file holds later
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
     """Rebuild the model a checkpoint was trained as (no weights download) and load its weights."""
-    state = load_checkpoint(checkpoint, device)
+    state, sha256 = read_checkpoint(checkpoint, device)
     saved = state["config"]  # the weights come from the checkpoint: nothing to download or read besides it
     cfg = saved_config(saved, {"weights": "none" if saved.get("finetune", "none") == "none" else "random"})
     model = create_model(cfg, len(state["classes"])).module
     model.load_state_dict(state["model"])
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     model.eval()
-    return LoadedModel(model, cfg, list(state["classes"]), Preprocess.from_dict(state["preprocess"]), state)
+    return LoadedModel(model, cfg, list(state["classes"]), Preprocess.from_dict(state["preprocess"]), state,
+                       sha256)
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -173,12 +175,16 @@ def load_test_images(loaded: LoadedModel, data: str | Path, cache_dir: str | Pat
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.device, cache_dir: str | Path,
                         out_dir: str | Path | None = None, top_k: int = 3, seed: int = 0,
                         progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The test folder (`data`/val), once: metrics.json, the confusion matrix and the prediction grid."""
+    """The test folder (`data`/val), once: the confusion matrix, the reliability diagram, the prediction grid and
+    the mistakes, then metrics.json, written last: an evaluation is complete when its metrics.json is there (a crash
+    or a full disk before leaves none, and the next run evaluates again). The ledger's line comes as soon as the
+    score is known, since from then on the test folder has been seen, whatever happens after."""
     loaded = load_model(checkpoint, device)
-    out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
+    out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / EVAL
     test = load_test_images(loaded, data, cache_dir, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier evaluation's: not the record of this one
     if test.errors:
-        out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "bad_files.txt", test.bad_file_report())
         log(f"skipped {len(test.errors)} unreadable test file(s): listed in {out_dir / 'bad_files.txt'}")
     rows = test.valid
@@ -192,18 +198,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     probs = logits.softmax(1)
     metrics.update({"calibration": calibration(probs, labels),
                    "checkpoint": str(checkpoint), "checkpoint_epoch": int(loaded.state["epoch"]),
-                    "checkpoint_sha256": sha256_of(checkpoint),  # which best.pt: --resume may replace it
+                    "checkpoint_sha256": loaded.sha256,  # the weights predicted with: --resume may replace the file
                     "data": str(Path(data) / "val"), "device": str(device), "precision": precision.name,
                     "skipped_files": len(test.errors),
                     "inference": {"ms_per_image": 1000 * seconds / len(rows), "batch": 128, "tta": bool(loaded.cfg.tta),
                                   "threads": torch.get_num_threads()}})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "metrics.json", metrics)
     record_test_use(Path(checkpoint), metrics)
     plot_confusion(metrics["confusion"], loaded.classes, out_dir / "confusion.png")
     plot_reliability(metrics["calibration"], out_dir / "reliability.png")
     plot_prediction_grid(test, rows, labels, probs, loaded.classes, out_dir / "predictions.png", seed=seed)
     metrics["mistakes"] = write_mistakes(test, rows, logits, labels, loaded.classes, out_dir)
+    atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 

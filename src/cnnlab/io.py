@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -74,29 +75,58 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """One JSON line, flushed and synced: a crash loses at most the line being written."""
+    """One JSON line, flushed and synced. A write that fails (a full disk) is cut back off, so the file ends as it
+    was; a torn last line that a kill left (no newline) is ended first, so the new line never joins it: the torn
+    one is then one unreadable line that `read_jsonl` counts and skips, never glued to a good one."""
+    line = (json.dumps(record) + "\n").encode("utf-8", "surrogateescape")
+    size = None
     try:
-        with open(path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with open(path, "ab") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size and _last_byte(path) != b"\n":
+                line = b"\n" + line
+            fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as e:
+        if size is not None:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)  # the part of the line that made it to the disk: gone again
         raise StorageError(f"could not append to {path} ({e.strerror or e}); the lines before are kept: free some "
                            "disk space or check the folder's permissions, then run again") from None
 
 
+def _last_byte(path: str | Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read JSON lines, ignoring a torn last line left by a crash."""
-    records = []
+    """The JSON objects of a JSON-lines file, in order. A line that is not one (torn by a kill, garbled bytes, a
+    `null`) is skipped, never the end of the reading: the good lines after it still count (`jsonl_lines` says how
+    many were bad)."""
+    return jsonl_lines(path)[0]
+
+
+def jsonl_lines(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """(the readable JSON objects, how many non-empty lines were not one)."""
     p = Path(path)
-    if not p.exists():
-        return records
-    for line in p.read_text().splitlines():
+    if not p.is_file():
+        return [], 0
+    records, bad = [], 0
+    for raw in p.read_bytes().split(b"\n"):
+        if not raw.strip():
+            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
 
 
 def sha256_of(path: str | Path) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_yaml, saved_config
-from .io import read_jsonl, sha256_of
+from .io import jsonl_lines, read_jsonl, sha256_of
 
 CONFIG = "config.yaml"  # the run's whole config, as it trained
 METRICS = "metrics.jsonl"  # one line per finished epoch
@@ -134,6 +134,13 @@ class RunFolder:
         """What `cnnlab evaluate` wrote for this run's best.pt (eval/metrics.json), or None."""
         return self.read(EVAL_METRICS)
 
+    @property
+    def evaluated(self) -> bool:
+        """Whether eval/ holds a whole evaluation of the best.pt here now: `evaluate` writes metrics.json after every
+        figure, so its presence marks the step done, and its SHA-256 ties it to these weights."""
+        metrics = self.evaluation
+        return metrics is not None and not self.evaluation_is_stale(metrics)
+
     def evaluation_is_stale(self, metrics: dict[str, Any]) -> bool:
         """Whether an evaluation of this folder's best.pt is of other weights than the best.pt here now (the run
         trained on with --resume after it). Decided by the checkpoint's SHA-256 the evaluation recorded; an
@@ -148,9 +155,11 @@ class RunFolder:
     @property
     def test_ledger(self) -> list[dict[str, Any]]:
         """Every evaluation of one of the folder's checkpoints on a test folder, oldest first (time, checkpoint,
-        sha256, epoch, data, accuracy): how often its test folder has been seen."""
-        path = self.path / TEST_LEDGER
-        return read_jsonl(path) if path.is_file() else []
+        sha256, epoch, data, accuracy): how often its test folder has been seen. A line that cannot be read is
+        there as {"unreadable": True}."""
+        records, unreadable = jsonl_lines(self.path / TEST_LEDGER)
+        # a line a kill or a full disk tore, or bytes garbled since, was still a use of the test folder: counted
+        return records + [{"unreadable": True}] * unreadable
 
     def trained_after_test(self) -> bool:
         """Whether best.pt changed after its test score was seen: trained again (resumed, or replaced) since an

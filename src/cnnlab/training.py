@@ -441,7 +441,8 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, FolderClaim]:
         run_dir = claim_folder(run_dir)  # (a shell loop, a sweep launcher) get two folders
     claim = FolderClaim(run_dir, "a training run", "choose another --name")
     try:  # every look at what the folder holds happens under the claim
-        if not resume and (run_dir / METRICS).exists():
+        if not resume and ((run_dir / LAST).exists() or read_jsonl(run_dir / METRICS)):  # (not a run stopped before
+            # its first epoch was written, by a full disk say: that one starts again in its folder)
             raise CnnlabError(f"{run_dir} already holds a run: resume it with `cnnlab train --resume {run_dir}` "
                               f"or choose another --name")
         cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()))  # --resume works from anywhere

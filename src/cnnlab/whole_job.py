@@ -20,7 +20,7 @@ from .arguments import optional_whole_number, path_like, whole_number
 from .errors import CnnlabError
 from .io import FolderClaim
 from .options import Common
-from .run_folder import EVAL, RunFolder
+from .run_folder import RunFolder
 from .sweeps.schema import shipped_sweep
 
 SHIPPED_SWEEP = "partA.yaml"  # the assignment's Part A search space, shipped with cnnlab (sweeps.shipped_sweep)
@@ -101,10 +101,8 @@ def sweep_in_processes(sweep_path: Path, folder: Path, workers: int, remaining: 
 
 
 def evaluated(run: Run) -> bool:
-    """Whether run/eval holds the whole test-folder evaluation (its last figure written) of the best.pt there now."""
-    metrics = run.files.evaluation
-    return (metrics is not None and run.files.figure(f"{EVAL}/reliability.png") is not None
-            and not run.files.evaluation_is_stale(metrics))
+    """Whether run/eval holds the whole test-folder evaluation of the best.pt there now (`RunFolder.evaluated`)."""
+    return run.files.evaluated
 
 
 def trained_or_resumed(out: Path, name: str, common: Common, **config: Any) -> tuple[Run, str]:

@@ -52,7 +52,9 @@ def test_use_line(run: RunFolder) -> str:
     ledger = run.test_ledger
     if not ledger:
         return "<li>test-folder uses: not recorded (evaluated before cnnlab kept a ledger)</li>"
-    text = (f"<li>this model's run met its test folder {len(ledger)} time(s) (<code>test_ledger.jsonl</code>)"
+    torn = sum(1 for e in ledger if e.get("unreadable"))
+    text = (f"<li>this model's run met its test folder {len(ledger)} time(s) (<code>test_ledger.jsonl</code>"
+            + (f", {torn} of its lines unreadable: torn by a crash or garbled, counted all the same" if torn else "") + ")"
             + ("; once, as it should" if len(ledger) == 1 else
                ": its test score was seen more than once, so treat it as less than a clean estimate") + "</li>")
     if run.trained_after_test():

@@ -10,6 +10,7 @@ pruning hooks in.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import json
@@ -31,7 +32,7 @@ from optuna.trial import TrialState
 from ..callbacks import Callback, StopTraining, TrainingState
 from ..config import FIELDS, Config, applicable, coerce, make_config
 from ..data import DeviceCache
-from ..errors import CnnlabError, ConfigError
+from ..errors import CnnlabError, ConfigError, StorageError
 from ..io import atomic_write_json, atomic_write_text
 from ..models import check_config
 from ..training import fit
@@ -39,6 +40,7 @@ from .schema import Sweep, SweepError
 from .storage import make_storage, mask
 
 ORPHAN = "orphan:"  # study user attribute per orphaned trial number: why it failed
+RETRY = "retry"  # trial user attribute: it was stopped by a cause outside it (a full disk, a signal), so it runs again
 GRID_DROPPED = "grid_dropped"  # study user attribute: {why: how many} grid points that cannot run, never queued
 MAX_SKIPS_IN_A_ROW = 100  # sampled combinations that cannot run, one after another: the space holds (almost) no other
 
@@ -271,6 +273,26 @@ def recover_orphans(study: Any, log: Callable[[str], None]) -> int:
     return recovered
 
 
+def _mark_for_retry(trial: Any, why: str) -> None:
+    with contextlib.suppress(Exception):  # a full disk may refuse this too: the trial is then an orphan, retried as one
+        trial.set_user_attr(RETRY, why)
+
+
+def requeue_stopped(study: Any, log: Callable[[str], None]) -> int:
+    """Failed trials that a cause outside them stopped (a full disk, Ctrl-C: `RETRY`): their parameters queued again,
+    each once, and the failed trial set aside like an orphan (never a grid point's result, never counted)."""
+    lost, requeued = orphans(study), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if RETRY not in t.user_attrs or t.number in lost:
+            continue
+        study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k in ("grid_point", "grid_index")}
+                            | {"retry_of": t.number})
+        study.set_user_attr(f"{ORPHAN}{t.number}", f"stopped from outside ({t.user_attrs[RETRY]})")
+        log(f"trial {t.number} was stopped from outside ({t.user_attrs[RETRY][:80]}): its parameters are queued again")
+        requeued += 1
+    return requeued
+
+
 def orphans(study: Any) -> dict[int, str]:
     return {int(k[len(ORPHAN):]): v for k, v in study.user_attrs.items() if k.startswith(ORPHAN)}
 
@@ -321,14 +343,24 @@ class Objective:
     log: Callable[[str], None] = print
     device_cache: DeviceCache = field(default_factory=DeviceCache)  # one upload of the image cache per process
     last: int | None = None  # the number of the trial this process ran last
+    stopped_by: StorageError | None = None  # what stopped that trial from outside (a full disk): it ends the sweep
 
     def __call__(self, trial: Any) -> float:
-        self.last = trial.number
+        self.last, self.stopped_by = trial.number, None
         try:
             return self.train(trial)
-        except (optuna.TrialPruned, KeyboardInterrupt):
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            _mark_for_retry(trial, "interrupted")
             raise
         except BaseException as e:  # noqa: BLE001 - recorded, then raised for Optuna to mark the trial failed
+            if isinstance(e, (StorageError, OSError)):  # the disk, not the trial: it runs again, and the sweep stops
+                self.stopped_by = e if isinstance(e, StorageError) else StorageError(
+                    f"trial {trial.number} could not write its files ({e}): free some disk space, then run the same "
+                    "command again to continue")
+                _mark_for_retry(trial, str(self.stopped_by))
+                raise
             trial.set_user_attr("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             (self.folder / "errors").mkdir(exist_ok=True)
             atomic_write_text(self.folder / "errors" / f"trial-{trial.number:04d}.txt", traceback.format_exc())
@@ -403,6 +435,7 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     folder = Path(folder)
     study = prepare_sweep(sweep, base, folder, storage_url, seed, progress, log)
     recover_orphans(study, log)
+    requeue_stopped(study, log)
     if count is None and sweep.run_cap is None and sweep.method != "grid":
         raise CnnlabError("random and bayes sweeps need --count or run_cap in the sweep file")
     result, start = SweepResult(folder, metric=sweep.metric), time.perf_counter()
@@ -413,6 +446,8 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     while (count is None or n < count) and not _finished(study, sweep, log):
         objective.last = None
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        if objective.stopped_by is not None:  # a full disk fails every trial after it too: stop, resumable
+            raise objective.stopped_by
         why = _tally(result, study, sweep, objective.last, log) if objective.last is not None else None
         skips_in_a_row = skips_in_a_row + 1 if why else 0
         n += not why  # a combination that cannot run costs no trial of the count

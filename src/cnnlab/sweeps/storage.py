@@ -3,14 +3,18 @@ Optuna RDB URL (`--storage postgresql://...`) so processes on many machines shar
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, StorageError
 
+JOURNAL = "journal.log"  # a sweep folder's study, when no RDB URL is given
 STORAGE_VARIABLE = "CNNLAB_STORAGE"  # an RDB URL in the environment keeps its password out of `ps`
 
 
@@ -25,10 +29,8 @@ def make_storage(url: str | None, folder: Path):
 
     url = storage_url(url)
     if not url:
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-        path = folder / "journal.log"
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        return optuna.storages.JournalStorage(journal_file(folder / JOURNAL))
     for attempt in range(5):
         try:
             with warnings.catch_warnings():  # the heartbeat API is marked experimental in Optuna
@@ -49,3 +51,67 @@ def make_storage(url: str | None, folder: Path):
 def mask(url: str) -> str:
     """The URL with its password replaced by ***, for every output."""
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def journal_file(path: Path) -> Any:
+    """Optuna's journal file, made safe against a full disk (`SafeJournalFile`)."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    class SafeJournalFile(JournalFileBackend):
+        """Optuna's journal file, whose appends cannot tear it. Each append first cuts off a torn last line that a
+        kill or a full disk left behind (kept aside in journal.log.torn), then writes; a write that fails is cut back
+        off and raised as one StorageError, so the journal always ends on a whole line. Optuna's own append adds to
+        a torn line, and the glued line then ends every later read in a JSONDecodeError: the sweep was lost."""
+
+        def __init__(self, path: Path) -> None:
+            self.path, self.lock = Path(path), JournalFileOpenLock(str(path))
+            super().__init__(str(path), lock_obj=self.lock)
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode("utf-8")
+            self.lock.acquire()
+            try:
+                size = repair_torn_tail(self.path)
+                try:
+                    with open(self.path, "ab") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                except OSError as e:
+                    with contextlib.suppress(OSError):
+                        os.truncate(self.path, size)
+                    raise StorageError(f"could not write the sweep's journal {self.path} ({e.strerror or e}); its "
+                                       "trials so far are kept: free some disk space, then run the same command "
+                                       "again to continue") from None
+            finally:
+                self.lock.release()
+
+    return SafeJournalFile(path)
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut a journal back to its last whole line (the torn bytes appended to `path`.torn, for the record); returns
+    its size after. A journal's lines are whole records, so nothing before the last newline is touched."""
+    if not path.exists() or not path.stat().st_size:
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:  # back to the last newline, a block at a time
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            if start + len(block) == size and block.endswith(b"\n"):
+                return size
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        f.seek(end)
+        torn = f.read()
+        with contextlib.suppress(OSError):
+            with open(path.with_name(path.name + ".torn"), "ab") as kept:
+                kept.write(torn + b"\n")
+        f.truncate(end)
+    return end

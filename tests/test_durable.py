@@ -1,0 +1,254 @@
+"""A folder cnnlab wrote is a durable record: a full disk at any write (a real tmpfs, filled), a torn line, a file
+replaced while it is read, and the rerun afterwards gives an uninterrupted run's numbers."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import missing_component
+
+from cnnlab.cli import main
+from cnnlab.errors import StorageError
+from cnnlab.io import append_jsonl, read_jsonl, sha256_of
+from cnnlab.run_folder import RunFolder
+
+TINY = ["--image_size=32", "--filters=4", "--dense_units=16", "--batch_size=32", "--decode_workers=1", "--quiet",
+        "--device=cpu", "--precision=fp32"]
+
+
+class SmallDisk:
+    """A tmpfs of its own, which `fill` leaves with `leave` bytes free: a real ENOSPC at the next write past that."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.filler = root, root / ".filler"
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def fill(self, leave: int) -> None:
+        self.empty()
+        size = max(0, self.free_bytes() - leave)
+        with open(self.filler, "wb") as fh:
+            fh.truncate(0)
+            os.posix_fallocate(fh.fileno(), 0, size) if size else None
+
+    def empty(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    root = tmp_path / "disk"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(root)], capture_output=True, text=True)
+    if mounted.returncode:
+        missing_component("a tmpfs mount", f"the tests run as root, as CI does ({mounted.stderr.strip()})")
+    yield SmallDisk(root)
+    subprocess.run(["umount", "-l", str(root)], capture_output=True)
+
+
+def used_bytes(folder: Path) -> int:
+    """What a folder takes on a tmpfs: its files' pages."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+# ---- JSON lines: the ledger, metrics.jsonl ----------------------------------------------------------------------
+
+def test_a_torn_line_is_ended_before_the_next_append_and_no_good_line_is_lost(tmp_path):
+    ledger = tmp_path / "test_ledger.jsonl"
+    ledger.write_bytes(b'{"n": 1}\n{"n": 2, "acc')  # a kill in the middle of the second line
+    append_jsonl(ledger, {"n": 3})
+    append_jsonl(ledger, {"n": 4})
+    assert ledger.read_bytes() == b'{"n": 1}\n{"n": 2, "acc\n{"n": 3}\n{"n": 4}\n'  # before: the third glued on
+    assert [r["n"] for r in read_jsonl(ledger)] == [1, 3, 4]  # before: [1] (the reading stopped at the torn line)
+
+
+def test_garbled_and_null_ledger_lines_are_counted_as_uses_and_the_report_says_so(tmp_path):
+    from cnnlab.reporting.results import test_use_line
+
+    run = tmp_path / "run"
+    run.mkdir()
+    good = {"checkpoint": "best.pt", "sha256": "a" * 64, "accuracy": 0.5}
+    (run / "test_ledger.jsonl").write_bytes(json.dumps(good).encode() + b"\n\xff\xfe garbled\nnull\n[1, 2]\n"
+                                            + json.dumps(good).encode() + b"\n")
+    ledger = RunFolder(run).test_ledger
+    assert len(ledger) == 5 and sum(1 for e in ledger if e.get("unreadable")) == 3
+    line = test_use_line(RunFolder(run))  # before: UnicodeDecodeError, or AttributeError on None
+    assert "met its test folder 5 time(s)" in line and "3 of its lines unreadable" in line
+
+
+def test_an_append_the_full_disk_refuses_leaves_the_file_as_it_was(small_disk):
+    ledger = small_disk.root / "test_ledger.jsonl"
+    ledger.write_text(json.dumps({"pad": "x" * 4000}) + "\n")  # 4,014 bytes: the next line needs a new page
+    before = ledger.read_bytes()
+    small_disk.fill(leave=0)
+    with pytest.raises(StorageError, match="could not append to .*test_ledger.jsonl .*No space left"):
+        append_jsonl(ledger, {"accuracy": 0.9, "pad": "y" * 300})
+    assert ledger.read_bytes() == before  # the part of the line that fitted is cut off again
+    small_disk.empty()
+    append_jsonl(ledger, {"accuracy": 0.9})
+    assert [r.get("accuracy") for r in read_jsonl(ledger)] == [None, 0.9]
+
+
+# ---- a sweep's journal ------------------------------------------------------------------------------------------
+
+def grid(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+                                    "parameters": {"filters": {"values": [4, 6, 8]}, "epochs": {"value": 1}}}))
+    return path
+
+
+def sweep_argv(path: Path, data: Path, sweeps: Path, cache: Path) -> list[str]:
+    return ["sweep", str(path), "--data", str(data), "--sweeps_dir", str(sweeps), "--cache_dir", str(cache), *TINY]
+
+
+def values_by_point(folder: Path, name: str) -> dict[int, float]:
+    from cnnlab.sweeps.report import finished_trials, load_study
+
+    study = load_study(folder)
+    return {t.user_attrs["config"]["filters"]: t.value for t in finished_trials(study) if t.state.name == "COMPLETE"}
+
+
+def test_a_journal_with_a_torn_last_line_takes_the_next_trials(tiny_data, tmp_path, capsys):
+    path = grid(tmp_path, "torn")
+    argv = sweep_argv(path, tiny_data, tmp_path / "sweeps", tmp_path / "cache")
+    assert main([*argv, "--count", "1"]) == 0
+    journal = tmp_path / "sweeps" / "torn" / "journal.log"
+    journal.write_bytes(journal.read_bytes() + b'{"op_code":5,"worker_id":"x","trial_id":1,"us')  # as a full disk left it
+    assert main(argv) == 0  # before: the next append joined the torn line, and every later read was a JSONDecodeError
+    assert sorted(values_by_point(tmp_path / "sweeps" / "torn", "torn")) == [4, 6, 8]
+    assert (journal.parent / "journal.log.torn").read_bytes().startswith(b'{"op_code":5')  # kept aside, not lost
+    assert main(["sweep-report", str(tmp_path / "sweeps" / "torn")]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut", [0.45, 0.75, 0.97])
+def test_a_sweep_that_fills_the_disk_stops_in_one_line_and_its_rerun_ends_as_an_uninterrupted_one(
+        tiny_data, tmp_path, small_disk, capsys, cut):
+    """The disk fills at a different write for each `cut` (a share of what the whole sweep writes): a trial's
+    checkpoint, its metrics, the journal. Then space is freed and the same command finishes the grid; every point's
+    value is the uninterrupted sweep's. Before: the journal was torn for good, and a failed point never ran again."""
+    path, cache = grid(tmp_path, "full"), tmp_path / "cache"
+    assert main(sweep_argv(path, tiny_data, tmp_path / "reference", cache)) == 0
+    reference = values_by_point(tmp_path / "reference" / "full", "full")
+    need = used_bytes(tmp_path / "reference" / "full")
+    small_disk.fill(leave=int(need * cut))
+    argv = sweep_argv(path, tiny_data, small_disk.root / "sweeps", cache)
+    capsys.readouterr()
+    assert main(argv) == 2
+    line = one_line(capsys)
+    assert "No space left" in line and "free some disk space" in line, line
+    small_disk.empty()
+    assert main(argv) == 0
+    assert values_by_point(small_disk.root / "sweeps" / "full", "full") == reference
+    assert main(["sweep-report", str(small_disk.root / "sweeps" / "full")]) == 0
+
+
+# ---- an evaluation ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def trained(tiny_cfg):
+    from cnnlab.training import fit
+
+    return fit(tiny_cfg(epochs=1, name="evaluated"), progress=False, log=lambda s: None).run_dir
+
+
+def test_an_evaluation_names_the_weights_it_read_even_when_training_replaces_them(trained, tiny_cfg, tiny_data,
+                                                                                 monkeypatch):
+    """`best.pt` replaced (training's atomic rename) after evaluate loaded it: the record names the bytes that made
+    the numbers, so the evaluation reads as stale against the new file. Before: the new file's SHA-256 was written
+    beside the old model's accuracy, and the stale score passed as current."""
+    import cnnlab.evaluate as evaluate
+    from cnnlab.training import fit
+
+    other = fit(tiny_cfg(epochs=2, name="other", seed=5), progress=False, log=lambda s: None).run_dir
+    loaded_bytes = (trained / "best.pt").read_bytes()
+    real = evaluate.load_test_images
+
+    def replaced_meanwhile(*args, **kwargs):
+        os.replace(shutil.copy(other / "best.pt", trained / ".best.pt.tmp"), trained / "best.pt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_test_images", replaced_meanwhile)
+    assert main(["evaluate", str(trained), "--data", str(tiny_data), "--device", "cpu", "--quiet"]) == 0
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    import hashlib
+
+    assert metrics["checkpoint_sha256"] == hashlib.sha256(loaded_bytes).hexdigest() != sha256_of(trained / "best.pt")
+    assert RunFolder(trained).test_ledger[-1]["sha256"] == metrics["checkpoint_sha256"]
+    assert not RunFolder(trained).evaluated  # the whole job evaluates the new best.pt again
+
+
+@pytest.mark.slow
+def test_an_evaluation_the_full_disk_stops_is_not_done_and_its_rerun_gives_the_same_numbers(
+        trained, tiny_data, tmp_path, small_disk, capsys):
+    argv = lambda run: ["evaluate", str(run), "--data", str(tiny_data), "--device", "cpu", "--quiet",
+                        "--cache_dir", str(tmp_path / "cache")]
+    reference_run = shutil.copytree(trained, tmp_path / "reference")
+    assert main(argv(reference_run)) == 0
+    reference = json.loads((reference_run / "eval" / "metrics.json").read_text())
+    need = used_bytes(reference_run / "eval")
+    for cut in (0.1, 0.5, 0.9):  # the disk fills at the confusion matrix, the grid, the mistakes
+        run = shutil.copytree(trained, small_disk.root / f"run-{cut}")
+        small_disk.fill(leave=int(need * cut))
+        capsys.readouterr()
+        assert main(argv(run)) == 2
+        assert "No space left" in one_line(capsys)
+        assert not RunFolder(run).evaluated and not (run / "eval" / "metrics.json").exists()  # before: done at reliability.png
+        small_disk.empty()
+        assert main(argv(run)) == 0
+        again = json.loads((run / "eval" / "metrics.json").read_text())
+        for key in ("accuracy", "accuracy_ci95", "confusion", "per_class", "calibration", "checkpoint_sha256", "mistakes"):
+            assert again[key] == reference[key], key
+        assert RunFolder(run).evaluated and {p.name for p in (run / "eval").iterdir()} == {
+            p.name for p in (reference_run / "eval").iterdir()}
+        ledger = RunFolder(run).test_ledger
+        assert all(not e.get("unreadable") for e in ledger) and len(ledger) in (1, 2)  # each time the score was seen
+        shutil.rmtree(run)
+
+
+# ---- a training run ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_training_the_full_disk_stops_resumes_to_the_uninterrupted_numbers(tiny_data, tmp_path, small_disk, capsys):
+    argv = lambda out: ["train", "--data", str(tiny_data), "--out", str(out), "--name", "r", "--epochs", "3",
+                        "--cache_dir", str(tmp_path / "cache"), *TINY]
+    assert main(argv(tmp_path / "reference")) == 0
+    reference = [r["val_acc"] for r in read_jsonl(tmp_path / "reference" / "r" / "metrics.jsonl")]
+    need = used_bytes(tmp_path / "reference" / "r")
+    for cut in (0.02, 0.3, 0.6, 0.9):  # config and split, then a checkpoint or metrics line of each epoch
+        out = small_disk.root / f"runs-{cut}"
+        small_disk.fill(leave=int(need * cut))
+        capsys.readouterr()
+        assert main(argv(out)) == 2
+        assert "No space left" in one_line(capsys)
+        small_disk.empty()
+        resumable = RunFolder(out / "r").resumable
+        assert main(["train", "--resume", str(out / "r"), "--quiet"] if resumable else argv(out)) == 0
+        assert [r["val_acc"] for r in read_jsonl(out / "r" / "metrics.jsonl")] == reference, cut
+        shutil.rmtree(out)
+
+
+# ---- flags ------------------------------------------------------------------------------------------------------
+
+def test_sweep_sampler_seed_and_training_seed_are_two_flags(tiny_data, tmp_path):
+    from cnnlab.cli import build_parser
+    from cnnlab.commands import config_overrides
+    from cnnlab.config import make_config
+
+    args = build_parser().parse_args(["sweep", "s.yaml", "--sampler_seed", "5"])
+    assert args.sampler_seed == 5 and "seed" not in config_overrides(args)  # before: every trial's seed became 5
+    args = build_parser().parse_args(["sweep", "s.yaml", "--seed", "7"])
+    assert args.sampler_seed == 0 and make_config(config_overrides(args)).seed == 7  # before: the sampler's, as '7'
