@@ -252,3 +252,95 @@ def test_sweep_sampler_seed_and_training_seed_are_two_flags(tiny_data, tmp_path)
     assert args.sampler_seed == 5 and "seed" not in config_overrides(args)  # before: every trial's seed became 5
     args = build_parser().parse_args(["sweep", "s.yaml", "--seed", "7"])
     assert args.sampler_seed == 0 and make_config(config_overrides(args)).seed == 7  # before: the sampler's, as '7'
+
+
+# ---- a student and its teacher ----------------------------------------------------------------------------------
+
+def test_a_resumed_student_learns_from_the_teacher_it_began_with_or_is_refused(tiny_cfg, tmp_path, capsys, monkeypatch):
+    from cnnlab.training import fit
+
+    monkeypatch.chdir(tmp_path)
+    teacher = fit(tiny_cfg(name="teachA", epochs=2), progress=False, log=lambda s: None).run_dir
+    other = fit(tiny_cfg(name="teachB", epochs=2, seed=4), progress=False, log=lambda s: None).run_dir
+    student = fit(tiny_cfg(name="student", teacher="runs/teachA", epochs=1), progress=False, log=lambda s: None).run_dir
+    began = json.loads((student / "teacher.json").read_text())
+    assert yaml.safe_load((student / "config.yaml").read_text())["teacher"] == str(teacher.resolve())  # not as typed
+    original = (teacher / "best.pt").read_bytes()
+    (teacher / "best.pt").write_bytes((other / "best.pt").read_bytes())  # the teacher trained again (or replaced)
+    kept = {p.name: p.read_bytes() for p in student.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(student), "--epochs", "2", "--quiet"]) == 2  # before: recomputed, no word
+    assert "is not the one" in one_line(capsys)
+    assert {p.name: p.read_bytes() for p in student.iterdir() if p.is_file()} == kept  # refused before any write
+    (teacher / "best.pt").write_bytes(original)
+    # student and teacher moved together, resumed from a folder whose runs/teachA is another run of the same classes
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "moved" / "teachB", elsewhere / "runs" / "teachA")
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--resume", str(tmp_path / "moved" / "student"), "--epochs", "2", "--quiet"]) == 0
+    now = json.loads((tmp_path / "moved" / "student" / "teacher.json").read_text())
+    assert now["sha256"] == began["sha256"]
+    config = yaml.safe_load((tmp_path / "moved" / "student" / "config.yaml").read_text())
+    assert config["teacher"] == str(tmp_path / "moved" / "teachA" / "best.pt")  # where it is now, found beside it
+
+
+def test_a_teacher_trained_on_other_photos_leaves_the_students_data_whole(tiny_data, tiny_cfg, tmp_path):
+    from cnnlab.training import fit
+
+    fewer = shutil.copytree(tiny_data, tmp_path / "fewer")
+    for c in (fewer / "train").iterdir():  # the teacher saw a third of the photos fewer
+        for f in sorted(c.iterdir())[::3]:
+            f.unlink()
+    teacher = fit(tiny_cfg(name="teacher", data=str(fewer), epochs=1), progress=False, log=lambda s: None).run_dir
+    lines = []
+    student = fit(tiny_cfg(name="student", teacher=str(teacher), epochs=1), progress=False, log=lines.append).run_dir
+    theirs, ours = (json.loads((r / "split.json").read_text()) for r in (teacher, student))
+    assert len(ours["train"]) + len(ours["val"]) == 160  # before: 106, the files the teacher's split named
+    assert set(theirs["val"]) <= set(ours["val"]) and set(theirs["train"]) <= set(ours["train"])
+    assert any("are in the teacher's split" in line and "split by this run's seed" in line for line in lines)
+    assert not any("start a new run" in line for line in lines)
+
+
+# ---- folders moved, copied, zipped ------------------------------------------------------------------------------
+
+def test_a_sweep_run_from_another_folder_verifies_and_its_copy_reads_its_own_runs(tiny_data, tmp_path, monkeypatch):
+    from cnnlab.api import SweepRun
+
+    path, sweeps = grid(tmp_path, "moving"), tmp_path / "abs" / "sweeps"
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(sweep_argv(path, tiny_data, Path("../abs/sweeps"), tmp_path / "cache")) == 0  # a relative --sweeps_dir
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    assert main([*sweep_argv(path, tiny_data, sweeps, tmp_path / "cache"), "--verify", "1"]) == 0  # before: not found
+    copy = shutil.copytree(sweeps / "moving", tmp_path / "copy")
+    shutil.move(sweeps / "moving", tmp_path / "moved")
+    for folder in (copy, tmp_path / "moved"):
+        swept = SweepRun(folder)
+        assert swept.best.folder.parent == folder / "trials" and swept.verified.folder.is_relative_to(folder)
+        assert all(Path(t["run_dir"]).is_relative_to(folder) for t in swept.trials)
+        assert main(["sweep-report", str(folder)]) == 0
+
+
+@pytest.mark.slow
+def test_an_assignment_folder_moved_or_unzipped_elsewhere_reports_and_resumes_there(tiny_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    argv = lambda out, data: ["assignment", "--data", str(data), "--out", str(out), "--quick", "--trials", "2",
+                              "--image_size", "32", "--quiet", "--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv("asg", tiny_data)) == 0
+    shutil.make_archive(str(tmp_path / "asg"), "zip", tmp_path, "asg")
+    shutil.move(tmp_path / "asg", tmp_path / "asg-moved")
+    capsys.readouterr()
+    assert main(argv("asg-moved", tiny_data)) == 0  # before: "checkpoint asg/sweeps/.../best.pt not found"
+    out = capsys.readouterr().out
+    assert " started " not in out and "done before" in out and "asg-moved/sweeps/partA/trials/" in out  # nothing redone
+    unzipped = tmp_path / "laptop"
+    shutil.unpack_archive(tmp_path / "asg.zip", unzipped)
+    monkeypatch.chdir(unzipped)
+    shutil.copytree(tiny_data, unzipped / "data")  # the data at another path on the other machine
+    assert main(argv(unzipped / "asg", unzipped / "data")) == 0
+    assert main(["report", str(unzipped / "asg"), "--out", str(unzipped / "report")]) == 0
+    page = (unzipped / "report" / "index.html").read_text()
+    assert str(tmp_path / "asg" / "") not in page and "asg-moved" not in page  # a copy shows its own files

@@ -29,7 +29,7 @@ from .arguments import paths as path_list
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
 from .errors import CnnlabError, ConfigError, quote
 from .options import progress_bars, silent
-from .run_folder import BEST, CONFIG, EVAL, RunFolder
+from .run_folder import BEST, CONFIG, EVAL, RunFolder, inside
 
 __all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
            "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
@@ -353,7 +353,7 @@ class SweepRun:
     def trials(self) -> list[dict[str, Any]]:
         """Every trial: number, state, value (its metric at its best epoch), config values, run folder."""
         return [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
-                 "config": t.user_attrs.get("config", {}), "run_dir": t.user_attrs.get("run_dir"),
+                 "config": t.user_attrs.get("config", {}), "run_dir": str(inside(self.folder, t.user_attrs.get("run_dir", ""))),
                  "error": t.user_attrs.get("error")} for t in self._study().get_trials(deepcopy=False)]
 
     @property
@@ -367,7 +367,7 @@ class SweepRun:
     def verified(self) -> Run:
         """The verified winner's model (chosen by validation only), or the search's best where nothing was verified."""
         found = self.verification
-        return Run(Path(found["model"])) if found else self.best
+        return Run(inside(self.folder, found["model"])) if found else self.best
 
     def verify(self, k: int = 3, *, seeds: int = 3, device: str | None = None, cache_dir: str | Path | None = None,
                progress: bool | None = None, log: Log = print) -> dict[str, Any]:
@@ -387,7 +387,7 @@ class SweepRun:
             best = self._study().best_trial
         except ValueError:
             raise CnnlabError(f"{self.folder}: no complete trial yet") from None
-        return Run(Path(best.user_attrs["run_dir"]))
+        return Run(inside(self.folder, best.user_attrs["run_dir"]))
 
     def report(self) -> Path:
         """The offline report in the sweep folder's report/: figures, tables, best.yaml and index.html (the page

@@ -22,6 +22,7 @@ same generator (`OnlineTeacher`). It costs a teacher forward per image per epoch
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -41,9 +42,7 @@ TEACHER_INFO = "teacher.json"
 
 def teacher_checkpoint(teacher: str) -> Path:
     """The checkpoint `--teacher` names: a run folder's best.pt, or a checkpoint file."""
-    path = Path(teacher)
-    if path.is_dir():
-        path = path / BEST
+    path = teacher_checkpoint_path(teacher)
     if not path.is_file():
         raise ConfigError(f"teacher={teacher!r}: {path} not found; give a trained run folder (runs/<name>) or its "
                           "best.pt")
@@ -60,6 +59,38 @@ def check_teacher(teacher: str, classes: list[str]) -> Path:
         raise DataError(f"the teacher {checkpoint} was trained on classes {theirs}, but this data has {classes}: "
                         "distil from a run on the same class folders")
     return checkpoint
+
+
+def resumed_teacher(teacher: str, run_dir: Path) -> Path:
+    """The checkpoint a resumed student goes on learning from: the very one it began with, by the SHA-256 its
+    teacher.json holds, at the path its config names, beside the student where the pair was moved together, or where
+    it was first read. A teacher trained again since, or another run now at that path, is refused: the student's
+    targets would change under it without a word."""
+    info_file = run_dir / TEACHER_INFO
+    named = teacher_checkpoint_path(teacher)
+    if not info_file.is_file():  # stopped before the teacher was first read: it begins now, as a new run's does
+        return teacher_checkpoint(teacher)
+    info = json.loads(info_file.read_text())
+    candidates = [named, *([run_dir / info["relative"]] if "relative" in info else []), Path(info["checkpoint"])]
+    changed = []
+    for candidate in candidates:
+        if candidate.is_file():
+            digest = sha256_of(candidate)
+            if digest == info["sha256"]:
+                return candidate
+            changed.append((candidate, digest))
+    if changed:
+        where, digest = changed[0]
+        raise CnnlabError(f"the teacher {where} is not the one {run_dir} began learning from (SHA-256 "
+                          f"{info['sha256'][:12]}... then, {digest[:12]}... now: trained again, or another run): restore "
+                          f"that best.pt to resume, or start a new student run with --teacher {where.parent}")
+    raise CnnlabError(f"the teacher {run_dir} began learning from is gone (not at {named}, nor at "
+                      f"{info['checkpoint']}): put it back, or move the student and its teacher together")
+
+
+def teacher_checkpoint_path(teacher: str) -> Path:
+    path = Path(teacher)
+    return path / BEST if path.is_dir() else path
 
 
 def teacher_split(teacher: str) -> Path | None:
@@ -138,7 +169,12 @@ def _teacher_and_its_view(cfg: Any, checkpoint: Path, images: Any, device: torch
 
 
 def _write_info(run_dir: Path, checkpoint: Path, digest: str, loaded: Any, mode: str, extra: dict[str, Any]) -> None:
+    if loaded.sha256 != digest:
+        raise CnnlabError(f"the teacher {checkpoint} changed while it was read (trained again meanwhile?): run again "
+                          "once its training has ended")
     atomic_write_json(run_dir / TEACHER_INFO, {"checkpoint": str(checkpoint.resolve()), "sha256": digest,
+                                               # found by this too when student and teacher move together (a zip)
+                                               "relative": os.path.relpath(checkpoint.resolve(), run_dir.resolve()),
                                                "model": loaded.cfg.model, "epoch": int(loaded.state["epoch"]),
                                                "preprocess": loaded.pre.to_dict(), "mode": mode, **extra})
 

@@ -167,3 +167,23 @@ class RunFolder:
         best = self.path / BEST
         seen = [e for e in self.test_ledger if e.get("checkpoint") == BEST]
         return bool(seen) and best.is_file() and any(e["sha256"] != sha256_of(best) for e in seen)
+
+
+def recorded_path(folder: Path, path: Path) -> str:
+    """How a folder (a sweep's, an assignment's) records one of its own sub-folders: relative to itself, so the
+    record still holds when the folder is moved, copied or unzipped elsewhere."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(folder).resolve()))
+    except ValueError:  # not inside it: as it is, absolute
+        return str(Path(path).resolve())
+
+
+def inside(folder: Path, recorded: str | Path) -> Path:
+    """Where a sub-folder that `folder` recorded is now: relative records are of `folder` itself; an absolute or a
+    working-directory-relative one (older cnnlab, or a folder since moved) is its copy here, by its last two parts
+    (trials/trial-0003, verify/...-seed1), so a copy never reads the original's files."""
+    folder, recorded = Path(folder), Path(recorded)
+    if not recorded.is_absolute() and (folder / recorded).exists():
+        return folder / recorded
+    here = folder / recorded.parent.name / recorded.name
+    return here if here.exists() or not recorded.exists() else recorded

@@ -49,7 +49,15 @@ from .data import (
     strongly_unbalanced,
     write_bad_file_report,
 )
-from .distill import DistillationLoss, OnlineTeacher, check_teacher, teacher_logits, teacher_record, teacher_split
+from .distill import (
+    DistillationLoss,
+    OnlineTeacher,
+    check_teacher,
+    resumed_teacher,
+    teacher_logits,
+    teacher_record,
+    teacher_split,
+)
 from .errors import CnnlabError, ConfigError, DataError
 from .evaluate import evaluate
 from .features import FeatureSource, prepare_store
@@ -242,6 +250,8 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
     if not isinstance(parts.module, SmallCNN):  # the config's own rules cover the small CNN's sizes
         check_input_size(parts, cfg.model)
     if cfg.teacher:
+        if resume:  # the teacher it began with, by its SHA-256, wherever the pair is now
+            cfg = replace(cfg, teacher=str(resumed_teacher(cfg.teacher, Path(cfg.out) / cfg.name)))
         check_teacher(cfg.teacher, classes)  # a wrong --teacher refused before any work
     precision = precision_for(cfg.precision, device)  # refused before the run folder is made, when the device cannot
     cfg, run_dir, claim = open_run_dir(cfg, resume)
@@ -445,7 +455,8 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, FolderClaim]:
             # its first epoch was written, by a full disk say: that one starts again in its folder)
             raise CnnlabError(f"{run_dir} already holds a run: resume it with `cnnlab train --resume {run_dir}` "
                               f"or choose another --name")
-        cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()))  # --resume works from anywhere
+        cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()),  # --resume works from anywhere
+                      teacher=str(Path(cfg.teacher).resolve()) if cfg.teacher else cfg.teacher)
         if cfg.model == "smallcnn":  # the stride it trains with, not "auto": a later auto rule cannot change the model
             cfg = replace(cfg, conv1_stride=cfg.first_stride())
         save_yaml(cfg, run_dir / CONFIG)
@@ -473,21 +484,42 @@ def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device
                         "the folder out of train/")
     if n_bad:
         log(f"skipped {n_bad} unreadable file(s) of {len(images.files)}: listed in {run_dir / 'bad_files.txt'}")
-    kept = (run_dir / "split.json" if resume and (run_dir / "split.json").exists()
-            else teacher_split(cfg.teacher) if cfg.teacher else None)  # a student keeps its teacher's split
-    if kept is not None:
-        train_rows, val_rows = saved_split(kept, images, log)
-        if not resume:
-            save_split(run_dir / "split.json", images, train_rows, val_rows)
+    if resume and (run_dir / "split.json").exists():
+        train_rows, val_rows = saved_split(run_dir / "split.json", images, log)
     else:
         groups = look_at_the_data(cfg, images, log)
         train_rows, val_rows = stratified_split(images.labels, images.valid, cfg.val_fraction, cfg.seed, groups)
+        teacher = teacher_split(cfg.teacher) if cfg.teacher else None
+        if teacher is not None:
+            train_rows, val_rows = teacher_sides(teacher, images, train_rows, val_rows, log)
         if not len(val_rows):
             raise DataError(f"no image of {Path(cfg.data) / 'train'} is left for validation (val_fraction "
                             f"{cfg.val_fraction:g}): a class needs at least two readable images to give one to "
                             "validation; add images")
         save_split(run_dir / "split.json", images, train_rows, val_rows)
     return images, train_rows, val_rows
+
+
+def teacher_sides(split: Path, images: CachedImages, train_rows: np.ndarray, val_rows: np.ndarray,
+                  log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
+    """A student's split: each image its teacher's split names stays on the teacher's side (the teacher's validation
+    images are never the student's training images, so validation judges the student fairly, and the teacher's
+    training images never judge it); every other image keeps the student's own seeded split. A teacher trained on
+    the same folder gives its split whole; one trained on other photos leaves the student's data whole."""
+    teacher = json.loads(split.read_text())
+    rel = [str(p.relative_to(images.root.parent)) for p in images.files]
+    sides = {name: "train" for name in teacher["train"]} | {name: "val" for name in teacher["val"]}
+    on_val = np.zeros(len(rel), bool)
+    on_val[val_rows] = True
+    for i in np.concatenate([train_rows, val_rows]):
+        if rel[i] in sides:
+            on_val[i] = sides[rel[i]] == "val"
+    rows = np.sort(np.concatenate([train_rows, val_rows]))
+    shared = sum(1 for i in rows if rel[i] in sides)
+    if shared < len(rows):
+        log(f"{shared} of the {len(rows)} training images are in the teacher's split ({split}) and keep its sides; the "
+            f"other {len(rows) - shared} are split by this run's seed")
+    return rows[~on_val[rows]], rows[on_val[rows]]
 
 
 def look_at_the_data(cfg: Config, images: CachedImages, log: Callable[[str], None]) -> np.ndarray | None:

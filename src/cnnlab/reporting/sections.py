@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..run_folder import BEST, RunFolder
+from ..run_folder import BEST, RunFolder, inside
 from .observations import sweep_observations
 from .page import claims_list, esc, figure, missing, parcoords, source, table
 
@@ -22,7 +22,8 @@ def run_source(run: RunFolder) -> str:
 
 def eval_source(run: RunFolder, metrics: dict[str, Any]) -> str:
     sha = metrics.get("checkpoint_sha256", "")
-    return (f"<code>{esc(metrics.get('checkpoint', run.path / BEST))}</code>, epoch "
+    checkpoint = run.path / Path(metrics.get("checkpoint", BEST)).name  # where the folder is now: its SHA-256 names it
+    return (f"<code>{esc(checkpoint)}</code>, epoch "
             f"{esc(metrics.get('checkpoint_epoch', '?'))}, SHA-256 {esc(sha[:16]) + '…' if sha else 'not recorded'}; "
             f"tested on <code>{esc(metrics.get('data', '?'))}</code> ({metrics['images']} images) by "
             f"<code>cnnlab evaluate</code>")
@@ -82,12 +83,9 @@ def cost_section(best: RunFolder | None) -> str:
 # ---- Part A: the sweep ----------------------------------------------------------------------------------------
 
 def trial_run(folder: Path, t: Any) -> RunFolder | None:
-    """The run folder of a trial, where the sweep's folder is now (the recorded path may be relative)."""
-    recorded = Path(t.user_attrs.get("run_dir", ""))
-    for candidate in (recorded, folder / "trials" / recorded.name):
-        if RunFolder.holds_a_run(candidate):
-            return RunFolder(candidate)
-    return None
+    """The run folder of a trial, in the sweep's folder as it is now (`run_folder.inside`)."""
+    candidate = inside(folder, t.user_attrs.get("run_dir", ""))
+    return RunFolder(candidate) if RunFolder.holds_a_run(candidate) else None
 
 
 def space_rows(sweep: Any) -> list[list[str]]:
@@ -211,7 +209,7 @@ def sweep_section(folder: Path, out: Path, storage: str | None = None) -> tuple[
     runs = [r for r in (trial_run(folder, t) for t in ranked) if r is not None]
     if verified is not None:  # the verified winner's model goes first: Part A's model
         parts.append(verification_block(verified))
-        runs = [RunFolder(Path(verified["model"])), *runs]
+        runs = [RunFolder(inside(folder, verified["model"])), *runs]
     parts.append(source(f"study and trials in <code>{esc(folder)}</code>; figures re-drawn from them"))
     return "".join(parts), runs
 

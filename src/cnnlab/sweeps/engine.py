@@ -389,7 +389,7 @@ class Objective:
             k += 1
             name = f"trial-{trial.number:04d}-{k}"
         cfg = make_config(self.base, values, {"out": str(self.folder / "trials"), "name": name})
-        trial.set_user_attr("run_dir", str(self.folder / "trials" / name))
+        trial.set_user_attr("run_dir", f"trials/{name}")  # of the sweep folder, wherever it is moved (`inside`)
         fitted = fit(cfg, callbacks=[Pruning(trial, self.sweep.metric, cfg.epochs)], progress=self.progress,
                      log=lambda s: None, group=self.sweep.name, device_cache=self.device_cache)
         best = best_of(fitted.history, self.sweep.metric, self.sweep.goal)

@@ -24,6 +24,7 @@ from optuna.trial import TrialState  # noqa: E402
 from ..config import saved_values  # noqa: E402
 from ..errors import CnnlabError  # noqa: E402
 from ..io import atomic_write_text  # noqa: E402
+from ..run_folder import inside  # noqa: E402
 from ..visualise import save_figure  # noqa: E402
 from .schema import Sweep, parse_sweep  # noqa: E402
 from .storage import make_storage  # noqa: E402
@@ -127,7 +128,7 @@ def write_sweep_figures(folder: Path, storage_url: str | None = None) -> Path:
         f"| {r['parameter']}{' (log10)' if r.get('scale') else ''} | {_cell(r, 'pearson_r')} | "
         f"{_cell(r, 'spearman_rho')} | {_cell(r, 'eta')} |\n" for r in corr)
     atomic_write_text(out / "correlations.md", corr_md)
-    write_best(trials, names, sweep, out)
+    write_best(trials, names, sweep, out, folder)
     return out
 
 
@@ -239,7 +240,7 @@ def plot_importance(study: Any, names: list[str], sweep: Sweep, path: Path) -> P
     return save_figure(fig, path)
 
 
-def write_best(trials: list[Any], names: list[str], sweep: Sweep, out: Path) -> str:
+def write_best(trials: list[Any], names: list[str], sweep: Sweep, out: Path, folder: Path) -> str:
     """best_trials.md (the ten best complete trials) and best.yaml (the best one's full config); returns the table."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     ranked = sorted(complete, key=lambda t: t.value, reverse=sweep.goal == "maximize")[:10]
@@ -249,7 +250,7 @@ def write_best(trials: list[Any], names: list[str], sweep: Sweep, out: Path) -> 
     atomic_write_text(out / "best_trials.md", best_md)
     if ranked:
         best = ranked[0]
-        run_config = Path(best.user_attrs.get("run_dir", "")) / "config.yaml"
+        run_config = inside(folder, best.user_attrs.get("run_dir", "")) / "config.yaml"
         cfg = yaml.safe_load(run_config.read_text()) if run_config.exists() else dict(best.user_attrs["config"])
         cfg = saved_values({k: v for k, v in cfg.items() if k != "name"}) | {"out": "runs"}
         atomic_write_text(out / "best.yaml", f"# best trial {best.number} of sweep {sweep.name}: "

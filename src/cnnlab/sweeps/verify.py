@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..config import make_config
 from ..errors import CnnlabError
 from ..io import atomic_write_json, atomic_write_text
-from ..run_folder import RunFolder
+from ..run_folder import RunFolder, inside, recorded_path
 from ..training import fit
 from .engine import best_of
 from .report import finished_trials, load_sweep_folder
@@ -76,7 +76,7 @@ def verify_sweep(folder: str | Path, k: int, seeds: int = 3, storage: str | None
         log(f"verify: only {len(top)} complete trial(s) to verify of the {k} asked for")
     candidates, trained = [], 0
     for rank, trial in enumerate(top, 1):
-        trial_run = RunFolder(Path(trial.user_attrs["run_dir"]))
+        trial_run = RunFolder(inside(folder, trial.user_attrs["run_dir"]))
         cfg = make_config(trial_run.config.to_dict(), machine or {})
         values, runs = [], []
         for s in range(1, seeds + 1):
@@ -87,9 +87,10 @@ def verify_sweep(folder: str | Path, k: int, seeds: int = 3, storage: str | None
                 log(f"verify: trial {trial.number} (#{rank} of the search, {metric} {trial.value:.4f}) trained with "
                     f"seed {cfg.seed + s}: {metric} {best_of(run.history, metric, goal):.4f}")
             values.append(best_of(run.history, metric, goal))
-            runs.append(str(run.path))
+            runs.append(recorded_path(folder, run.path))  # of the sweep folder: it may move
         candidates.append({"trial": trial.number, "search_value": trial.value, "config": trial.user_attrs["config"],
-                           "trial_run": str(trial_run.path), "seeds": [cfg.seed + s for s in range(1, seeds + 1)],
+                           "trial_run": recorded_path(folder, trial_run.path),
+                           "seeds": [cfg.seed + s for s in range(1, seeds + 1)],
                            "values": values, "runs": runs, "mean": statistics.mean(values),
                            "std": statistics.stdev(values) if len(values) > 1 else 0.0})
     sign = 1 if goal == "maximize" else -1
