@@ -174,7 +174,11 @@ def test_online_distillation_learns_from_the_teacher_and_resumes_exactly(tiny_cf
     assert teacher_term(whole, table, cfg) < teacher_term(alone, table, cfg)
 
 
-def test_online_distillation_needs_the_images(tiny_cfg, teacher):
-    with pytest.raises(ConfigError, match="distill_mode=online: this run trains on stored features"):
-        fit(tiny_cfg(name="frozen", model="resnet18", weights="random", finetune="head", teacher=str(teacher),
-                     distill_mode="online"), progress=False, log=lambda s: None)
+def test_online_distillation_of_a_frozen_backbone_trains_on_the_images(tiny_cfg, teacher, tmp_path):
+    """Before: refused only after the feature store was built and the run folder made."""
+    lines = []
+    run = fit(tiny_cfg(name="frozen", model="resnet18", weights="random", finetune="head", teacher=str(teacher),
+                       distill_mode="online", epochs=1), progress=False, log=lines.append).run_dir
+    assert any("feature store off: with --distill_mode online" in line for line in lines)
+    assert not (tmp_path / "cache" / "features").exists()  # no store was built
+    assert json.loads((run / "teacher.json").read_text())["mode"] == "online"

@@ -326,21 +326,161 @@ def test_a_sweep_run_from_another_folder_verifies_and_its_copy_reads_its_own_run
 @pytest.mark.slow
 def test_an_assignment_folder_moved_or_unzipped_elsewhere_reports_and_resumes_there(tiny_data, tmp_path, monkeypatch,
                                                                                     capsys):
-    argv = lambda out, data: ["assignment", "--data", str(data), "--out", str(out), "--quick", "--trials", "2",
-                              "--image_size", "32", "--quiet", "--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
+    """The whole job (Part A verified, Part B, the distilled student) with 2 trials; moved, and zipped and unpacked on
+    "another machine" with the data at another path, where it goes on to 3 trials and reports its own files."""
+    argv = lambda out, data, trials: [
+        "assignment", "--data", str(data), "--out", str(out), "--quick", "--trials", str(trials), "--image_size", "32",
+        "--model", "resnet18", "--weights", "random", "--strategies", "head", "--verify", "2", "--quiet",
+        "--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
     monkeypatch.chdir(tmp_path)
-    assert main(argv("asg", tiny_data)) == 0
+    assert main(argv("asg", tiny_data, 2)) == 0
     shutil.make_archive(str(tmp_path / "asg"), "zip", tmp_path, "asg")
     shutil.move(tmp_path / "asg", tmp_path / "asg-moved")
     capsys.readouterr()
-    assert main(argv("asg-moved", tiny_data)) == 0  # before: "checkpoint asg/sweeps/.../best.pt not found"
+    assert main(argv("asg-moved", tiny_data, 2)) == 0  # before: "checkpoint asg/sweeps/.../best.pt not found"
     out = capsys.readouterr().out
-    assert " started " not in out and "done before" in out and "asg-moved/sweeps/partA/trials/" in out  # nothing redone
+    assert " started " not in out and "resumed" not in out and ": trained" not in out  # nothing redone
     unzipped = tmp_path / "laptop"
     shutil.unpack_archive(tmp_path / "asg.zip", unzipped)
     monkeypatch.chdir(unzipped)
     shutil.copytree(tiny_data, unzipped / "data")  # the data at another path on the other machine
-    assert main(argv(unzipped / "asg", unzipped / "data")) == 0
+    assert main(argv(unzipped / "asg", unzipped / "data", 3)) == 0
     assert main(["report", str(unzipped / "asg"), "--out", str(unzipped / "report")]) == 0
     page = (unzipped / "report" / "index.html").read_text()
     assert str(tmp_path / "asg" / "") not in page and "asg-moved" not in page  # a copy shows its own files
+    from cnnlab.sweeps.report import finished_trials, load_study
+
+    assert len(finished_trials(load_study(unzipped / "asg" / "sweeps" / "partA"))) == 3  # it went on there
+    assert len(finished_trials(load_study(tmp_path / "asg-moved" / "sweeps" / "partA"))) == 2  # and the original not
+    for run in ("distilled", "partB-head"):
+        assert RunFolder(unzipped / "asg" / "runs" / run).evaluated
+
+
+# ---- refusals before any write ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["xpu", "meta"])
+def test_a_device_cnnlab_does_not_run_on_is_refused_by_every_command_before_any_work(trained, tiny_data, tmp_path,
+                                                                                     capsys, device):
+    photo = next((tiny_data / "val").rglob("*.jpg"))
+    commands = [["train", "--data", str(tiny_data), "--out", str(tmp_path / "new"), *TINY[:-2]],
+                ["lr-find", "--data", str(tiny_data), "--out", str(tmp_path / "new"), *TINY[:-2]],
+                ["evaluate", str(trained), "--data", str(tiny_data)], ["predict", str(trained), str(photo)],
+                ["export", str(trained)], ["explain", str(trained), "--data", str(tiny_data)], ["env"]]
+    before = sorted(p.name for p in trained.rglob("*"))
+    for argv in commands:
+        capsys.readouterr()
+        assert main([*argv, "--device", device]) == 2, argv  # before: tracebacks; evaluate blamed the checkpoint
+        assert f"device={device!r}: expected auto, cpu, cuda, cuda:N or mps" in one_line(capsys)
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in trained.rglob("*")) == before
+
+
+@pytest.fixture
+def no_wandb_login(tmp_path, monkeypatch):
+    """A machine where nobody ran `wandb login`: no key in the environment, no netrc."""
+    for key in [k for k in os.environ if k.startswith("WANDB_") or k == "NETRC"]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_wandb_online_without_a_login_is_refused_before_the_run_folder(no_wandb_login, tiny_data, tmp_path, capsys):
+    argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "runs"), "--wandb", "online", *TINY]
+    assert main(argv) == 2  # before: wandb's UsageError traceback, after the run folder was made
+    assert "no W&B login" in (line := one_line(capsys)) and "wandb login" in line and "--wandb offline" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_evaluation_of_an_online_run_on_a_machine_without_a_login_succeeds_and_says_what_was_not_logged(
+        no_wandb_login, tiny_data, tmp_path, capsys):
+    argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "runs"), "--name", "r", "--epochs", "1",
+            "--wandb", "offline", *TINY]
+    assert main(argv) == 0
+    run = tmp_path / "runs" / "r"
+    record = json.loads((run / "wandb_run.json").read_text())
+    (run / "wandb_run.json").write_text(json.dumps({**record, "mode": "online"}))  # trained online on a Colab GPU
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(tiny_data), "--quiet", "--device", "cpu"]) == 0  # before: exit 1
+    out = capsys.readouterr().out
+    assert f"wandb: the test evaluation not logged to run {record['id']} (no W&B login on this machine)" in out
+    assert RunFolder(run).evaluated and len(RunFolder(run).test_ledger) == 1
+    assert main(["explain", str(run), "--data", str(tiny_data), "--quiet", "--device", "cpu"]) == 0
+    assert "wandb: the explanation not logged" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_wandb_online_with_a_key_but_no_network_is_one_line_and_the_same_command_runs_again(
+        no_wandb_login, tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: as no network
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "runs"), "--name", "r", "--epochs", "1", *TINY]
+    assert main([*argv, "--wandb", "online"]) == 2  # before: a CommError traceback
+    assert "the W&B run could not start" in (line := one_line(capsys)) and "--wandb offline" in line
+    assert main([*argv, "--wandb", "offline"]) == 0  # the folder it began is taken up again, not refused
+    assert len(read_jsonl(tmp_path / "runs" / "r" / "metrics.jsonl")) == 1
+
+
+def test_a_sweep_none_of_whose_points_can_run_is_refused_at_once_and_writes_nothing(tiny_data, tmp_path, capsys):
+    from cnnlab.sweeps.schema import shipped_sweep
+
+    strided = tmp_path / "strided.yaml"  # every point a stride-2 first conv on 32 px images: too small for each
+    strided.write_text(yaml.safe_dump({"method": "grid", "parameters": {"conv1_stride": {"value": 2},
+                                                                       "filters": {"values": [4, 8]}}}))
+    for sweep in (shipped_sweep("partB.yaml"), strided):  # bayes without --weights; the grid
+        capsys.readouterr()
+        assert main(["sweep", str(sweep), "--data", str(tiny_data), "--sweeps_dir", str(tmp_path / "s"), "--count", "1",
+                     "--cache_dir", str(tmp_path / "cache"), "--quiet", "--image_size", "32"]) == 2  # before: 36 s
+        assert "can run with these flags" in one_line(capsys)
+        assert not (tmp_path / "s").exists()
+
+
+def test_a_run_or_sweep_folder_inside_the_data_is_refused_before_it_is_written(tiny_data, tmp_path, capsys):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    for argv in (["train", "--data", str(data), "--out", str(data / "train" / "runs"), *TINY],
+                 ["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--cache_dir", str(data / "val" / "c"), *TINY],
+                 ["sweep", str(grid(tmp_path, "in-data")), "--data", str(data), "--sweeps_dir", str(data / "train"), *TINY]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert "is inside the data folder's" in one_line(capsys)
+    assert sorted(p.name for p in (data / "train").iterdir()) == sorted(p.name for p in (tiny_data / "train").iterdir())
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--epochs", "1", *TINY]) == 0  # not stuck
+
+
+def test_the_evaluation_figures_of_many_classes_stay_a_page_and_the_whole_matrix_is_a_csv(tmp_path):
+    """100 classes took 1.9 GB to draw, 300 over 12 GB (a MemoryError traceback), 1,000 were killed at 23 GB."""
+    script = f"""
+import numpy as np
+from types import SimpleNamespace
+from PIL import Image
+from cnnlab.evaluate import write_confusion_csv
+from cnnlab.visualise import most_confused, plot_confusion, plot_prediction_grid
+n = 300
+rng = np.random.default_rng(0)
+labels = np.repeat(np.arange(n), 3)
+probs = rng.dirichlet(np.ones(n), size=len(labels))
+confusion = np.zeros((n, n), int)
+np.add.at(confusion, (labels, probs.argmax(1)), 1)
+classes = [f"class {{i}}" for i in range(n)]
+shown = most_confused(confusion.tolist())
+images = SimpleNamespace(pixels=rng.integers(0, 255, (len(labels), 16, 16, 3), dtype=np.uint8))
+plot_confusion(confusion.tolist(), classes, "{tmp_path}/confusion.png", shown)
+plot_prediction_grid(images, np.arange(len(labels)), labels, probs, classes, "{tmp_path}/predictions.png", shown=shown)
+write_confusion_csv(confusion.tolist(), classes, __import__("pathlib").Path("{tmp_path}/confusion.csv"))
+errors = confusion.sum(0) + confusion.sum(1) - 2 * np.diag(confusion)
+print(len(shown), min(errors[shown]) >= max(np.delete(errors, shown)))
+print(max(Image.open("{tmp_path}/confusion.png").size), max(Image.open("{tmp_path}/predictions.png").size))
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024)
+"""
+    out = subprocess.run([os.environ.get("PYTHON", __import__("sys").executable), "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shown, confused = out.stdout.split()[:2]
+    assert shown == "30" and confused == "True"  # the 30 classes with the most mistakes
+    sizes = [int(v) for v in out.stdout.splitlines()[1].split()]
+    assert max(sizes) < 10_000, sizes  # before: 81,000 px tall
+    assert int(out.stdout.splitlines()[2]) < 1500, "peak memory (MB)"
+    import csv
+
+    rows = list(csv.reader((tmp_path / "confusion.csv").open()))
+    assert len(rows) == 301 and len(rows[0]) == 301 and rows[1][0] == "class 0"
+    assert sum(int(v) for row in rows[1:] for v in row[1:]) == 900  # every test image, in the whole matrix

@@ -66,4 +66,8 @@ def test_the_installed_wheel_runs_the_whole_assignment(installed, tiny_data, tmp
     named = subprocess.run([str(installed / "cnnlab"), "sweep", "partB", "--data", str(tiny_data), "--count", "1",
                             "--sweeps_dir", "s", "--image_size", "32", "--cache_dir", "cache", "--quiet"],
                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
-    assert (tmp_path / "s" / "partB").is_dir(), named.stdout[-2000:] + named.stderr[-2000:]
+    # the shipped partB.yaml, found by name in the installed package; without --weights none of its points can run,
+    # refused at once in one line before anything is written (before: exit 2 after 36 s of sampling, unchecked)
+    assert named.returncode == 2 and not (tmp_path / "s").exists(), named.stdout[-2000:] + named.stderr[-2000:]
+    assert named.stderr.startswith("cnnlab sweep: error: sweep 'partB': no sampled combination can run") and \
+        "add --weights" in named.stderr and len(named.stderr.strip().splitlines()) == 1, named.stderr

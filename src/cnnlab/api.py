@@ -36,7 +36,7 @@ __all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
 
 # What `resume` may change; any other setting would continue a different experiment under the old name.
 RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project",
-                     "tensorboard")
+                     "tensorboard", "data")  # data: where the folder is now (split.json names its files relative to it)
 Log = Callable[[str], None] | None
 
 
@@ -312,7 +312,7 @@ class Run:
         if self._of_best():  # the exported model joins best.pt among the W&B run's model artifacts
             from .tracking import log_export
 
-            log_export(self.files, path, format)
+            log_export(self.files, path, format, log or silent)
         return path
 
     def plot(self, key: str = "val_acc") -> Any:

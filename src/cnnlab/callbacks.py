@@ -16,11 +16,11 @@ from torch.optim.swa_utils import AveragedModel
 
 from .checkpoint import make_checkpoint, save_checkpoint
 from .config import Config
-from .errors import ConfigError
+from .errors import CnnlabError, ConfigError
 from .io import append_jsonl
 from .preprocess import Preprocess
 from .run_folder import BEST, LAST, METRICS, TENSORBOARD
-from .tracking import remember_wandb_run
+from .tracking import NO_LOGIN_FIX, remember_wandb_run, wandb_login_known
 
 
 class StopTraining(Exception):
@@ -148,6 +148,8 @@ class WandbTracker(Callback):
             except ImportError:
                 why = "runs under `wandb agent`" if self.mode == AGENT else f"wandb={cfg.wandb}"
                 raise ConfigError(f"{why}: that needs the wandb package: pip install wandb (or --wandb off)") from None
+        if self.mode == "online" and not wandb_login_known():
+            raise ConfigError(f"wandb=online: this machine has no W&B login: {NO_LOGIN_FIX}")
 
     def on_fit_start(self, run: TrainingState) -> None:
         if self.mode == "off":
@@ -155,9 +157,15 @@ class WandbTracker(Callback):
         import wandb
 
         agent = self.mode == AGENT  # the agent's environment names the run, its project and its mode
-        self.wandb_run = wandb.init(project=None if agent else run.cfg.wandb_project, name=run.run_dir.name,
-                                    group=self.group, mode=None if agent else self.mode, dir=str(run.run_dir),
-                                    config=run.cfg.to_dict(), reinit="create_new")
+        try:
+            self.wandb_run = wandb.init(project=None if agent else run.cfg.wandb_project, name=run.run_dir.name,
+                                        group=self.group, mode=None if agent else self.mode, dir=str(run.run_dir),
+                                        config=run.cfg.to_dict(), reinit="create_new")
+        except Exception as e:  # noqa: BLE001 - no network, a key W&B refuses: its own error classes, one line here
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CnnlabError(f"wandb={self.mode}: the W&B run could not start ({why}); no epoch was trained: check "
+                              "the network and the login (`wandb login`), or use --wandb offline and `wandb sync` the run "
+                              "folder later; then run the same command again") from None
         remember_wandb_run(run.run_dir, self.wandb_run, self.group)  # evaluate and explain log to it later
         run.log(f"wandb {'agent run ' + self.wandb_run.id if agent else self.mode}: {self.wandb_run.dir}")
 

@@ -23,7 +23,7 @@ from .io import append_jsonl, atomic_write_json, atomic_write_text
 from .models import create_model
 from .preprocess import Preprocess
 from .run_folder import CONFIG, EVAL, TEST_LEDGER
-from .visualise import plot_confusion, plot_prediction_grid, plot_reliability, plot_top_losses
+from .visualise import most_confused, plot_confusion, plot_prediction_grid, plot_reliability, plot_top_losses
 
 
 @torch.inference_mode()
@@ -204,12 +204,28 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
                     "inference": {"ms_per_image": 1000 * seconds / len(rows), "batch": 128, "tta": bool(loaded.cfg.tta),
                                   "threads": torch.get_num_threads()}})
     record_test_use(Path(checkpoint), metrics)
-    plot_confusion(metrics["confusion"], loaded.classes, out_dir / "confusion.png")
+    shown = most_confused(metrics["confusion"])  # all up to 30 classes: the figures stay a page, whatever the count
+    write_confusion_csv(metrics["confusion"], loaded.classes, out_dir / "confusion.csv")
+    plot_confusion(metrics["confusion"], loaded.classes, out_dir / "confusion.png", shown)
     plot_reliability(metrics["calibration"], out_dir / "reliability.png")
-    plot_prediction_grid(test, rows, labels, probs, loaded.classes, out_dir / "predictions.png", seed=seed)
+    plot_prediction_grid(test, rows, labels, probs, loaded.classes, out_dir / "predictions.png", seed=seed, shown=shown)
     metrics["mistakes"] = write_mistakes(test, rows, logits, labels, loaded.classes, out_dir)
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def write_confusion_csv(confusion: list[list[int]], classes: list[str], path: Path) -> None:
+    """The whole confusion matrix, rows the true class and columns the predicted one, class names as heads."""
+    import csv
+    import io as text_io
+
+    from .io import spreadsheet_cell
+
+    buffer = text_io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["true \\ predicted", *map(spreadsheet_cell, classes)])
+    writer.writerows([spreadsheet_cell(name), *row] for name, row in zip(classes, confusion))
+    atomic_write_text(path, buffer.getvalue())
 
 
 def record_test_use(checkpoint: Path, metrics: dict[str, Any]) -> None:

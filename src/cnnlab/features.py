@@ -231,6 +231,10 @@ def prepare_store(cfg: Config, parts: ModelParts, images: CachedImages, transfor
     if cfg.feature_cache == "off":
         log("feature store off (--feature_cache off): the frozen layers run every epoch")
         return None
+    if cfg.teacher and cfg.distill_mode == "online":
+        log("feature store off: with --distill_mode online the teacher sees each augmented view the student sees, "
+            "so the student trains on the images")
+        return None
     if cfg.augments() and not cfg.feature_cache_views:
         log("feature store off: augmentation changes the frozen layers' input every epoch "
             "(use --augment false, or --feature_cache_views K to store K augmented views)")

@@ -13,15 +13,21 @@ import torch
 
 from .errors import ConfigError
 
+SUPPORTED_DEVICES = ("cpu", "cuda", "mps")  # the device types cnnlab trains and predicts on
+
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device `name` (auto, cpu, cuda, cuda:N, mps) names, refused in one line where it is none of those or
+    is absent here: before any work, by every command (train, lr-find, evaluate, predict, export, explain, env)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in SUPPORTED_DEVICES:  # xpu, meta, ...: PyTorch names them, cnnlab runs none
         raise ConfigError(f"device={name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")

@@ -5,6 +5,7 @@ TensorBoard: the same numbers and figures are added to the run folder's event fi
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,10 +19,35 @@ def remember_wandb_run(run_dir: Path, wandb_run: Any, group: str | None) -> None
                                             "mode": wandb_run.settings.mode, "group": group})
 
 
+def wandb_login_known() -> bool:
+    """Whether this machine has a W&B API key for its W&B server: $WANDB_API_KEY, or the netrc entry `wandb login`
+    writes (read with the standard library, where wandb looks: $NETRC, ~/.netrc, ~/_netrc). Asked before an online
+    run starts, so that no login is one line before any work, not a traceback after the run folder is made."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    for path in filter(None, (os.environ.get("NETRC"), "~/.netrc", "~/_netrc")):
+        try:
+            found = netrc.netrc(os.path.expanduser(path)).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if found and found[2]:
+            return True
+    return False
+
+
+NO_LOGIN_FIX = "run `wandb login` (or set WANDB_API_KEY), or use --wandb offline and `wandb sync` the run folder later"
+
+
 @contextmanager
-def resumed_wandb_run(folder: RunFolder) -> Iterator[Any | None]:
+def resumed_wandb_run(folder: RunFolder, what: str, log: Callable[[str], None]) -> Iterator[Any | None]:
     """The run folder's W&B run, resumed for the block and finished after it, however the block ends (None when
-    its training logged to none, or wandb is gone)."""
+    its training logged to none, or wandb is gone). W&B's own failure (no login on this machine, no network) is
+    one line naming what was not logged and the fix: it never fails the work the block follows, which is done and
+    kept in the run folder."""
     ids = folder.read(WANDB_RUN)
     if not ids:
         yield None
@@ -31,12 +57,27 @@ def resumed_wandb_run(folder: RunFolder) -> Iterator[Any | None]:
     except ImportError:
         yield None
         return
-    wandb_run = wandb.init(id=ids["id"], project=ids["project"], mode=ids["mode"], group=ids.get("group"),
-                           resume="allow", dir=str(folder.path), reinit="create_new")
+    not_logged = f"wandb: {what} not logged to run {ids['id']}"
+    try:
+        if ids["mode"] == "online" and not wandb_login_known():
+            raise RuntimeError("no W&B login on this machine")
+        wandb_run = wandb.init(id=ids["id"], project=ids["project"], mode=ids["mode"], group=ids.get("group"),
+                               resume="allow", dir=str(folder.path), reinit="create_new")
+    except Exception as e:  # noqa: BLE001 - W&B's errors (UsageError, CommError, ...) end in its own classes
+        log(f"{not_logged} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): {NO_LOGIN_FIX}, then run the "
+            "command again")
+        yield None
+        return
     try:
         yield wandb_run
+    except Exception as e:  # noqa: BLE001 - the upload failed midway: the local results stand
+        log(f"{not_logged} in full ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): run the command "
+            "again to add it")
     finally:
-        wandb_run.finish()
+        try:
+            wandb_run.finish()
+        except Exception:  # noqa: BLE001 - as above
+            pass
 
 
 def log_evaluation(folder: RunFolder, metrics: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> None:
@@ -53,7 +94,7 @@ def to_wandb_evaluation(folder: RunFolder, metrics: dict[str, Any], scalars: dic
                         log: Callable[[str], None]) -> None:
     """`scalars` with the accuracy's interval in the summary; per-class metrics as a table; the confusion matrix as
     W&B's own plot (not our figure of it); the other figures as images; best.pt as a model artifact."""
-    with resumed_wandb_run(folder) as wandb_run:
+    with resumed_wandb_run(folder, "the test evaluation", log) as wandb_run:
         if wandb_run is not None:
             _log_evaluation_to(wandb_run, folder, metrics, scalars, figures)
             log(f"wandb: the test evaluation logged to run {wandb_run.id}")
@@ -82,9 +123,9 @@ def _log_evaluation_to(wandb_run: Any, folder: RunFolder, metrics: dict[str, Any
     wandb_run.log_artifact(model, aliases=["best"])
 
 
-def log_export(folder: RunFolder, path: Path, format: str) -> None:
+def log_export(folder: RunFolder, path: Path, format: str, log: Callable[[str], None]) -> None:
     """An exported model (ONNX, TorchScript) as a model artifact of the run's W&B run, where it has one."""
-    with resumed_wandb_run(folder) as wandb_run:
+    with resumed_wandb_run(folder, f"the {format} model", log) as wandb_run:
         if wandb_run is not None:
             import wandb
 
@@ -96,7 +137,7 @@ def log_export(folder: RunFolder, path: Path, format: str) -> None:
 def log_explanation(folder: RunFolder, figures: dict[str, Path], log: Callable[[str], None]) -> None:
     """The filters, guided back-propagation and Grad-CAM figures, as images of the run, to each tracker."""
     to_tensorboard(folder, {}, {f"explain/{name}": path for name, path in figures.items()}, folder.best_epoch or 0)
-    with resumed_wandb_run(folder) as wandb_run:
+    with resumed_wandb_run(folder, "the explanation", log) as wandb_run:
         if wandb_run is not None:
             import wandb
 

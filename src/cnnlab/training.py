@@ -254,6 +254,7 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
             cfg = replace(cfg, teacher=str(resumed_teacher(cfg.teacher, Path(cfg.out) / cfg.name)))
         check_teacher(cfg.teacher, classes)  # a wrong --teacher refused before any work
     precision = precision_for(cfg.precision, device)  # refused before the run folder is made, when the device cannot
+    check_outside_the_data(cfg)
     cfg, run_dir, claim = open_run_dir(cfg, resume)
     try:
         return _prepare_in(cfg, run_dir, claim, parts, device, precision, decoder, trackers, resume, progress, log,
@@ -277,10 +278,7 @@ def _prepare_in(cfg: Config, run_dir: Path, claim: FolderClaim, parts: ModelPart
     teacher = None
     if cfg.teacher and cfg.distill_mode == "stored":  # its logits drawn with each training batch, by the labels' rows
         source.train.attach_targets(teacher_logits(cfg, images, run_dir, device, progress, log))
-    elif cfg.teacher:
-        if not isinstance(source, ImageSource):
-            raise ConfigError("distill_mode=online: this run trains on stored features of a frozen backbone, which "
-                              "are not the views the teacher would see; use --distill_mode stored or --feature_cache off")
+    elif cfg.teacher:  # on images: prepare_store keeps an online student off stored features
         teacher = OnlineTeacher(cfg, images, train_rows, source.transform, run_dir, device, progress, log)
     optimizer = make_optimizer(cfg, plan.param_groups(), device)
     return Prepared(cfg, run_dir, device, precision, parts, plan, images, train_rows, val_rows, source, optimizer, trackers,
@@ -439,6 +437,18 @@ def claim_folder(path: Path) -> Path:
         except FileExistsError:
             continue
     raise CnnlabError(f"{path.parent} holds 10,000 runs named {path.name}: choose a --name")
+
+
+def check_outside_the_data(cfg: Config) -> None:
+    """Refuse, before anything is written, a run folder or cache inside ROOT/train or ROOT/val: there it would be
+    read as a class folder (of no image) by this run and every later one."""
+    for key in ("out", "cache_dir"):
+        where = Path(str(cfg.resolved_cache_dir()) if key == "cache_dir" else cfg.out).resolve()
+        for side in ("train", "val"):
+            inside = (Path(cfg.data) / side).resolve()
+            if where == inside or where.is_relative_to(inside):
+                raise ConfigError(f"{key}={getattr(cfg, key) or str(where)!r} is inside the data folder's {side}/ "
+                                  f"({inside}), where it would become a class: give --{key} outside {inside}")
 
 
 def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, FolderClaim]:

@@ -69,10 +69,31 @@ def use_fonts_for_every_script(fig: Any) -> list[str]:
     return families
 
 
-def plot_confusion(confusion: Sequence[Sequence[int]], classes: list[str], path: str | Path) -> Path:
-    """Row-normalised confusion matrix (each row: where one true class went), counts in the cells."""
+FIGURE_CLASSES = 30  # classes a confusion matrix or a prediction grid shows: beyond, a figure grows with the square
+
+
+def most_confused(confusion: Sequence[Sequence[int]], limit: int = FIGURE_CLASSES) -> list[int]:
+    """The classes a figure shows: every one up to `limit`, else the `limit` most involved in mistakes (as the
+    true class or the predicted one), in their own order; the whole matrix stays in metrics.json and confusion.csv."""
+    counts = np.asarray(confusion, dtype=np.int64)
+    if len(counts) <= limit:
+        return list(range(len(counts)))
+    errors = counts.sum(0) + counts.sum(1) - 2 * np.diag(counts)
+    return sorted(np.argsort(-errors, kind="stable")[:limit].tolist())
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], classes: list[str], path: str | Path,
+                   shown: list[int] | None = None) -> Path:
+    """Row-normalised confusion matrix (each row: where one true class went), counts in the cells; of the classes
+    `shown` only (default: all), normalised by each whole row, so a share is of the class's every image."""
     counts = np.asarray(confusion, dtype=float)
     norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    shown = list(range(len(classes))) if shown is None else shown
+    counts, norm = counts[np.ix_(shown, shown)], norm[np.ix_(shown, shown)]
+    title = ("confusion matrix (rows normalised)" if len(shown) == len(classes) else
+             f"confusion matrix of the {len(shown)} classes most often confused, of {len(classes)} (rows normalised; "
+             "every class: confusion.csv)")
+    classes = [classes[i] for i in shown]
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -86,23 +107,26 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: list[str], path:
                 ax.text(j, i, f"{norm[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    ax.set_title("confusion matrix (rows normalised)")
+    ax.set_title(title, fontsize=10 if n > 8 else None)
     return save_figure(fig, path)
 
 
 def plot_prediction_grid(images: Any, rows: np.ndarray, labels: Any, probs: Any, classes: list[str],
-                         path: str | Path, per_class: int = 3, seed: int = 0) -> Path:
+                         path: str | Path, per_class: int = 3, seed: int = 0, shown: list[int] | None = None) -> Path:
     """A (classes x per_class) grid of test images drawn with a seeded sample, titled with the true and
-    predicted class and the confidence; framed green when right, red when wrong."""
+    predicted class and the confidence; framed green when right, red when wrong. One row per class `shown`
+    (default: all)."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     probs = np.asarray(probs)
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(2.3 * per_class, 2.45 * len(classes)), squeeze=False)
-    for c, name in enumerate(classes):
+    shown = list(range(len(classes))) if shown is None else shown
+    fig, axes = plt.subplots(len(shown), per_class, figsize=(2.3 * per_class, 2.45 * len(shown)), squeeze=False)
+    for row, c in enumerate(shown):
+        name = classes[c]
         positions = np.flatnonzero(labels == c)
         chosen = rng.choice(positions, size=min(per_class, len(positions)), replace=False) if len(positions) else []
         for j in range(per_class):
-            ax = axes[c, j]
+            ax = axes[row, j]
             ax.set_xticks([])
             ax.set_yticks([])
             if j >= len(chosen):
@@ -116,7 +140,8 @@ def plot_prediction_grid(images: Any, rows: np.ndarray, labels: Any, probs: Any,
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4)
             ax.set_title(f"true: {name}\npred: {classes[pred]} ({probs[k, pred]:.0%})", fontsize=8, color=colour)
-    fig.suptitle("test predictions (green: right, red: wrong)", y=1.0)
+    fig.suptitle("test predictions (green: right, red: wrong)" + (
+        f"; {len(shown)} of {len(classes)} classes, the most often confused" if len(shown) < len(classes) else ""), y=1.0)
     fig.tight_layout()
     return save_figure(fig, path)
 

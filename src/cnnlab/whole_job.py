@@ -110,9 +110,9 @@ def trained_or_resumed(out: Path, name: str, common: Common, **config: Any) -> t
     folder = RunFolder(out / "runs" / name)
     if folder.finished:
         return Run(folder.path), "done before"
-    if folder.resumable:
+    if folder.resumable:  # the data where it is now: the folder may have moved to another machine
         return train(resume=folder.path, progress=common.progress, log=common.say, raise_interrupt=True,
-                     **common.config_values()), "resumed"
+                     data=config["data"], **common.config_values()), "resumed"
     return train(out=str(out / "runs"), name=name, progress=common.progress, log=common.say, raise_interrupt=True,
                  **config), "trained"
 

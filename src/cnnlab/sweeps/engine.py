@@ -35,7 +35,7 @@ from ..data import DeviceCache
 from ..errors import CnnlabError, ConfigError, StorageError
 from ..io import atomic_write_json, atomic_write_text
 from ..models import check_config
-from ..training import fit
+from ..training import check_outside_the_data, fit
 from .schema import Sweep, SweepError
 from .storage import make_storage, mask
 
@@ -184,6 +184,27 @@ def runnable_points(sweep: Sweep, base: dict[str, Any]) -> tuple[list[tuple[int,
     return points, dropped
 
 
+def none_can_run(sweep: Sweep, base: dict[str, Any], samples: int = 200) -> str | None:
+    """Why no combination of the sweep can run with these base flags (the most frequent reason), or None as soon as
+    one can: the grid's points in order, or `samples` points drawn as a random search draws them (an in-memory
+    study: nothing written). Asked before a sweep starts, so such a space is refused at once, not after minutes
+    of sampling combinations that cannot run."""
+    reasons: dict[str, int] = {}
+    if sweep.method == "grid":
+        names = list(sweep.params)
+        draws: Iterator[dict[str, Any]] = (dict(zip(names, combo))
+                                           for combo in itertools.product(*(sweep.params[n].values for n in names)))
+    else:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        draws = (suggest(study.ask(), sweep) for _ in range(samples))
+    for values in draws:
+        problem = known_problem(base, values)
+        if problem is None:
+            return None
+        reasons[problem] = reasons.get(problem, 0) + 1
+    return max(reasons, key=reasons.get) if reasons else None
+
+
 def queue_grid(study: Any, sweep: Sweep, progress: bool = False, log: Callable[[str], None] = print,
                base: dict[str, Any] | None = None) -> int:
     """Queue every runnable grid point the study does not hold yet (each carries its `grid_index`), then mark the
@@ -230,7 +251,9 @@ def grid_point_taken(study: Any, number: int, index: int) -> bool:
 
 
 SEARCH_KEYS = ("method", "metric", "parameters", "early_terminate")  # what defines a study's search
-MACHINE_KEYS = ("cache_dir", "decode_workers", "device")  # may differ from process to process of one sweep
+# may differ from process to process of one sweep (the data folder: its path on each machine, or after a move;
+# each trial's split.json names its files relative to it)
+MACHINE_KEYS = ("cache_dir", "data", "decode_workers", "device")
 
 
 def refuse_changes(what: str, before: dict[str, Any], now: dict[str, Any], keys: Any, name: str) -> None:
@@ -412,6 +435,12 @@ def prepare_sweep(sweep: Sweep, base: dict[str, Any], folder: Path, storage_url:
     joined, refusing base flags that differ from the ones it began with. What every sweep process does first,
     and what a launcher of worker processes does once before it starts them."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our own one line, not Optuna's traceback
+    check_outside_the_data(make_config(base, {"out": str(folder)}))  # refusals first: nothing is written before them
+    why = none_can_run(sweep, base)
+    if why is not None:
+        kind = "grid point" if sweep.method == "grid" else "sampled combination"
+        raise SweepError(f"sweep '{sweep.name}': no {kind} can run with these flags ({why}): change the sweep file's "
+                         "values or the base flags")
     folder.mkdir(parents=True, exist_ok=True)
     base_cfg = make_config(base, {k: p.values[0] for k, p in sweep.params.items() if p.distribution == "constant"})
     epochs = base_cfg.epochs if "epochs" not in sweep.params or sweep.params["epochs"].distribution == "constant" else None
