@@ -133,27 +133,37 @@ def test_a_journal_with_a_torn_last_line_takes_the_next_trials(tiny_data, tmp_pa
     assert main(["sweep-report", str(tmp_path / "sweeps" / "torn")]) == 0
 
 
+def leaves(need: int) -> list[int]:
+    """Free space to leave on the disk so that it fills at a different write each time: the first pages (the lock,
+    the journal, config.yaml, split.json, the first checkpoint), the middle, and the last pages (the last metrics
+    line, summary.json): what the whole uninterrupted job wrote, `need`, less a few pages."""
+    page = 4096
+    return sorted({0, page, 2 * page, 4 * page, need // 2, need - 3 * page, need - 2 * page})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cut", [0.45, 0.75, 0.97])
 def test_a_sweep_that_fills_the_disk_stops_in_one_line_and_its_rerun_ends_as_an_uninterrupted_one(
-        tiny_data, tmp_path, small_disk, capsys, cut):
-    """The disk fills at a different write for each `cut` (a share of what the whole sweep writes): a trial's
-    checkpoint, its metrics, the journal. Then space is freed and the same command finishes the grid; every point's
-    value is the uninterrupted sweep's. Before: the journal was torn for good, and a failed point never ran again."""
+        tiny_data, tmp_path, small_disk, capsys):
+    """The disk fills at a different write each time (the journal, sweep.yaml, a trial's files, a checkpoint, a
+    metrics line, summary.json); space is freed and the same command finishes the grid, every point's value the
+    uninterrupted sweep's. Before: the journal was torn for good, and a failed point never ran again."""
     path, cache = grid(tmp_path, "full"), tmp_path / "cache"
     assert main(sweep_argv(path, tiny_data, tmp_path / "reference", cache)) == 0
     reference = values_by_point(tmp_path / "reference" / "full", "full")
-    need = used_bytes(tmp_path / "reference" / "full")
-    small_disk.fill(leave=int(need * cut))
-    argv = sweep_argv(path, tiny_data, small_disk.root / "sweeps", cache)
-    capsys.readouterr()
-    assert main(argv) == 2
-    line = one_line(capsys)
-    assert "No space left" in line and "free some disk space" in line, line
-    small_disk.empty()
-    assert main(argv) == 0
-    assert values_by_point(small_disk.root / "sweeps" / "full", "full") == reference
-    assert main(["sweep-report", str(small_disk.root / "sweeps" / "full")]) == 0
+    failed_at = set()
+    for i, leave in enumerate(leaves(used_bytes(tmp_path / "reference" / "full"))):
+        small_disk.fill(leave)
+        argv = sweep_argv(path, tiny_data, small_disk.root / f"sweeps-{i}", cache)
+        capsys.readouterr()
+        assert main(argv) == 2, leave
+        line = one_line(capsys)
+        assert "No space left" in line and "free some disk space" in line and str(small_disk.root) in line, line
+        failed_at.add(line.split(str(small_disk.root))[1].split()[0])
+        small_disk.empty()
+        assert main(argv) == 0
+        assert values_by_point(small_disk.root / f"sweeps-{i}" / "full", "full") == reference
+        shutil.rmtree(small_disk.root / f"sweeps-{i}")
+    assert len(failed_at) >= 5, failed_at  # that many different writes
 
 
 # ---- an evaluation ----------------------------------------------------------------------------------------------
@@ -199,13 +209,14 @@ def test_an_evaluation_the_full_disk_stops_is_not_done_and_its_rerun_gives_the_s
     reference_run = shutil.copytree(trained, tmp_path / "reference")
     assert main(argv(reference_run)) == 0
     reference = json.loads((reference_run / "eval" / "metrics.json").read_text())
-    need = used_bytes(reference_run / "eval")
-    for cut in (0.1, 0.5, 0.9):  # the disk fills at the confusion matrix, the grid, the mistakes
-        run = shutil.copytree(trained, small_disk.root / f"run-{cut}")
-        small_disk.fill(leave=int(need * cut))
+    failed_at = set()
+    for i, leave in enumerate(leaves(used_bytes(reference_run / "eval"))):  # bad files, the figures, the mistakes
+        run = shutil.copytree(trained, small_disk.root / f"run-{i}")
+        small_disk.fill(leave)
         capsys.readouterr()
         assert main(argv(run)) == 2
-        assert "No space left" in one_line(capsys)
+        assert "No space left" in (line := one_line(capsys)) and str(run) in line, line
+        failed_at.add(line.split(str(run))[1].split()[0])
         assert not RunFolder(run).evaluated and not (run / "eval" / "metrics.json").exists()  # before: done at reliability.png
         small_disk.empty()
         assert main(argv(run)) == 0
@@ -217,6 +228,7 @@ def test_an_evaluation_the_full_disk_stops_is_not_done_and_its_rerun_gives_the_s
         ledger = RunFolder(run).test_ledger
         assert all(not e.get("unreadable") for e in ledger) and len(ledger) in (1, 2)  # each time the score was seen
         shutil.rmtree(run)
+    assert len(failed_at) >= 4, failed_at
 
 
 # ---- a training run ---------------------------------------------------------------------------------------------
@@ -227,18 +239,20 @@ def test_a_training_the_full_disk_stops_resumes_to_the_uninterrupted_numbers(tin
                         "--cache_dir", str(tmp_path / "cache"), *TINY]
     assert main(argv(tmp_path / "reference")) == 0
     reference = [r["val_acc"] for r in read_jsonl(tmp_path / "reference" / "r" / "metrics.jsonl")]
-    need = used_bytes(tmp_path / "reference" / "r")
-    for cut in (0.02, 0.3, 0.6, 0.9):  # config and split, then a checkpoint or metrics line of each epoch
-        out = small_disk.root / f"runs-{cut}"
-        small_disk.fill(leave=int(need * cut))
+    failed_at = set()
+    for i, leave in enumerate(leaves(used_bytes(tmp_path / "reference" / "r"))):
+        out = small_disk.root / f"runs-{i}"
+        small_disk.fill(leave)
         capsys.readouterr()
-        assert main(argv(out)) == 2
-        assert "No space left" in one_line(capsys)
+        assert main(argv(out)) == 2, leave
+        assert "No space left" in (line := one_line(capsys)) and str(out) in line, line
+        failed_at.add(line.split(str(out))[1].split()[0])
         small_disk.empty()
         resumable = RunFolder(out / "r").resumable
         assert main(["train", "--resume", str(out / "r"), "--quiet"] if resumable else argv(out)) == 0
-        assert [r["val_acc"] for r in read_jsonl(out / "r" / "metrics.jsonl")] == reference, cut
+        assert [r["val_acc"] for r in read_jsonl(out / "r" / "metrics.jsonl")] == reference, leave
         shutil.rmtree(out)
+    assert len(failed_at) >= 5, failed_at
 
 
 # ---- flags ------------------------------------------------------------------------------------------------------

@@ -195,10 +195,16 @@ class FolderClaim:
             self._fh.close()
             raise CnnlabError(f"{self.folder} is in use by another cnnlab process (pid {holder}) writing {what}: "
                               f"wait for it to end, or {fix}") from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(f"{os.getpid()}\n")
-        self._fh.flush()
+        try:
+            self._fh.seek(0)
+            self._fh.truncate()
+            self._fh.write(f"{os.getpid()}\n")
+            self._fh.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):  # closing flushes the same bytes again
+                self._fh.close()
+            raise StorageError(f"could not write {self.folder / self.NAME} ({e.strerror or e}); nothing else was written: "
+                               "free some disk space or check the folder's permissions, then run again") from None
 
     def release(self) -> None:
         if not self._fh.closed:

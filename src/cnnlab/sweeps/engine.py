@@ -380,8 +380,8 @@ class Objective:
         except BaseException as e:  # noqa: BLE001 - recorded, then raised for Optuna to mark the trial failed
             if isinstance(e, (StorageError, OSError)):  # the disk, not the trial: it runs again, and the sweep stops
                 self.stopped_by = e if isinstance(e, StorageError) else StorageError(
-                    f"trial {trial.number} could not write its files ({e}): free some disk space, then run the same "
-                    "command again to continue")
+                    f"trial {trial.number} could not write its files in {self.folder / 'trials'} ({e.strerror or e}): "
+                    "free some disk space, then run the same command again to continue")
                 _mark_for_retry(trial, str(self.stopped_by))
                 raise
             trial.set_user_attr("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
