@@ -132,8 +132,9 @@ def test_grid_runs_each_point_once_and_reports(tiny_data, tmp_path):
     assert result.complete == 4
     study = study_of(tmp_path / "sweeps" / "grid", "grid")
     assert completed_points(study) == sorted(itertools.product((4, 8), ("relu", "gelu")))
-    for t in study.get_trials():  # each trial is a normal run folder
-        assert (Path(t.user_attrs["run_dir"]) / "best.pt").exists()
+    for t in study.get_trials():  # each trial is a normal run folder, recorded relative to the sweep folder
+        assert t.user_attrs["run_dir"] == f"trials/trial-{t.number:04d}"
+        assert (tmp_path / "sweeps" / "grid" / t.user_attrs["run_dir"] / "best.pt").exists()
     again = run_sweep(sweep, tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "sweeps" / "grid", progress=False,
                       log=lambda s: None)
     assert again.ran == 0  # resumable: a finished grid has nothing left
@@ -163,7 +164,7 @@ def test_random_respects_run_cap_and_types(tiny_data, tmp_path):
     for t in study_of(tmp_path / "sw", "rnd").get_trials():
         c = t.user_attrs["config"]
         assert isinstance(c["dense_units"], int) and isinstance(c["batch_norm"], bool) and isinstance(c["lr"], float)
-        run_cfg = yaml.safe_load((Path(t.user_attrs["run_dir"]) / "config.yaml").read_text())
+        run_cfg = yaml.safe_load((tmp_path / "sw" / t.user_attrs["run_dir"] / "config.yaml").read_text())
         assert run_cfg["dense_units"] == c["dense_units"] and run_cfg["epochs"] == 1
 
 
@@ -286,7 +287,7 @@ def test_each_worker_process_runs_on_the_gpu_it_was_given(tiny_data, tmp_path):
     assert launch_workers(load_sweep(path), base, tmp_path / "sweeps", 2, None, gpus=gpus, log=lambda s: None) == 0
     study = study_of(tmp_path / "sweeps" / "gpus", "gpus")
     # the base config reached every trial as data (no command line rebuilt from it and parsed again)
-    configs = [RunFolder(t.user_attrs["run_dir"]).config for t in study.get_trials()]
+    configs = [RunFolder(tmp_path / "sweeps" / "gpus" / t.user_attrs["run_dir"]).config for t in study.get_trials()]
     assert len(configs) == 6 and {(c.image_size, c.dense_units, c.data) for c in configs} == {(40, 16, str(tiny_data))}
     owners = [t.user_attrs["owner"] for t in study.get_trials() if "owner" in t.user_attrs]
     assert len(owners) == 6

@@ -31,11 +31,13 @@ def test_verify_trains_the_top_two_with_three_seeds_and_picks_the_best_mean(tiny
     found = swept.verification
     trials = sorted((t for t in swept.trials if t["state"] == "complete"), key=lambda t: (-t["value"], t["number"]))
     assert sorted(c["trial"] for c in found["candidates"]) == sorted(t["number"] for t in trials[:2])  # the top two
+    folder = tmp_path / "sweeps" / "small"  # verify.json's paths are of the sweep folder, wherever it is moved
     for c in found["candidates"]:
         assert c["seeds"] == [1, 2, 3] and len(c["runs"]) == 3  # each configuration with 3 new seeds
-        runs = [RunFolder(r) for r in c["runs"]]
+        assert all(r.startswith("verify/") for r in c["runs"]) and c["trial_run"].startswith("trials/")
+        runs = [RunFolder(folder / r) for r in c["runs"]]
         assert [r.config.seed for r in runs] == [1, 2, 3] and all(r.finished for r in runs)
-        trial_cfg = RunFolder(c["trial_run"]).config
+        trial_cfg = RunFolder(folder / c["trial_run"]).config
         assert all(r.config.filters == trial_cfg.filters and r.config.epochs == 2 for r in runs)  # the same config
         assert c["values"] == [max(e["val_acc"] for e in r.history) for r in runs]  # read from the runs themselves
         assert c["mean"] == statistics.mean(c["values"])
@@ -45,13 +47,13 @@ def test_verify_trains_the_top_two_with_three_seeds_and_picks_the_best_mean(tiny
     assert runner_up["versus_winner"]["p_value"] == paired_test(found["candidates"][0]["values"], runner_up["values"])
     winner = found["candidates"][0]
     chosen = max(zip(winner["values"] + [winner["search_value"]], winner["runs"] + [winner["trial_run"]]))[1]
-    assert found["model"] == chosen and swept.verified.folder == RunFolder(chosen).path
+    assert found["model"] == chosen and swept.verified.folder == folder / chosen
     assert "verified: trial" in out and (tmp_path / "sweeps" / "small" / "verify.md").read_text().count("| ") > 3
     # again: every verification run is finished, so nothing is trained twice
-    stamps = {r: (RunFolder(r).path / "best.pt").stat().st_mtime_ns for c in found["candidates"] for r in c["runs"]}
+    stamps = {r: (folder / r / "best.pt").stat().st_mtime_ns for c in found["candidates"] for r in c["runs"]}
     again = swept.verify(2, log=None)
     assert again["winner"] == found["winner"]
-    assert {r: (RunFolder(r).path / "best.pt").stat().st_mtime_ns for r in stamps} == stamps
+    assert {r: (folder / r / "best.pt").stat().st_mtime_ns for r in stamps} == stamps
 
 
 def test_the_paired_test_says_noise_from_a_real_difference():
