@@ -498,3 +498,34 @@ print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.st
     rows = list(csv.reader((tmp_path / "confusion.csv").open()))
     assert len(rows) == 301 and len(rows[0]) == 301 and rows[1][0] == "class 0"
     assert sum(int(v) for row in rows[1:] for v in row[1:]) == 900  # every test image, in the whole matrix
+
+
+@pytest.mark.slow
+def test_a_sweep_trial_cut_by_ctrl_c_runs_again_on_the_next_run(tiny_data, tmp_path):
+    """Before: only a killed trial was queued again; one stopped by Ctrl-C (or SIGTERM) stayed failed, and the grid
+    was called done without it."""
+    import signal
+    import sys
+    import time
+
+    from cnnlab.sweeps.engine import RETRY, orphans
+    from cnnlab.sweeps.report import load_study
+
+    path = tmp_path / "sig.yaml"
+    path.write_text(yaml.safe_dump({"name": "sig", "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+                                    "parameters": {"filters": {"values": [4, 6]}, "epochs": {"value": 30}}}))
+    argv = [sys.executable, "-m", "cnnlab.cli", *sweep_argv(path, tiny_data, tmp_path / "sweeps", tmp_path / "cache")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    metrics = tmp_path / "sweeps" / "sig" / "trials" / "trial-0000" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(read_jsonl(metrics)) >= 1):  # the trial trains
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert main(sweep_argv(path, tiny_data, tmp_path / "sweeps", tmp_path / "cache")) == 0
+    study = load_study(tmp_path / "sweeps" / "sig")
+    cut = study.trials[0]
+    assert cut.state.name == "FAIL" and cut.user_attrs[RETRY] == "interrupted" and 0 in orphans(study)
+    assert sorted(values_by_point(tmp_path / "sweeps" / "sig", "sig")) == [4, 6]  # both points ran to the end
