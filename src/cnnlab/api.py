@@ -29,7 +29,7 @@ from .arguments import paths as path_list
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
 from .errors import CnnlabError, ConfigError, quote
 from .options import progress_bars, silent
-from .run_folder import BEST, CONFIG, EVAL, RunFolder, inside
+from .run_folder import BEST, CONFIG, EVAL, EXPLAIN, RunFolder, inside
 
 __all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
            "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
@@ -287,7 +287,7 @@ class Run:
         where = resolve_device(device)
         loaded = load_model(self.best_checkpoint, where)
         test = load_test_images(loaded, data, _cache(cache_dir), progress=progress_bars(progress))
-        out_dir = Path(out) if out else self.best_checkpoint.parent / "explain"
+        out_dir = Path(out) if out else self.best_checkpoint.parent / EXPLAIN
         paths = explain(loaded.model, test, test.valid, ImageTransform(loaded.pre, loaded.cfg.channels_last),
                         loaded.classes, out_dir, neurons, per_neuron, seed=seed, log=log or silent, device=where)
         if self._of_best():

@@ -20,6 +20,7 @@ BEST = "best.pt"  # the weights of the best epoch (the validated ones: the avera
 LAST = "last.pt"  # the weights, optimiser and schedule after the latest epoch: what --resume continues from
 EVAL = "eval"  # `cnnlab evaluate`'s output for best.pt: metrics.json and its figures
 EVAL_METRICS = f"{EVAL}/metrics.json"
+EXPLAIN = "explain"  # `cnnlab explain`'s figures, and explain.json, written after them: the step's done mark
 TEST_LEDGER = "test_ledger.jsonl"  # one line each time a checkpoint of the folder met a test folder (cnnlab evaluate)
 TENSORBOARD = "tensorboard"  # TensorBoard's event files, with --tensorboard
 WANDB_RUN = "wandb_run.json"  # the W&B run its training logged to (id, project, mode, group), with --wandb
@@ -140,6 +141,11 @@ class RunFolder:
         figure, so its presence marks the step done, and its SHA-256 ties it to these weights."""
         metrics = self.evaluation
         return metrics is not None and not self.evaluation_is_stale(metrics)
+
+    @property
+    def explained(self) -> bool:
+        """Whether explain/ holds a whole explanation: explain.json is written after its last figure."""
+        return (self.path / EXPLAIN / "explain.json").is_file()
 
     def evaluation_is_stale(self, metrics: dict[str, Any]) -> bool:
         """Whether an evaluation of this folder's best.pt is of other weights than the best.pt here now (the run

@@ -181,7 +181,7 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
             ("done before", {}) if evaluated(best) else
             ("done", {"accuracy": best.evaluate(data, **common.for_model()).accuracy})))
         step(journal, "Part A: explain it", log, lambda: (
-            ("done before", {}) if (best.folder / "explain" / "gradcam.png").is_file() else
+            ("done before", {}) if best.files.explained else
             ("done", {"figures": sorted(str(p) for p in best.explain(data, **common.for_model()).figures.values())})))
         finetuned = part_b(out, plan, model, weights, run_config, journal, common)
         if finetuned:  # Part B's best run (by validation) taught to Part A's small CNN: its accuracy at its cost

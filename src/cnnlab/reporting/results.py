@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import from_spreadsheet_cell
-from ..run_folder import CONFIG, EVAL, RunFolder
+from ..run_folder import CONFIG, EVAL, EXPLAIN, RunFolder
 from ..visualise import plot_curves
 from .observations import compare_claim, interval_text
 from .page import claims_list, esc, figure, missing, source, table
@@ -91,7 +91,7 @@ def mistakes_block(eval_dir: Path, shown: int = 10) -> str:
 def explain_section(best: RunFolder | None) -> str:
     if best is None:
         return missing("A trained model", "cnnlab train --data ROOT")
-    folder = best.path / "explain"
+    folder = best.path / EXPLAIN
     shown = [figure(folder / "filters.png", "the first layer's filters", width=720),
              figure(folder / "guided_backprop.png", "guided back-propagation: what excites 10 neurons of the last "
                     "convolution, each on the test images it responds to most", width=760),
