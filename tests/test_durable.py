@@ -423,14 +423,20 @@ def test_an_evaluation_of_an_online_run_on_a_machine_without_a_login_succeeds_an
 
 @pytest.mark.slow
 def test_wandb_online_with_a_key_but_no_network_is_one_line_and_the_same_command_runs_again(
-        no_wandb_login, tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: as no network
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
-    argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "runs"), "--name", "r", "--epochs", "1", *TINY]
-    assert main([*argv, "--wandb", "online"]) == 2  # before: a CommError traceback
-    assert "the W&B run could not start" in (line := one_line(capsys)) and "--wandb offline" in line
-    assert main([*argv, "--wandb", "offline"]) == 0  # the folder it began is taken up again, not refused
+        no_wandb_login, tiny_data, tmp_path):
+    import sys
+
+    # a process of its own: W&B reads its init timeout once per process (its service), and this one must be short
+    env = {**os.environ, "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens there
+           "WANDB_INIT_TIMEOUT": "3"}
+    argv = [sys.executable, "-m", "cnnlab.cli", "train", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
+            "--name", "r", "--epochs", "1", "--cache_dir", str(tmp_path / "cache"), *TINY]
+    done = subprocess.run([*argv, "--wandb", "online"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr  # before: a CommError traceback
+    assert len(done.stderr.strip().splitlines()) == 1 and "the W&B run could not start" in done.stderr
+    assert "--wandb offline" in done.stderr
+    done = subprocess.run([*argv, "--wandb", "offline"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr  # the folder it began is taken up again, not refused
     assert len(read_jsonl(tmp_path / "runs" / "r" / "metrics.jsonl")) == 1
 
 

@@ -111,11 +111,11 @@ def test_a_combination_the_config_refuses_is_one_line_and_never_trained(tiny_dat
     argv = [sys.executable, "-m", "cnnlab.cli", "sweep", str(path), "--data", str(tiny_data), "--image_size=32",
             "--cache_dir", str(tmp_path / "cache"), "--sweeps_dir", str(tmp_path / "sweeps")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    said = [ln for ln in done.stdout.splitlines() if ln.startswith("dropped")]
-    assert len(said) == 1 and "dropped 1 of the grid's 1 points that cannot run" in said[0]
-    assert "finetune=head needs pretrained weights" in said[0] and "0 trials" in done.stdout
-    assert not (tmp_path / "sweeps" / "refused" / "trials").exists()
+    assert done.returncode == 2, done.stderr  # the grid's only point cannot run: the sweep is refused at once
+    said = done.stderr.strip().splitlines()
+    assert len(said) == 1 and "no grid point can run with these flags" in said[0], said
+    assert "finetune=head needs pretrained weights" in said[0]
+    assert not (tmp_path / "sweeps").exists()  # nothing written, nothing trained
 
 
 def test_predict_takes_folders_recursively_in_bounded_batches(tiny_cfg, tiny_data, tmp_path, capsys):

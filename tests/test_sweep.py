@@ -239,9 +239,10 @@ def test_random_and_bayes_skip_sampled_combinations_that_cannot_run(tiny_data, t
 def test_a_space_of_combinations_that_cannot_run_is_refused(tiny_data, tmp_path):
     path = write(tmp_path / "never.yaml", {"method": "random", "parameters": {
         "conv1_stride": {"values": [2]}, "filters": {"values": [4, 6]}, "epochs": {"value": 1}}})
-    with pytest.raises(SweepError, match="cannot run"):
+    with pytest.raises(SweepError, match="no sampled combination can run with these flags .*needs at least 64"):
         run_sweep(load_sweep(path), tiny_base(tiny_data, tmp_path / "cache"), tmp_path / "never", count=2,
-                  progress=False, log=lambda s: None, max_skips=8)  # 100 by default
+                  progress=False, log=lambda s: None, max_skips=8)
+    assert not (tmp_path / "never").exists()  # refused before the study was made
 
 
 def _sweep_cmd(path, data, tmp_path, *extra):
