@@ -28,7 +28,7 @@ SHIPPED_SWEEP = "partA.yaml"  # the assignment's Part A search space, shipped wi
 
 @dataclass
 class Plan:
-    """What the job runs; `quick` picks the smaller one (5 to 8 minutes on 2 CPU cores on ../shared grocery)."""
+    """What the job runs; `quick` picks the smaller one (4 to 8 minutes on 2 CPU cores on ../shared grocery)."""
 
     trials: int | None  # Part A trials to finish (None: until the sweep file's run_cap)
     image_size: int  # Part A's images
