@@ -138,8 +138,8 @@ def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None, folder
 
 @contextmanager
 def _queue_lock(folder: Path | None) -> Iterator[None]:
-    """One process at a time queues a grid on this machine (processes on other machines sharing an RDB study
-    may queue a point twice; Objective runs such a point once)."""
+    """One process at a time queues a grid, or the trials stopped from outside, on this machine (processes on other
+    machines sharing an RDB study may queue a point twice; Objective runs such a point once)."""
     if folder is None:
         yield
         return
@@ -464,7 +464,8 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     folder = Path(folder)
     study = prepare_sweep(sweep, base, folder, storage_url, seed, progress, log)
     recover_orphans(study, log)
-    requeue_stopped(study, log)
+    with _queue_lock(folder):  # two processes of this machine starting at once queue each stopped trial once
+        requeue_stopped(study, log)
     if count is None and sweep.run_cap is None and sweep.method != "grid":
         raise CnnlabError("random and bayes sweeps need --count or run_cap in the sweep file")
     result, start = SweepResult(folder, metric=sweep.metric), time.perf_counter()
