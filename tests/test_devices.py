@@ -94,14 +94,23 @@ def test_precision_on_cpus_and_mps():
     assert FIELDS["precision"].metadata["choices"] == PRECISIONS  # the config's choices are the policy's
 
 
-def test_this_machines_facts_and_the_policy_they_imply():
-    facts = device_facts(torch.device("cpu"))
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    native = bool({"avx512_bf16", "amx_bf16"} & set(flags))
-    if os.environ.get("CNNLAB_CPU_BF16"):  # the suite run as the other CPU kind
-        native = os.environ["CNNLAB_CPU_BF16"] == "1"
-    assert facts == DeviceFacts("cpu", cpu_bf16=native)
-    assert precision_policy("auto", facts).name == ("bf16" if native else "fp32")
+def test_the_cpu_kinds_by_their_flags_and_the_policy_each_implies(monkeypatch):
+    from cnnlab.hardware import flags_have_bf16
+
+    # flag sets as /proc/cpuinfo shows them (abridged): an AVX2-only EPYC, an AVX-512 Skylake without bf16, a Zen 4
+    # or Cooper Lake with AVX512-BF16, a Sapphire Rapids with AMX
+    kinds = {"avx2 fma sse4_2": False, "avx2 avx512f avx512bw avx512vl": False,
+             "avx2 avx512f avx512_bf16": True, "avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8": True,
+             "amx_bf16 amx_tile": True, "": False}
+    for flags, native in kinds.items():
+        assert flags_have_bf16(set(flags.split())) is native, flags
+        assert precision_policy("auto", DeviceFacts("cpu", cpu_bf16=native)).name == ("bf16" if native else "fp32")
+    for override, native in (("1", True), ("0", False)):  # the suite run as the other CPU kind
+        monkeypatch.setenv("CNNLAB_CPU_BF16", override)
+        assert device_facts(torch.device("cpu")) == DeviceFacts("cpu", cpu_bf16=native)
+    monkeypatch.setenv("CNNLAB_CPU_BF16", "yes")
+    with pytest.raises(ConfigError, match="expected 1"):
+        device_facts(torch.device("cpu"))
 
 
 def test_decoder_and_data_placement_by_device():
@@ -270,23 +279,29 @@ def test_the_suite_and_the_processes_it_starts_compute_on_the_cpu():
 
 def test_deterministic_sets_every_switch_both_ways(monkeypatch):
     """What --deterministic changes for a CUDA run (PyTorch's switches exist without a GPU); the next run of a sweep
-    process, without it, gets them back."""
+    process, without it, gets them back; and the test leaves the session's environment as it found it."""
     from cnnlab.hardware import CUBLAS_WORKSPACE, configure_backends
 
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    session = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
               torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
-        configure_backends(torch.device("cuda"), deterministic=True)
-        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
-        configure_backends(torch.device("cuda"), deterministic=False)
-        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
-        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-        configure_backends(torch.device("cpu"), deterministic=True)  # the CPU repeats as it is: nothing set
-        assert not torch.are_deterministic_algorithms_enabled()
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.allow_tf32) = before[1:]
+    # set, then deleted: monkeypatch records the variable's state before (a bare delenv of a variable that is absent
+    # records nothing, and the one configure_backends sets leaked into the rest of the session)
+    with monkeypatch.context() as patched:
+        patched.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+        patched.delenv("CUBLAS_WORKSPACE_CONFIG")
+        try:
+            configure_backends(torch.device("cuda"), deterministic=True)
+            assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+            assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+            configure_backends(torch.device("cuda"), deterministic=False)
+            assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+            assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+            configure_backends(torch.device("cpu"), deterministic=True)  # the CPU repeats as it is: nothing set
+            assert not torch.are_deterministic_algorithms_enabled()
+        finally:
+            torch.use_deterministic_algorithms(before[0])
+            (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32) = before[1:]
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == session  # before: CUBLAS_WORKSPACE_CONFIG stayed set

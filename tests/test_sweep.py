@@ -340,7 +340,7 @@ def postgres():
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
         missing_component("PostgreSQL's server binaries", ".ci/run installs Debian's postgresql")
-    pytest.importorskip("psycopg")
+    import psycopg  # noqa: F401 - declared in dev: an import error fails, never skips
     root = Path(tempfile.mkdtemp(prefix="cnnlab-pg-"))
     as_user = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root

@@ -4,7 +4,6 @@ validation accuracy and tested against each runner-up; the model for the test fo
 from __future__ import annotations
 
 import json
-import statistics
 
 import yaml
 
@@ -40,11 +39,18 @@ def test_verify_trains_the_top_two_with_three_seeds_and_picks_the_best_mean(tiny
         trial_cfg = RunFolder(folder / c["trial_run"]).config
         assert all(r.config.filters == trial_cfg.filters and r.config.epochs == 2 for r in runs)  # the same config
         assert c["values"] == [max(e["val_acc"] for e in r.history) for r in runs]  # read from the runs themselves
-        assert c["mean"] == statistics.mean(c["values"])
+        assert abs(c["mean"] - (c["values"][0] + c["values"][1] + c["values"][2]) / 3) < 1e-12
     means = {c["trial"]: c["mean"] for c in found["candidates"]}
     assert found["winner"] == max(means, key=lambda t: (means[t], -t))  # the best mean of validation accuracy
     runner_up = found["candidates"][1]
-    assert runner_up["versus_winner"]["p_value"] == paired_test(found["candidates"][0]["values"], runner_up["values"])
+    # by hand: the paired t statistic over the 3 seeds and its two-sided p-value on 2 degrees of freedom, whose t
+    # distribution has the closed form P(|T| > t) = 1 - t / sqrt(t^2 + 2)
+    d = [a - b for a, b in zip(found["candidates"][0]["values"], runner_up["values"])]
+    mean_d = sum(d) / 3
+    sd = (sum((x - mean_d) ** 2 for x in d) / 2) ** 0.5
+    expected = (1.0 if mean_d == 0 else 0.0) if sd < 1e-9 else 1 - abs(mean_d / (sd / 3 ** 0.5)) / (
+        (mean_d / (sd / 3 ** 0.5)) ** 2 + 2) ** 0.5
+    assert abs(runner_up["versus_winner"]["p_value"] - expected) < 1e-9
     winner = found["candidates"][0]
     chosen = max(zip(winner["values"] + [winner["search_value"]], winner["runs"] + [winner["trial_run"]]))[1]
     assert found["model"] == chosen and swept.verified.folder == folder / chosen
@@ -54,6 +60,12 @@ def test_verify_trains_the_top_two_with_three_seeds_and_picks_the_best_mean(tiny
     again = swept.verify(2, log=None)
     assert again["winner"] == found["winner"]
     assert {r: (folder / r / "best.pt").stat().st_mtime_ns for r in stamps} == stamps
+
+
+def test_the_paired_test_against_a_hand_computed_value():
+    # differences 0.10, 0.15, 0.05: mean 0.1, sd 0.05, t = 0.1 / (0.05 / sqrt 3) = sqrt 12 on 2 degrees of freedom,
+    # two-sided p = 1 - sqrt(12) / sqrt(14) = 0.0741799...
+    assert abs(paired_test([0.5, 0.6, 0.7], [0.4, 0.45, 0.65]) - (1 - (12 / 14) ** 0.5)) < 1e-9
 
 
 def test_the_paired_test_says_noise_from_a_real_difference():

@@ -53,6 +53,11 @@ def cpu_has_bf16() -> bool:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
+    return flags_have_bf16(flags)
+
+
+def flags_have_bf16(flags: set[str]) -> bool:
+    """Whether a CPU with these /proc/cpuinfo flags computes bf16 natively: AVX512-BF16 or AMX's bf16 tiles."""
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
