@@ -79,27 +79,37 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     was; a torn last line that a kill left (no newline) is ended first, so the new line never joins it: the torn
     one is then one unreadable line that `read_jsonl` counts and skips, never glued to a good one."""
     line = (json.dumps(record) + "\n").encode("utf-8", "surrogateescape")
+    append_whole(path, b"\n" + line if _ends_torn(path) else line, "the lines before are kept")
+
+
+def append_whole(path: str | Path, data: bytes, kept: str) -> None:
+    """`data` appended to `path`, flushed and synced, whole or not at all: a write that fails (a full disk) is cut
+    back off, so the file ends as it was, and is one StorageError naming the file and what is `kept`."""
     size = None
     try:
         with open(path, "ab") as fh:
             size = fh.seek(0, os.SEEK_END)
-            if size and _last_byte(path) != b"\n":
-                line = b"\n" + line
-            fh.write(line)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as e:
         if size is not None:
             with contextlib.suppress(OSError):
-                os.truncate(path, size)  # the part of the line that made it to the disk: gone again
-        raise StorageError(f"could not append to {path} ({e.strerror or e}); the lines before are kept: free some "
-                           "disk space or check the folder's permissions, then run again") from None
+                os.truncate(path, size)  # the part that made it to the disk: gone again
+        raise StorageError(f"could not append to {path} ({e.strerror or e}); {kept}: free some disk space or check "
+                           "the folder's permissions, then run the same command again") from None
 
 
-def _last_byte(path: str | Path) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1)
+def _ends_torn(path: str | Path) -> bool:
+    """Whether the file's last line lacks its newline (a kill in the middle of an append)."""
+    try:
+        with open(path, "rb") as fh:
+            if not fh.seek(0, os.SEEK_END):
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

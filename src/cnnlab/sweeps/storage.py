@@ -12,7 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import CnnlabError, StorageError
+from ..errors import CnnlabError
+from ..io import append_whole
 
 JOURNAL = "journal.log"  # a sweep folder's study, when no RDB URL is given
 STORAGE_VARIABLE = "CNNLAB_STORAGE"  # an RDB URL in the environment keeps its password out of `ps`
@@ -71,29 +72,19 @@ def journal_file(path: Path) -> Any:
             data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode("utf-8")
             self.lock.acquire()
             try:
-                size = repair_torn_tail(self.path)
-                try:
-                    with open(self.path, "ab") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                except OSError as e:
-                    with contextlib.suppress(OSError):
-                        os.truncate(self.path, size)
-                    raise StorageError(f"could not write the sweep's journal {self.path} ({e.strerror or e}); its "
-                                       "trials so far are kept: free some disk space, then run the same command "
-                                       "again to continue") from None
+                repair_torn_tail(self.path)
+                append_whole(self.path, data, "the sweep's trials so far are kept in its journal")
             finally:
                 self.lock.release()
 
     return SafeJournalFile(path)
 
 
-def repair_torn_tail(path: Path) -> int:
-    """Cut a journal back to its last whole line (the torn bytes appended to `path`.torn, for the record); returns
-    its size after. A journal's lines are whole records, so nothing before the last newline is touched."""
+def repair_torn_tail(path: Path) -> None:
+    """Cut a journal back to its last whole line (the torn bytes appended to `path`.torn, for the record). A
+    journal's lines are whole records, so nothing before the last newline is touched."""
     if not path.exists() or not path.stat().st_size:
-        return 0
+        return
     with open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
         end = size
@@ -102,7 +93,7 @@ def repair_torn_tail(path: Path) -> int:
             f.seek(start)
             block = f.read(end - start)
             if start + len(block) == size and block.endswith(b"\n"):
-                return size
+                return
             newline = block.rfind(b"\n")
             if newline >= 0:
                 end = start + newline + 1
@@ -114,4 +105,3 @@ def repair_torn_tail(path: Path) -> int:
             with open(path.with_name(path.name + ".torn"), "ab") as kept:
                 kept.write(torn + b"\n")
         f.truncate(end)
-    return end
