@@ -362,6 +362,7 @@ def test_an_assignment_folder_moved_or_unzipped_elsewhere_reports_and_resumes_th
     assert main(["report", str(unzipped / "asg"), "--out", str(unzipped / "report")]) == 0
     page = (unzipped / "report" / "index.html").read_text()
     assert str(tmp_path / "asg" / "") not in page and "asg-moved" not in page  # a copy shows its own files
+    assert f"cnnlab train --config {unzipped / 'asg' / 'runs' / 'partB-head' / 'config.yaml'} --name partB-head-again" in page
     from cnnlab.sweeps.report import finished_trials, load_study
 
     assert len(finished_trials(load_study(unzipped / "asg" / "sweeps" / "partA"))) == 3  # it went on there

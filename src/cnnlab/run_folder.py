@@ -175,6 +175,13 @@ class RunFolder:
         return bool(seen) and best.is_file() and any(e["sha256"] != sha256_of(best) for e in seen)
 
 
+def again_command(run_dir: Path) -> str:
+    """The command that trains the run in `run_dir` again, under a new name: its config.yaml, read from there."""
+    import shlex
+
+    return f"cnnlab train --config {shlex.quote(str(Path(run_dir) / CONFIG))} --name {shlex.quote(Path(run_dir).name)}-again"
+
+
 def recorded_path(folder: Path, path: Path) -> str:
     """How a folder (a sweep's, an assignment's) records one of its own sub-folders: relative to itself, so the
     record still holds when the folder is moved, copied or unzipped elsewhere."""

@@ -85,7 +85,7 @@ from .models import (
     whiten_first_conv,
 )
 from .preprocess import Preprocess
-from .run_folder import CONFIG, LAST, METRICS, SUMMARY, is_better
+from .run_folder import CONFIG, LAST, METRICS, SUMMARY, again_command, is_better
 from .sources import EpochData, ImageSource
 
 __all__ = ["fit", "FitResult", "StopTraining", "TrainingDiverged", "OutOfMemory", "Callback", "train_one_epoch"]
@@ -712,8 +712,7 @@ def provenance(run: TrainingState, device: torch.device) -> dict[str, Any]:
     cfg = run.cfg
     return {**environment(device, cfg.precision, cfg.decoder, cfg.resolved_cache_dir()), "seed": cfg.seed,
             "argv": " ".join(shlex.quote(a) for a in sys.argv),
-            "reproduce": f"cnnlab train --config {shlex.quote(str(run.run_dir / 'config.yaml'))} "
-                         f"--name {shlex.quote(run.run_dir.name)}-again"}
+            "reproduce": again_command(run.run_dir)}
 
 
 def write_summary(run: TrainingState, plan: TrainablePlan, status: str, setup_seconds: float, device: torch.device,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import from_spreadsheet_cell
-from ..run_folder import CONFIG, EVAL, EXPLAIN, RunFolder
+from ..run_folder import EVAL, EXPLAIN, RunFolder, again_command
 from ..visualise import plot_curves
 from .observations import compare_claim, interval_text
 from .page import claims_list, esc, figure, missing, source, table
@@ -175,13 +175,6 @@ def precision_name(value: object) -> str:
     return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(value), str(value))
 
 
-def again_command(run: RunFolder) -> str:
-    """How to train a run again, from where its folder is now (the one recorded at training names where it was)."""
-    import shlex
-
-    return f"cnnlab train --config {shlex.quote(str(run.file(CONFIG)))} --name {shlex.quote(run.name)}-again"
-
-
 def reproducibility_section(runs: list[RunFolder], report_argv: str) -> str:
     rows, machine = [], None
     for r in runs:
@@ -192,7 +185,8 @@ def reproducibility_section(runs: list[RunFolder], report_argv: str) -> str:
             continue
         v, machine = prov["versions"], prov["machine"]
         rows.append([r.name, v.get("cnnlab"), v.get("torch"), r.summary.get("device"), precision_name(r.summary.get("precision")),
-                     v.get("timm", "-"), prov.get("seed"), again_command(r)])
+                     v.get("timm", "-"), prov.get("seed"),
+                     again_command(r.path)])  # from where the folder is now: the recorded one names where it was
     text = table(["run", "cnnlab", "torch", "device", "precision", "timm", "seed", "to train it again"], rows)
     if machine:
         text += (f"<p>machine: {esc(machine.get('cpu'))}, {esc(machine.get('cores'))} cores, CPU flags "
