@@ -16,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from .checkpoint import make_checkpoint, save_checkpoint
 from .config import Config
-from .errors import CnnlabError, ConfigError
+from .errors import CnnlabError, ConfigError, first_line
 from .io import append_jsonl
 from .preprocess import Preprocess
 from .run_folder import BEST, LAST, METRICS, TENSORBOARD
@@ -162,8 +162,7 @@ class WandbTracker(Callback):
                                         group=self.group, mode=None if agent else self.mode, dir=str(run.run_dir),
                                         config=run.cfg.to_dict(), reinit="create_new")
         except Exception as e:  # noqa: BLE001 - no network, a key W&B refuses: its own error classes, one line here
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CnnlabError(f"wandb={self.mode}: the W&B run could not start ({why}); no epoch was trained: check "
+            raise CnnlabError(f"wandb={self.mode}: the W&B run could not start ({first_line(e)}); no epoch was trained: check "
                               "the network and the login (`wandb login`), or use --wandb offline and `wandb sync` the run "
                               "folder later; then run the same command again") from None
         remember_wandb_run(run.run_dir, self.wandb_run, self.group)  # evaluate and explain log to it later

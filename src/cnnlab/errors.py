@@ -17,6 +17,12 @@ class StorageError(CnnlabError):
     """A file could not be written (disk full, quota, permissions, an I/O error); what was there is kept."""
 
 
+def first_line(e: BaseException) -> str:
+    """What an exception says, on one line: its message's first line, or its class's name where it says nothing."""
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def quote(value: object, limit: int = 80) -> str:
     """repr(value) for an error message, at most about `limit` characters however large the value is (a YAML
     value of millions of items is abridged while it is printed, never printed whole first)."""

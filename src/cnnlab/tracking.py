@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .errors import first_line
 from .io import atomic_write_json
 from .run_folder import BEST, TENSORBOARD, WANDB_RUN, RunFolder
 
@@ -64,8 +65,7 @@ def resumed_wandb_run(folder: RunFolder, what: str, log: Callable[[str], None]) 
         wandb_run = wandb.init(id=ids["id"], project=ids["project"], mode=ids["mode"], group=ids.get("group"),
                                resume="allow", dir=str(folder.path), reinit="create_new")
     except Exception as e:  # noqa: BLE001 - W&B's errors (UsageError, CommError, ...) end in its own classes
-        log(f"{not_logged} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): {NO_LOGIN_FIX}, then run the "
-            "command again")
+        log(f"{not_logged} ({first_line(e)}): {NO_LOGIN_FIX}, then run the command again")
         yield None
         return
     try:

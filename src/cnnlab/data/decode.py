@@ -10,6 +10,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import first_line
+
 DECODE_VERSION = 2  # bump when decoding changes, so old caches are not reused (2: EXIF orientation applied)
 ORIENTATION = 0x0112  # the EXIF tag a phone sets for a photo taken in portrait (6, 8) or upside down (3)
 
@@ -148,7 +150,7 @@ def image_from_array(a: np.ndarray) -> Image.Image:
 
 
 def describe_error(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = first_line(e)
     if isinstance(e, Image.DecompressionBombWarning | Image.DecompressionBombError):
         return f"image too large to decode safely ({text})"
     if isinstance(e, NotAnImageFile | UnsupportedFormat):

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .parts import ModelParts
 from .plan import TrainablePlan, stages
 from .pretrained import torchvision_names, weights_file
@@ -59,7 +59,7 @@ def _refusal(module: Any, size: int) -> str | None:
         with torch.no_grad():
             module(torch.zeros(1, 3, size, size))
     except Exception as e:  # noqa: BLE001 - whatever the architecture raises: an assertion, a kernel too large
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return first_line(e)
     return None
 
 
