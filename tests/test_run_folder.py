@@ -15,7 +15,6 @@ from cnnlab.comparison import run_row
 from cnnlab.config import make_config
 from cnnlab.reporting import write_report
 from cnnlab.run_folder import RunFolder, best_record, strategy_of
-from cnnlab.whole_job import evaluated
 
 
 def record(epoch: int, acc: float, loss: float) -> dict:
@@ -51,7 +50,7 @@ def test_every_reader_agrees_with_what_training_kept(trained):
     assert folder.finished and folder.resumable and folder.strategy == "scratch" and folder.is_small_cnn
     row, history = run_row(trained.folder)
     assert row["best val_acc"] == f"{folder.best_val_acc:.4f}" and len(history) == 3
-    assert not folder.evaluation_is_stale(folder.evaluation) and evaluated(trained)
+    assert not folder.evaluation_is_stale(folder.evaluation) and trained.files.evaluated
 
 
 def test_an_evaluation_of_other_weights_is_stale_for_compare_the_report_and_the_whole_job(trained, tmp_path):
@@ -61,7 +60,7 @@ def test_an_evaluation_of_other_weights_is_stale_for_compare_the_report_and_the_
     folder = RunFolder(trained.folder)
     assert folder.evaluation_is_stale(folder.evaluation)
     assert "stale" in run_row(trained.folder)[0]["test acc"]
-    assert not evaluated(trained)
+    assert not trained.files.evaluated
     page = write_report([trained.folder], tmp_path / "report").read_text()
     assert "stale: evaluated best.pt" in page
 

@@ -89,6 +89,7 @@ def resumed_teacher(teacher: str, run_dir: Path) -> Path:
 
 
 def teacher_checkpoint_path(teacher: str) -> Path:
+    """Where the checkpoint `--teacher` names would be (a run folder's best.pt, or the file), whether or not it is."""
     path = Path(teacher)
     return path / BEST if path.is_dir() else path
 

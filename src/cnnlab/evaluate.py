@@ -19,7 +19,7 @@ from .data import Batches, ImageTransform, load_images
 from .data.decode import describe_error, image_from_array, load_rgb, prepare
 from .errors import DataError
 from .hardware import autocast, autocast_dtype, decode_device, precision_for
-from .io import append_jsonl, atomic_write_json, atomic_write_text
+from .io import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text, printable, spreadsheet_cell
 from .models import create_model
 from .preprocess import Preprocess
 from .run_folder import CONFIG, EVAL, TEST_LEDGER
@@ -216,16 +216,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
 
 def write_confusion_csv(confusion: list[list[int]], classes: list[str], path: Path) -> None:
     """The whole confusion matrix, rows the true class and columns the predicted one, class names as heads."""
-    import csv
-    import io as text_io
-
-    from .io import spreadsheet_cell
-
-    buffer = text_io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["true \\ predicted", *map(spreadsheet_cell, classes)])
-    writer.writerows([spreadsheet_cell(name), *row] for name, row in zip(classes, confusion))
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, [["true \\ predicted", *map(spreadsheet_cell, classes)],
+                            *([spreadsheet_cell(name), *row] for name, row in zip(classes, confusion))])
 
 
 def record_test_use(checkpoint: Path, metrics: dict[str, Any]) -> None:
@@ -243,24 +235,15 @@ def write_mistakes(test: Any, rows: np.ndarray, logits: torch.Tensor, labels: to
                    out_dir: Path, shown: int = 16) -> int:
     """mistakes.csv (every misclassified test file: true, predicted, confidence, loss; highest loss first) and
     top_losses.png (the `shown` most confident mistakes); returns how many mistakes there are."""
-    import csv
-    import io as text_io
-
-    from .io import printable, spreadsheet_cell
-
     loss = nn.functional.cross_entropy(logits, labels, reduction="none")
     probs = logits.softmax(1)
     pred = probs.argmax(1)
     wrong = torch.nonzero(pred != labels).flatten()
     wrong = wrong[loss[wrong].argsort(descending=True)].tolist()
-    buffer = text_io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["file", "true", "predicted", "confidence", "loss"])
-    for i in wrong:
-        writer.writerow([spreadsheet_cell(printable(test.files[rows[i]])), spreadsheet_cell(classes[int(labels[i])]),
-                         spreadsheet_cell(classes[int(pred[i])]), f"{float(probs[i, pred[i]]):.4f}",
-                         f"{float(loss[i]):.4f}"])
-    atomic_write_text(out_dir / "mistakes.csv", buffer.getvalue())
+    atomic_write_csv(out_dir / "mistakes.csv", [["file", "true", "predicted", "confidence", "loss"], *(
+        [spreadsheet_cell(printable(test.files[rows[i]])), spreadsheet_cell(classes[int(labels[i])]),
+         spreadsheet_cell(classes[int(pred[i])]), f"{float(probs[i, pred[i]]):.4f}", f"{float(loss[i]):.4f}"]
+        for i in wrong)])
     top = wrong[:shown]
     plot_top_losses([test.pixels[rows[i]] for i in top],
                     [f"true: {classes[int(labels[i])]}\npred: {classes[int(pred[i])]} ({float(probs[i, pred[i]]):.0%})"

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .errors import CnnlabError, StorageError
 
@@ -225,6 +225,15 @@ class FolderClaim:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def atomic_write_csv(path: str | Path, rows: Iterable[Iterable[Any]]) -> None:
+    """A CSV file of `rows` (the head first), written whole or not at all (`atomic_write_text`)."""
+    import csv
+
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

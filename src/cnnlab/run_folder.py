@@ -165,7 +165,7 @@ class RunFolder:
         there as {"unreadable": True}."""
         records, unreadable = jsonl_lines(self.path / TEST_LEDGER)
         # a line a kill or a full disk tore, or bytes garbled since, was still a use of the test folder: counted
-        return records + [{"unreadable": True}] * unreadable
+        return records + [{"unreadable": True} for _ in range(unreadable)]
 
     def trained_after_test(self) -> bool:
         """Whether best.pt changed after its test score was seen: trained again (resumed, or replaced) since an

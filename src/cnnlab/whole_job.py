@@ -100,11 +100,6 @@ def sweep_in_processes(sweep_path: Path, folder: Path, workers: int, remaining: 
         raise CnnlabError(f"a Part A sweep worker ended with exit code {code}: rerun the same command to continue")
 
 
-def evaluated(run: Run) -> bool:
-    """Whether run/eval holds the whole test-folder evaluation of the best.pt there now (`RunFolder.evaluated`)."""
-    return run.files.evaluated
-
-
 def trained_or_resumed(out: Path, name: str, common: Common, **config: Any) -> tuple[Run, str]:
     """Run `name` in out/runs: left as it is when finished, resumed from its last.pt when not, else trained."""
     folder = RunFolder(out / "runs" / name)
@@ -178,7 +173,7 @@ def assignment(data: str | Path, out: str | Path = "assignment", *, quick: bool 
         folder = Path(journal.steps["Part A: sweep"]["folder"])
         best = part_a_model(SweepRun(folder, storage=common.storage), plan, journal, common)
         step(journal, "Part A: evaluate the best trial on the test folder", log, lambda: (
-            ("done before", {}) if evaluated(best) else
+            ("done before", {}) if best.files.evaluated else
             ("done", {"accuracy": best.evaluate(data, **common.for_model()).accuracy})))
         step(journal, "Part A: explain it", log, lambda: (
             ("done before", {}) if best.files.explained else
@@ -237,7 +232,7 @@ def distil(out: Path, student: Run, finetuned: list[Run], run_config: dict[str, 
     def work() -> tuple[str, dict[str, Any]]:
         run, state = trained_or_resumed(out, "distilled", common, **{**values, **run_config,
                                                                      "teacher": str(teacher.folder)})
-        if not evaluated(run):
+        if not run.files.evaluated:
             run.evaluate(run_config["data"], **common.for_model())
         done.append(load(run.folder))
         return state, {"run": str(run.folder), "teacher": str(teacher.folder)}
@@ -265,7 +260,7 @@ def part_b(out: Path, plan: Plan, model: str, weights: str | None, run_config: d
         def work(strategy: str = strategy, epochs: int = epochs, extra: dict[str, Any] = extra) -> tuple[str, dict[str, Any]]:
             run, state = trained_or_resumed(out, f"partB-{strategy}", common, model=model, weights=weights,
                                             finetune=strategy, epochs=epochs, **extra, **run_config)
-            if not evaluated(run):
+            if not run.files.evaluated:
                 run.evaluate(run_config["data"], **common.for_model())
             runs.append(load(run.folder))
             return state, {"run": str(run.folder)}
