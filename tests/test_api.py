@@ -68,7 +68,7 @@ def test_bad_keywords_raise_the_cli_s_errors(tiny_data, tmp_path):
 
 
 def test_a_keyboard_interrupt_ends_training_with_the_run_resumable(tiny_data, tmp_path):
-    from cnnlab.callbacks import Callback
+    from cnnlab.trainer import Callback
 
     class StopButton(Callback):  # what a notebook's stop button does: KeyboardInterrupt in the running cell
         def on_epoch_end(self, run, record):

@@ -119,13 +119,13 @@ class InputProbe(torch.nn.Module):
         return x.flatten(1)
 
 
-def views_side_by_side(ready, seed):
+def views_side_by_side(run, seed):
     """Each batch's view as the student's step makes it, as the online teacher is given it, and (a yardstick) the
     same images in views drawn by another generator."""
     aug, other = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    for x, y, seen_by_teacher in ready.teacher.alongside(ready.source.train.epoch(seed), seed, aug):
-        student_view = ready.source.transform(x, aug).clone()  # what train_step does next, drawing from aug
-        yield student_view, seen_by_teacher, ready.source.transform(x, other).clone()
+    for x, y, seen_by_teacher in run.online_teacher.alongside(run.source.train.epoch(seed), seed, aug):
+        student_view = run.source.transform(x, aug).clone()  # what the trainer's step does next, drawing from aug
+        yield student_view, seen_by_teacher, run.source.transform(x, other).clone()
 
 
 @pytest.mark.parametrize("teacher_size", [32, 48])
@@ -134,14 +134,14 @@ def test_the_online_teacher_sees_the_students_view(tiny_cfg, teacher_size):
 
     teacher = fit(tiny_cfg(name=f"t{teacher_size}", image_size=teacher_size, epochs=1), progress=False,
                   log=lambda s: None).run_dir
-    ready = prepare(tiny_cfg(name="student", teacher=str(teacher), distill_mode="online"), progress=False,
-                    log=lambda s: None)
+    run = prepare(tiny_cfg(name="student", teacher=str(teacher), distill_mode="online"), progress=False,
+                  log=lambda s: None)
     try:
-        ready.teacher.loaded.model = InputProbe()
-        views = list(views_side_by_side(ready, seed=5))
+        run.online_teacher.loaded.model = InputProbe()
+        views = list(views_side_by_side(run, seed=5))
     finally:
-        ready.claim.release()
-    assert len(views) == len(ready.source.train) >= 2
+        run.claim.release()
+    assert len(views) == len(run.source.train) >= 2
     near = far = 0.0
     for student_view, teacher_input, other_view in views:
         teacher_view = teacher_input.view(len(student_view), 3, teacher_size, teacher_size)

@@ -39,10 +39,11 @@ def test_ctrl_c_during_the_cache_build_ends_promptly_without_a_traceback(big_pho
 
 
 def test_runs_started_together_never_share_a_folder(tiny_cfg, tmp_path):
-    from cnnlab.training import claim_folder, default_run_name, fit
+    from cnnlab.run_folder import claim_free_name, default_run_name
+    from cnnlab.training import fit
 
-    first = claim_folder(tmp_path / "runs" / "same-second")
-    assert claim_folder(tmp_path / "runs" / "same-second") == first.with_name("same-second-2")
+    first = claim_free_name(tmp_path / "runs" / "same-second")
+    assert claim_free_name(tmp_path / "runs" / "same-second") == first.with_name("same-second-2")
     a, b = (fit(tiny_cfg(name="", epochs=1), progress=False) for _ in range(2))
     assert a.run_dir != b.run_dir and (a.run_dir / "summary.json").exists() and (b.run_dir / "summary.json").exists()
     # the bug CI met: a finished run already holds the made-up name of this very second (and of the next few)

@@ -16,14 +16,14 @@ def test_the_range_test_restores_weights_and_optimiser_bit_for_bit(tiny_cfg):
     from cnnlab.training import prepare
 
     cfg = tiny_cfg(name="probe", optimizer="adamw", precision="fp32")
-    ready = prepare(cfg, progress=False, log=lambda s: None)
-    weights = copy.deepcopy(ready.parts.module.state_dict())
-    optimiser = copy.deepcopy(ready.optimizer.state_dict())
-    result = range_test(cfg, 1e-5, 1.0, 30, progress=False, log=lambda s: None, ready=ready)
-    after = ready.parts.module.state_dict()
+    run = prepare(cfg, progress=False, log=lambda s: None)
+    weights = copy.deepcopy(run.model.state_dict())
+    optimiser = copy.deepcopy(run.optimizer.state_dict())
+    result = range_test(cfg, 1e-5, 1.0, 30, progress=False, log=lambda s: None, run=run)
+    after = run.model.state_dict()
     assert all(torch.equal(weights[k], after[k]) for k in weights)  # bit for bit (batch-norm statistics too)
-    assert ready.optimizer.state_dict()["state"] == optimiser["state"] == {}
-    assert [g["lr"] for g in ready.optimizer.state_dict()["param_groups"]] == [g["lr"] for g in optimiser["param_groups"]]
+    assert run.optimizer.state_dict()["state"] == optimiser["state"] == {}
+    assert [g["lr"] for g in run.optimizer.state_dict()["param_groups"]] == [g["lr"] for g in optimiser["param_groups"]]
     assert 5 <= len(result.lrs) <= 30 and min(result.lrs) <= result.steepest <= max(result.lrs)
     # by hand: the rates grow geometrically from 1e-5 to 1.0 over 30 steps; fastai's debiased moving average
     # (beta 0.9) of the raw losses; the suggestion half the rate at its lowest point, min/10 a tenth of it

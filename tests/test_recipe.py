@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnnlab.config import make_config
 from cnnlab.data.demo import make_demo_data
 from cnnlab.evaluate import predict_logits
-from cnnlab.training import Callback, StopTraining, fit, make_scheduler, train_one_epoch, warmup_cosine
+from cnnlab.training import Callback, StopTraining, fit, make_scheduler, warmup_cosine
 
 
 def test_warmup_rises_linearly_then_cosine_falls_to_zero():
@@ -51,20 +50,25 @@ def test_label_smoothing_is_the_loss_the_config_names():
     assert torch.isclose(smooth(logits, target), expected)
 
 
-def test_ema_after_every_step_is_the_decayed_average_of_the_weights():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
-    seen = []
-    train_one_epoch(model, batches, lambda x, g: x, opt, None, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
-                    None, None, after_step=lambda: (ema.update_parameters(model), seen.append(model.weight.detach().clone())))
-    expected = seen[0]  # the first update takes the weights as they are, then each step decays
-    for w in seen[1:]:
+def test_ema_after_every_step_is_the_decayed_average_of_the_weights(tiny_cfg):
+    class Weights(Callback):  # after each step (and the moving average's update): the last layer's weights
+        def __init__(self):
+            self.seen, self.average = [], None
+
+        def on_step_end(self, run, loss, images):
+            self.seen.append(list(run.model.parameters())[-2].detach().clone())
+
+        def on_fit_end(self, run):
+            self.average = list(run.ema.module.parameters())[-2].detach().clone()
+
+    weights = Weights()
+    fit(tiny_cfg(ema=0.9, epochs=1, name="ema"), [weights], progress=False, log=lambda s: None)
+    expected = weights.seen[0]  # the first update takes the weights as they are, then each step decays
+    for w in weights.seen[1:]:
         expected = 0.9 * expected + 0.1 * w
-    assert len(seen) == 4 and torch.allclose(ema.module.weight, expected, atol=1e-6)
-    assert not torch.allclose(ema.module.weight, model.weight)
+    assert len(weights.seen) == 128 // 16  # 160 images less 32 for validation, batches of 16
+    assert torch.allclose(weights.average, expected, atol=1e-6)
+    assert not torch.allclose(weights.average, weights.seen[-1])
 
 
 class StopAfter(Callback):

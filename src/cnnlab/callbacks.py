@@ -1,79 +1,68 @@
-"""What `fit` reports through, instead of branches inside its loop (as minGPT's Trainer does): each callback
-sees the `TrainingState` at its start, after every epoch (with that epoch's record) and at its end. Checkpoints, the
-metrics file, the console line, Weights & Biases, early stopping and a sweep's pruning are all callbacks."""
+"""The callbacks `fit` trains with, instead of branches inside its loop (minGPT's way; the hooks: `trainer.Callback`):
+per step the schedule, the moving average and the progress bar; per epoch checkpoints, the metrics file, the console
+line, Weights & Biases, TensorBoard and early stopping. A sweep's pruning and the range test's rates are callbacks of
+their own modules."""
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
 
 from .checkpoint import make_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CnnlabError, ConfigError, first_line
 from .io import append_jsonl
-from .preprocess import Preprocess
 from .run_folder import BEST, LAST, METRICS, TENSORBOARD
 from .tracking import NO_LOGIN_FIX, remember_wandb_run, wandb_login_known
+from .trainer import Callback, StopTraining, Trainer
 
 
-class StopTraining(Exception):
-    """Raised by a callback to end training after the current epoch; `status` says why (a pruned sweep trial
-    is 'stopped', early stopping 'early_stopped')."""
+class ScheduleStep(Callback):
+    """The learning-rate schedule's step after every optimiser step (warm-up and cosine, one-cycle: per step)."""
 
-    def __init__(self, status: str = "stopped"):
-        super().__init__(status)
-        self.status = status
-
-
-@dataclass
-class TrainingState:
-    """The state of one training run in this process, as callbacks see it (its folder: `run_folder.RunFolder`)."""
-
-    cfg: Config
-    run_dir: Path
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    classes: list[str]
-    preprocess: Preprocess
-    log: Callable[[str], None] = print
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_val_acc: float = -1.0
-    best_val_loss: float = math.inf  # of the best epoch: breaks ties of accuracy
-    best_epoch: int = 0
-    improved: bool = False  # whether the latest epoch is the best so far
-    status: str = "running"  # when training ends: completed, early_stopped, stopped (pruned), interrupted, failed
-    ema: AveragedModel | None = None  # with --ema: the average that is validated and kept as best.pt
-    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (precision policy), saved in last.pt
-    teacher: dict[str, Any] | None = None  # with --teacher: its checkpoint and SHA-256, kept in every checkpoint
-
-    @property
-    def best_record(self) -> dict[str, Any] | None:
-        """The history's record of the epoch best.pt holds (None before the first epoch)."""
-        return next((r for r in self.history if r["epoch"] == self.best_epoch), None)
-
-    @property
-    def result_model(self) -> nn.Module:
-        """The weights this run validates and keeps: the moving average when there is one."""
-        return self.ema.module if self.ema is not None else self.model
+    def on_step_end(self, run: Trainer, loss: torch.Tensor, images: int) -> None:
+        if run.scheduler is not None:
+            run.scheduler.step()
 
 
-class Callback:
-    def on_fit_start(self, run: TrainingState) -> None:
-        pass
+class MovingAverage(Callback):
+    """--ema: the average of the weights, updated after every optimiser step."""
 
-    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
-        pass
+    def on_step_end(self, run: Trainer, loss: torch.Tensor, images: int) -> None:
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
 
-    def on_fit_end(self, run: TrainingState) -> None:
-        pass
+
+class ProgressBar(Callback):
+    """An epoch's bar, in images, with the latest loss on the CPU (reading it costs nothing there; on a GPU it would
+    make the host wait for the device at every step)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def on_epoch_start(self, run: Trainer, epoch: int) -> None:
+        self.bar = tqdm(total=run.source.steps_per_epoch * run.cfg.batch_size, desc=f"epoch {epoch}/{run.cfg.epochs}",
+                        unit="img", leave=False, dynamic_ncols=True)
+
+    def on_step_end(self, run: Trainer, loss: torch.Tensor, images: int) -> None:
+        self.bar.update(images)
+        if run.device.type == "cpu":
+            self.bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+    def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
+        self.close()
+
+    def on_fit_end(self, run: Trainer) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class Checkpoints(Callback):
@@ -81,7 +70,7 @@ class Checkpoints(Callback):
     every epoch. best.pt first: a crash between the two saves only redoes this epoch on resume. With --ema,
     best.pt holds the average (what was validated) and last.pt the trained weights plus the average."""
 
-    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         def state(model: nn.Module, **extra: Any) -> dict[str, Any]:
             return make_checkpoint(model, run.cfg, run.classes, run.preprocess, record["epoch"], run.history,
                                    best_val_acc=run.best_val_acc, best_val_loss=run.best_val_loss,
@@ -92,18 +81,18 @@ class Checkpoints(Callback):
         save_checkpoint(state(run.model, optimizer=run.optimizer.state_dict(),
                               scheduler=run.scheduler.state_dict() if run.scheduler else None,
                               ema=run.ema.state_dict() if run.ema is not None else None,
-                              scaler=run.scaler.state_dict() if run.scaler is not None else None), run.run_dir / LAST)
+                              scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None), run.run_dir / LAST)
 
 
 class MetricsFile(Callback):
     """One JSON line per epoch in metrics.jsonl, synced: a crash loses at most the line being written."""
 
-    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         append_jsonl(run.run_dir / METRICS, record)
 
 
 class ConsoleLog(Callback):
-    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         r = record
         run.log(f"epoch {r['epoch']}/{run.cfg.epochs}  train_loss {r['train_loss']:.4f}  train_acc {r['train_acc']:.4f}  "
                 f"val_loss {r['val_loss']:.4f}  val_acc {r['val_acc']:.4f}  lr {r['lr']:.2e}  "
@@ -111,15 +100,16 @@ class ConsoleLog(Callback):
 
 
 class EarlyStopping(Callback):
-    """Stop after `patience` epochs without a better validation accuracy (0: never)."""
+    """Stop after `patience` epochs without a better epoch by keep_best (0: never)."""
 
     def __init__(self, patience: int):
         self.patience = patience
 
-    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         if self.patience and record["epoch"] - run.best_epoch >= self.patience:
-            run.log(f"early stop: no better val_acc for {self.patience} epochs "
-                    f"(best {run.best_val_acc:.4f} at epoch {run.best_epoch})")
+            by = run.cfg.keep_best
+            run.log(f"early stop: no better {by} for {self.patience} epochs "
+                    f"(best {run.best_record[by]:.4f} at epoch {run.best_epoch})")
             raise StopTraining("early_stopped")
 
 
@@ -151,7 +141,7 @@ class WandbTracker(Callback):
         if self.mode == "online" and not wandb_login_known():
             raise ConfigError(f"wandb=online: this machine has no W&B login: {NO_LOGIN_FIX}")
 
-    def on_fit_start(self, run: TrainingState) -> None:
+    def on_fit_start(self, run: Trainer) -> None:
         if self.mode == "off":
             return
         import wandb
@@ -168,11 +158,11 @@ class WandbTracker(Callback):
         remember_wandb_run(run.run_dir, self.wandb_run, self.group)  # evaluate and explain log to it later
         run.log(f"wandb {'agent run ' + self.wandb_run.id if agent else self.mode}: {self.wandb_run.dir}")
 
-    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         if self.wandb_run is not None:  # committed now, so the summary written at the end is not overwritten
             self.wandb_run.log(record, step=int(record["epoch"]), commit=True)
 
-    def on_fit_end(self, run: TrainingState) -> None:
+    def on_fit_end(self, run: Trainer) -> None:
         if self.wandb_run is None:
             return
         best = run.best_record
@@ -198,13 +188,13 @@ class TensorBoardTracker(Callback):
                 raise ConfigError("tensorboard=true needs the tensorboard package: pip install 'cnnlab[tensorboard]' "
                                   "(or drop --tensorboard)") from None
 
-    def on_fit_start(self, run: TrainingState) -> None:
+    def on_fit_start(self, run: Trainer) -> None:
         if run.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run.run_dir / TENSORBOARD))
 
-    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         if self.writer is None:
             return
         for key, value in record.items():
@@ -212,7 +202,7 @@ class TensorBoardTracker(Callback):
                 self.writer.add_scalar(key, value, global_step=int(record["epoch"]))
         self.writer.flush()  # an epoch on disk as soon as it is in metrics.jsonl
 
-    def on_fit_end(self, run: TrainingState) -> None:
+    def on_fit_end(self, run: Trainer) -> None:
         if self.writer is None:
             return
         best = run.best_record

@@ -136,7 +136,11 @@ class Config:
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)", min=0.0, max=1e6)
     batch_size: int = _f(64, "training batch size", min=1, max=65536)
     epochs: int = _f(10, "training epochs", min=1, max=10000)
-    early_stop: int = _f(0, "stop after this many epochs without a better validation accuracy (0: off)", min=0, max=10000)
+    early_stop: int = _f(0, "stop after this many epochs without a better epoch by keep_best (0: off)", min=0, max=10000)
+    keep_best: str = _f("val_acc", "the metric that picks the epoch best.pt keeps: an accuracy's highest or a loss's "
+                        "lowest (ties: the lower val_loss, or for a loss the higher val_acc). A sweep trial keeps the "
+                        "epoch of the sweep's metric, the one its value is read from",
+                        choices=("val_acc", "val_balanced_acc", "val_loss", "train_acc", "train_loss"))
     seed: int = _f(0, "seed of the split, initialisation, shuffling, augmentation and dropout", min=0, max=2**31 - 1)
     # execution
     device: str = _f("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N, mps")

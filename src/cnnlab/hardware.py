@@ -170,9 +170,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return precision_for(precision, device, strict=False).dtype
 
 
-def grad_scaler(policy: Precision, device: torch.device) -> torch.amp.GradScaler | None:
-    """fp16's gradient scaler on `device` (None where the policy needs none)."""
-    return torch.amp.GradScaler(device.type) if policy.scaler else None
+def grad_scaler(policy: Precision, device: torch.device) -> torch.amp.GradScaler:
+    """The gradient scaler of a training step on `device`: fp16's loss scaling where the policy needs it, elsewhere
+    disabled (its calls then do nothing more than the plain step), so the step has one path."""
+    return torch.amp.GradScaler(device.type, enabled=policy.scaler)
 
 
 def keeps_on_device(array_bytes: int, free_bytes: int) -> bool:
@@ -291,3 +292,40 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def failed_allocation(error: BaseException) -> str:
+    """What the out-of-memory error says was asked for, briefly: the allocators' own messages run to a paragraph."""
+    import re
+
+    text = str(error)
+    cpu = re.search(r"tried to allocate (\d+) bytes", text)
+    if cpu:
+        return f"an allocation of {int(cpu.group(1)) / 2**20:,.0f} MiB failed"
+    cuda = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    if cuda:
+        return f"an allocation of {cuda.group(1)} failed"
+    return type(error).__name__
+
+
+def largest_fitting_batch(model: torch.nn.Module, shape: tuple[int, ...], batch_size: int, loss_fn: torch.nn.Module,
+                          device: torch.device, precision: Precision) -> int | None:
+    """The largest of batch_size/2, /4, ... for which one forward and backward pass of `model` on zeros of `shape`
+    fits the device's memory now (None: not even one image). Its gradients are cleared again."""
+    b = batch_size // 2
+    while b >= 1:
+        try:
+            x = torch.zeros((b, *shape), device=device).contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision.dtype):
+                loss = loss_fn(model(x), torch.zeros(b, dtype=torch.long, device=device))
+            loss.backward()
+            return b
+        except Exception as error:  # noqa: BLE001 - only out of memory means "try a smaller batch"
+            if not is_out_of_memory(error):
+                raise
+        finally:
+            model.zero_grad(set_to_none=True)
+            x = loss = None
+            release_memory(device)
+        b //= 2
+    return None

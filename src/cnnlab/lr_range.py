@@ -12,6 +12,7 @@ reported too."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 
 from .config import Config
-from .hardware import grad_scaler
 from .io import atomic_write_json
-from .training import Prepared, epoch_seed, make_losses, prepare, train_step
+from .trainer import Callback, StopTraining, Trainer
+from .training import prepare
 
 RULE = "half the learning rate of the lowest smoothed loss"
 
@@ -70,11 +71,34 @@ def suggestions(lrs: list[float], smoothed: list[float]) -> tuple[float, float, 
     return float(half), float(lrs[int(np.argmin(slope))]), float(min_over_10)
 
 
+class RaisedRates(Callback):
+    """The test's hooks into the trainer's own loop: before each step the rate `lr` (each parameter group in its
+    proportion to the config's lr, so lr_backbone keeps its ratio), raised by `factor` per step; after it the loss,
+    recorded; the test ends after `steps` or when the loss diverges."""
+
+    def __init__(self, run: Trainer, start: float, factor: float, steps: int):
+        self.ratios = [g["lr"] / run.cfg.lr for g in run.optimizer.param_groups]
+        self.lr, self.factor, self.steps = start, factor, steps
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+
+    def on_step_start(self, run: Trainer) -> None:
+        for group, ratio in zip(run.optimizer.param_groups, self.ratios):
+            group["lr"] = self.lr * ratio
+
+    def on_step_end(self, run: Trainer, loss: torch.Tensor, images: int) -> None:
+        self.lrs.append(self.lr)
+        self.losses.append(float(loss.detach()))
+        self.lr *= self.factor
+        if len(self.lrs) >= self.steps or diverged(self.losses):
+            raise StopTraining("completed")
+
+
 def range_test(cfg: Config, start: float = 1e-6, end: float = 1.0, steps: int = 200, progress: bool = True,
-               log: Callable[[str], None] = print, ready: Prepared | None = None) -> RangeTest:
+               log: Callable[[str], None] = print, run: Trainer | None = None) -> RangeTest:
     """Run the test on `cfg` (its data, model, optimiser, augmentation) in a run folder of its own (`cfg.name`,
-    default lr-find-<time>), which receives lr_find.json and lr_find.png. Given `ready` (what training.prepare
-    made), the test probes that model and optimiser, and hands them back as they were."""
+    default lr-find-<time>), which receives lr_find.json and lr_find.png. Given `run` (what training.prepare made),
+    the test probes that model and optimiser, and hands them back as they were."""
     from .visualise import plot_lr_find
 
     if not 0 < start < end:
@@ -82,49 +106,30 @@ def range_test(cfg: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
 
         raise ConfigError(f"--start {start:g} --end {end:g}: expected 0 < start < end")
     cfg = replace(cfg, name=cfg.name or time.strftime("lr-find-%Y%m%d-%H%M%S"))
-    if ready is None:
-        ready = prepare(cfg, progress=progress, log=log)
+    if run is None:
+        run = prepare(cfg, progress=progress, log=log)
         try:
-            return range_test(cfg, start, end, steps, progress, log, ready)
+            return range_test(cfg, start, end, steps, progress, log, run)
         finally:
-            ready.claim.release()
-    model, optimizer, device = ready.parts.module, ready.optimizer, ready.device
-    loss_fn, _ = make_losses(ready.cfg, ready.images.labels[ready.train_rows], len(ready.images.classes), device)
-    scaler = grad_scaler(ready.precision, device)  # fp16's, as training would step
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_optimizer = copy.deepcopy(optimizer.state_dict())
-    ratios = [g["lr"] / cfg.lr for g in optimizer.param_groups]  # lr_backbone keeps its proportion
-    factor = (end / start) ** (1 / max(1, steps - 1))
-    lrs, losses = [], []
-    lr, epoch, done = start, 0, False
+            run.claim.release()
+    saved_model = copy.deepcopy(run.model.state_dict())
+    saved_optimizer = copy.deepcopy(run.optimizer.state_dict())
+    rates = RaisedRates(run, start, (end / start) ** (1 / max(1, steps - 1)), steps)
+    said, run.log = run.log, lambda s: None  # a gradual plan's unfreezing is training's news, not the test's
     try:
-        while not done:
-            epoch += 1
-            ready.plan.on_epoch_start(epoch, optimizer, lambda s: None)
-            seed = epoch_seed(cfg.seed, epoch)
-            torch.manual_seed(seed)
-            data = ready.source.epoch(epoch, seed)
-            aug = torch.Generator(device=device).manual_seed(seed) if data.augment else None
-            model.train()
-            for x, y, *targets in data.train:
-                for group, ratio in zip(optimizer.param_groups, ratios):
-                    group["lr"] = lr * ratio
-                loss, _ = train_step(data.net, x, y, data.transform, aug, optimizer, loss_fn, device, ready.amp,
-                                     cfg.grad_clip, scaler, targets)
-                lrs.append(lr)
-                losses.append(float(loss.detach()))
-                lr *= factor
-                done = len(lrs) >= steps or diverged(losses)
-                if done:
-                    break
+        for epoch in itertools.count(1):  # training's own epochs and steps, with no schedule, average or validation
+            run.train_epoch(epoch, [rates])
+    except StopTraining:
+        pass
     finally:
-        model.load_state_dict(saved_model)  # as before the first step, bit for bit
-        optimizer.load_state_dict(saved_optimizer)
-    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
-    lrs, losses = [lrs[i] for i in finite], [losses[i] for i in finite]
+        run.log = said
+        run.model.load_state_dict(saved_model)  # as before the first step, bit for bit
+        run.optimizer.load_state_dict(saved_optimizer)
+    finite = [i for i, v in enumerate(rates.losses) if math.isfinite(v)]
+    lrs, losses = [rates.lrs[i] for i in finite], [rates.losses[i] for i in finite]
     smoothed = smooth(losses)
     suggestion, steepest, min_over_10 = suggestions(lrs, smoothed)
-    folder = ready.run_dir
+    folder = run.run_dir
     figure = plot_lr_find(lrs, losses, smoothed, {"suggestion (min / 2)": suggestion, "steepest descent": steepest,
                                                   "min / 10": min_over_10, "the config's lr": cfg.lr},
                           folder / "lr_find.png")

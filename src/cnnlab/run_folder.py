@@ -6,18 +6,22 @@ report, `compare`, the whole job, training and its checkpoint callback all go th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_yaml, saved_config
-from .io import jsonl_lines, read_jsonl, sha256_of
+from .config import Config, load_yaml, save_yaml, saved_config
+from .errors import CnnlabError, ConfigError
+from .io import FolderClaim, atomic_write_json, jsonl_lines, read_jsonl, sha256_of
 
 CONFIG = "config.yaml"  # the run's whole config, as it trained
 METRICS = "metrics.jsonl"  # one line per finished epoch
 SUMMARY = "summary.json"  # written when training ends, however it ends
 BEST = "best.pt"  # the weights of the best epoch (the validated ones: the average with --ema)
 LAST = "last.pt"  # the weights, optimiser and schedule after the latest epoch: what --resume continues from
+SPLIT = "split.json"  # the seeded train/validation split, by file: a resumed run and a student keep it
+BAD_FILES = "bad_files.txt"  # the files of train/ that could not be read, and why
 EVAL = "eval"  # `cnnlab evaluate`'s output for best.pt: metrics.json and its figures
 EVAL_METRICS = f"{EVAL}/metrics.json"
 EXPLAIN = "explain"  # `cnnlab explain`'s figures, and explain.json, written after them: the step's done mark
@@ -27,17 +31,23 @@ WANDB_RUN = "wandb_run.json"  # the W&B run its training logged to (id, project,
 FINISHED = ("completed", "early_stopped")  # statuses of a run that trained to its end
 
 
-def is_better(record: dict[str, Any], best_val_acc: float, best_val_loss: float) -> bool:
-    """Whether an epoch beats the best so far. Validation accuracy decides; at equal accuracy (a small validation
-    set saturates) the lower loss wins; at equal both the earlier epoch stays."""
-    return record["val_acc"] > best_val_acc or (record["val_acc"] == best_val_acc and record["val_loss"] < best_val_loss)
+def is_better(record: dict[str, Any], best: dict[str, Any] | None, by: str = "val_acc") -> bool:
+    """Whether an epoch beats the best so far (None: there is none yet), by the metric `by` (`Config.keep_best`: an
+    accuracy higher, a loss lower is better). At equal values (a small validation set saturates) the lower val_loss
+    wins, or for a loss the higher val_acc; at equal both the earlier epoch stays. The one rule of the best epoch:
+    training keeps best.pt by it, a sweep reads a trial's value at that epoch, and every reader finds it again."""
+    if best is None:
+        return True
+    sign = -1 if by.endswith("loss") else 1
+    tie = ("val_acc", 1) if by.endswith("loss") else ("val_loss", -1)
+    return (sign * record[by], tie[1] * record[tie[0]]) > (sign * best[by], tie[1] * best[tie[0]])
 
 
-def best_record(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+def best_record(history: list[dict[str, Any]], by: str = "val_acc") -> dict[str, Any] | None:
     """The epoch best.pt holds, by training's own rule (`is_better`, epoch after epoch); None before any epoch."""
     best = None
     for record in history:
-        if best is None or is_better(record, best["val_acc"], best["val_loss"]):
+        if is_better(record, best, by):
             best = record
     return best
 
@@ -100,7 +110,7 @@ class RunFolder:
     @property
     def best(self) -> dict[str, Any] | None:
         """The history's record of the epoch best.pt holds."""
-        return best_record(self.history)
+        return best_record(self.history, self.config.keep_best)
 
     @property
     def best_epoch(self) -> int | None:
@@ -200,3 +210,78 @@ def inside(folder: Path, recorded: str | Path) -> Path:
         return folder / recorded
     here = folder / recorded.parent.name / recorded.name
     return here if here.exists() or not recorded.exists() else recorded
+
+
+# ---- making a run folder, and what training writes when it ends ----------------------------------------------------
+
+def default_run_name(cfg: Config) -> str:
+    knobs = f"{cfg.filters}{cfg.filter_org}-{cfg.activation}" if cfg.model == "smallcnn" else cfg.finetune
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{knobs}".replace(",", "_").replace("/", "-")
+
+
+def claim_free_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ...: the first that this process creates itself (mkdir is atomic, so two
+    processes asking at once never get one folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        candidate = path if k == 1 else path.with_name(f"{path.name}-{k}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise CnnlabError(f"{path.parent} holds 10,000 folders named {path.name}: choose a --name")
+
+
+def check_outside_the_data(cfg: Config) -> None:
+    """Refuse, before anything is written, a run folder or cache inside ROOT/train or ROOT/val: there it would be
+    read as a class folder (of no image) by this run and every later one."""
+    for key in ("out", "cache_dir"):
+        where = Path(str(cfg.resolved_cache_dir()) if key == "cache_dir" else cfg.out).resolve()
+        for side in ("train", "val"):
+            inside_data = (Path(cfg.data) / side).resolve()
+            if where == inside_data or where.is_relative_to(inside_data):
+                raise ConfigError(f"{key}={getattr(cfg, key) or str(where)!r} is inside the data folder's {side}/ "
+                                  f"({inside_data}), where it would become a class: give --{key} outside {inside_data}")
+
+
+def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, FolderClaim]:
+    """The run folder (made and claimed by this process until the run ends), with the config it holds saved; the
+    config gets the folder's name. Two processes given one --name at once: the second is refused in one line."""
+    run_dir = Path(cfg.out) / (cfg.name or default_run_name(cfg))
+    if resume and not (run_dir / LAST).exists():
+        raise CnnlabError(f"{run_dir} has no last.pt to resume from; start it without --resume")
+    if not resume and not cfg.name:  # a made-up name is claimed atomically: two runs started in the same second
+        run_dir = claim_free_name(run_dir)  # (a shell loop, a sweep launcher) get two folders
+    claim = FolderClaim(run_dir, "a training run", "choose another --name")
+    try:  # every look at what the folder holds happens under the claim
+        if not resume and ((run_dir / LAST).exists() or read_jsonl(run_dir / METRICS)):  # (not a run stopped before
+            # its first epoch was written, by a full disk say: that one starts again in its folder)
+            raise CnnlabError(f"{run_dir} already holds a run: resume it with `cnnlab train --resume {run_dir}` "
+                              f"or choose another --name")
+        cfg = replace(cfg, name=run_dir.name, data=str(Path(cfg.data).resolve()),  # --resume works from anywhere
+                      teacher=str(Path(cfg.teacher).resolve()) if cfg.teacher else cfg.teacher)
+        if cfg.model == "smallcnn":  # the stride it trains with, not "auto": a later auto rule cannot change the model
+            cfg = replace(cfg, conv1_stride=cfg.first_stride())
+        save_yaml(cfg, run_dir / CONFIG)
+    except BaseException:
+        claim.release()
+        raise
+    return cfg, run_dir, claim
+
+
+def write_summary(run_dir: Path, cfg: Config, facts: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+    """summary.json when training ends, however it ends: `facts` of the run (status, best epoch, sizes, device,
+    precision, ...), what its metrics file holds (every epoch, resumed ones included) and its provenance (`environment`,
+    what `cnnlab env` shows; the seed; the command that started this process and the one that trains the run again).
+    Returned with the history."""
+    import shlex
+    import sys
+
+    history = read_jsonl(run_dir / METRICS)
+    summary = {**facts, "epochs_run": len(history), "train_seconds": sum(r["epoch_time"] for r in history),
+               "images_per_s": (sum(r["images_per_s"] for r in history) / len(history)) if history else 0.0,
+               "provenance": {**environment, "seed": cfg.seed, "argv": " ".join(shlex.quote(a) for a in sys.argv),
+                              "reproduce": again_command(run_dir)}}
+    atomic_write_json(run_dir / SUMMARY, summary)
+    return {**summary, "history": history}

@@ -29,13 +29,14 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from ..callbacks import Callback, StopTraining, TrainingState
 from ..config import FIELDS, Config, applicable, coerce, make_config
 from ..data import DeviceCache
 from ..errors import CnnlabError, ConfigError, StorageError
 from ..io import atomic_write_json, atomic_write_text
 from ..models import check_config
-from ..training import check_outside_the_data, fit
+from ..run_folder import best_record, check_outside_the_data, claim_free_name
+from ..trainer import Callback, StopTraining, Trainer
+from ..training import SweepShare, fit
 from .schema import Sweep, SweepError
 from .storage import make_storage, mask
 
@@ -347,7 +348,7 @@ class Pruning(Callback):
     def __init__(self, trial: Any, metric: str, epochs: int):
         self.trial, self.metric, self.epochs = trial, metric, epochs
 
-    def on_epoch_end(self, run: TrainingState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         self.trial.report(record[self.metric], record["epoch"])
         if record["epoch"] < self.epochs and self.trial.should_prune():  # at the last epoch there is nothing to save
             raise StopTraining("stopped")
@@ -407,15 +408,14 @@ class Objective:
         values = trial_values(self.base, values)
         trial.set_user_attr("config", values)
         self.log(f"trial {trial.number:>3} started  " + " ".join(f"{k}={_short(v)}" for k, v in values.items()))
-        name, k = f"trial-{trial.number:04d}", 1
-        while (self.folder / "trials" / name).exists():  # left by an earlier study in this folder: never overwritten
-            k += 1
-            name = f"trial-{trial.number:04d}-{k}"
-        cfg = make_config(self.base, values, {"out": str(self.folder / "trials"), "name": name})
+        # a folder left by an earlier study in this folder is never overwritten: trial-NNNN-2, made atomically
+        name = claim_free_name(self.folder / "trials" / f"trial-{trial.number:04d}").name
+        cfg = make_config(self.base, values, {"out": str(self.folder / "trials"), "name": name,
+                                              "keep_best": self.sweep.metric})
         trial.set_user_attr("run_dir", f"trials/{name}")  # of the sweep folder, wherever it is moved (`inside`)
         fitted = fit(cfg, callbacks=[Pruning(trial, self.sweep.metric, cfg.epochs)], progress=self.progress,
-                     log=lambda s: None, group=self.sweep.name, device_cache=self.device_cache)
-        best = best_of(fitted.history, self.sweep.metric, self.sweep.goal)
+                     log=lambda s: None, share=SweepShare(self.sweep.name, self.device_cache))
+        best = value_of(fitted.history, self.sweep.metric)
         trial.set_user_attr("epochs_run", len(fitted.history))
         if fitted.status == "stopped":
             trial.set_user_attr("pruned_value", best)
@@ -423,10 +423,10 @@ class Objective:
         return best
 
 
-def best_of(history: list[dict[str, Any]], metric: str, goal: str) -> float:
-    """A run's value for a sweep: its metric at its best epoch (the highest, or the lowest where the goal is minimize)."""
-    values = [r[metric] for r in history if metric in r]
-    return max(values) if goal == "maximize" else min(values)
+def value_of(history: list[dict[str, Any]], metric: str) -> float:
+    """A trial's value for a sweep: its metric at the epoch its best.pt keeps, which that metric picks (a trial trains
+    with keep_best set to it), so the value scored and the checkpoint kept are of one epoch."""
+    return float(best_record(history, metric)[metric])
 
 
 def prepare_sweep(sweep: Sweep, base: dict[str, Any], folder: Path, storage_url: str | None = None, seed: int = 0,

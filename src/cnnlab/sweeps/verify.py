@@ -24,7 +24,7 @@ from ..errors import CnnlabError
 from ..io import atomic_write_json, atomic_write_text
 from ..run_folder import RunFolder, inside, recorded_path
 from ..training import fit
-from .engine import best_of
+from .engine import value_of
 from .report import finished_trials, load_sweep_folder
 
 VERIFY = "verify.json"
@@ -85,8 +85,8 @@ def verify_sweep(folder: str | Path, k: int, seeds: int = 3, storage: str | None
             trained += now
             if now:
                 log(f"verify: trial {trial.number} (#{rank} of the search, {metric} {trial.value:.4f}) trained with "
-                    f"seed {cfg.seed + s}: {metric} {best_of(run.history, metric, goal):.4f}")
-            values.append(best_of(run.history, metric, goal))
+                    f"seed {cfg.seed + s}: {metric} {value_of(run.history, metric):.4f}")
+            values.append(value_of(run.history, metric))
             runs.append(recorded_path(folder, run.path))  # of the sweep folder: it may move
         candidates.append({"trial": trial.number, "search_value": trial.value, "config": trial.user_attrs["config"],
                            "trial_run": recorded_path(folder, trial_run.path),
