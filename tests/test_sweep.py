@@ -153,6 +153,27 @@ def test_grid_runs_each_point_once_and_reports(tiny_data, tmp_path):
     assert make_config(best).filters in (4, 8)  # `cnnlab train --config best.yaml` accepts it
 
 
+def test_a_trial_keeps_the_epoch_of_the_sweeps_metric_and_is_scored_there(tiny_data, tmp_path):
+    import json
+
+    import torch
+
+    path = write(tmp_path / "loss.yaml", {"method": "grid", "metric": {"name": "train_loss", "goal": "minimize"},
+                                          "parameters": {"lr": {"values": [0.01]}, "epochs": {"value": 4}}})
+    base = {**tiny_base(tiny_data, tmp_path / "cache"), "filters": 8, "dense_units": 32, "batch_size": 16,
+            "precision": "fp32", "device": "cpu"}  # one history on every CPU
+    run_sweep(load_sweep(path), base, tmp_path / "sweeps" / "loss", progress=False, log=lambda s: None)
+    (trial,) = study_of(tmp_path / "sweeps" / "loss", "loss").get_trials()
+    folder = tmp_path / "sweeps" / "loss" / trial.user_attrs["run_dir"]
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    lowest = min(history, key=lambda r: (r["train_loss"], r["epoch"]))  # by hand: the epoch of the lowest train_loss
+    by_accuracy = max(history, key=lambda r: (r["val_acc"], -r["val_loss"], -r["epoch"]))
+    assert lowest["epoch"] != by_accuracy["epoch"]  # where the old rules (best.pt by val_acc) kept another epoch
+    kept = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)
+    assert kept["epoch"] == lowest["epoch"] and trial.value == lowest["train_loss"]  # the checkpoint and the score agree
+    assert yaml.safe_load((folder / "config.yaml").read_text())["keep_best"] == "train_loss"
+
+
 def test_random_respects_run_cap_and_types(tiny_data, tmp_path):
     path = write(tmp_path / "rnd.yaml", {"method": "random", "run_cap": 3, "parameters": {
         "dense_units": {"distribution": "int_uniform", "min": 8, "max": 32},
