@@ -74,3 +74,36 @@ def test_the_sweep_worker_command_is_a_launchers_child_not_in_help():
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     assert "sweep-worker" not in out.getvalue() and "sweep-report" in out.getvalue()
+
+
+LIGHT = '''
+import contextlib, io, json, sys
+from cnnlab.cli import COMMANDS, main
+heavy = ("torch", "torchvision", "optuna", "matplotlib", "scipy")
+found = {}
+for argv in [["--help"], *([c, "--help"] for c in COMMANDS), ["train", "--activation", "swish"], ["train", "--epoch", "3"],
+             ["sweep", "no-such-file.yaml"], ["trian"]]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    found[" ".join(argv)] = [code, [m for m in heavy if m in sys.modules]]
+print(json.dumps(found))
+'''
+
+
+def test_help_and_refused_arguments_import_no_torch_optuna_or_matplotlib():
+    """`cnnlab --help`, each command's --help and the usual refusals answer at once: what they print needs none of the
+    heavy packages (checked in one fresh interpreter, where nothing was imported before)."""
+    import json
+
+    from cnnlab.commands import COMMANDS
+
+    done = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert len(found) == len(COMMANDS) + 5
+    for argv, (code, heavy) in found.items():
+        assert heavy == [], f"cnnlab {argv} imported {heavy}"
+        assert code == (0 if argv.endswith("--help") else 2), argv

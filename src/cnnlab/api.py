@@ -85,7 +85,9 @@ def train(config: str | Path | Config | dict[str, Any] | None = None, *, resume:
     Ctrl-C, or a notebook's stop button, ends training after saving what the last finished epoch wrote and
     returns the run with `status` 'interrupted' (resumable); `raise_interrupt=True` re-raises instead (the CLI).
     """
-    from .callbacks import Callback
+    log = log or silent
+    cfg = resume_config(resume, **overrides) if resume is not None else make_run_config(config, **overrides)
+    from .trainer import Callback  # after the config's checks: a refused value never waits for torch
     from .training import fit
 
     class Where(Callback):  # the run folder, known once fit has opened it
@@ -94,8 +96,6 @@ def train(config: str | Path | Config | dict[str, Any] | None = None, *, resume:
         def on_fit_start(self, run: Any) -> None:
             self.folder = run.run_dir
 
-    log = log or silent
-    cfg = resume_config(resume, **overrides) if resume is not None else make_run_config(config, **overrides)
     try:
         result = fit(cfg, [where := Where(), *callbacks], resume=resume is not None, progress=progress_bars(progress),
                      log=log)
@@ -406,9 +406,7 @@ def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, 
     until run_cap or the grid is done). Keywords are base config values for every trial (data=..., epochs=...).
     Running it again continues the sweep; other processes and machines join with the same file and storage.
     `verify` K > 0: then the top K configurations are trained again with 3 seeds each (`SweepRun.verify`)."""
-    from .models import check_config
-    from .sweeps import load_sweep, run_sweep
-    from .sweeps.schema import parse_sweep
+    from .sweeps.schema import load_sweep, parse_sweep
 
     optional_whole_number("count", count, 1)  # None: until run_cap or the grid is done
     whole_number("sampler_seed", sampler_seed)
@@ -422,7 +420,11 @@ def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, 
     base = {**(load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})), **overrides}
     if "data" in base:  # the same data wherever the command is run from
         base["data"] = str(Path(base["data"]).resolve())
-    check_config(make_config(base))  # refuse bad base values before anything starts
+    base_config = make_config(base)  # refuse bad base values before anything starts (the model's rules: torch)
+    from .models import check_config
+    from .sweeps.engine import run_sweep
+
+    check_config(base_config)
     folder = Path(sweeps_dir) / parsed.name
     result = run_sweep(parsed, base, folder, storage, count, sampler_seed, progress=progress_bars(progress), log=log)
     swept = SweepRun(folder, result, storage)

@@ -23,7 +23,6 @@ from .io import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_
 from .models import create_model
 from .preprocess import Preprocess
 from .run_folder import CONFIG, EVAL, TEST_LEDGER
-from .visualise import most_confused, plot_confusion, plot_prediction_grid, plot_reliability, plot_top_losses
 
 
 @torch.inference_mode()
@@ -204,6 +203,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
                     "inference": {"ms_per_image": 1000 * seconds / len(rows), "batch": 128, "tta": bool(loaded.cfg.tta),
                                   "threads": torch.get_num_threads()}})
     record_test_use(Path(checkpoint), metrics)
+    from .visualise import most_confused, plot_confusion, plot_prediction_grid, plot_reliability  # matplotlib: here,
+    # not at import, where every training run (which validates through this module) would pay for it
     shown = most_confused(metrics["confusion"])  # all up to 30 classes: the figures stay a page, whatever the count
     write_confusion_csv(metrics["confusion"], loaded.classes, out_dir / "confusion.csv")
     plot_confusion(metrics["confusion"], loaded.classes, out_dir / "confusion.png", shown)
@@ -245,6 +246,8 @@ def write_mistakes(test: Any, rows: np.ndarray, logits: torch.Tensor, labels: to
          spreadsheet_cell(classes[int(pred[i])]), f"{float(probs[i, pred[i]]):.4f}", f"{float(loss[i]):.4f}"]
         for i in wrong)])
     top = wrong[:shown]
+    from .visualise import plot_top_losses
+
     plot_top_losses([test.pixels[rows[i]] for i in top],
                     [f"true: {classes[int(labels[i])]}\npred: {classes[int(pred[i])]} ({float(probs[i, pred[i]]):.0%})"
                      f"\nloss {float(loss[i]):.2f}" for i in top], out_dir / "top_losses.png")

@@ -222,8 +222,10 @@ def decoder_choice(decoder: str, device_type: str, torchvision_decodes: bool) ->
 
 
 def decode_device(decoder: str, device: torch.device) -> torch.device | None:
-    """Where the cache build decodes JPEGs: None for PIL worker processes, a CUDA device for nvJPEG."""
-    return device if decoder_choice(decoder, device.type, torchvision_decodes_jpeg()) == "nvjpeg" else None
+    """Where the cache build decodes JPEGs: None for PIL worker processes, a CUDA device for nvJPEG. torchvision is
+    asked only for a GPU (importing it costs about 2 s of a run's start-up, and no CPU run decodes with it)."""
+    decodes = device.type == "cuda" and torchvision_decodes_jpeg()
+    return device if decoder_choice(decoder, device.type, decodes) == "nvjpeg" else None
 
 
 def torchvision_decodes_jpeg() -> bool:

@@ -1,10 +1,25 @@
 """Hyperparameter sweeps: a Weights & Biases sweep file (`schema`) run by Optuna (`engine`) on a journal file or
 an RDB (`storage`), in one or several processes (`workers`), then analysed offline (`report`)."""
 
-from .engine import SweepResult, open_study, recover_orphans, run_sweep, suggest
-from .schema import Param, Sweep, SweepError, load_sweep, parse_sweep
-from .storage import make_storage, mask
-from .workers import WorkerJob, launch_workers
+from typing import Any
 
 __all__ = ["SweepResult", "open_study", "recover_orphans", "run_sweep", "suggest", "Param", "Sweep", "SweepError",
            "load_sweep", "parse_sweep", "make_storage", "mask", "WorkerJob", "launch_workers"]
+
+_HOME = {**{name: "engine" for name in ("SweepResult", "open_study", "recover_orphans", "run_sweep", "suggest")},
+         **{name: "schema" for name in ("Param", "Sweep", "SweepError", "load_sweep", "parse_sweep")},
+         **{name: "storage" for name in ("make_storage", "mask")},
+         **{name: "workers" for name in ("WorkerJob", "launch_workers")}}
+
+
+def __getattr__(name: str) -> Any:
+    """The names above, imported on first use: the CLI reads a sweep file (schema) without Optuna or torch."""
+    if name not in _HOME:
+        raise AttributeError(f"module 'cnnlab.sweeps' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

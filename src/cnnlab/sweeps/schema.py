@@ -12,7 +12,6 @@ from typing import Any
 
 from ..config import FIELDS, SAFE_NAME, check_value, read_yaml
 from ..errors import ConfigError, quote
-from ..models import check_model_name
 
 METRICS = ("val_acc", "val_balanced_acc", "val_loss", "train_acc", "train_loss")
 METHODS = ("grid", "random", "bayes")
@@ -86,6 +85,8 @@ def _parse_param(name: str, spec: Any) -> Param:
         try:
             check_value(name, v)
             if name == "model":
+                from ..models import check_model_name  # the registry (torch) only for a file that names models
+
                 check_model_name(str(v))
         except ConfigError as e:
             raise _bad(name, str(e)) from None

@@ -11,10 +11,12 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..processes import end_with_parent
-from .schema import Sweep
+
+if TYPE_CHECKING:  # a type only: `cnnlab --help` reads WORKER_COMMAND without the model registry (torch)
+    from .schema import Sweep
 
 WORKER_COMMAND = "sweep-worker"  # the CLI command a worker process runs: `cnnlab sweep-worker < job.json`
 
