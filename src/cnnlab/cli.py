@@ -6,16 +6,17 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import inspect
 import os
 import signal
 import sys
 from typing import Any, Sequence
 
-from . import __version__, arguments
+from . import __version__, api, arguments, whole_job
 from .commands import COMMANDS
 from .config import FIELDS, describe
 from .errors import CnnlabError, ConfigError
-from .options import common_flags
+from .options import Common, common_flags
 from .sweeps.workers import WORKER_COMMAND
 
 
@@ -60,6 +61,13 @@ CHECKPOINT_HELP = "a run folder (runs/<name>: its best.pt) or a checkpoint file 
 MODEL_HELP = CHECKPOINT_HELP + ", or a model.onnx that cnnlab export wrote"
 
 
+def keyword_flag(parser: argparse.ArgumentParser, name: str, function: Any, help: str, **options: Any) -> None:
+    """--NAME for the keyword NAME of the Python API's `function`, with its default: each default declared once, in
+    the signature both doors call, and shown in --help from there."""
+    default = inspect.signature(function).parameters[name].default
+    parser.add_argument(f"--{name}", default=default, help=f"{help} [default: {default}]", **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
@@ -73,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lr-find", help=COMMANDS["lr-find"][1], allow_abbrev=False, parents=[common_flags("quiet")])
     p.add_argument("--config", help="YAML file of config keys; flags given here win")
-    p.add_argument("--start", type=float, default=1e-6, help="the first learning rate [default: 1e-6]")
-    p.add_argument("--end", type=float, default=1.0, help="the last learning rate [default: 1]")
-    p.add_argument("--steps", type=_at_least_5, default=200, help="training steps (batches) [default: 200]")
+    keyword_flag(p, "start", api.lr_find, "the first learning rate", type=float)
+    keyword_flag(p, "end", api.lr_find, "the last learning rate", type=float)
+    keyword_flag(p, "steps", api.lr_find, "training steps (batches)", type=_at_least_5)
     _add_config_flags(p)
 
     p = sub.add_parser("info", help=COMMANDS["info"][1], allow_abbrev=False)
@@ -112,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_file", help="a W&B sweep YAML (method, metric, parameters, early_terminate, run_cap)")
     p.add_argument("--count", type=positive_int, help="trials this process runs (default: until run_cap or the grid is done)")
     p.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study [default: 1]")
-    p.add_argument("--sweeps_dir", dest="out_root", default="sweeps", help="where sweep folders go [default: sweeps]")
-    p.add_argument("--sampler_seed", type=whole_number, default=0, help="seed of the sampler [default: 0]")
+    keyword_flag(p, "sweeps_dir", api.sweep, "where sweep folders go")
+    keyword_flag(p, "sampler_seed", api.sweep, "seed of the sampler", type=whole_number)
     p.add_argument("--config", help="YAML of base config keys for every trial")
-    p.add_argument("--verify", type=whole_number, default=0, metavar="K", help="then train the top K configurations "
-                   "again with 3 new seeds each: the winner is the best mean, tested against each runner-up [default: 0]")
+    keyword_flag(p, "verify", api.sweep, "then train the top K configurations again with 3 new seeds each: the "
+                 "winner is the best mean, tested against each runner-up", type=whole_number, metavar="K")
     _add_config_flags(p)
 
     sub.add_parser(WORKER_COMMAND, allow_abbrev=False)  # no help: a launcher's child (its job comes on stdin)
@@ -127,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help=COMMANDS["compare"][1], allow_abbrev=False)
     p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--out", default="compare", help="folder for compare.md and compare.png [default: compare]")
+    keyword_flag(p, "out", api.compare, "folder for compare.md and compare.png")
 
     _add_report_commands(sub)
     _add_model_commands(sub)
@@ -139,27 +147,30 @@ def _add_report_commands(sub: Any) -> None:
     p = sub.add_parser("report", help=COMMANDS["report"][1], allow_abbrev=False)
     p.add_argument("paths", nargs="+", help="run, sweep, compare or check folders, or folders holding them (an "
                    "assignment's output)")
-    p.add_argument("--out", default="report", help="folder for index.html and its figures [default: report]")
+    keyword_flag(p, "out", api.report, "folder for index.html and its figures")
 
     p = sub.add_parser("assignment", help=COMMANDS["assignment"][1], allow_abbrev=False,
                        parents=[common_flags("device", "cache_dir", "storage", "wandb", "quiet")])
     p.add_argument("--data", required=True, help="the data folder: ROOT/train/<class>/* and ROOT/val/<class>/* (the test set)")
-    p.add_argument("--out", default="assignment", help="folder for everything it writes; rerun to resume [default: assignment]")
-    p.add_argument("--quick", action="store_true", help="16 Part A trials on 64 px images; Part B head (10 epochs) and "
-                   "partial (2 epochs): minutes on 2 CPU cores on ../shared/data/grocery")
+    keyword_flag(p, "out", whole_job.assignment, "folder for everything it writes; rerun to resume")
+    quick, full = whole_job.QUICK, whole_job.FULL
+    p.add_argument("--quick", action="store_true", help=f"{quick.trials} Part A trials on {quick.image_size} px images; "
+                   f"Part B {quick.strategies[0]} ({quick.epochs_head} epochs) and {', '.join(quick.strategies[1:])} "
+                   f"({quick.epochs_other} epochs): minutes on 2 CPU cores on ../shared/data/grocery")
     p.add_argument("--sweep", dest="sweep_file", help="Part A's sweep file [default: cnnlab's sweeps/partA.yaml]")
-    p.add_argument("--trials", type=positive_int, help="Part A trials to finish [default: 16 with --quick, else the "
-                   "sweep file's run_cap]")
-    p.add_argument("--image_size", type=positive_int, help="Part A's image size [default: 64 with --quick, else 128]")
-    p.add_argument("--model", default="resnet50", help="Part B's pretrained model [default: resnet50]")
+    p.add_argument("--trials", type=positive_int, help=f"Part A trials to finish [default: {quick.trials} with --quick, "
+                   "else the sweep file's run_cap]")
+    p.add_argument("--image_size", type=positive_int, help=f"Part A's image size [default: {quick.image_size} with "
+                   f"--quick, else {full.image_size}]")
+    keyword_flag(p, "model", whole_job.assignment, "Part B's pretrained model")
     p.add_argument("--weights", help="Part B's weights: a file (.safetensors, .pth) or a name such as DEFAULT "
                    "(downloaded); without it Part B is skipped")
-    p.add_argument("--strategies", help="Part B's strategies, comma-separated [default: head,partial with --quick, else "
-                   "head,partial,full]")
+    p.add_argument("--strategies", help=f"Part B's strategies, comma-separated [default: {','.join(quick.strategies)} "
+                   f"with --quick, else {','.join(full.strategies)}]")
     p.add_argument("--verify", type=whole_number, metavar="K", help="Part A's top K configurations trained again with 3 "
                    "new seeds each, the best mean taken [default: 3; with --quick 0: the best trial as it is]")
-    p.add_argument("--workers", type=positive_int, default=1, help="Part A sweep processes on this machine; on a "
-                   "machine with several GPUs worker i uses GPU i mod n [default: 1]")
+    keyword_flag(p, "workers", whole_job.assignment, "Part A sweep processes on this machine; on a machine with "
+                 "several GPUs worker i uses GPU i mod n", type=positive_int)
 
 
 def _add_model_commands(sub: Any) -> None:
@@ -168,29 +179,29 @@ def _add_model_commands(sub: Any) -> None:
                        parents=[common_flags("device", "cache_dir", "quiet")])
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="data root; its val/ folder is the test set")
-    p.add_argument("--top", type=positive_int, default=3, help="k of the top-k accuracy [default: 3]")
+    keyword_flag(p, "top", api.Run.evaluate, "k of the top-k accuracy", type=positive_int)
     p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
-    p.add_argument("--seed", type=whole_number, default=0, help="seed of the prediction grid's sample [default: 0]")
+    keyword_flag(p, "seed", api.Run.evaluate, "seed of the prediction grid's sample", type=whole_number)
 
     p = sub.add_parser("predict", help=COMMANDS["predict"][1], allow_abbrev=False, parents=[common_flags("device")])
     p.add_argument("checkpoint", help=MODEL_HELP)
     p.add_argument("images", nargs="+", help="image files (any format PIL reads) or folders of them (recursively)")
-    p.add_argument("--top", type=positive_int, default=3, help="classes shown per image [default: 3]")
+    keyword_flag(p, "top", api.Run.predict, "classes shown per image", type=positive_int)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("export", help=COMMANDS["export"][1], allow_abbrev=False, parents=[common_flags("device")])
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="[default: onnx]")
+    keyword_flag(p, "format", api.Run.export, "the file's format", choices=("onnx", "torchscript"))
     p.add_argument("--out", help="the file to write [default: model.onnx or model.torchscript.pt beside the checkpoint]")
 
     p = sub.add_parser("explain", help=COMMANDS["explain"][1], allow_abbrev=False,
                        parents=[common_flags("device", "cache_dir", "quiet")])
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="data root; its val/ test images are the ones explained")
-    p.add_argument("--neurons", type=positive_int, default=10, help="last-conv channels to show [default: 10]")
-    p.add_argument("--per_neuron", type=positive_int, default=3, help="top-exciting test images per neuron [default: 3]")
+    keyword_flag(p, "neurons", api.Run.explain, "last-conv channels to show", type=positive_int)
+    keyword_flag(p, "per_neuron", api.Run.explain, "top-exciting test images per neuron", type=positive_int)
     p.add_argument("--out", help="output folder (default: next to the checkpoint, explain/)")
-    p.add_argument("--seed", type=whole_number, default=0, help="seed of the Grad-CAM sample [default: 0]")
+    keyword_flag(p, "seed", api.Run.explain, "seed of the Grad-CAM sample", type=whole_number)
 
 
 # The machine, not cnnlab, ran out of something: one line, not a traceback (files are written atomically).
@@ -301,7 +312,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         configure_threads()
-        return COMMANDS[args.command][0](args)
+        return COMMANDS[args.command][0](args, Common.from_args(args))  # the shared options, read once
     except CnnlabError as e:
         print(f"cnnlab {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -25,24 +25,24 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_run_config(getattr(args, "config", None), **config_overrides(args))
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, common: Common) -> int:
     from .api import train
 
-    run = train(args.config, resume=args.resume, progress=Common.from_args(args).progress, raise_interrupt=True,
+    run = train(args.config, resume=args.resume, progress=common.progress, raise_interrupt=True,
                 **config_overrides(args))
     print(f"best val_acc {run.best_val_acc:.4f} at epoch {run.best_epoch}; run folder {run.folder}")
     return 0
 
 
-def cmd_lr_find(args: argparse.Namespace) -> int:
+def cmd_lr_find(args: argparse.Namespace, common: Common) -> int:
     from .api import lr_find
 
-    lr_find(args.config, start=args.start, end=args.end, steps=args.steps, progress=Common.from_args(args).progress,
+    lr_find(args.config, start=args.start, end=args.end, steps=args.steps, progress=common.progress,
             **config_overrides(args))
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(args: argparse.Namespace, common: Common) -> int:
     from .data import list_classes
     from .models import check_config, create_model, measured_cost, smallcnn_cost
 
@@ -71,20 +71,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_env(args: argparse.Namespace) -> int:
+def cmd_env(args: argparse.Namespace, common: Common) -> int:
     import json
 
     from .environment import environment, environment_text
     from .hardware import resolve_device
 
-    common = Common.from_args(args)
     info = environment(resolve_device(common.device), args.precision, cache_dir=Config(cache_dir=common.cache_dir or "")
                        .resolved_cache_dir())
     print(json.dumps(info, indent=2) if args.json else environment_text(info))
     return 0
 
 
-def cmd_demo_data(args: argparse.Namespace) -> int:
+def cmd_demo_data(args: argparse.Namespace, common: Common) -> int:
     from .data.demo import make_demo_data
 
     root = make_demo_data(args.root, args.train_per_class, args.val_per_class, args.seed)
@@ -92,7 +91,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_download(args: argparse.Namespace) -> int:
+def cmd_download(args: argparse.Namespace, common: Common) -> int:
     from .data.download import DATASETS, fetch_dataset
 
     if args.dataset not in DATASETS:
@@ -102,10 +101,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace, common: Common) -> int:
     from .api import check
 
-    common = Common.from_args(args)
     checked = check(args.root, out=args.out, cache_dir=common.cache_dir, progress=common.progress)
     r = checked.report
     print(f"{r.root}: " + ", ".join(f"{s} {sum(c.values())} images" for s, c in r.counts.items())
@@ -119,7 +117,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+def cmd_models(args: argparse.Namespace, common: Common) -> int:
     from .models import model_names
 
     names = [n for n in model_names() if not args.grep or args.grep.lower() in n.lower()]
@@ -129,18 +127,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
     from .api import load
 
     evaluation = load(args.checkpoint).evaluate(args.data, top=args.top, out=args.out, seed=args.seed,
-                                                **Common.from_args(args).for_model())
+                                                **common.for_model())
     print(evaluation)
     print(f"wrote {evaluation.folder}/metrics.json, confusion.png, predictions.png, mistakes.csv "
           f"({evaluation['mistakes']} mistakes), top_losses.png, reliability.png")
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def cmd_predict(args: argparse.Namespace, common: Common) -> int:
     import json
 
     from .api import Run, load
@@ -166,50 +164,48 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace, common: Common) -> int:
     from .api import load
 
-    path = load(args.checkpoint).export(args.format, args.out, device=Common.from_args(args).device)
+    path = load(args.checkpoint).export(args.format, args.out, device=common.device)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {args.format}, uint8 RGB input of any batch size, "
           "class names and preprocessing inside")
     return 0
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def cmd_explain(args: argparse.Namespace, common: Common) -> int:
     from .api import load
 
-    common = Common.from_args(args)
     explanation = load(args.checkpoint).explain(args.data, neurons=args.neurons, per_neuron=args.per_neuron,
-                                                out=args.out, seed=args.seed, device=common.device,
-                                                cache_dir=common.cache_dir, progress=common.progress)
+                                                out=args.out, seed=args.seed, **common.for_model())
     print("wrote " + ", ".join(str(p) for p in explanation.figures.values()))
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def cmd_sweep(args: argparse.Namespace, common: Common) -> int:
     from .api import sweep as run_the_sweep
 
     check_workers(args.workers)
     if args.workers > 1:
-        code = spawn_sweep_workers(args)
+        code = spawn_sweep_workers(args, common)
         if code == 0 and args.verify:  # after every worker's trials, in this process
             from .api import SweepRun
             from .sweeps import load_sweep
 
             overrides = config_overrides(args)
-            SweepRun(Path(args.out_root) / load_sweep(args.sweep_file).name, storage=args.storage).verify(
+            SweepRun(Path(args.sweeps_dir) / load_sweep(args.sweep_file).name, storage=args.storage).verify(
                 args.verify, device=overrides.get("device"), cache_dir=overrides.get("cache_dir"),
-                progress=Common.from_args(args).progress)
+                progress=common.progress)
         return code
-    swept = run_the_sweep(args.sweep_file, count=args.count, storage=args.storage, sweeps_dir=args.out_root,
+    swept = run_the_sweep(args.sweep_file, count=args.count, storage=args.storage, sweeps_dir=args.sweeps_dir,
                           sampler_seed=args.sampler_seed, config=args.config, verify=args.verify,
-                          progress=Common.from_args(args).progress, log=print,
+                          progress=common.progress, log=print,
                           warn=lambda m: print(f"cnnlab sweep: {m}", file=sys.stderr), **config_overrides(args))
     print(sweep_line(swept))
     return 0
 
 
-def cmd_sweep_worker(args: argparse.Namespace) -> int:
+def cmd_sweep_worker(args: argparse.Namespace, common: Common) -> int:
     """One worker process of `launch_workers`: its job (sweep, base config, trials) is read from stdin, as data."""
     from .api import sweep as run_the_sweep
     from .sweeps import WorkerJob
@@ -237,7 +233,7 @@ def check_workers(workers: int) -> None:
                           "processes (more machines can join the same --storage)")
 
 
-def spawn_sweep_workers(args: argparse.Namespace) -> int:
+def spawn_sweep_workers(args: argparse.Namespace, common: Common) -> int:
     """`--workers N`: N processes share the sweep, each running --count trials (default: until it is done)."""
     from .models import check_config
     from .sweeps import launch_workers, load_sweep
@@ -251,11 +247,11 @@ def spawn_sweep_workers(args: argparse.Namespace) -> int:
     check_config(make_config(base))  # refuse bad base flags before anything starts
     share = f"{args.count} trials each" if args.count else "sharing the trials until the sweep is done"
     print(f"sweep {sweep.name}: {args.workers} worker processes, {share}")
-    return launch_workers(sweep, base, Path(args.out_root), args.workers, args.count, args.storage,
-                          args.sampler_seed, Common.from_args(args).bars)
+    return launch_workers(sweep, base, Path(args.sweeps_dir), args.workers, args.count, args.storage,
+                          args.sampler_seed, common.bars)
 
 
-def cmd_sweep_report(args: argparse.Namespace) -> int:
+def cmd_sweep_report(args: argparse.Namespace, common: Common) -> int:
     from .api import SweepRun
 
     out = SweepRun(Path(args.folder), storage=args.storage).report()
@@ -263,7 +259,7 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace, common: Common) -> int:
     from .api import compare
 
     written = compare(args.runs, args.out)
@@ -272,7 +268,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace, common: Common) -> int:
     from .api import report
 
     index = report(args.paths, args.out, argv=["cnnlab", *sys.argv[1:]])
@@ -280,19 +276,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_assignment(args: argparse.Namespace) -> int:
+def cmd_assignment(args: argparse.Namespace, common: Common) -> int:
     from .whole_job import assignment
 
     check_workers(args.workers)
     index = assignment(args.data, args.out, quick=args.quick, sweep_file=args.sweep_file, trials=args.trials,
                        image_size=args.image_size, model=args.model, weights=args.weights, strategies=args.strategies,
-                       workers=args.workers, verify=args.verify, **Common.from_args(args).keywords(),
+                       workers=args.workers, verify=args.verify, **common.keywords(),
                        argv=["cnnlab", *sys.argv[1:]])
     print(f"the assignment's report: {index} (opens offline: file://{index.resolve()})")
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Common], int], str]] = {
     "train": (cmd_train, "train a model (scratch CNN or fine-tuned torchvision model) on ROOT/train"),
     "lr-find": (cmd_lr_find, "the learning-rate range test: loss against a rising lr, a plot and a suggested lr"),
     "info": (cmd_info, "parameter count and FLOPs of a config"),

@@ -36,7 +36,7 @@ from .data import Batches, CachedImages, ImageTransform, cache_key
 from .errors import CnnlabError
 from .hardware import autocast
 from .io import atomic_write_json, new_mapped_array, sha256_of
-from .models import ModelParts, TrainablePlan, stages, weights_file
+from .models import ModelParts, TrainablePlan, family_of, stages, weights_file
 from .sources import VAL_BATCH, EpochData, ImageSource
 
 
@@ -53,23 +53,6 @@ class Split:
     frozen: Callable[[torch.Tensor], torch.Tensor]  # images -> features (eval mode, no grad)
     rest: nn.Module  # features -> logits (what trains)
     boundary: str
-
-
-class _Tail(nn.Module):
-    """The trainable part of a partially frozen network, from the boundary's features to the logits."""
-
-    def __init__(self, model: nn.Module, stages: list[nn.Module], family: str):
-        super().__init__()
-        self.model_ref = [model]  # not a submodule: the parameters belong to (and are saved with) the model
-        self.stages = nn.ModuleList(stages)
-        self.family = family
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model_ref[0]
-        for stage in self.stages:
-            x = stage(x)
-        x = torch.flatten(m.avgpool(x), 1)
-        return m.fc(x) if self.family == "resnet" else m.classifier(x)
 
 
 class _HeadInput:
@@ -101,26 +84,16 @@ class _HeadOutput(nn.Module):
         return torch.flatten(out, 1) if out.dim() > 2 else out
 
 
-def _family(model: nn.Module) -> str | None:
-    if hasattr(model, "layer4") and hasattr(model, "avgpool") and hasattr(model, "fc"):
-        return "resnet"
-    if isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "avgpool") and \
-            isinstance(getattr(model, "classifier", None), nn.Sequential) and \
-            not type(model.classifier[0]).__name__.startswith("LayerNorm"):
-        return "features"  # EfficientNet, MobileNet v2/v3, VGG
-    return None
-
-
 def split_for_store(parts: ModelParts, cfg: Config, head_only: bool) -> Split | str:
     """Where to cut the model for a store under `cfg`, or why it cannot be cut."""
     model, head = parts.module, parts.head_module()
     if head_only:
         return Split(_HeadInput(model, head), _HeadOutput(head), "the head's input")
-    family = _family(model)
-    if family is None:
-        return f"partial freezing of {cfg.model} is not supported by the feature store"
     body = stages(cfg.model, model, head)
     k = cfg.freeze_stages
+    rest = family_of(cfg.model).tail(model, [m for stage in body[k + 1:] for m in stage])
+    if rest is None:
+        return f"partial freezing of {cfg.model} is not supported by the feature store"
     frozen_modules = [m for stage in body[:k + 1] for m in stage]
 
     def frozen(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +101,6 @@ def split_for_store(parts: ModelParts, cfg: Config, head_only: bool) -> Split | 
             x = m(x)
         return x
 
-    rest = _Tail(model, [m for stage in body[k + 1:] for m in stage], family)
     return Split(frozen, rest, f"the output of stage {k}")
 
 

@@ -190,3 +190,33 @@ def preprocess_for(cfg: Config, weights) -> Preprocess:
         crop, interpolation = t.crop_size[0] / t.resize_size[0], t.interpolation.value
         own = int(t.crop_size[0])
     return Preprocess(cfg.image_size or own, mean, std, crop, interpolation)
+
+
+class TorchvisionTail(nn.Module):
+    """The trainable part of a partially frozen torchvision network, from a stage's features to the logits: the
+    stages after it, the model's pooling and its head (`fc` of a ResNet, `classifier` of EfficientNet, MobileNet,
+    VGG), run as the model's own forward runs them."""
+
+    def __init__(self, model: nn.Module, stages: list[nn.Module], head: str):
+        super().__init__()
+        self.model_ref = [model]  # not a submodule: the parameters belong to (and are saved with) the model
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model_ref[0]
+        for stage in self.stages:
+            x = stage(x)
+        return getattr(m, self.head)(torch.flatten(m.avgpool(x), 1))
+
+
+def torchvision_tail(model: nn.Module, after: list[nn.Module]) -> nn.Module | None:
+    """What trains on stored features of a torchvision model cut before the modules `after`: None where its forward
+    is not stages, pooling, flatten and head (a ViT's, a ConvNeXt's, whose classifier starts with a LayerNorm)."""
+    if hasattr(model, "layer4") and hasattr(model, "avgpool") and hasattr(model, "fc"):
+        return TorchvisionTail(model, after, "fc")  # ResNet
+    if isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "avgpool") and \
+            isinstance(getattr(model, "classifier", None), nn.Sequential) and \
+            not type(model.classifier[0]).__name__.startswith("LayerNorm"):
+        return TorchvisionTail(model, after, "classifier")  # EfficientNet, MobileNet v2/v3, VGG
+    return None

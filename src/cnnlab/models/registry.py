@@ -18,7 +18,7 @@ from ..preprocess import Preprocess
 from .from_timm import PREFIX as TIMM_PREFIX
 from .from_timm import check_timm_name, create_timm, timm_names, timm_stages
 from .parts import ModelParts
-from .pretrained import create_pretrained, torchvision_names, torchvision_stages
+from .pretrained import create_pretrained, torchvision_names, torchvision_stages, torchvision_tail
 from .smallcnn import SmallCNN, with_own_size
 
 SMALLCNN_NAME = "smallcnn"
@@ -33,6 +33,9 @@ class ModelFamily:
     create: Callable[[Config, int], ModelParts]  # the model with an n-way head, and its preprocessing
     stages: Callable[[nn.Module, nn.Module], list[list[nn.Module]]]  # (model, head) -> [stem, stage 1, ...]
     pretrained: bool  # whether it has pretrained weights to start from (fine-tuning)
+    # (model, the modules after a frozen stage) -> what trains on the feature store's features (None: it cannot
+    # be cut there; a head alone always can)
+    tail: Callable[[nn.Module, list[nn.Module]], nn.Module | None] = lambda model, after: None
 
 
 def _check_smallcnn(cfg: Config) -> Config:
@@ -85,7 +88,8 @@ FAMILIES = (  # in the order `cnnlab models` lists them; each name is owned by e
     ModelFamily(SMALLCNN_NAME, lambda name: name == SMALLCNN_NAME, lambda: [SMALLCNN_NAME], _check_smallcnn,
                 _create_smallcnn, lambda model, head: [], pretrained=False),
     ModelFamily("torchvision", lambda name: not name.startswith(TIMM_PREFIX) and name != SMALLCNN_NAME,
-                torchvision_names, _check_torchvision, create_pretrained, torchvision_stages, pretrained=True),
+                torchvision_names, _check_torchvision, create_pretrained, torchvision_stages, pretrained=True,
+                tail=torchvision_tail),
     ModelFamily("timm", lambda name: name.startswith(TIMM_PREFIX), timm_names, _check_timm, create_timm, timm_stages,
                 pretrained=True),
 )
