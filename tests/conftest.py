@@ -23,6 +23,28 @@ from cnnlab.config import make_config  # noqa: E402
 from cnnlab.data.demo import make_demo_data  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+OTHER_CPU_KIND = "--other-cpu-kind"
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(OTHER_CPU_KIND, action="store_true",
+                     help="run as the other kind of CPU than this one (native bf16 or not), for the tests marked "
+                          "cpu_kind: `pytest -m cpu_kind --other-cpu-kind` covers both kinds on any machine")
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this machine's CPU computes bf16 natively, by its own flags (whatever $CNNLAB_CPU_BF16 says)."""
+    from cnnlab.hardware import flags_have_bf16
+
+    try:
+        return flags_have_bf16(set(Path("/proc/cpuinfo").read_text().split()))
+    except OSError:
+        return False
+
+
+def pytest_configure(config) -> None:
+    if config.getoption(OTHER_CPU_KIND):  # set before any test runs; every process the tests start inherits it
+        os.environ["CNNLAB_CPU_BF16"] = "0" if native_cpu_bf16() else "1"
 
 
 def missing_component(what: str, fix: str) -> None:

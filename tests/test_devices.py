@@ -113,6 +113,25 @@ def test_the_cpu_kinds_by_their_flags_and_the_policy_each_implies(monkeypatch):
         device_facts(torch.device("cpu"))
 
 
+@pytest.mark.cpu_kind
+def test_the_second_pass_runs_as_the_other_kind_of_cpu(request):
+    """CI runs the cpu_kind tests again with --other-cpu-kind: there precision auto must take the other branch, in
+    this process and in every process a test starts."""
+    from conftest import OTHER_CPU_KIND, native_cpu_bf16
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    native = "avx512_bf16" in flags or "amx_bf16" in flags  # by hand, from the CPU's own flags
+    assert native_cpu_bf16() is native
+    seen_by_a_process = subprocess.run([sys.executable, "-c", "import torch; from cnnlab.hardware import "
+                                        "device_facts; print(device_facts(torch.device('cpu')).cpu_bf16)"],
+                                       capture_output=True, text=True, check=True).stdout.strip()
+    if request.config.getoption(OTHER_CPU_KIND):
+        assert device_facts(torch.device("cpu")).cpu_bf16 is (not native) and seen_by_a_process == str(not native)
+        assert precision_policy("auto", device_facts(torch.device("cpu"))).name == ("fp32" if native else "bf16")
+    elif not os.environ.get("CNNLAB_CPU_BF16"):
+        assert device_facts(torch.device("cpu")).cpu_bf16 is native and seen_by_a_process == str(native)
+
+
 def test_decoder_and_data_placement_by_device():
     assert decoder_choice("auto", "cuda", True) == "nvjpeg"
     assert decoder_choice("auto", "cuda", False) == "pil"  # a torchvision without its GPU decoder
@@ -174,6 +193,7 @@ def test_fp16_with_its_gradient_scaler_trains_on_the_cpu_and_resumes_exactly(tin
     assert strip(resumed) == strip(straight.history)
 
 
+@pytest.mark.cpu_kind
 def test_the_policy_is_printed_at_start_and_recorded(tiny_cfg):
     lines = []
     result = fit(tiny_cfg(precision="auto", epochs=1), progress=False, log=lines.append)
@@ -200,6 +220,7 @@ def cnnlab(*argv: str, cwd: Path | None = None, limit: int | None = None, timeou
                           timeout=timeout, preexec_fn=cap, env=env)
 
 
+@pytest.mark.cpu_kind
 def test_cnnlab_env_says_what_a_question_needs(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -84,6 +84,7 @@ def test_store_too_large_falls_back_with_a_reason(tiny_data, tmp_path, capsys):
     assert not list((tmp_path / "cache" / "features").glob("*.npy"))
 
 
+@pytest.mark.cpu_kind
 @pytest.mark.slow
 def test_a_store_cut_off_mid_write_is_rebuilt(tmp_path):
     """A real process killed with SIGKILL while it writes the store; the next run rebuilds it."""

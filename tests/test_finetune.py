@@ -144,6 +144,7 @@ def test_unknown_weights_name_lists_the_choices():
         create_model(make_config({"model": "resnet18", "weights": "IMAGENET9K", "finetune": "head"}), 3)
 
 
+@pytest.mark.cpu_kind
 @pytest.mark.slow
 def test_finetune_run_records_preprocessing_and_compares(tiny_data, tmp_path, capsys):
     from cnnlab.cli import main

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 
 import cnnlab
@@ -39,14 +40,13 @@ def test_the_range_test_restores_weights_and_optimiser_bit_for_bit(tiny_cfg):
     assert saved["rule"].startswith("half the learning rate") and (result.folder / "lr_find.png").stat().st_size > 1000
 
 
+@pytest.mark.cpu_kind
 def test_lr_find_from_the_cli_and_python(tiny_data, tmp_path, capsys):
     common = ["--data", str(tiny_data), "--image_size=32", "--filters=4", "--dense_units=8",
               "--out", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "c"), "--quiet"]
     assert main(["lr-find", *common, "--steps", "20", "--name", "cli"]) == 0
     out = capsys.readouterr().out
     assert "suggested lr" in out and (tmp_path / "runs" / "cli" / "lr_find.png").exists()
-    import pytest
-
     with pytest.raises(SystemExit) as refused:  # argparse's one line, exit 2
         main(["lr-find", *common, "--steps", "3"])
     assert refused.value.code == 2 and "--steps: 3 is below 5" in capsys.readouterr().err

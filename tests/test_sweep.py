@@ -124,6 +124,7 @@ def completed_points(study):
                   for t in study.get_trials() if t.state == TrialState.COMPLETE)
 
 
+@pytest.mark.cpu_kind
 @pytest.mark.slow
 def test_grid_runs_each_point_once_and_reports(tiny_data, tmp_path):
     sweep = load_sweep(grid_file(tmp_path))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -194,14 +195,13 @@ class OnlineTeacher:
     def __init__(self, cfg: Any, images: Any, train_rows: np.ndarray, student_transform: Any, run_dir: Path,
                  device: torch.device, progress: bool, log: Callable[[str], None]):
         from .data import Batches, ImageTransform
+        from .sources import training_batches  # the student's own rule for its training draws
 
         checkpoint = teacher_checkpoint(cfg.teacher)
         self.loaded, seen = _teacher_and_its_view(cfg, checkpoint, images, device, progress, log,
                                                   crop=student_transform.pre.crop)
         self.device, self.amp = device, autocast_dtype(self.loaded.cfg.precision, device)
-        self.batches = Batches(seen, train_rows, cfg.batch_size, device, shuffle=True, drop_last=True)
-        if cfg.sampler == "balanced":
-            self.batches.balance_classes()
+        self.batches = training_batches(cfg, partial(Batches, seen, train_rows, device=device))
         self.transform = ImageTransform(self.loaded.pre, self.loaded.cfg.channels_last, scale=student_transform.scale,
                                         ratio=student_transform.ratio, jitter=student_transform.jitter)
         _write_info(run_dir, checkpoint, sha256_of(checkpoint), self.loaded, "online", {"images": int(len(train_rows))})

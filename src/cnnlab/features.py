@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ from .errors import CnnlabError
 from .hardware import autocast
 from .io import atomic_write_json, new_mapped_array, sha256_of
 from .models import ModelParts, TrainablePlan, family_of, stages, weights_file
-from .sources import VAL_BATCH, EpochData, ImageSource
+from .sources import VAL_BATCH, EpochData, ImageSource, training_batches
 
 
 class FeatureOverflow(ValueError):
@@ -266,10 +267,8 @@ class FeatureSource:
                  plan: TrainablePlan):
         self.images, self.split, self.cfg, self.plan = images, split, cfg, plan
         views = cfg.feature_cache_views + 1 if cfg.feature_cache_views else 1
-        self.train = Batches.of_array(array, labels, train_rows, cfg.batch_size, device, shuffle=True,
-                                      drop_last=True, views=views)
-        if cfg.sampler == "balanced":
-            self.train.balance_classes()
+        self.train = training_batches(cfg, partial(Batches.of_array, array, labels, train_rows, device=device,
+                                                   views=views))
         self.val = Batches.of_array(array, labels, val_rows, max(cfg.batch_size, VAL_BATCH), device, shuffle=False)
         self.transform = FeatureTransform(cfg.channels_last)
 

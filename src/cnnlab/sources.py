@@ -6,6 +6,7 @@ frozen backbone (and falls back to images in the epochs where the frozen part ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable
 
 import numpy as np
@@ -28,14 +29,21 @@ class EpochData:
     tta: bool = False  # validate on each image and its mirror image
 
 
+def training_batches(cfg: Config, make: Callable[..., Batches]) -> Batches:
+    """An epoch's training draws as `cfg` asks: batches of batch_size, shuffled, the last partial one dropped, and
+    with sampler=balanced each class equally likely. One rule for images, stored features and an online teacher's
+    view; `make(batch_size=, shuffle=, drop_last=)` builds the Batches over the training rows."""
+    batches = make(batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    if cfg.sampler == "balanced":
+        batches.balance_classes()
+    return batches
+
+
 class ImageSource:
     def __init__(self, forward: nn.Module, images: CachedImages, train_rows: np.ndarray, val_rows: np.ndarray,
                  cfg: Config, device: torch.device, transform: ImageTransform, device_cache: DeviceCache | None):
         self.forward, self.transform, self.augment, self.tta = forward, transform, cfg.augments(), cfg.tta
-        self.train = Batches(images, train_rows, cfg.batch_size, device, shuffle=True, drop_last=True,
-                             device_cache=device_cache)
-        if cfg.sampler == "balanced":
-            self.train.balance_classes()
+        self.train = training_batches(cfg, partial(Batches, images, train_rows, device=device, device_cache=device_cache))
         self.val = Batches(images, val_rows, max(cfg.batch_size, VAL_BATCH), device, shuffle=False,
                            device_cache=device_cache)
 
