@@ -13,11 +13,12 @@ import torch
 
 from cnnlab.cli import main
 from cnnlab.data import Batches, ImageTransform, load_images
-from cnnlab.distill import TEACHER_LOGITS, DistillationLoss
+from cnnlab.distill import DistillationLoss
 from cnnlab.errors import ConfigError, DataError
 from cnnlab.evaluate import load_model, predict_logits
 from cnnlab.io import sha256_of
 from cnnlab.models import smallcnn_cost
+from cnnlab.run_folder import TEACHER_LOGITS
 from cnnlab.training import fit
 
 

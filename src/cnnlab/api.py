@@ -29,14 +29,11 @@ from .arguments import paths as path_list
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
 from .errors import CnnlabError, ConfigError, quote
 from .options import progress_bars, silent
-from .run_folder import BEST, CONFIG, EVAL, EXPLAIN, RunFolder, inside
+from .run_folder import BEST, CONFIG, EVAL, EXPLAIN, RESUME_MAY_CHANGE, RunFolder, inside
 
 __all__ = ["train", "load", "sweep", "compare", "check", "lr_find", "report",
            "Run", "Evaluation", "Explanation", "SweepRun", "DataCheck"]
 
-# What `resume` may change; any other setting would continue a different experiment under the old name.
-RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project",
-                     "tensorboard", "data")  # data: where the folder is now (split.json names its files relative to it)
 Log = Callable[[str], None] | None
 
 

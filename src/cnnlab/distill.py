@@ -35,10 +35,7 @@ from torch import nn
 from .errors import CnnlabError, ConfigError, DataError
 from .hardware import autocast, autocast_dtype, decode_device
 from .io import atomic_write, atomic_write_json, sha256_of
-from .run_folder import BEST
-
-TEACHER_LOGITS = "teacher_logits.npy"
-TEACHER_INFO = "teacher.json"
+from .run_folder import BEST, SPLIT, TEACHER_INFO, TEACHER_LOGITS
 
 
 def teacher_checkpoint(teacher: str) -> Path:
@@ -97,7 +94,7 @@ def teacher_checkpoint_path(teacher: str) -> Path:
 
 def teacher_split(teacher: str) -> Path | None:
     """The teacher run's split.json, which the student keeps (None: a checkpoint outside a run folder)."""
-    split = teacher_checkpoint(teacher).parent / "split.json"
+    split = teacher_checkpoint(teacher).parent / SPLIT
     return split if split.is_file() else None
 
 

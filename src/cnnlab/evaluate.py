@@ -22,7 +22,7 @@ from .hardware import autocast, autocast_dtype, decode_device, precision_for
 from .io import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text, printable, spreadsheet_cell
 from .models import create_model
 from .preprocess import Preprocess
-from .run_folder import CONFIG, EVAL, TEST_LEDGER
+from .run_folder import BAD_FILES, CONFIG, EVAL, TEST_LEDGER
 
 
 @torch.inference_mode()
@@ -184,7 +184,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier evaluation's: not the record of this one
     if test.errors:
-        atomic_write_text(out_dir / "bad_files.txt", test.bad_file_report())
+        atomic_write_text(out_dir / BAD_FILES, test.bad_file_report())
         log(f"skipped {len(test.errors)} unreadable test file(s): listed in {out_dir / 'bad_files.txt'}")
     rows = test.valid
     batches = Batches(test, rows, 128, device, shuffle=False)

@@ -21,6 +21,7 @@ from torch import nn
 from .data import CachedImages, ImageTransform
 from .io import atomic_write_json
 from .models.smallcnn import ACTIVATION_LAYERS
+from .run_folder import EXPLAIN_RECORD
 
 ACTIVATION_TYPES = tuple({type(factory()) for factory in ACTIVATION_LAYERS.values()})
 
@@ -164,7 +165,7 @@ def explain(model: nn.Module, images: CachedImages, rows: np.ndarray, transform:
               for p, i in zip(predicted, grid)]
     paths["gradcam"] = plot_gradcam([pixels[int(i)] for i in grid], list(cams.numpy()), titles, out_dir / "gradcam.png")
     log(f"explained neurons {picked} of {layer} using {len(x_all)} test images on {device}")
-    atomic_write_json(out_dir / "explain.json", {"device": str(device), "precision": "fp32", "neurons": picked,
+    atomic_write_json(out_dir / EXPLAIN_RECORD, {"device": str(device), "precision": "fp32", "neurons": picked,
                                                  "images": len(x_all), "seed": seed,
                                                  "figures": {k: p.name for k, p in paths.items()}})
     return paths

@@ -25,10 +25,16 @@ BAD_FILES = "bad_files.txt"  # the files of train/ that could not be read, and w
 EVAL = "eval"  # `cnnlab evaluate`'s output for best.pt: metrics.json and its figures
 EVAL_METRICS = f"{EVAL}/metrics.json"
 EXPLAIN = "explain"  # `cnnlab explain`'s figures, and explain.json, written after them: the step's done mark
+EXPLAIN_RECORD = "explain.json"  # in explain/ (or another --out): what was explained, written last
+TEACHER_LOGITS = "teacher_logits.npy"  # a student's stored teacher logits, one row per training image
+TEACHER_INFO = "teacher.json"  # a student's teacher: its checkpoint (relative and absolute), SHA-256, mode
 TEST_LEDGER = "test_ledger.jsonl"  # one line each time a checkpoint of the folder met a test folder (cnnlab evaluate)
 TENSORBOARD = "tensorboard"  # TensorBoard's event files, with --tensorboard
 WANDB_RUN = "wandb_run.json"  # the W&B run its training logged to (id, project, mode, group), with --wandb
 FINISHED = ("completed", "early_stopped")  # statuses of a run that trained to its end
+# What `--resume` may change; any other setting would continue a different experiment under the old name.
+RESUME_MAY_CHANGE = ("epochs", "early_stop", "device", "decode_workers", "cache_dir", "wandb", "wandb_project",
+                     "tensorboard", "data")  # data: where the folder is now (split.json names its files relative to it)
 
 
 def is_better(record: dict[str, Any], best: dict[str, Any] | None, by: str = "val_acc") -> bool:
@@ -155,7 +161,7 @@ class RunFolder:
     @property
     def explained(self) -> bool:
         """Whether explain/ holds a whole explanation: explain.json is written after its last figure."""
-        return (self.path / EXPLAIN / "explain.json").is_file()
+        return (self.path / EXPLAIN / EXPLAIN_RECORD).is_file()
 
     def evaluation_is_stale(self, metrics: dict[str, Any]) -> bool:
         """Whether an evaluation of this folder's best.pt is of other weights than the best.pt here now (the run

@@ -24,7 +24,7 @@ from optuna.trial import TrialState  # noqa: E402
 from ..config import saved_values  # noqa: E402
 from ..errors import CnnlabError  # noqa: E402
 from ..io import atomic_write_text  # noqa: E402
-from ..run_folder import inside  # noqa: E402
+from ..run_folder import CONFIG, inside  # noqa: E402
 from ..visualise import save_figure  # noqa: E402
 from .schema import Sweep, parse_sweep  # noqa: E402
 from .storage import make_storage  # noqa: E402
@@ -250,7 +250,7 @@ def write_best(trials: list[Any], names: list[str], sweep: Sweep, out: Path, fol
     atomic_write_text(out / "best_trials.md", best_md)
     if ranked:
         best = ranked[0]
-        run_config = inside(folder, best.user_attrs.get("run_dir", "")) / "config.yaml"
+        run_config = inside(folder, best.user_attrs.get("run_dir", "")) / CONFIG
         cfg = yaml.safe_load(run_config.read_text()) if run_config.exists() else dict(best.user_attrs["config"])
         cfg = saved_values({k: v for k, v in cfg.items() if k != "name"}) | {"out": "runs"}
         atomic_write_text(out / "best.yaml", f"# best trial {best.number} of sweep {sweep.name}: "
