@@ -138,8 +138,7 @@ class Trainer:
 
     def train(self, epochs: Iterable[int], callbacks: Sequence[Callback]) -> str:
         """Train `epochs`, calling every callback; returns the status: completed, early_stopped or stopped."""
-        for callback in callbacks:
-            callback.on_fit_start(self)
+        call(callbacks, "on_fit_start", self)
         try:
             for epoch in epochs:
                 record = self.epoch(epoch, callbacks)
@@ -147,8 +146,7 @@ class Trainer:
                 self.improved = is_better(record, self.best_record, self.cfg.keep_best)
                 if self.improved:
                     self.best_val_acc, self.best_val_loss, self.best_epoch = record["val_acc"], record["val_loss"], epoch
-                for callback in callbacks:
-                    callback.on_epoch_end(self, record)
+                call(callbacks, "on_epoch_end", self, record)
             self.status = "completed"
         except StopTraining as stop:
             self.status = stop.status
@@ -159,8 +157,7 @@ class Trainer:
             self.status = "failed"
             raise
         finally:
-            for callback in callbacks:
-                callback.on_fit_end(self)
+            call(callbacks, "on_fit_end", self)
         return self.status
 
     def epoch(self, epoch: int, callbacks: Sequence[Callback]) -> dict[str, Any]:
@@ -189,19 +186,16 @@ class Trainer:
         data = self.source.epoch(epoch, seed)
         aug = torch.Generator(device=self.device).manual_seed(seed) if data.augment else None
         batches = data.train if self.online_teacher is None else self.online_teacher.alongside(data.train, seed, aug)
-        for callback in callbacks:
-            callback.on_epoch_start(self, epoch)
+        call(callbacks, "on_epoch_start", self, epoch)
         started = time.perf_counter()
         data.net.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         for x, y, *targets in batches:  # a third element: a teacher's logits (distillation)
-            for callback in callbacks:
-                callback.on_step_start(self)
+            call(callbacks, "on_step_start", self)
             loss, logits = self.step(data, x, y, targets, aug)
-            for callback in callbacks:
-                callback.on_step_end(self, loss, len(y))
+            call(callbacks, "on_step_end", self, loss, len(y))
             loss_sum += loss.detach().float() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -226,6 +220,15 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss, logits
+
+
+def call(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
+    """Each callback's `hook`, where it has one: a callback need not derive from `Callback` (one written for the
+    epoch hooks alone, before the step hooks came, still works)."""
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(*args)
 
 
 @contextmanager
