@@ -3,9 +3,11 @@ would meet it (real JPEG and HEIC files, real processes, a real browser), then h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -194,14 +196,26 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+@contextlib.contextmanager
+def paused(proc: subprocess.Popen):
+    """`proc` stopped (SIGSTOP) inside the block, its claims still held: whatever the block does happens while the
+    first process is mid-work, however fast it would have finished (before: a race with its remaining seconds)."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+
 @pytest.mark.slow
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(big_photos, tmp_path, cache_build):
     first = cache_build.start(big_photos, tmp_path, "same")  # builds a 224 px cache: seconds to reach into
     run_dir = tmp_path / "runs" / "same"
     wait_for(run_dir / "config.yaml", first)
-    second = cnnlab_cli("train", "--data", str(big_photos), "--image_size=224", "--epochs=1", "--filters=4",
-                        "--dense_units=8", "--cache_dir", str(tmp_path / "cache2"), "--out", str(tmp_path / "runs"),
-                        "--name=same", "--quiet")
+    with paused(first):
+        second = cnnlab_cli("train", "--data", str(big_photos), "--image_size=224", "--epochs=1", "--filters=4",
+                            "--dense_units=8", "--cache_dir", str(tmp_path / "cache2"), "--out",
+                            str(tmp_path / "runs"), "--name=same", "--quiet")
     one_line_exit_2(second, str(run_dir), "in use by another cnnlab process", f"pid {first.pid}", "another --name")
     assert first.wait(timeout=300) == 0, first.stderr.read()
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -216,8 +230,6 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(big_pho
 @pytest.mark.slow
 def test_a_claim_dies_with_its_process(data, tmp_path):
     """A run killed with -9 leaves no claim behind: --resume goes on at once."""
-    import signal
-
     argv = [sys.executable, "-m", "cnnlab.cli", *train_args(data, tmp_path, "--name=killed", "--epochs=50")]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(tmp_path / "runs" / "killed" / "last.pt", proc)
@@ -234,7 +246,8 @@ def test_a_second_assignment_on_the_same_out_is_refused(tiny_data, tmp_path):
             "--trials", "2", "--image_size", "32", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
     first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(out / "assignment.json", first)
-    second = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    with paused(first):
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     one_line_exit_2(second, str(out), "in use by another cnnlab process", "another --out")
     assert first.wait(timeout=600) == 0, first.stderr.read()
     from cnnlab.whole_job import finished_trials
@@ -456,6 +469,7 @@ def test_class_names_that_look_like_formulas_stay_text_in_mistakes_csv(data, tmp
         for old, new in names.items():
             (data / split / old).rename(data / split / new)
     run = cnnlab.train(data=str(data), image_size=32, filters=4, dense_units=8, epochs=1, device="cpu",
+                       precision="fp32",  # one model on every CPU kind: its mistakes are never a matter of rounding
                        cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"), progress=False, log=None)
     run.evaluate(data, progress=False, log=None)
     with (run.folder / "eval" / "mistakes.csv").open(newline="") as fh:

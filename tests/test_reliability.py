@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -184,24 +183,25 @@ def test_a_grid_creator_killed_while_queueing_is_completed_once_per_point_by_the
     path = _grid(tmp_path / "g.yaml", "g", (100, 100))  # 10,000 points: seconds to queue
     folder = tmp_path / "sw"
     folder.mkdir()
-    code = ("import sys; from pathlib import Path; from cnnlab.sweeps import load_sweep, open_study; "
-            "from cnnlab.sweeps.storage import make_storage; "
+    # the creator kills itself for real (SIGKILL) as it queues the 1,001st point: mid-queue on any machine, however
+    # fast (before: killed by this test once the journal looked big enough, which a fast creator could outrun)
+    code = ("import os, signal, optuna; from pathlib import Path; from cnnlab.sweeps import load_sweep, open_study; "
+            "from cnnlab.sweeps.storage import make_storage; queue = optuna.Study.enqueue_trial; queued = [];\n"
+            "def enqueue(study, *a, **k):\n"
+            "    queued.append(1)\n"
+            "    if len(queued) > 1000: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return queue(study, *a, **k)\n"
+            "optuna.Study.enqueue_trial = enqueue\n"
             f"open_study(load_sweep({str(path)!r}), make_storage(None, Path({str(folder)!r})), 0, 1, Path({str(folder)!r}))")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    journal = folder / "journal.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not journal.exists() or journal.stat().st_size < 400_000):  # ~1,000 queued
-        assert proc.poll() is None, "the creator finished before it could be killed"
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+    proc = subprocess.run([sys.executable, "-c", code], timeout=300)
+    assert proc.returncode == -signal.SIGKILL
     sweep = load_sweep(path)
     storage = make_storage(None, folder)
     import optuna
 
     partial = optuna.load_study(study_name="g", storage=storage)
     before = len(partial.get_trials(deepcopy=False))
-    assert 0 < before < 10_000 and not partial.user_attrs.get("grid_queued")
+    assert before == 1000 and not partial.user_attrs.get("grid_queued")  # exactly those queued before the kill
     study = open_study(sweep, storage, 0, 1, folder, log=lambda s: None)  # a rerun joins, and completes it
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     assert sorted(t.user_attrs["grid_index"] for t in waiting) == list(range(10_000))

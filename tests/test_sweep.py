@@ -275,12 +275,14 @@ def _sweep_cmd(path, data, tmp_path, *extra):
 @pytest.mark.slow
 def test_two_processes_share_a_journal_study_via_workers(tiny_data, tmp_path):
     path = grid_file(tmp_path, "shared", a=(4, 6, 8), b=("relu", "gelu"))
-    subprocess.run(_sweep_cmd(path, tiny_data, tmp_path, "--workers", "2"), check=True, timeout=300,
+    # --count 3: each worker runs three of the six points, so both work whatever their start-up times (before: one
+    # worker could take every point while the other was still starting)
+    subprocess.run(_sweep_cmd(path, tiny_data, tmp_path, "--workers", "2", "--count", "3"), check=True, timeout=300,
                    stdout=subprocess.DEVNULL)
     study = study_of(tmp_path / "sweeps" / "shared", "shared")
     assert completed_points(study) == sorted(itertools.product((4, 6, 8), ("relu", "gelu")))
-    owners = {t.user_attrs["owner"]["pid"] for t in study.get_trials() if "owner" in t.user_attrs}
-    assert len(owners) == 2  # both processes did work
+    owners = [t.user_attrs["owner"]["pid"] for t in study.get_trials() if "owner" in t.user_attrs]
+    assert sorted(owners.count(pid) for pid in set(owners)) == [3, 3]  # two processes, three trials each
 
 
 def test_worker_i_gets_gpu_i_mod_n_and_its_share_of_the_cores():

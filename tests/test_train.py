@@ -1,9 +1,7 @@
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -98,6 +96,22 @@ def test_early_stop_and_callbacks(tiny_cfg):
     assert result.status == "early_stopped" and len(result.history) < 30
 
 
+KILLED_IN_EPOCH_3 = """
+import os, signal, sys
+from cnnlab.trainer import Trainer
+step, steps = Trainer.step, []
+def counted(self, *args):
+    if len(self.history) == 2:
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, *args)
+Trainer.step = counted
+from cnnlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_metrics(tiny_cfg, tmp_path):
     """A real process killed mid-epoch with SIGKILL, resumed, ends with the uninterrupted run's numbers."""
@@ -105,15 +119,14 @@ def test_resume_after_sigkill_gives_identical_metrics(tiny_cfg, tmp_path):
     reference = fit(cfg.__class__(**{**cfg.to_dict(), "name": "reference"}), progress=False).history
     args = [sys.executable, "-m", "cnnlab.cli", "train", "--quiet"] + \
         [f"--{k}={v}" for k, v in cfg.to_dict().items() if k != "name"] + ["--name=killed"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the run kills itself for real (SIGKILL) at the third step of epoch 3, after two epochs are written: mid-run on
+    # any machine, however fast (before: killed by this test once two epochs were written, which a fast run could
+    # outrun by an epoch or more)
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_EPOCH_3, *args[3:]], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_jsonl(metrics)) < 2:
-        time.sleep(0.05)  # polling for the event: two epochs written
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(read_jsonl(metrics))
-    assert 2 <= done < 6, "the kill should land mid-run"
+    assert len(read_jsonl(metrics)) == 2
     assert main(["train", "--resume", str(tmp_path / "runs" / "killed"), "--quiet"]) == 0
     resumed = read_jsonl(metrics)
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in h]
