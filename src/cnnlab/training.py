@@ -62,6 +62,7 @@ from .environment import environment
 from .errors import CnnlabError, DataError
 from .features import FeatureSource, prepare_store
 from .hardware import (
+    Precision,
     compile_model,
     configure_backends,
     decode_device,
@@ -152,6 +153,19 @@ def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
 
 # ---- the run ---------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Setting:
+    """What each step of `prepare` reads once the run folder is open: the run's config and folder, where it computes
+    and in which precision, and how it reports."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    precision: Precision
+    progress: bool
+    log: Callable[[str], None]
+
+
 def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
             share: SweepShare = SweepShare()) -> Trainer:
     """The run `cfg` describes, ready for its first step: the config checked, the model built, the run folder opened
@@ -178,13 +192,13 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
     cfg, run_dir, claim = open_run_dir(cfg, resume)
     try:
         configure_backends(device, cfg.deterministic)
-        images, train_rows, val_rows = load_data(cfg, parts.preprocess, run_dir, decoder, progress, log, resume)
+        at = Setting(cfg, run_dir, device, precision, progress, log)
+        images, train_rows, val_rows = load_data(at, parts.preprocess, decoder, resume)
         if isinstance(parts.module, SmallCNN) and cfg.conv1_init == "whiten" and not resume:
             init_first_conv(parts.module, images, train_rows, parts.preprocess, cfg.seed)
         parts.module.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         plan = TrainablePlan(parts, cfg)
-        source = make_source(cfg, parts, plan, images, (train_rows, val_rows), device, precision.dtype,
-                             share.device_cache, progress, log)
+        source = make_source(at, parts, plan, images, (train_rows, val_rows), share.device_cache)
         online = None
         if cfg.teacher and cfg.distill_mode == "stored":  # its logits drawn with each training batch, by their rows
             source.train.attach_targets(teacher_logits(cfg, images, run_dir, device, progress, log))
@@ -250,10 +264,11 @@ def summary_facts(run: Trainer, status: str, setup_seconds: float) -> dict[str, 
             "precision_policy": run.precision.to_dict(), "setup_seconds": setup_seconds, "torch": torch.__version__}
 
 
-def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device | None, progress: bool,
-              log: Callable[[str], None], resume: bool = False) -> tuple[CachedImages, np.ndarray, np.ndarray]:
+def load_data(at: Setting, pre: Preprocess, decoder: torch.device | None,
+              resume: bool = False) -> tuple[CachedImages, np.ndarray, np.ndarray]:
     """ROOT/train decoded with the model's geometry (once, into the cache), unreadable files reported, and the
     seeded stratified split; a resumed run keeps the split it was started with."""
+    cfg, run_dir, progress, log = at.cfg, at.run_dir, at.progress, at.log
     images = load_images(Path(cfg.data) / "train", pre.image_size, cfg.resolved_cache_dir(), cfg.decode_workers,
                          progress, decoder, pre.crop, pre.interpolation, log)
     write_bad_file_report(run_dir / BAD_FILES, images)
@@ -265,16 +280,16 @@ def load_data(cfg: Config, pre: Preprocess, run_dir: Path, decoder: torch.device
     return images, train_rows, val_rows
 
 
-def make_source(cfg: Config, parts: ModelParts, plan: TrainablePlan, images: CachedImages,
-                rows: tuple[np.ndarray, np.ndarray], device: torch.device, amp: torch.dtype | None,
-                device_cache: DeviceCache | None, progress: bool, log: Callable[[str], None]) -> ImageSource | FeatureSource:
+def make_source(at: Setting, parts: ModelParts, plan: TrainablePlan, images: CachedImages,
+                rows: tuple[np.ndarray, np.ndarray], device_cache: DeviceCache | None) -> ImageSource | FeatureSource:
     """Images from the cache, or stored features of the frozen backbone where the strategy allows one. `rows`: the
     training and the validation rows."""
+    cfg, device = at.cfg, at.device
     train_rows, val_rows = rows
     transform = ImageTransform(parts.preprocess, cfg.channels_last, scale=(cfg.crop_min, 1.0), jitter=cfg.jitter)
     source = ImageSource(compile_model(parts.module, cfg.compile), images, train_rows, val_rows, cfg, device,
                          transform, device_cache)
-    store = prepare_store(cfg, parts, images, transform, device, amp, progress, log)
+    store = prepare_store(cfg, parts, images, transform, device, at.precision.dtype, at.progress, at.log)
     if store is None:
         return source
     return FeatureSource(source, *store, images.labels, train_rows, val_rows, cfg, device, plan)
