@@ -24,12 +24,18 @@ _HOME = {**{name: "api" for name in ("train", "load", "sweep", "compare", "check
          **{name: "errors" for name in ("CnnlabError", "ConfigError", "DataError", "StorageError")}}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'cnnlab' has no attribute {name!r}")
+def lazy_attribute(package: str, homes: dict[str, str], name: str) -> Any:
+    """`package`'s public `name`, imported from its home module (`homes[name]`) on first use: a package's
+    `__getattr__`, so importing the package (and `cnnlab --help`) loads nothing heavy."""
+    if name not in homes:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    return getattr(importlib.import_module(f".{homes[name]}", package), name)
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_attribute(__name__, _HOME, name)
 
 
 def __dir__() -> list[str]:

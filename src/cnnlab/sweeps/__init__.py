@@ -3,6 +3,8 @@ an RDB (`storage`), in one or several processes (`workers`), then analysed offli
 
 from typing import Any
 
+from .. import lazy_attribute
+
 __all__ = ["SweepResult", "open_study", "recover_orphans", "run_sweep", "suggest", "Param", "Sweep", "SweepError",
            "load_sweep", "parse_sweep", "make_storage", "mask", "WorkerJob", "launch_workers"]
 
@@ -14,12 +16,4 @@ _HOME = {**{name: "engine" for name in ("SweepResult", "open_study", "recover_or
 
 def __getattr__(name: str) -> Any:
     """The names above, imported on first use: the CLI reads a sweep file (schema) without Optuna or torch."""
-    if name not in _HOME:
-        raise AttributeError(f"module 'cnnlab.sweeps' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+    return lazy_attribute(__name__, _HOME, name)
