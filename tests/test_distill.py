@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cnnlab.cli import main
+from cnnlab.config import make_config
 from cnnlab.data import Batches, ImageTransform, load_images
 from cnnlab.distill import DistillationLoss
 from cnnlab.errors import ConfigError, DataError
@@ -22,10 +23,15 @@ from cnnlab.run_folder import TEACHER_LOGITS
 from cnnlab.training import fit
 
 
-@pytest.fixture
-def teacher(tiny_cfg):
-    """A run that knows more than the students below: larger input (48 px, its own preprocessing), wider, longer."""
-    return fit(tiny_cfg(name="teacher", image_size=48, filters=16, epochs=6), progress=False, log=lambda s: None).run_dir
+@pytest.fixture(scope="module")
+def teacher(tiny_data, tmp_path_factory):
+    """A run that knows more than the students below: larger input (48 px, its own preprocessing), wider, longer.
+    Trained once for the module: the students only read it (its folder is never written after)."""
+    root = tmp_path_factory.mktemp("teacher")
+    cfg = make_config(dict(data=str(tiny_data), image_size=48, filters=16, dense_units=32, batch_size=16, epochs=6,
+                           out=str(root / "runs"), cache_dir=str(root / "cache"), decode_workers=1, name="teacher",
+                           device="cpu", precision="fp32"))
+    return fit(cfg, progress=False, log=lambda s: None).run_dir
 
 
 def teacher_term(run_dir, table, cfg, temperature=4.0):
