@@ -14,6 +14,10 @@ from types import SimpleNamespace
 # torch first looks for a GPU. The GPU path is tested by test_gpu.py, in processes given the machine's GPUs again.
 GPUS_OF_THIS_MACHINE = os.environ.get("CUDA_VISIBLE_DEVICES")  # None: every GPU
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Under pytest-xdist (-n N) each worker shares the machine's cores with the others: one thread each, for torch here
+# (read when torch starts) and for every cnnlab process a test starts.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["CNNLAB_THREADS"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -518,6 +518,18 @@ def test_cnnlab_threads_is_checked(threads):
     one_line_exit_2(result, "$CNNLAB_THREADS", "1 to 4096")
 
 
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_cnnlab_threads_sets_torchs_threads_whether_torch_started_or_not(torch_first):
+    """$CNNLAB_THREADS (what a sweep launcher gives each worker) reaches torch: read when torch starts, so a command
+    that needs no torch never imports it, or set at once where torch runs already (cnnlab.cli.main from Python)."""
+    code = ("import sys\n" + ("import torch\n" if torch_first else "") +
+            "from cnnlab.cli import configure_threads\nconfigure_threads()\n"
+            "print('torch' in sys.modules)\nimport torch\nprint(torch.get_num_threads())")
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, "CNNLAB_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(torch_first), "1"]
+
+
 def test_info_takes_the_class_count_it_is_given():
     result = cnnlab("info", "--num_classes", "3", "--filters", "4")
     assert result.returncode == 0 and "3 classes" in result.stdout, result.stderr

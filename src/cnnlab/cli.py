@@ -288,9 +288,10 @@ def configure_threads() -> None:
     if not 1 <= n <= 4096:
         raise CnnlabError(f"$CNNLAB_THREADS={threads!r}: expected a whole number of threads from 1 to 4096 (or unset "
                           "it: one thread per core)")
-    import torch
-
-    torch.set_num_threads(n)
+    if "torch" in sys.modules:  # already running (cnnlab.cli.main called from Python): set now
+        sys.modules["torch"].set_num_threads(n)
+    else:  # read by torch when it starts: a command that needs no torch (--help, a refusal) never imports it
+        os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
