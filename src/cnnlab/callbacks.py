@@ -52,6 +52,8 @@ class ProgressBar(Callback):
         self.bar.update(images)
         if run.device.type == "cpu":
             self.bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if self.bar.n >= self.bar.total:  # the epoch's last step: gone before validation, as the console line follows
+            self.close()
 
     def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         self.close()
