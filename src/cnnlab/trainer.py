@@ -104,9 +104,7 @@ class Trainer:
     online_teacher: OnlineTeacher | None = None  # distill_mode online: the teacher run on each training view
     teacher: dict[str, Any] | None = None  # with --teacher: its checkpoint and SHA-256, kept in every checkpoint
     history: list[dict[str, Any]] = field(default_factory=list)
-    best_val_acc: float = -1.0
-    best_val_loss: float = math.inf  # of the best epoch: breaks ties of accuracy
-    best_epoch: int = 0
+    best_epoch: int = 0  # the epoch best.pt holds (0: none yet); its values are read from its record
     improved: bool = False  # whether the latest epoch is the best so far
     status: str = "running"  # when training ends: completed, early_stopped, stopped (pruned), interrupted, failed
 
@@ -136,6 +134,16 @@ class Trainer:
         """The history's record of the epoch best.pt holds (None before the first epoch)."""
         return next((r for r in self.history if r["epoch"] == self.best_epoch), None)
 
+    @property
+    def best_val_acc(self) -> float:
+        best = self.best_record
+        return best["val_acc"] if best is not None else -1.0
+
+    @property
+    def best_val_loss(self) -> float:
+        best = self.best_record
+        return best["val_loss"] if best is not None else math.inf
+
     def train(self, epochs: Iterable[int], callbacks: Sequence[Callback]) -> str:
         """Train `epochs`, calling every callback; returns the status: completed, early_stopped or stopped."""
         call(callbacks, "on_fit_start", self)
@@ -145,7 +153,7 @@ class Trainer:
                 self.history.append(record)
                 self.improved = is_better(record, self.best_record, self.cfg.keep_best)
                 if self.improved:
-                    self.best_val_acc, self.best_val_loss, self.best_epoch = record["val_acc"], record["val_loss"], epoch
+                    self.best_epoch = epoch
                 call(callbacks, "on_epoch_end", self, record)
             self.status = "completed"
         except StopTraining as stop:

@@ -326,8 +326,7 @@ def restore(run: Trainer) -> int:
         run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler is not None and state.get("scaler"):  # fp16's loss scale goes on where it was
         run.scaler.load_state_dict(state["scaler"])
-    run.history, run.best_val_acc, run.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
-    run.best_val_loss = state.get("best_val_loss", math.inf)
+    run.history, run.best_epoch = state["history"], state["best_epoch"]  # its values: from the epoch's record
     atomic_write_text(run.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in run.history))
     if state["epoch"] >= run.cfg.epochs:
         run.log(f"{run.run_dir} has finished all {state['epoch']} epochs; to train it further: "
