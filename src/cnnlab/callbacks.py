@@ -126,20 +126,30 @@ def wandb_mode(setting: str, env: Mapping[str, str]) -> str:
     return AGENT if env.get("WANDB_SWEEP_ID") else "off"
 
 
-def best_logged(run: Trainer, through: int) -> dict[str, Any] | None:
-    """The best epoch (the run's own rule) among those up to `through`, the last a tracker logged: an epoch that a
-    stop (SIGTERM, Ctrl-C) cut off between its checkpoint and its log line is in no tracker's history, so it is not
-    the summary's either."""
-    return best_record([r for r in run.history if r["epoch"] <= through], run.cfg.keep_best)
+class Tracker(Callback):
+    """What a tracker (W&B, TensorBoard) knows of its own log: the last epoch it holds. Its summary names the best
+    epoch (the run's own rule) among those: an epoch that a stop (SIGTERM, Ctrl-C) cut off between its checkpoint and
+    its log line is in no tracker's history, so it is not in the summary either."""
+
+    through = 0
+
+    def began(self, run: Trainer) -> None:
+        self.through = run.history[-1]["epoch"] if run.history else 0  # a resumed run's earlier epochs were logged
+
+    def logged(self, record: dict[str, Any]) -> None:
+        self.through = int(record["epoch"])
+
+    def best_logged(self, run: Trainer) -> dict[str, Any] | None:
+        return best_record([r for r in run.history if r["epoch"] <= self.through], run.cfg.keep_best)
 
 
-class WandbTracker(Callback):
+class WandbTracker(Tracker):
     """Weights & Biases logging of the config and every epoch's metrics (`--wandb offline|online`; offline needs
     no account; under `wandb agent`, the agent's run). The run's summary holds the best epoch's values, the ones
     best.pt keeps, so a W&B sweep ranks runs as cnnlab does. The local run folder stays the source of truth."""
 
     def __init__(self, cfg: Config, group: str | None = None):
-        self.group, self.wandb_run, self.through = group, None, 0
+        self.group, self.wandb_run = group, None
         self.mode = wandb_mode(cfg.wandb, os.environ)
         if self.mode != "off":
             try:
@@ -164,19 +174,19 @@ class WandbTracker(Callback):
             raise CnnlabError(f"wandb={self.mode}: the W&B run could not start ({first_line(e)}); no epoch was trained: check "
                               "the network and the login (`wandb login`), or use --wandb offline and `wandb sync` the run "
                               "folder later; then run the same command again") from None
-        self.through = run.history[-1]["epoch"] if run.history else 0  # a resumed run's earlier epochs were logged
+        self.began(run)
         remember_wandb_run(run.run_dir, self.wandb_run, self.group)  # evaluate and explain log to it later
         run.log(f"wandb {'agent run ' + self.wandb_run.id if agent else self.mode}: {self.wandb_run.dir}")
 
     def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         if self.wandb_run is not None:  # committed now, so the summary written at the end is not overwritten
             self.wandb_run.log(record, step=int(record["epoch"]), commit=True)
-            self.through = int(record["epoch"])
+            self.logged(record)
 
     def on_fit_end(self, run: Trainer) -> None:
         if self.wandb_run is None:
             return
-        best = best_logged(run, self.through)
+        best = self.best_logged(run)
         if best is not None:  # W&B would keep the last epoch's values; best.pt holds the best epoch's
             self.wandb_run.summary.update({**best, "best_epoch": best["epoch"]})
         tag = {"stopped": "pruned"}.get(run.status, run.status)  # a sweep's pruner is what stops a run early
@@ -185,14 +195,12 @@ class WandbTracker(Callback):
         self.wandb_run = None
 
 
-
-class TensorBoardTracker(Callback):
+class TensorBoardTracker(Tracker):
     """TensorBoard, the tracker that needs no account (`--tensorboard`): every epoch's metrics as scalars, and at the
     end the hyperparameters with the best epoch's metrics (TensorBoard's HPARAMS tab), in run_dir/tensorboard/."""
 
     def __init__(self, cfg: Config):
         self.writer: Any = None
-        self.through = 0
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - refused before any training
@@ -205,7 +213,7 @@ class TensorBoardTracker(Callback):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run.run_dir / TENSORBOARD))
-            self.through = run.history[-1]["epoch"] if run.history else 0
+            self.began(run)
 
     def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         if self.writer is None:
@@ -214,12 +222,12 @@ class TensorBoardTracker(Callback):
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, global_step=int(record["epoch"]))
         self.writer.flush()  # an epoch on disk as soon as it is in metrics.jsonl
-        self.through = int(record["epoch"])
+        self.logged(record)
 
     def on_fit_end(self, run: Trainer) -> None:
         if self.writer is None:
             return
-        best = best_logged(run, self.through)
+        best = self.best_logged(run)
         if best is not None:
             hparams = {k: v for k, v in run.cfg.to_dict().items() if isinstance(v, (int, float, str, bool))
                        and k not in ("data", "out", "name", "cache_dir")}

@@ -185,7 +185,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, device: torch.
     (out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier evaluation's: not the record of this one
     if test.errors:
         atomic_write_text(out_dir / BAD_FILES, test.bad_file_report())
-        log(f"skipped {len(test.errors)} unreadable test file(s): listed in {out_dir / 'bad_files.txt'}")
+        log(f"skipped {len(test.errors)} unreadable test file(s): listed in {out_dir / BAD_FILES}")
     rows = test.valid
     batches = Batches(test, rows, 128, device, shuffle=False)
     precision = precision_for(loaded.cfg.precision, device, strict=False)  # the training's, where this device runs it

@@ -101,6 +101,7 @@ class Trainer:
     log: Callable[[str], None] = print
     scheduler: Any = None  # made by fit (the range test sets its own rates)
     ema: AveragedModel | None = None  # with --ema: the average that is validated and kept as best.pt
+    trackers: list[Callback] = field(default_factory=list)  # W&B and TensorBoard: each does nothing when it is off
     online_teacher: OnlineTeacher | None = None  # distill_mode online: the teacher run on each training view
     teacher: dict[str, Any] | None = None  # with --teacher: its checkpoint and SHA-256, kept in every checkpoint
     history: list[dict[str, Any]] = field(default_factory=list)

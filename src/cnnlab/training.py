@@ -174,7 +174,7 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
     cfg = check_config(cfg)  # the family's own rules and values (image_size=0: the model's own)
     device = resolve_device(cfg.device)
     decoder = decode_device(cfg.decoder, device)
-    WandbTracker(cfg), TensorBoardTracker(cfg)  # a missing tracker package refused before any work
+    trackers = [WandbTracker(cfg, share.group), TensorBoardTracker(cfg)]  # a missing package refused before any work
     classes = list_classes(Path(cfg.data) / "train")
     if len(classes) < 2:
         raise DataError(f"{Path(cfg.data) / 'train'} has one class folder ({classes[0]}): a classifier needs at "
@@ -207,7 +207,7 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
         loss_fn, val_loss_fn = make_losses(cfg, images.labels[train_rows], len(classes), device)
         return Trainer(cfg, run_dir, claim, device, precision, parts, plan, images, train_rows, val_rows, source,
                        make_optimizer(cfg, plan.param_groups(), device), loss_fn, val_loss_fn,
-                       grad_scaler(precision, device), log, online_teacher=online,
+                       grad_scaler(precision, device), log, trackers=trackers, online_teacher=online,
                        teacher=teacher_record(run_dir) if cfg.teacher else None)
     except BaseException:
         claim.release()
@@ -234,8 +234,7 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
             f"input {run.preprocess.describe()}; {run.precision.describe()}")
         setup_seconds = time.perf_counter() - started  # decoding, feature store, model build: once per run
         everyone = [ScheduleStep(), MovingAverage(), *([ProgressBar()] if progress else []), Checkpoints(),
-                    MetricsFile(), ConsoleLog(), WandbTracker(cfg, share.group), TensorBoardTracker(cfg), *callbacks,
-                    EarlyStopping(cfg.early_stop)]
+                    MetricsFile(), ConsoleLog(), *run.trackers, *callbacks, EarlyStopping(cfg.early_stop)]
         failed = None
         try:
             status = run.train(range(start_epoch, cfg.epochs + 1), everyone)
