@@ -397,17 +397,22 @@ class SweepRun:
 
 def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, storage: str | None = None,
           sweeps_dir: str | Path = "sweeps", sampler_seed: int = 0, config: str | Path | dict[str, Any] | None = None,
-          verify: int = 0, progress: bool | None = None, log: Log = print, warn: Log = None,
-          **overrides: Any) -> SweepRun:
+          verify: int = 0, budget: str | float | None = None, progress: bool | None = None, log: Log = print,
+          warn: Log = None, **overrides: Any) -> SweepRun:
     """Run a Weights & Biases sweep file on the embedded Optuna engine in this process: `count` trials (None:
     until run_cap or the grid is done). Keywords are base config values for every trial (data=..., epochs=...).
     Running it again continues the sweep; other processes and machines join with the same file and storage.
-    `verify` K > 0: then the top K configurations are trained again with 3 seeds each (`SweepRun.verify`)."""
+    `verify` K > 0: then the top K configurations are trained again with 3 seeds each (`SweepRun.verify`).
+    `budget` ("90s", "20m", "2h", or seconds; default: the sweep file's `budget`): the whole sweep, its
+    verification included, planned to end by then (docs/budget.md); a rerun goes on with the time that remains."""
     from .sweeps.schema import load_sweep, parse_sweep
 
     optional_whole_number("count", count, 1)  # None: until run_cap or the grid is done
     whole_number("sampler_seed", sampler_seed)
     whole_number("verify", verify)
+    from .budget import parse_duration
+
+    asked = parse_duration(budget) if budget is not None else None  # a bad duration refused before anything
     log = log or silent
     warn = warn or log
     parsed = parse_sweep(sweep_file, sweep_file.get("name") or "sweep") if isinstance(sweep_file, dict) else \
@@ -419,11 +424,14 @@ def sweep(sweep_file: str | Path | dict[str, Any], *, count: int | None = None, 
         base["data"] = str(Path(base["data"]).resolve())
     base_config = make_config(base)  # refuse bad base values before anything starts (the model's rules: torch)
     from .models import check_config
-    from .sweeps.engine import run_sweep
+    from .sweeps.engine import Budget, run_sweep
 
     check_config(base_config)
     folder = Path(sweeps_dir) / parsed.name
-    result = run_sweep(parsed, base, folder, storage, count, sampler_seed, progress=progress_bars(progress), log=log)
+    seconds = asked or parsed.budget
+    planned = Budget(seconds, 1, 3 * verify) if seconds else None
+    result = run_sweep(parsed, base, folder, storage, count, sampler_seed, progress=progress_bars(progress), log=log,
+                       budget=planned)
     swept = SweepRun(folder, result, storage)
     if verify:
         swept.verify(verify, device=base.get("device"), cache_dir=base.get("cache_dir"), progress=progress, log=log)

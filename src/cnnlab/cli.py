@@ -61,6 +61,17 @@ CHECKPOINT_HELP = "a run folder (runs/<name>: its best.pt) or a checkpoint file 
 MODEL_HELP = CHECKPOINT_HELP + ", or a model.onnx that cnnlab export wrote"
 
 
+def duration(text: str) -> str:
+    """--budget's value, checked when the flags are read (the API parses it again, as it does from Python)."""
+    from .budget import parse_duration
+
+    try:
+        parse_duration(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def keyword_flag(parser: argparse.ArgumentParser, name: str, function: Any, help: str, **options: Any) -> None:
     """--NAME for the keyword NAME of the Python API's `function`, with its default: each default declared once, in
     the signature both doors call, and shown in --help from there."""
@@ -125,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML of base config keys for every trial")
     keyword_flag(p, "verify", api.sweep, "then train the top K configurations again with 3 new seeds each: the "
                  "winner is the best mean, tested against each runner-up", type=whole_number, metavar="K")
+    keyword_flag(p, "budget", api.sweep, "the whole sweep planned to end by then: 90s, 20m, 2h (the sweep file's "
+                 "budget key sets it too); a rerun goes on with the time that remains", type=duration,
+                 metavar="DURATION")
     _add_config_flags(p)
 
     sub.add_parser(WORKER_COMMAND, allow_abbrev=False)  # no help: a launcher's child (its job comes on stdin)
@@ -171,6 +185,9 @@ def _add_report_commands(sub: Any) -> None:
                    "new seeds each, the best mean taken [default: 3; with --quick 0: the best trial as it is]")
     keyword_flag(p, "workers", whole_job.assignment, "Part A sweep processes on this machine; on a machine with "
                  "several GPUs worker i uses GPU i mod n", type=positive_int)
+    keyword_flag(p, "budget", whole_job.assignment, "the whole job planned to end by then, report written: 90s, 20m, "
+                 "2h (the plan is printed first; a rerun goes on with the time that remains)", type=duration,
+                 metavar="DURATION")
 
 
 def _add_model_commands(sub: Any) -> None:

@@ -198,7 +198,7 @@ def cmd_sweep(args: argparse.Namespace, common: Common) -> int:
                 progress=common.progress)
         return code
     swept = run_the_sweep(args.sweep_file, count=args.count, storage=args.storage, sweeps_dir=args.sweeps_dir,
-                          sampler_seed=args.sampler_seed, config=args.config, verify=args.verify,
+                          sampler_seed=args.sampler_seed, config=args.config, verify=args.verify, budget=args.budget,
                           progress=common.progress, log=print,
                           warn=lambda m: print(f"cnnlab sweep: {m}", file=sys.stderr), **config_overrides(args))
     print(sweep_line(swept))
@@ -207,13 +207,17 @@ def cmd_sweep(args: argparse.Namespace, common: Common) -> int:
 
 def cmd_sweep_worker(args: argparse.Namespace, common: Common) -> int:
     """One worker process of `launch_workers`: its job (sweep, base config, trials) is read from stdin, as data."""
-    from .api import sweep as run_the_sweep
-    from .sweeps import WorkerJob
+    from .api import SweepRun
+    from .sweeps import WorkerJob, parse_sweep
+    from .sweeps.engine import Budget, run_sweep
 
     job = WorkerJob.from_json(sys.stdin.read())
-    swept = run_the_sweep(job.sweep, count=job.count, sweeps_dir=job.sweeps_dir, sampler_seed=job.seed,
-                          progress=False, log=print, warn=lambda m: None, **job.base)  # the launcher warned once
-    print(sweep_line(swept))
+    sweep = parse_sweep(job.sweep, job.sweep["name"])  # checked by the launcher, which warned once
+    folder = Path(job.sweeps_dir) / sweep.name
+    seconds = job.budget or sweep.budget
+    budget = Budget(seconds, job.workers, 3 * job.verify) if seconds else None  # the launcher verifies, after
+    result = run_sweep(sweep, job.base, folder, None, job.count, job.seed, progress=False, log=print, budget=budget)
+    print(sweep_line(SweepRun(folder, result)))
     return 0
 
 
@@ -235,6 +239,7 @@ def check_workers(workers: int) -> None:
 
 def spawn_sweep_workers(args: argparse.Namespace, common: Common) -> int:
     """`--workers N`: N processes share the sweep, each running --count trials (default: until it is done)."""
+    from .budget import parse_duration
     from .models import check_config
     from .sweeps import launch_workers, load_sweep
 
@@ -248,7 +253,8 @@ def spawn_sweep_workers(args: argparse.Namespace, common: Common) -> int:
     share = f"{args.count} trials each" if args.count else "sharing the trials until the sweep is done"
     print(f"sweep {sweep.name}: {args.workers} worker processes, {share}")
     return launch_workers(sweep, base, Path(args.sweeps_dir), args.workers, args.count, args.storage,
-                          args.sampler_seed, common.bars)
+                          args.sampler_seed, common.bars, budget=parse_duration(args.budget) if args.budget else None,
+                          verify=args.verify)
 
 
 def cmd_sweep_report(args: argparse.Namespace, common: Common) -> int:
@@ -282,7 +288,7 @@ def cmd_assignment(args: argparse.Namespace, common: Common) -> int:
     check_workers(args.workers)
     index = assignment(args.data, args.out, quick=args.quick, sweep_file=args.sweep_file, trials=args.trials,
                        image_size=args.image_size, model=args.model, weights=args.weights, strategies=args.strategies,
-                       workers=args.workers, verify=args.verify, **common.keywords(),
+                       workers=args.workers, verify=args.verify, budget=args.budget, **common.keywords(),
                        argv=["cnnlab", *sys.argv[1:]])
     print(f"the assignment's report: {index} (opens offline: file://{index.resolve()})")
     return 0

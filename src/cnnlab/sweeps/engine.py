@@ -367,6 +367,7 @@ class Objective:
     log: Callable[[str], None] = print
     device_cache: DeviceCache = field(default_factory=DeviceCache)  # one upload of the image cache per process
     last: int | None = None  # the number of the trial this process ran last
+    planner: Any = None  # with a budget: budgeted.BudgetPlanner, asked how many epochs a trial may have
     stopped_by: StorageError | None = None  # what stopped that trial from outside (a full disk): it ends the sweep
 
     def __call__(self, trial: Any) -> float:
@@ -404,6 +405,7 @@ class Objective:
             trial.set_user_attr("skipped", problem)
             trial.set_user_attr("infeasible", values)
             raise optuna.TrialPruned()
+        epochs, budgeted = self.budgeted_epochs(trial, values)
         trial.set_user_attr("owner", self.owner)
         values = trial_values(self.base, values)
         trial.set_user_attr("config", values)
@@ -411,16 +413,41 @@ class Objective:
         # a folder left by an earlier study in this folder is never overwritten: trial-NNNN-2, made atomically
         name = claim_free_name(self.folder / "trials" / f"trial-{trial.number:04d}").name
         cfg = make_config(self.base, values, {"out": str(self.folder / "trials"), "name": name,
-                                              "keep_best": self.sweep.metric})
+                                              "keep_best": self.sweep.metric, **epochs})
         trial.set_user_attr("run_dir", f"trials/{name}")  # of the sweep folder, wherever it is moved (`inside`)
-        fitted = fit(cfg, callbacks=[Pruning(trial, self.sweep.metric, cfg.epochs)], progress=self.progress,
-                     log=lambda s: None, share=SweepShare(self.sweep.name, self.device_cache))
+        callbacks = [Pruning(trial, self.sweep.metric, cfg.epochs)]
+        if self.planner is not None:
+            callbacks.append(self.planner.deadline(trial))
+        started = time.perf_counter()
+        fitted = fit(cfg, callbacks=callbacks, progress=self.progress, log=lambda s: None,
+                     share=SweepShare(self.sweep.name, self.device_cache))
+        if budgeted is not None:  # what it cost, for the plans after it (of every process of the sweep)
+            spent = [r["epoch_time"] for r in fitted.history]
+            trial.set_user_attr("cost", {"gflops": budgeted, "epoch_s": statistics.median(spent), "epoch_s_all": spent,
+                                         "setup_s": max(0.0, time.perf_counter() - started - sum(spent))})
         best = value_of(fitted.history, self.sweep.metric)
         trial.set_user_attr("epochs_run", len(fitted.history))
         if fitted.status == "stopped":
             trial.set_user_attr("pruned_value", best)
             raise optuna.TrialPruned()
         return best
+
+
+    def budgeted_epochs(self, trial: Any, values: dict[str, Any]) -> tuple[dict[str, int], float | None]:
+        """With a budget: the trial's epochs as the plan gives them now ({}: as the sweep asks), and its GFLOPs; a
+        trial that cannot end before the deadline is not started (pruned, marked `over_budget`)."""
+        if self.planner is None:
+            return {}, None
+        epochs, gflops = self.planner.epochs_for(values)
+        asked = make_config(self.base, values).epochs
+        if epochs == 0:
+            trial.set_user_attr("skipped", "does not fit in the time left")
+            trial.set_user_attr("over_budget", True)
+            raise optuna.TrialPruned()
+        if epochs < asked:
+            trial.set_user_attr("shortened", f"{epochs} of {asked} epochs: the time left")
+            return {"epochs": epochs}, gflops
+        return {}, gflops
 
 
 def value_of(history: list[dict[str, Any]], metric: str) -> float:
@@ -456,34 +483,62 @@ def prepare_sweep(sweep: Sweep, base: dict[str, Any], folder: Path, storage_url:
     return study
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A sweep's time: `seconds` for the whole sweep (every process of it), shared by `workers` processes side by
+    side, keeping room for `reserve_runs` trial-sized runs after the search (a verification's)."""
+
+    seconds: float
+    workers: int = 1
+    reserve_runs: int = 0
+
+
 def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_url: str | None = None,
               count: int | None = None, seed: int = 0, progress: bool = True,
-              log: Callable[[str], None] = print, max_skips: int = MAX_SKIPS_IN_A_ROW) -> SweepResult:
+              log: Callable[[str], None] = print, max_skips: int = MAX_SKIPS_IN_A_ROW,
+              budget: Budget | None = None) -> SweepResult:
     """Run up to `count` trials (None: until run_cap or the grid is done) in this process; refuse the space after
-    `max_skips` sampled combinations in a row that cannot run."""
+    `max_skips` sampled combinations in a row that cannot run. With a `budget`: trials planned to end by its
+    deadline (`budgeted`)."""
     folder = Path(folder)
     study = prepare_sweep(sweep, base, folder, storage_url, seed, progress, log)
     recover_orphans(study, log)
     with _queue_lock(folder):  # two processes of this machine starting at once queue each stopped trial once
         requeue_stopped(study, log)
-    if count is None and sweep.run_cap is None and sweep.method != "grid":
-        raise CnnlabError("random and bayes sweeps need --count or run_cap in the sweep file")
+    if count is None and sweep.run_cap is None and sweep.method != "grid" and budget is None:
+        raise CnnlabError("random and bayes sweeps need --count, --budget or run_cap in the sweep file")
     result, start = SweepResult(folder, metric=sweep.metric), time.perf_counter()
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(),
              "worker": os.environ.get("CNNLAB_WORKER"), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}
     objective = Objective(sweep, base, folder, progress, owner, log)
-    n = skips_in_a_row = 0
+    if budget is not None:
+        objective.planner = start_planner(study, sweep, base, folder, budget, progress, log)
+    n = skips_in_a_row = over_budget = 0
     while (count is None or n < count) and not _finished(study, sweep, log):
+        if objective.planner is not None and not objective.planner.room_for_a_trial():
+            log("budget: no further trial ends before the deadline: the search stops here")
+            break
         objective.last = None
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
         if objective.stopped_by is not None:  # a full disk fails every trial after it too: stop, resumable
             raise objective.stopped_by
+        if objective.planner is not None:
+            objective.planner.clock.touch()
+            objective.planner.write_record()
+            over_budget = over_budget + 1 if _over_budget(study, objective.last) else 0
+            if over_budget >= MAX_SKIPS_IN_A_ROW // 5:
+                log(f"budget: the last {over_budget} sampled trials were all too long for the time left: the search "
+                    "stops here")
+                break
         why = _tally(result, study, sweep, objective.last, log) if objective.last is not None else None
         skips_in_a_row = skips_in_a_row + 1 if why else 0
         n += not why  # a combination that cannot run costs no trial of the count
         if skips_in_a_row >= max_skips:
             raise SweepError(f"sweep '{sweep.name}': the last {skips_in_a_row} sampled combinations all cannot run "
                              f"({why}): change the sweep file's values or the base flags")
+    if objective.planner is not None:  # this run's session in it too, even when the budget was already spent
+        objective.planner.clock.touch()
+        objective.planner.write_record()
     for why, k in result.skipped.items():
         log(f"skipped {k} sampled combination(s) that cannot run, without training them: {why}")
     result.seconds = time.perf_counter() - start
@@ -492,6 +547,24 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     except ValueError:
         pass
     return result
+
+
+def start_planner(study: Any, sweep: Sweep, base: dict[str, Any], folder: Path, budget: Budget, progress: bool,
+                  log: Callable[[str], None]) -> Any:
+    """This process's planner of a budgeted sweep: its clock opened, the device calibrated (once per study, one
+    process of this machine at a time), the first plan made and printed."""
+    from .budgeted import BudgetPlanner, SweepClock
+
+    planner = BudgetPlanner(SweepClock.open(study, budget.seconds), sweep, base, folder, log, budget.workers,
+                            reserve_runs=budget.reserve_runs)
+    with _queue_lock(folder):
+        planner.start(progress)
+    return planner
+
+
+def _over_budget(study: Any, number: int | None) -> bool:
+    return number is not None and any(t.number == number and t.user_attrs.get("over_budget")
+                                      for t in study.get_trials(deepcopy=False))
 
 
 def _finished(study: Any, sweep: Sweep, log: Callable[[str], None]) -> bool:

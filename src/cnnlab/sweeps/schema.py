@@ -20,7 +20,7 @@ DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform
                  "inv_log_uniform_values", "normal", "q_normal", "log_normal", "q_log_normal",
                  "categorical_w_probabilities")
 IGNORED_KEYS = ("program", "command", "name", "description", "project", "entity", "controller")
-SEARCH_KEYS = ("method", "metric", "parameters", "early_terminate", "run_cap")  # what is validated and stored
+SEARCH_KEYS = ("method", "metric", "parameters", "early_terminate", "run_cap", "budget")  # validated and stored
 MAX_GRID_POINTS = 10_000  # queued at creation in about 4 s; a larger grid would run for years on any machine
 
 
@@ -52,6 +52,7 @@ class Sweep:
     run_cap: int | None
     raw: dict[str, Any]
     warnings: list[str] = field(default_factory=list)  # legal but probably not meant
+    budget: float | None = None  # seconds: the sweep planned to end by then (`budget: 2h`; --budget overrides it)
 
     @property
     def validated(self) -> dict[str, Any]:
@@ -152,7 +153,7 @@ def _flatten(params: dict[str, Any], into: dict[str, Param]) -> None:
 def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
     if not isinstance(raw, dict):
         raise SweepError("invalid sweep config: expected a mapping at the top level")
-    unknown = set(raw) - {"method", "metric", "parameters", "early_terminate", "run_cap", *IGNORED_KEYS}
+    unknown = set(raw) - {*SEARCH_KEYS, *IGNORED_KEYS}
     if unknown:
         raise SweepError(f"invalid sweep config: unknown top-level key(s) {', '.join(sorted(unknown))}")
     method = raw.get("method")
@@ -183,12 +184,20 @@ def parse_sweep(raw: Any, name: str = "sweep") -> Sweep:
     run_cap = raw.get("run_cap")
     if run_cap is not None and (isinstance(run_cap, bool) or not isinstance(run_cap, int) or run_cap < 1):
         raise SweepError("invalid sweep config: run_cap must be a positive integer")
+    budget = None
+    if raw.get("budget") is not None:  # cnnlab's own key (wandb sweep warns of it and goes on): `--budget` in the file
+        from ..budget import parse_duration
+
+        try:
+            budget = parse_duration(raw["budget"])
+        except ConfigError as e:
+            raise SweepError(f"invalid sweep config: {e}") from None
     sweep_name = str(raw.get("name") or name)
     if not re.fullmatch(SAFE_NAME, sweep_name):
         raise SweepError(f"invalid sweep config: name {quote(sweep_name)}: a sweep's name is its folder's, so use letters, "
                          "digits, '.', '_' and '-' only (no '/', no leading dot)")
     return Sweep(sweep_name, method, metric["name"], goal, params, hyperband, run_cap, raw,
-                 [w for p in params.values() if (w := _hint(p))])
+                 [w for p in params.values() if (w := _hint(p))], budget)
 
 
 def _hint(p: Param) -> str | None:

@@ -45,17 +45,19 @@ def worker_envs(workers: int, env: Mapping[str, str], gpus: list[str], cores: in
 
 def launch_workers(sweep: Sweep, base: dict[str, Any], sweeps_dir: Path, workers: int, count_each: int | None,
                    storage: str | None = None, seed: int = 0, progress: bool = False,
-                   log: Callable[[str], None] = print, gpus: list[str] | None = None) -> int:
+                   log: Callable[[str], None] = print, gpus: list[str] | None = None, budget: float | None = None,
+                   verify: int = 0) -> int:
     """The one sweep launcher (`cnnlab sweep --workers N`, `cnnlab assignment --workers N`): the sweep folder
     sweeps_dir/<name> and its study are made (a grid queued) once here, then `workers` processes join it and each runs
     `count_each` trials (None: until run_cap or the grid is done). Each is handed its work as data, a JSON
     `WorkerJob` on its stdin, and the storage URL (which may hold a password) in its environment, never on a
-    command line. Returns the highest exit code of the workers."""
+    command line. With a `budget` (seconds), the workers plan their trials to end by its deadline together, keeping
+    the time of `verify` x 3 runs for the verification after them. Returns the highest exit code of the workers."""
     from .engine import prepare_sweep
     from .storage import STORAGE_VARIABLE, storage_url
 
     prepare_sweep(sweep, base, Path(sweeps_dir) / sweep.name, storage, seed, progress, log)
-    job = WorkerJob(sweep.validated, base, str(sweeps_dir), count_each, seed)
+    job = WorkerJob(sweep.validated, base, str(sweeps_dir), count_each, seed, budget, verify, workers)
     url = storage_url(storage)
     return spawn_workers(job, workers, {STORAGE_VARIABLE: url} if url else {}, gpus)
 
@@ -70,6 +72,9 @@ class WorkerJob:
     sweeps_dir: str
     count: int | None
     seed: int
+    budget: float | None = None  # seconds for the whole sweep (None: the sweep file's, if any)
+    verify: int = 0  # the top configurations verified after the workers end: their time is kept aside
+    workers: int = 1  # how many processes share the sweep (and its budget)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
