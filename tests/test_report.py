@@ -68,7 +68,8 @@ def test_the_assignment_fills_every_section_of_its_report(job):
     partb = section(html, "partb")
     assert "partB-head" in partb and "the scratch CNN" in partb and "95% CI" in partb
     # Part B's best run taught Part A's small CNN: the student beside them, with its teacher recorded
-    assert "distilled" in partb and steps["distil partB-head into Part A's small CNN"]["state"] == "trained"
+    assert "distilled" in partb and steps["distil Part B's best run into Part A's small CNN"]["state"] == "trained"
+    assert steps["distil Part B's best run into Part A's small CNN"]["teacher"].endswith("partB-head")
     student = json.loads((out / "runs" / "distilled" / "summary.json").read_text())
     assert student["teacher"]["checkpoint"] == str((out / "runs" / "partB-head" / "best.pt").resolve())
     assert "(distilled)" not in section(html, "test")  # Part A's model is still the sweep's, not the student

@@ -25,6 +25,21 @@ EXPLAIN_S = 10.0  # the phases without a model-sized cost of their own: measured
 COMPARE_S = 3.0
 REPORT_S = 15.0
 MARGIN = 0.05  # of the budget, kept aside for what the predictions miss
+# the job's steps, by the names assignment.json and budget.json give them (a phase planned is a step recorded)
+SWEEP = "Part A: sweep"
+EVALUATE = "Part A: evaluate the best trial on the test folder"
+EXPLAIN = "Part A: explain it"
+DISTIL = "distil Part B's best run into Part A's small CNN"
+COMPARE = "compare"
+REPORT = "report"
+
+
+def verify_step(k: int) -> str:
+    return f"Part A: verify the top {k}"
+
+
+def strategy_step(strategy: str) -> str:
+    return f"Part B: {strategy}"
 
 
 @dataclass
@@ -77,7 +92,8 @@ class JobClock:
     def note(self, key: str, value: Any) -> None:
         with self.lock:
             if isinstance(self.record.get(key), list):
-                self.record[key].append(value)
+                if key != "cut" or value not in self.record[key]:  # a rerun's plan cuts what the first cut: once
+                    self.record[key].append(value)
             else:
                 self.record[key] = value
         self.write()
@@ -110,23 +126,26 @@ class Measured:
 
 
 def later_phases(m: Measured, strategies: list[str], epochs_head: int, epochs_other: int, student_epochs: int,
-                 verify_runs: int = 0, trial_seconds: float = 0.0) -> dict[str, float]:
-    """Predicted seconds of each phase after the search, in the order they run."""
+                 verify: int = 0, trial_seconds: float = 0.0) -> dict[str, float]:
+    """Predicted seconds of each phase after the search, in the order they run (`verify` K: the top K trained
+    again with 3 seeds each, at `trial_seconds` a run)."""
     evaluate_big = m.big_setup + 2 * m.test * m.big_forward  # the flip TTA: two forwards per test image
     evaluate_small = 2 + 2 * m.test * m.small_forward
     phases = {}
-    if verify_runs:
-        phases[f"Part A: verify ({verify_runs} runs)"] = verify_runs * trial_seconds
-    phases["Part A: evaluate and explain"] = evaluate_small + EXPLAIN_S
+    if verify:
+        phases[verify_step(verify)] = 3 * verify * trial_seconds
+    phases[EVALUATE] = evaluate_small
+    phases[EXPLAIN] = EXPLAIN_S
     for strategy in strategies:
         if strategy == "head":  # the frozen backbone's features once (a store), then cheap epochs on them
             cost = m.big_setup + (m.train + m.val) * m.big_forward + epochs_head * 0.5
         else:
             cost = m.big_setup + epochs_other * (m.train * m.big_step + 2 * m.val * m.big_forward)
-        phases[f"Part B: {strategy}"] = cost + evaluate_big
+        phases[strategy_step(strategy)] = cost + evaluate_big
     if strategies:  # the teacher's logits of each training image (with its flip), then the student's epochs
-        phases["distil"] = 2 * m.train * m.big_forward + student_epochs * m.small_epoch + evaluate_small
-    phases["compare and report"] = COMPARE_S + REPORT_S
+        phases[DISTIL] = 2 * m.train * m.big_forward + student_epochs * m.small_epoch + evaluate_small
+    phases[COMPARE] = COMPARE_S
+    phases[REPORT] = REPORT_S
     return phases
 
 
@@ -140,7 +159,7 @@ class JobPlan:
     def lines(self, now: float) -> list[str]:
         """One line per phase: its share and when it is expected to end."""
         out, end = [], now
-        for name, seconds in [("Part A: sweep", self.search), *self.later.items()]:
+        for name, seconds in [(SWEEP, self.search), *self.later.items()]:
             end += seconds
             out.append(f"  {name:<34} {say_duration(seconds):>12}   ends about {time.strftime('%H:%M:%S', time.localtime(end))}")
         return out
@@ -148,6 +167,7 @@ class JobPlan:
 
 def plan_job(left: float, budget: float, m: Measured, strategies: list[str], epochs: tuple[int, int, int],
              smallest_search: float, verify: tuple[int, float] = (0, 0.0)) -> JobPlan:
+    """(`verify`: the top K to train again, and the seconds of one such run.)"""
     """The time `left` divided: each later phase as predicted (stretched by SAFETY), a MARGIN of the budget, and
     the rest to the search, which must hold at least `smallest_search` (one trial at its first rung, per
     MIN_TRIALS share). Part B's strategies other than head are cut first, the costliest first, when it does not."""
@@ -157,10 +177,10 @@ def plan_job(left: float, budget: float, m: Measured, strategies: list[str], epo
         search = left - sum(later.values()) - MARGIN * budget
         if search >= smallest_search or not any(s != "head" for s in kept):
             break
-        costliest = max((s for s in kept if s != "head"), key=lambda s: later[f"Part B: {s}"])
+        costliest = max((s for s in kept if s != "head"), key=lambda s: later[strategy_step(s)])
         kept.remove(costliest)
-        cut.append(f"Part B: {costliest} (its predicted {say_duration(later[f'Part B: {costliest}'])} left too "
-                   "little for the search)")
+        cut.append(f"{strategy_step(costliest)} (its predicted {say_duration(later[strategy_step(costliest)])} left "
+                   "too little for the search)")
     if search < smallest_search:
         need = budget - left + sum(later.values()) + MARGIN * budget + smallest_search
         raise ConfigError(f"budget {say_duration(budget)}: too small for this job on this machine (the phases after "

@@ -19,7 +19,23 @@ from .api import Log, Run, SweepRun, check, compare, load, report, sweep, train
 from .arguments import optional_whole_number, path_like, whole_number
 from .errors import CnnlabError
 from .io import FolderClaim
-from .job_budget import JobClock, JobPlan, Measured, announce, fits, plan_job, smallest_search
+from .job_budget import (
+    COMPARE,
+    DISTIL,
+    EVALUATE,
+    EXPLAIN,
+    REPORT,
+    SWEEP,
+    JobClock,
+    JobPlan,
+    Measured,
+    announce,
+    fits,
+    plan_job,
+    smallest_search,
+    strategy_step,
+    verify_step,
+)
 from .options import Common
 from .run_folder import RunFolder
 from .sweeps.schema import shipped_sweep
@@ -218,20 +234,20 @@ def whole_job(job: Job, quick: bool) -> Path:
                   progress=common.progress, log=log, **base)
         return "done", {"trials": finished_trials(folder), "folder": str(folder)}
 
-    step(journal, "Part A: sweep", log, part_a)
+    step(journal, SWEEP, log, part_a)
     best = part_a_model(SweepRun(folder, storage=common.storage), plan, journal, job)
-    step(journal, "Part A: evaluate the best trial on the test folder", log, lambda: (
+    step(journal, EVALUATE, log, lambda: (
         ("done before", {}) if best.files.evaluated else
         ("done", {"accuracy": best.evaluate(data, **common.for_model()).accuracy})))
-    step(journal, "Part A: explain it", log, lambda: (
+    step(journal, EXPLAIN, log, lambda: (
         ("done before", {}) if best.files.explained else
         ("done", {"figures": sorted(str(p) for p in best.explain(data, **common.for_model()).figures.values())})))
     finetuned = part_b(job, run_config, journal, budgeted)
     if finetuned:  # Part B's best run (by validation) taught to Part A's small CNN: its accuracy at its cost
         taught = distil(out, best, finetuned, run_config, journal, job, budgeted)
         finetuned += [taught] if taught is not None else []
-    step(journal, "compare", log, lambda: ("done", {"table": str(compare([best, *finetuned], out / "compare")["table"])}))
-    step(journal, "report", log, lambda: ("done", {"index": str(report([out], out / "report", argv=job.argv))}))
+    step(journal, COMPARE, log, lambda: ("done", {"table": str(compare([best, *finetuned], out / "compare")["table"])}))
+    step(journal, REPORT, log, lambda: ("done", {"index": str(report([out], out / "report", argv=job.argv))}))
     return out / "report" / "index.html"
 
 
@@ -279,10 +295,10 @@ def plan_to_budget(job: Job, folder: Path, base: dict[str, Any]) -> Budgeted:
     measured = Measured(small_epoch, small_epoch / (3 * train_rows + 2 * val_rows),
                         big["step"] if big else 0.0, big["forward"] if big else 0.0, big["setup"] if big else 0.0,
                         train_rows, val_rows, len(scan_folder(job.data / "val")[1]))
-    verify = (3 * plan.verify, costs.trial_seconds(space.typical, space.max_epochs))
+    verify = (plan.verify, costs.trial_seconds(space.typical, space.max_epochs))
     planned = plan_job(clock.left(), clock.seconds, measured, plan.strategies if job.weights else [],
                        (plan.epochs_head, plan.epochs_other, space.max_epochs), smallest_search(costs, space), verify)
-    clock.note("planned", {"Part A: sweep": round(planned.search, 1), **{k: round(v, 1) for k, v in planned.later.items()}})
+    clock.note("planned", {SWEEP: round(planned.search, 1), **{k: round(v, 1) for k, v in planned.later.items()}})
     clock.note("plans", {"at": time.time(), "left_s": clock.left(), "search_s": planned.search, "later": planned.later,
                          "strategies": planned.strategies, "cut": planned.cut})
     for what in planned.cut:
@@ -313,11 +329,11 @@ def part_a_model(swept: SweepRun, plan: Plan, journal: Journal, job: Job) -> Run
     too when a budget's deadline leaves no time for the verification: cut, and said)."""
     common = job.common
     log = common.say
-    phase = f"Part A: verify ({3 * plan.verify} runs)"
+    phase = verify_step(plan.verify)
     done = swept.verification is not None  # a verification finished on an earlier run is read back, never cut
     if plan.verify and not done and (out_of_time := cut_for_time(job, phase, after_phase=phase)) is not None:
         log(out_of_time)
-        journal.record(f"Part A: verify the top {plan.verify}", "cut: the budget's deadline", 0.0)
+        journal.record(phase, "cut: the budget's deadline", 0.0)
     elif plan.verify:
         def verify_part_a() -> tuple[str, dict[str, Any]]:
             found = swept.verify(plan.verify, device=common.device, cache_dir=common.cache_dir,
@@ -325,7 +341,7 @@ def part_a_model(swept: SweepRun, plan: Plan, journal: Journal, job: Job) -> Run
             return ("done" if found["trained_now"] else "done before"), {"winner": found["winner"],
                                                                          "model": found["model"]}
 
-        step(journal, f"Part A: verify the top {plan.verify}", log, verify_part_a)
+        step(journal, phase, log, verify_part_a)
         best = swept.verified
         log(f"Part A's model: {best.folder} (the verified winner's best run by validation accuracy)")
         return best
@@ -359,8 +375,8 @@ def distil(out: Path, student: Run, finetuned: list[Run], run_config: dict[str, 
     common = job.common
     teacher = max(finetuned, key=lambda r: r.best_val_acc or 0.0)
     values = {k: v for k, v in student.config.to_dict().items() if k not in ("name", "out")}
-    name = f"distil {teacher.folder.name} into Part A's small CNN"
-    if not RunFolder(out / "runs" / "distilled").finished and (why := cut_for_time(job, "distil", "distil")):
+    name = DISTIL
+    if not RunFolder(out / "runs" / "distilled").finished and (why := cut_for_time(job, DISTIL, DISTIL)):
         common.say(why)
         journal.record(name, "cut: the budget's deadline", 0.0)
         return None
@@ -393,7 +409,7 @@ def part_b(job: Job, run_config: dict[str, Any], journal: Journal, budgeted: Bud
     for strategy in plan.strategies:
         epochs = plan.epochs_head if strategy == "head" else plan.epochs_other
         extra = {"freeze_stages": default_freeze_stages(model)} if strategy == "partial" else {}  # all but the last
-        phase = f"Part B: {strategy}"
+        phase = strategy_step(strategy)
         if not RunFolder(out / "runs" / f"partB-{strategy}").finished and (why := cut_for_time(job, phase, phase)):
             log(why)
             journal.record(phase, "cut: the budget's deadline", 0.0)

@@ -15,7 +15,7 @@ from ..run_folder import RunFolder
 from .inputs import Inputs, gather
 from .page import esc, markdown_table, missing, page
 from .results import curves_section, explain_section, partb_section, reproducibility_section, test_section
-from .sections import cost_section, data_section, sweep_section
+from .sections import budget_section, cost_section, data_section, sweep_section
 
 __all__ = ["write_report", "gather", "Inputs", "RunFolder"]
 
@@ -65,6 +65,7 @@ def write_report(paths: list[str | Path], out: str | Path, argv: list[str] | Non
         ("explain", "Part A: what the model learned", explain_section(best)),
         ("partb", "Part B: fine-tuning against training from scratch", partb_section(finetuned, best, out) + compares),
         ("curves", "Learning curves of every run", curves_section(named, [t for t in trial_runs if t is not best], out)),
+        *([("budget", "The time budget", budget)] if (budget := budget_section(inputs.given, inputs.sweeps)) else []),
         ("repro", "Reproducibility", reproducibility_section(named, " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv)))),
     ]

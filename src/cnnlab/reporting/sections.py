@@ -311,3 +311,46 @@ def best_trials_table(complete: list[Any], names: list[str], sweep: Any) -> str:
         ["trial", sweep.metric, "epochs", *names],
         [[t.number, f"{t.value:.4f}", t.user_attrs.get("epochs_run", "")] +
          [format_value(t.user_attrs["config"].get(n)) for n in names] for t in ranked], (1, 2))
+
+
+def budget_section(given: list[Path], sweeps: list[Path]) -> str:
+    """The time planned to a deadline (`--budget`): the job's phases, planned against spent, and what was cut; each
+    budgeted sweep's calibration, trials and cuts. Every number is read from a budget.json. '' without a budget."""
+    from ..budget import say_duration
+    from ..job_budget import RECORD
+
+    def read(path: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    parts = []
+    for folder in given:
+        job = read(folder / RECORD)
+        if job is None or "phases" not in job:
+            continue
+        rows = [[name, f"{p['planned_s']:.0f} s" if p.get("planned_s") is not None else "-", f"{p['spent_s']:.0f} s",
+                 p["state"]] for name, p in job["phases"].items()]
+        parts.append(f"<p>The job in <code>{esc(folder)}</code> was planned to a budget of "
+                     f"{esc(say_duration(job['budget_s']))} and spent {esc(say_duration(job.get('spent_s', 0.0)))} "
+                     f"over {len(job['sessions'])} session(s) (the time its processes ran, not the time between them).</p>"
+                     + table(["phase", "planned", "spent", "state"], rows, numeric=(1, 2))
+                     + claims_list([f"cut to fit: {c}" for c in job.get("cut", [])]))
+    for folder in sweeps:
+        record = read(folder / "budget.json")
+        if record is None:
+            continue
+        trials = record["trials"]
+        spent = record["spent"]
+        plan = record.get("plan") or {}
+        parts.append(f"<p>Sweep <code>{esc(folder.name)}</code>: budget {esc(say_duration(record['budget_s']))}, spent "
+                     f"{esc(say_duration(record['spent_s']))} (calibration {esc(say_duration(spent['calibration_s']))}, "
+                     f"trials {esc(say_duration(spent['trials_s']))}, the rest {esc(say_duration(spent['other_s']))}); "
+                     f"{trials['complete']} trial(s) complete, {len(trials['shortened'])} started shorter, "
+                     f"{len(trials['cut'])} stopped at the deadline, {trials['not_started']} not started for want of "
+                     f"time" + (f"; the last plan: {esc(plan['trials'])} trial(s) of {esc(plan['epochs'])} epoch(s)"
+                                if plan else "") + ".</p>")
+    if not parts:
+        return ""
+    return "".join(parts) + source("budget.json in the job and sweep folders (docs/budget.md: how the plan is made)")

@@ -172,13 +172,15 @@ def draws(sweep: Sweep, base: dict[str, Any], classes: int, known: dict[tuple, f
 
 def calibrate(study: Any, drawn: list[tuple[float, dict[str, Any]]], base: dict[str, Any], folder: Path,
               progress: bool, log: Callable[[str], None]) -> None:
-    """The real training step timed on this device for the median and the costliest drawn configuration, each turned
-    into seconds per epoch of the training set with its validation; the first also builds the image cache, and the
-    set-up a trial pays is the second's."""
+    """The real training step timed on this device for the median and the upper quartile of the drawn
+    configurations' GFLOPs (the costliest can cost a thousand times the cheapest: a few of its steps could take a
+    short budget's minute), each turned into seconds per epoch of the training set with its validation; the first
+    also builds the image cache, and the set-up a trial pays is the second's. The line between them is the model
+    until trials measure their own epochs."""
     started = time.perf_counter()
     chosen = sorted(drawn, key=lambda d: d[0])
     points, setup = [], []
-    for i, (gflops, values) in enumerate([chosen[len(chosen) // 2], chosen[-1]]):
+    for i, (gflops, values) in enumerate([chosen[len(chosen) // 2], chosen[(3 * len(chosen)) // 4]]):
         timed = time_steps(make_config(base, values), folder / "calibration", f"calibrate-{i}", progress)
         points.append((gflops, timed.train * (timed.rows[0] + VALIDATION_SHARE * timed.rows[1])))
         setup.append(timed.setup)
@@ -329,10 +331,11 @@ class BudgetPlanner:
 
 
 class StepTimer(Callback):
-    """Times the training steps after the first (which pays for kernel selection and the first upload), then stops."""
+    """Times the training steps after the first (which pays for kernel selection and the first upload), then stops:
+    after `steps` of them, or once they have taken `seconds`."""
 
-    def __init__(self, steps: int):
-        self.steps, self.times, self.images, self.began = steps, [], [], 0.0
+    def __init__(self, steps: int, seconds: float = 5.0):
+        self.steps, self.seconds, self.times, self.images, self.began = steps, seconds, [], [], 0.0
 
     def on_step_start(self, run: Trainer) -> None:
         self.began = time.perf_counter()
@@ -341,7 +344,7 @@ class StepTimer(Callback):
         float(loss.detach())  # the step's work is done when its loss can be read (a GPU runs ahead of the host)
         self.times.append(time.perf_counter() - self.began)
         self.images.append(images)
-        if len(self.times) > self.steps:
+        if len(self.times) > self.steps or (len(self.times) > 1 and sum(self.times[1:]) > self.seconds):
             raise StopTraining("completed")
 
     def per_image(self) -> float:
