@@ -67,6 +67,16 @@ def test_the_cost_model_fits_measured_epochs_and_never_makes_flops_cheaper():
         Costs().epoch_seconds(1.0)
 
 
+def test_trials_measured_scale_the_calibration_then_replace_it():
+    calibrated = Costs([(0.1, 3.0), (1.0, 12.0)])  # 2 + 10 g
+    one = Costs(calibrated.points, measured=[(0.5, 14.0)])  # a real epoch took twice the calibration's 7 s
+    assert one.epoch_seconds(0.5) == pytest.approx(14.0) and one.epoch_seconds(1.0) == pytest.approx(24.0)
+    assert one.epoch_seconds(0.02) == pytest.approx(2 * 2.2)  # the set-up of an epoch scales too, not to zero
+    truth = lambda g: 5.0 + 40.0 * g
+    three = Costs(calibrated.points, measured=[(g, truth(g)) for g in (0.05, 0.3, 2.0)])
+    assert three.epoch_seconds(1.0) == pytest.approx(truth(1.0))  # three sizes measured: their own line
+
+
 COSTS = Costs([(0.1, 3.0), (1.0, 12.0)], [2.0])  # 2 + 10 g s per epoch, 2 s of set-up
 
 

@@ -193,3 +193,30 @@ def test_online_distillation_of_a_frozen_backbone_trains_on_the_images(tiny_cfg,
     assert any("feature store off: with --distill_mode online" in line for line in lines)
     assert not (tmp_path / "cache" / "features").exists()  # no store was built
     assert json.loads((run / "teacher.json").read_text())["mode"] == "online"
+
+
+def test_the_patient_schedule_scales_its_epochs_down_for_larger_sets():
+    from cnnlab.distill import PATIENT_MAX_EPOCHS, PATIENT_PASSES, default_epochs
+
+    assert default_epochs("", 1228) == 10  # no teacher: the plain default
+    assert default_epochs("runs/t", 1228) == 150  # grocery's training images: what was measured (docs/recipe.md)
+    assert default_epochs("runs/t", 200) == PATIENT_MAX_EPOCHS  # a small set is not trained for ever
+    assert default_epochs("runs/t", 8000) == round(PATIENT_PASSES / 8000)  # iNaturalist-12K's ~8,000: 23 epochs
+    assert default_epochs("runs/t", 10**6) == 10
+
+
+def test_a_student_without_epochs_gets_the_patient_schedule_and_given_epochs_rule(teacher, tiny_data, tmp_path,
+                                                                                   monkeypatch):
+    import cnnlab
+    from cnnlab import distill
+
+    monkeypatch.setattr(distill, "PATIENT_PASSES", 11 * 130)  # the teacher's split: 130 training images, 11 epochs
+    common = dict(data=str(tiny_data), image_size=32, filters=8, dense_units=32, batch_size=16, out=str(tmp_path),
+                  cache_dir=str(tmp_path / "cache"), decode_workers=1, device="cpu", precision="fp32",
+                  teacher=str(teacher), progress=False)
+    said = []
+    run = cnnlab.train(name="patient", log=said.append, **common)
+    assert len(run.history) == 11 and run.config.epochs == 11  # config.yaml holds the epochs it trained
+    assert any("patient schedule" in line and "1,430 image passes over its 130 training images" in line for line in said), said
+    assert len(cnnlab.train(name="given", epochs=2, log=None, **common).history) == 2
+    assert len(cnnlab.train(name="plain", log=None, **{**common, "teacher": ""}).history) == 10

@@ -50,7 +50,13 @@ def make_run_config(config: str | Path | Config | dict[str, Any] | None = None, 
     elif config is not None:
         sources.append(load_yaml(config))
     sources.append(overrides)
-    return make_config(*sources)
+    cfg = make_config(*sources)
+    if cfg.teacher and not any("epochs" in source for source in sources):
+        # a student's default schedule is the patient one, sized on its training set once it is read (epochs 0)
+        from dataclasses import replace
+
+        cfg = replace(cfg, epochs=0)
+    return cfg
 
 
 def resume_config(folder: str | Path, **overrides: Any) -> Config:

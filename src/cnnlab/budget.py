@@ -24,6 +24,7 @@ from typing import Sequence
 from .errors import ConfigError
 
 MIN_TRIALS = 3  # fewer trials than this is not a search: epochs are cut first
+MEASURED_SIZES = 3  # trials of this many model sizes measured: their own line replaces the calibration's
 SAFETY = 1.10  # predicted times are stretched by this before a trial or an epoch is started
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -65,31 +66,48 @@ def time_spent(sessions: Sequence[Sequence[float]]) -> float:
     return total
 
 
+def fitted_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(alpha, beta) of seconds = alpha + beta x GFLOPs by least squares, both non-negative (more FLOPs never cost
+    less); one point, or one size measured: through the origin and it."""
+    xs = [g for g, _ in points]
+    ys = [s for _, s in points]
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mx) ** 2 for x in xs)
+    if n < 2 or spread <= 1e-12 * max(1.0, mx * mx):
+        return (0.0, my / mx) if mx > 0 else (my, 0.0)
+    beta = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread)
+    alpha = my - beta * mx
+    if alpha < 0:  # through the origin instead
+        alpha, beta = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return alpha, beta
+
+
 @dataclass
 class Costs:
-    """What a trial costs on this device: (forward GFLOPs per image, seconds per epoch) points, measured by the
-    calibration and by trials, and the set-up seconds of a trial (model, data upload, folder)."""
+    """What a trial costs on this device: the calibration's (forward GFLOPs per image, seconds per epoch) points,
+    the trials' measured ones, and the set-up seconds of a trial (model, data upload, folder)."""
 
-    points: list[tuple[float, float]] = field(default_factory=list)
+    points: list[tuple[float, float]] = field(default_factory=list)  # the calibration's
     setup: list[float] = field(default_factory=list)
+    measured: list[tuple[float, float]] = field(default_factory=list)  # trials' own epochs
 
     def epoch_seconds(self, gflops: float) -> float:
-        """Seconds of one epoch (training and validation) of a model of `gflops`: alpha + beta x gflops by least
-        squares over the points (both kept non-negative: more FLOPs never cost less); one point or one size
-        measured: proportional to it."""
+        """Seconds of one epoch (training and validation) of a model of `gflops`. Until trials of MEASURED_SIZES
+        different sizes have run: the calibration's line, scaled by the median ratio of what trials measured to
+        what it predicted for them (a real epoch also validates, transforms and waits on the machine's other
+        work); then the line fitted to the trials alone."""
+        if len({round(g, 6) for g, _ in self.measured}) >= MEASURED_SIZES:
+            alpha, beta = fitted_line(self.measured)
+            return alpha + beta * gflops
         if not self.points:
-            raise ValueError("no measured cost: calibrate first")
-        xs = [g for g, _ in self.points]
-        ys = [s for _, s in self.points]
-        n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
-        spread = sum((x - mx) ** 2 for x in xs)
-        if n < 2 or spread <= 1e-12 * max(1.0, mx * mx):
-            return my * (gflops / mx if mx > 0 else 1.0)
-        beta = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread)
-        alpha = my - beta * mx
-        if alpha < 0:  # through the origin instead
-            alpha, beta = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
-        return alpha + beta * gflops
+            if not self.measured:
+                raise ValueError("no measured cost: calibrate first")
+            alpha, beta = fitted_line(self.measured)
+            return alpha + beta * gflops
+        alpha, beta = fitted_line(self.points)
+        ratios = sorted(s / (alpha + beta * g) for g, s in self.measured if alpha + beta * g > 0)
+        scale = ratios[len(ratios) // 2] if ratios else 1.0
+        return scale * (alpha + beta * gflops)
 
     def setup_seconds(self) -> float:
         return sum(self.setup) / len(self.setup) if self.setup else 0.0

@@ -135,7 +135,8 @@ class Config:
                    "and its mirror image")
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)", min=0.0, max=1e6)
     batch_size: int = _f(64, "training batch size", min=1, max=65536)
-    epochs: int = _f(10, "training epochs", min=1, max=10000)
+    epochs: int = _f(10, "training epochs (0: chosen on the data: 10, or with --teacher the patient schedule, a fixed "
+                         "number of image passes, which is the default there; docs/recipe.md)", min=0, max=10000)
     early_stop: int = _f(0, "stop after this many epochs without a better epoch by keep_best (0: off)", min=0, max=10000)
     keep_best: str = _f("val_acc", "the metric that picks the epoch best.pt keeps: an accuracy's highest or a loss's "
                         "lowest (ties: the lower val_loss, or for a loss the higher val_acc). A sweep trial keeps the "

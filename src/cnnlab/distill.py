@@ -37,6 +37,19 @@ from .hardware import autocast, autocast_dtype, decode_device
 from .io import atomic_write, atomic_write_json, sha256_of
 from .run_folder import BEST, SPLIT, TEACHER_INFO, TEACHER_LOGITS
 
+PATIENT_PASSES = 184_000  # training-image passes of a student's default schedule: 150 epochs of grocery's 1,228
+PATIENT_MAX_EPOCHS = 150  # a small set is not trained longer than grocery was measured at (docs/recipe.md)
+PLAIN_EPOCHS = 10  # epochs=0 without a teacher: the plain default
+
+
+def default_epochs(teacher: str, train_images: int) -> int:
+    """The epochs `epochs=0` stands for: with a teacher, the patient schedule (a good teacher is patient: Beyer et al.
+    2022), PATIENT_PASSES image passes, so a larger set gets fewer epochs for about the same time (10 at least,
+    PATIENT_MAX_EPOCHS at most); without one, PLAIN_EPOCHS."""
+    if not teacher:
+        return PLAIN_EPOCHS
+    return max(PLAIN_EPOCHS, min(PATIENT_MAX_EPOCHS, round(PATIENT_PASSES / max(1, train_images))))
+
 
 def teacher_checkpoint(teacher: str) -> Path:
     """The checkpoint `--teacher` names: a run folder's best.pt, or a checkpoint file."""

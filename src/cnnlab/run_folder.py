@@ -269,11 +269,16 @@ def open_run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, FolderClaim]:
                       teacher=str(Path(cfg.teacher).resolve()) if cfg.teacher else cfg.teacher)
         if cfg.model == "smallcnn":  # the stride it trains with, not "auto": a later auto rule cannot change the model
             cfg = replace(cfg, conv1_stride=cfg.first_stride())
-        save_yaml(cfg, run_dir / CONFIG)
+        save_config(run_dir, cfg)
     except BaseException:
         claim.release()
         raise
     return cfg, run_dir, claim
+
+
+def save_config(run_dir: Path, cfg: Config) -> None:
+    """config.yaml: the run's whole config as it trains (again once a value chosen on the data is known: epochs 0)."""
+    save_yaml(cfg, run_dir / CONFIG)
 
 
 def write_summary(run_dir: Path, cfg: Config, facts: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:

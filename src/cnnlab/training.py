@@ -53,6 +53,7 @@ from .distill import (
     DistillationLoss,
     OnlineTeacher,
     check_teacher,
+    default_epochs,
     resumed_teacher,
     teacher_logits,
     teacher_record,
@@ -86,7 +87,17 @@ from .models import (
     whiten_first_conv,
 )
 from .preprocess import Preprocess
-from .run_folder import BAD_FILES, CONFIG, LAST, METRICS, SPLIT, check_outside_the_data, open_run_dir, write_summary
+from .run_folder import (
+    BAD_FILES,
+    CONFIG,
+    LAST,
+    METRICS,
+    SPLIT,
+    check_outside_the_data,
+    open_run_dir,
+    save_config,
+    write_summary,
+)
 from .sources import ImageSource
 from .trainer import Callback, StopTraining, Trainer, TrainingDiverged
 
@@ -194,6 +205,13 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
         configure_backends(device, cfg.deterministic)
         at = Setting(cfg, run_dir, device, precision, progress, log)
         images, train_rows, val_rows = load_data(at, parts.preprocess, decoder, resume)
+        if cfg.epochs == 0:  # chosen on the data: the patient schedule of a student (`distill.default_epochs`)
+            cfg = replace(cfg, epochs=default_epochs(cfg.teacher, len(train_rows)))
+            save_config(run_dir, cfg)  # as it trains: a resumed run reads the same epochs back
+            at = replace(at, cfg=cfg)
+            log(f"epochs {cfg.epochs}" + (f": the patient schedule of a student, {cfg.epochs * len(train_rows):,} image "
+                                          f"passes over its {len(train_rows):,} training images (--epochs N to choose)"
+                                          if cfg.teacher else ""))
         if isinstance(parts.module, SmallCNN) and cfg.conv1_init == "whiten" and not resume:
             init_first_conv(parts.module, images, train_rows, parts.preprocess, cfg.seed)
         parts.module.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)

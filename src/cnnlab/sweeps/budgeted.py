@@ -104,8 +104,8 @@ def trial_costs(study: Any) -> Costs:
     calibration = study.user_attrs.get(CALIBRATION) or {}
     costs = Costs([tuple(p) for p in calibration.get("points", [])], list(calibration.get("setup", [])))
     measured = [t.user_attrs["cost"] for t in study.get_trials(deepcopy=False) if "cost" in t.user_attrs]
-    if measured:  # a trial's own epochs say what this device does under the sweep's real load: they replace guesses
-        costs.points = [(c["gflops"], c["epoch_s"]) for c in measured]
+    if measured:  # a trial's own epochs say what this device does under the sweep's real load
+        costs.measured = [(c["gflops"], c["epoch_s"]) for c in measured]
         costs.setup = [c["setup_s"] for c in measured]
     return costs
 
@@ -268,7 +268,10 @@ class BudgetPlanner:
     def replan(self, first: bool = False) -> SearchPlan | None:
         costs = trial_costs(self.clock.study)
         left = self.clock.left()
-        self.plan = plan_search(left, self.reserve, costs, self.typical, self.max_epochs, self.min_epochs, self.workers)
+        self.plan = (plan_search(left, self.reserve, costs, self.typical, self.max_epochs, self.min_epochs, self.workers)
+                     # too little left for a typical trial: the cheaper ones may still fit
+                     or plan_search(left, self.reserve, costs, self.cheapest, self.max_epochs, self.min_epochs,
+                                    self.workers))
         if self.plan is None:
             ran = any("cost" in t.user_attrs for t in self.clock.study.get_trials(deepcopy=False))
             if first and ran:  # a rerun of a sweep whose budget is spent: nothing more to do, said
