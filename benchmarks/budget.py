@@ -15,6 +15,7 @@ Last line: `ratio: N.NN`: the budgeted sweep's mean best validation accuracy ove
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import signal
 import statistics
@@ -30,15 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = SHARED.parent / "weights" / "tf_efficientnet_lite0.safetensors"
 
 
-def best_of(folder: Path) -> tuple[float | None, int]:
-    """The best val_acc of the finished trials in a sweep folder, and how many finished."""
+def best_of(folder: Path, by: datetime.datetime | None = None) -> tuple[float | None, int]:
+    """The best val_acc of the trials of a sweep folder that completed (by `by`), and how many did."""
     import optuna
     from optuna.trial import TrialState
 
     from cnnlab.sweeps import make_storage
 
     study = optuna.load_study(study_name=folder.name, storage=make_storage(None, folder))
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE
+            and (by is None or t.datetime_complete <= by)]
     return (max(t.value for t in done) if done else None), len(done)
 
 
@@ -83,15 +85,18 @@ def main() -> None:
                 f"started shorter, {len(record['trials']['cut'])} stopped at the deadline), best val_acc {best:.4f}; "
                 f"calibration {record['spent']['calibration_s']:.0f} s; first plan: {plan}")
             folder = Path(tmp) / f"baseline-{seed}"
+            began = datetime.datetime.now()
             proc = subprocess.Popen(cnnlab("sweep", str(ROOT / "sweeps" / "partA.yaml"), "--data", str(data),
                                            "--sampler_seed", str(seed), "--sweeps_dir", str(folder), "--cache_dir", cache,
                                            "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 proc.wait(timeout=wall)
             except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGINT)  # the session ends: what finished is what the student has
+                # the session ends: what finished by then is what the student has (SIGTERM, which cnnlab ends on as on
+                # Ctrl-C: a background process of a script ignores SIGINT)
+                proc.send_signal(signal.SIGTERM)
                 proc.wait()
-            best, complete = best_of(folder / "partA")
+            best, complete = best_of(folder / "partA", began + datetime.timedelta(seconds=wall))
             baseline.append(best if best is not None else 0.0)
             say(f"seed {seed} baseline (run_cap 40, stopped after {wall:.0f} s): {complete} complete trials, best val_acc "
                 f"{best if best is not None else float('nan'):.4f}")

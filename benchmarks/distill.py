@@ -1,13 +1,14 @@
-"""Does distillation give the small CNN the fine-tuned model's accuracy? On real photos (../shared/data/grocery or
-flowers): the teacher, EfficientNet-Lite0 with real ImageNet weights (../shared/weights) fine-tuned head only; then
-the small CNN from scratch and the small CNN distilled from that teacher (`--teacher`), each over seeds 0-2 with the
-set's reference settings, every model scored by `evaluate` on the test folder. Wall time includes the teacher's:
-its training once, and for each student its teacher passes: one over the training images (distill_mode stored), or
-one per epoch on the student's views (online). The baseline is the scratch CNN, in the same run.
+"""Does distillation give the small CNN the fine-tuned model's accuracy, and at what price? On real photos
+(../shared/data/grocery, flowers or hymenoptera): the teacher, EfficientNet-Lite0 with real ImageNet weights
+(../shared/weights) fine-tuned head only; then, over seeds 0..S-1, the small CNN from scratch (10 epochs, the plain
+default, and as long as the students) and distilled in each mode with cnnlab's defaults (no --epochs: the patient
+schedule), every model scored by `evaluate` on the test folder. Wall time per student run includes its teacher
+passes (stored: one; views: K; online: one per epoch); the teacher's own training is shown once. All in one run.
 
-    python benchmarks/distill.py [--data grocery] [--epochs 10] [--image_size 128] [--seeds 3] [--weight 0.5]
-                                 [--modes stored,online]
-Last line: `ratio: N.NN`: the share of the scratch-to-teacher gap in test accuracy closed by the better mode."""
+    python benchmarks/distill.py [--data grocery] [--seeds 3] [--modes stored,views] [--epochs 0] [--views 8]
+                                 [--extra key=value,...] [--no_long_scratch]
+Last line: `ratio: N.NN`: the share of the gap between the 10-epoch scratch CNN and the teacher closed by the best
+distilled mode (its mean test accuracy)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 from common import SHARED, cpu_flags, say
 
 import cnnlab
-from cnnlab.config import make_config
+from cnnlab.config import coerce, make_config
 from cnnlab.models import create_model, measured_cost
 
 WEIGHTS = SHARED.parent / "weights" / "tf_efficientnet_lite0.safetensors"
@@ -31,58 +32,70 @@ def timed(work):
     return result, time.perf_counter() - started
 
 
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="grocery")
-    parser.add_argument("--image_size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--weight", type=float, default=0.5)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--modes", default="stored,online", help="distill_mode values to measure, comma-separated")
+    parser.add_argument("--modes", default="stored,views", help="distill_mode values, comma-separated")
+    parser.add_argument("--epochs", type=int, default=0, help="the students' epochs (0: cnnlab's default, patient)")
+    parser.add_argument("--views", type=int, default=8, help="distill_views of the views mode")
+    parser.add_argument("--extra", default="", help="more config values for every student: key=value,...")
+    parser.add_argument("--no_long_scratch", action="store_true", help="skip the scratch CNN at the students' epochs")
     args = parser.parse_args()
     import torch
 
     data = SHARED / args.data
-    say(f"cores {torch.get_num_threads()}, CPU flags: {cpu_flags() or 'unknown'}, torch {torch.__version__}")
-    say(f"{data}: students at {args.image_size} px, {args.epochs} epochs, seeds 0-{args.seeds - 1}; distill_weight "
-        f"{args.weight}, distill_temperature {args.temperature}")
+    extra = {k: coerce(k, v) for k, v in (kv.split("=", 1) for kv in args.extra.split(",") if kv)}
+    say(f"cores {torch.get_num_threads()}, CPU flags: {cpu_flags() or 'unknown'}, torch {torch.__version__}; {data}; "
+        f"seeds 0-{args.seeds - 1}; students' epochs {args.epochs or 'default (patient)'}; extra {extra}")
     with tempfile.TemporaryDirectory() as tmp:
         common = dict(data=str(data), out=f"{tmp}/runs", log=None, progress=False)
         teacher, teacher_s = timed(lambda: cnnlab.train(model="timm/tf_efficientnet_lite0", weights=str(WEIGHTS),
                                                         finetune="head", name="teacher", **common))
         t = teacher.evaluate(log=None, progress=False)
         say(f"teacher: test {t.accuracy:.3f} ({teacher_s:.0f} s)")
-        modes = args.modes.split(",")
-        rows = {"scratch": ([], []), **{f"distilled ({mode})": ([], []) for mode in modes}}
+        kinds = {"scratch, 10 epochs": {"epochs": 10}}
+        for mode in args.modes.split(","):
+            kinds[f"distilled ({mode})"] = {"teacher": str(teacher.folder), "distill_mode": mode,
+                                            **({"distill_views": args.views} if mode == "views" else {}),
+                                            **({"epochs": args.epochs} if args.epochs else {}), **extra}
+        rows: dict[str, tuple[list[float], list[float], list[int]]] = {}
+
+        def measure(kind: str, seed: int, values: dict) -> int:
+            run, seconds = timed(lambda: cnnlab.train(seed=seed, name=f"{kind[:12]}-{len(rows)}-{seed}".replace(" ", "_")
+                                                      .replace(",", ""), **common, **values))
+            e = run.evaluate(log=None, progress=False)
+            acc, secs, epochs = rows.setdefault(kind, ([], [], []))
+            acc.append(e.accuracy)
+            secs.append(seconds)
+            epochs.append(len(run.history))
+            say(f"  {kind} seed {seed}: test {e.accuracy:.3f}, balanced {e['balanced_accuracy']:.3f}, "
+                f"{len(run.history)} epochs, {seconds:.0f} s")
+            return len(run.history)
+
         for seed in range(args.seeds):
-            for kind in rows:
-                extra = ({"teacher": str(teacher.folder), "distill_weight": args.weight,
-                          "distill_temperature": args.temperature, "distill_mode": kind[11:-1]}
-                         if kind != "scratch" else {})
-                run, seconds = timed(lambda: cnnlab.train(image_size=args.image_size, epochs=args.epochs, seed=seed,
-                                                          name=f"{kind[:9]}-{extra.get('distill_mode', '')}-{seed}",
-                                                          **common, **extra))
-                e = run.evaluate(log=None, progress=False)
-                rows[kind][0].append(e.accuracy)
-                rows[kind][1].append(seconds)
-                say(f"  {kind} seed {seed}: test {e.accuracy:.3f}, balanced {e['balanced_accuracy']:.3f}, {seconds:.0f} s")
-        student = create_model(make_config({"image_size": args.image_size}), 10).module
+            students = [measure(kind, seed, values) for kind, values in kinds.items()][-1]
+            if not args.no_long_scratch:  # as many epochs as the students: what the schedule alone gives
+                measure("scratch, as long as the students", seed, {"epochs": students, **extra})
+        student = create_model(make_config({"image_size": 128}), 10).module
         teacher_net = create_model(make_config({"model": "timm/tf_efficientnet_lite0", "weights": "random"}), 10).module
-        flops = measured_cost(student, args.image_size).flops, measured_cost(teacher_net, 224).flops
-    say("| model | test accuracy | FLOPs per image | wall time per run |")
-    say("|---|---|---|---|")
-    say(f"| EfficientNet-Lite0, head only (the teacher) | {t.accuracy:.3f} | {flops[1] / 1e9:.2f} G | {teacher_s:.0f} s |")
-    for kind, (acc, seconds) in rows.items():
-        extra = f" + the teacher's {teacher_s:.0f} s once" if kind != "scratch" else ""
-        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0  # one seed: no spread to give
-        say(f"| small CNN, {kind} | {statistics.mean(acc):.3f} +- {spread:.3f} | {flops[0] / 1e9:.2f} G | "
-            f"{statistics.mean(seconds):.0f} s{extra} |")
-    scratch = statistics.mean(rows["scratch"][0])
-    closed = {kind: (statistics.mean(acc) - scratch) / (t.accuracy - scratch) for kind, (acc, _) in rows.items()
-              if kind != "scratch"}
+        flops = measured_cost(student, 128).flops, measured_cost(teacher_net, 224).flops
+    say("| model | epochs | test accuracy | per seed | GFLOPs per image | wall time per run |")
+    say("|---|---|---|---|---|---|")
+    say(f"| EfficientNet-Lite0, head only (the teacher) | 10 | {t.accuracy:.3f} | - | {flops[1] / 1e9:.2f} | "
+        f"{teacher_s:.0f} s |")
+    for kind, (acc, seconds, epochs) in rows.items():
+        say(f"| small CNN, {kind} | {epochs[0]} | {mean_sd(acc)} | {', '.join(f'{a:.3f}' for a in acc)} | "
+            f"{flops[0] / 1e9:.2f} | {statistics.mean(seconds):.0f} s |")
+    scratch = statistics.mean(rows["scratch, 10 epochs"][0])
+    closed = {kind: (statistics.mean(acc) - scratch) / (t.accuracy - scratch) for kind, (acc, _, _) in rows.items()
+              if kind.startswith("distilled")}
     for kind, share in closed.items():
-        say(f"{kind}: {share:.0%} of the gap closed")
+        say(f"{kind}: {share:.0%} of the gap to the 10-epoch scratch CNN closed")
     say(f"ratio: {max(closed.values()):.2f}")
 
 

@@ -305,8 +305,18 @@ def test_a_budgeted_assignment_prints_its_plan_ends_by_the_deadline_and_records_
     record = json.loads((out / "budget.json").read_text())
     assert record["budget_s"] == 70 and record["spent_s"] <= 70 * 1.10
     assert wall < 70 * 1.10 + 20
-    assert set(record["planned"]) >= {"Part A: sweep", "compare and report"}
+    assert set(record["planned"]) >= {"Part A: sweep", "compare", "report"}
     assert record["phases"]["Part A: sweep"]["spent_s"] > 0 and record["phases"]["report"]["state"] == "done"
+    for name, phase in record["phases"].items():  # each phase planned is a step recorded, under the same name
+        assert phase["planned_s"] == record["planned"].get(name)
+    html = (out / "report" / "index.html").read_text()
+    budget = html[html.index('<section id="budget">'):]
+    budget = budget[:budget.index("</section>")]
+    for name, phase in record["phases"].items():  # the report's numbers are budget.json's
+        if name == "report":  # the page is written inside that step, before its time is known
+            continue
+        planned = f"{phase['planned_s']:.0f} s" if phase["planned_s"] is not None else "-"
+        assert f"<td>{name}</td><td class=num>{planned}</td><td class=num>{phase['spent_s']:.0f} s</td>" in budget
     assert (out / "report" / "index.html").is_file()
     steps = json.loads((out / "assignment.json").read_text())
     assert steps["settings"]["budget_s"] == 70

@@ -19,7 +19,7 @@ from cnnlab.errors import ConfigError, DataError
 from cnnlab.evaluate import load_model, predict_logits
 from cnnlab.io import sha256_of
 from cnnlab.models import smallcnn_cost
-from cnnlab.run_folder import TEACHER_LOGITS
+from cnnlab.run_folder import TEACHER_LOGITS, TEACHER_VIEWS
 from cnnlab.training import fit
 
 
@@ -220,3 +220,87 @@ def test_a_student_without_epochs_gets_the_patient_schedule_and_given_epochs_rul
     assert any("patient schedule" in line and "1,430 image passes over its 130 training images" in line for line in said), said
     assert len(cnnlab.train(name="given", epochs=2, log=None, **common).history) == 2
     assert len(cnnlab.train(name="plain", log=None, **{**common, "teacher": ""}).history) == 10
+
+
+def test_the_bank_of_views_holds_what_the_online_teacher_gives_on_the_same_epochs(tiny_cfg, teacher):
+    """distill_mode views without mixing: round r of the bank is, batch for batch, the online teacher's logits of the
+    student's views of epoch r; a student's epoch K + r replays round r."""
+    from cnnlab.sources import epoch_seed
+    from cnnlab.training import prepare
+
+    def online_logits(epoch):
+        run = prepare(tiny_cfg(name=f"online-{epoch}", teacher=str(teacher), distill_mode="online", crop_min=0.5),
+                      progress=False, log=lambda s: None)
+        try:
+            seed = epoch_seed(run.cfg.seed, epoch)
+            aug = torch.Generator().manual_seed(seed)
+            out = []
+            for x, y, logits in run.online_teacher.alongside(run.source.train.epoch(seed), seed, aug):
+                run.source.transform(x, aug)  # the student's step draws next
+                out.append(logits)
+            return torch.stack(out).numpy()
+        finally:
+            run.claim.release()
+
+    views = dict(teacher=str(teacher), distill_mode="views", distill_views=2, distill_mixup=False, crop_min=0.5)
+    run = prepare(tiny_cfg(name="bank", **views), progress=False, log=lambda s: None)
+    try:
+        bank = run.online_teacher
+        assert bank.logits.shape[:2] == (2, len(run.source.train))
+        for r in (1, 2):
+            assert np.allclose(bank.logits[r - 1], online_logits(r), atol=1e-5)
+        assert bank.epoch_seed(0, 3) == epoch_seed(0, 1) and bank.epoch_seed(0, 4) == epoch_seed(0, 2)
+        assert np.allclose(bank.labels.sum(-1), 1.0) and set(np.unique(bank.labels)) == {0.0, 1.0}  # unmixed
+    finally:
+        run.claim.release()
+
+
+def test_with_mixup_the_teacher_sees_the_students_mixed_view_and_the_labels_are_mixed_alike(tiny_cfg):
+    from cnnlab.sources import epoch_seed
+    from cnnlab.training import prepare
+
+    teacher = fit(tiny_cfg(name="t32", epochs=1), progress=False, log=lambda s: None).run_dir
+    run = prepare(tiny_cfg(name="student", teacher=str(teacher), distill_mode="online", crop_min=0.5), progress=False,
+                  log=lambda s: None)
+    try:
+        run.online_teacher.loaded.model = InputProbe()
+        run.source.transform.mixup = run.online_teacher.transform.mixup = True  # as distill_mode views sets them
+        seed = epoch_seed(0, 1)
+        aug = torch.Generator().manual_seed(seed)
+        for x, y, seen in run.online_teacher.alongside(run.source.train.epoch(seed), seed, aug):
+            student_view = run.source.transform(x, aug).clone()
+            assert torch.equal(seen.view_as(student_view), student_view)  # the same mixing, bit for bit
+            lam, order = run.source.transform.last_mix
+            assert 0 <= float(lam) <= 1 and sorted(order.tolist()) == list(range(len(y)))
+    finally:
+        run.claim.release()
+    views = dict(teacher=str(teacher), distill_mode="views", distill_views=2, crop_min=0.5)
+    run = prepare(tiny_cfg(name="mixed", **views), progress=False, log=lambda s: None)
+    try:
+        labels, ys = run.online_teacher.labels, run.online_teacher.ys
+        assert np.allclose(labels.sum(-1), 1.0) and labels.max() <= 1.0
+        own = np.take_along_axis(labels, ys[..., None].astype(np.int64), -1)[..., 0]
+        assert (own >= 0).all() and len(np.unique(labels)) > 2  # mixtures, each holding its own image's class
+    finally:
+        run.claim.release()
+
+
+def test_a_student_of_a_bank_of_views_learns_from_it_and_resumes_exactly(tiny_cfg, teacher):
+    views = dict(teacher=str(teacher), distill_mode="views", distill_views=2, distill_weight=0.9, crop_min=0.5)
+    lines = []
+    whole = fit(tiny_cfg(name="views", epochs=4, **views), progress=False, log=lines.append).run_dir
+    assert any("teacher views: 2 rounds" in line and "computed" in line for line in lines)
+    assert (whole / TEACHER_VIEWS).is_file()
+    fit(tiny_cfg(name="resumed", epochs=1, **views), progress=False, log=lambda s: None)
+    lines = []
+    resumed = fit(tiny_cfg(name="resumed", epochs=4, **views), resume=True, progress=False, log=lines.append).run_dir
+    assert any("read back" in line for line in lines)
+    history = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    keys = ("train_loss", "val_loss", "val_acc")
+    assert [[r[k] for k in keys] for r in history] == [[r[k] for k in keys] for r in again]
+    stored = fit(tiny_cfg(name="stored", epochs=1, teacher=str(teacher)), progress=False, log=lambda s: None).run_dir
+    table = np.load(stored / TEACHER_LOGITS)
+    alone = fit(tiny_cfg(name="alone", epochs=4, crop_min=0.5), progress=False, log=lambda s: None).run_dir
+    cfg = tiny_cfg()
+    assert teacher_term(whole, table, cfg) < teacher_term(alone, table, cfg)

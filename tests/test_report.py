@@ -73,6 +73,15 @@ def test_the_assignment_fills_every_section_of_its_report(job):
     student = json.loads((out / "runs" / "distilled" / "summary.json").read_text())
     assert student["teacher"]["checkpoint"] == str((out / "runs" / "partB-head" / "best.pt").resolve())
     assert "(distilled)" not in section(html, "test")  # Part A's model is still the sweep's, not the student
+    from cnnlab.run_folder import RunFolder, inside
+
+    s, t = (RunFolder(out / "runs" / name).evaluation["accuracy"] for name in ("distilled", "partB-head"))
+    b = RunFolder(inside(out / "sweeps" / "partA", found["model"])).evaluation["accuracy"]  # the scratch CNN's
+    if t > b:  # the share of the gap the student closed, from the three evaluations
+        assert f"closed {(s - b) / (t - b):.0%} of the test-accuracy gap" in partb
+        assert f"scratch CNN ({b:.3f}) and its teacher ({t:.3f}): {s:.3f}" in partb
+    else:
+        assert f"whose test accuracy ({t:.3f}) is not above the scratch CNN&#x27;s ({b:.3f})" in partb
     assert "to train it again" in section(html, "repro") and "CPU flags" in section(html, "repro")
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html  # no CDN
     assert (out / "report" / "sweep-partA-parallel-coordinates.png").is_file()  # the PNG beside it

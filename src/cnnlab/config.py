@@ -127,7 +127,13 @@ class Config:
                                     min=0.1, max=100.0)
     distill_mode: str = _f("stored", "with --teacher: stored (the teacher's logits of each whole training image, "
                                      "computed once) or online (the teacher run on the very view the student sees, "
-                                     "every step: a teacher forward per image per epoch)", choices=("stored", "online"))
+                                     "every step: a teacher forward per image per epoch) or views (the teacher run "
+                                     "once on --distill_views rounds of the student's views, which the student then "
+                                     "cycles)", choices=("stored", "online", "views"))
+    distill_views: int = _f(8, "with --distill_mode views: rounds of views the teacher computes (K teacher passes over "
+                               "the training images, once)", min=1, max=1000)
+    distill_mixup: bool = _f(True, "with --distill_mode views: mix each view with another of its batch (mixup, a "
+                                   "uniform weight; the labels mixed alike), as the teacher sees it")
     sampler: str = _f("none", "how an epoch draws training images: none (each once, shuffled) or balanced (as many "
                               "draws, with replacement, each class equally likely; seeded per epoch)",
                       choices=("none", "balanced"))

@@ -35,7 +35,8 @@ from torch import nn
 from .errors import CnnlabError, ConfigError, DataError
 from .hardware import autocast, autocast_dtype, decode_device
 from .io import atomic_write, atomic_write_json, sha256_of
-from .run_folder import BEST, SPLIT, TEACHER_INFO, TEACHER_LOGITS
+from .run_folder import BEST, SPLIT, TEACHER_INFO, TEACHER_LOGITS, TEACHER_VIEWS
+from .sources import epoch_seed
 
 PATIENT_PASSES = 184_000  # training-image passes of a student's default schedule: 150 epochs of grocery's 1,228
 PATIENT_MAX_EPOCHS = 150  # a small set is not trained longer than grocery was measured at (docs/recipe.md)
@@ -213,10 +214,15 @@ class OnlineTeacher:
         self.device, self.amp = device, autocast_dtype(self.loaded.cfg.precision, device)
         self.batches = training_batches(cfg, partial(Batches, seen, train_rows, device=device))
         self.transform = ImageTransform(self.loaded.pre, self.loaded.cfg.channels_last, scale=student_transform.scale,
-                                        ratio=student_transform.ratio, jitter=student_transform.jitter)
+                                        ratio=student_transform.ratio, jitter=student_transform.jitter,
+                                        mixup=student_transform.mixup)
         _write_info(run_dir, checkpoint, sha256_of(checkpoint), self.loaded, "online", {"images": int(len(train_rows))})
         log(f"teacher {checkpoint} ({self.loaded.cfg.model}, input {self.loaded.pre.describe()}): run online on each "
             "training view the student sees")
+
+    def epoch_seed(self, seed: int, epoch: int) -> int:
+        """The seed of the student's epoch: its own (each epoch new views)."""
+        return epoch_seed(seed, epoch)
 
     def alongside(self, student: Iterable[tuple[torch.Tensor, ...]], seed: int, aug: torch.Generator | None
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -232,6 +238,73 @@ class OnlineTeacher:
             with torch.inference_mode(), autocast(self.device, self.amp):
                 logits = self.loaded.model(self.transform(tx, view)).float()
             yield x, y, logits.clone()  # out of inference mode: the loss may take it beside tensors with grad
+
+
+class ViewBank:
+    """`distill_mode views`: the teacher's outputs on K fixed rounds of the student's augmented (and, with
+    distill_mixup, mixed) views, computed once in batches by the online teacher, then cycled by the student for as
+    many epochs as it trains: "a good teacher is patient and consistent" (Beyer et al. 2022) at K teacher passes
+    over the training images instead of one per epoch. The student's epoch e replays round (e - 1) mod K + 1 with
+    that round's seed: the same batches, crops, flips, colour changes and mixing partners as the teacher saw,
+    with the teacher's logits and the mixed labels (lambda y_i + (1 - lambda) y_order(i)) of each batch. Kept in
+    the run folder (TEACHER_VIEWS, with the teacher's SHA-256 and K), so a resumed run reads them back."""
+
+    def __init__(self, cfg: Any, online: OnlineTeacher, source: Any, classes: int, run_dir: Path, progress: bool,
+                 log: Callable[[str], None]):
+        from tqdm.auto import tqdm
+
+        self.views, self.seed = cfg.distill_views, cfg.seed
+        digest = online.loaded.sha256
+        kept = run_dir / TEACHER_VIEWS
+        if kept.is_file():
+            with np.load(kept) as held:
+                if str(held["sha256"]) == digest and int(held["views"]) == self.views:
+                    self.logits, self.labels, self.ys = held["logits"], held["labels"], held["ys"]
+                    log(f"teacher views: {self.views} rounds read back from {kept.name}")
+                    return
+        started = time.perf_counter()
+        logits, labels, ys = [], [], []
+        with tqdm(total=self.views, desc="teacher views", unit="round", disable=not progress, dynamic_ncols=True) as bar:
+            for r in range(1, self.views + 1):
+                seed = epoch_seed(cfg.seed, r)
+                data = source.epoch(r, seed)
+                if not data.augment:
+                    raise ConfigError("distill_mode views: the student's views are its augmentation; set --augment true")
+                aug = torch.Generator(device=online.device).manual_seed(seed)
+                round_logits, round_labels, round_ys = [], [], []
+                for x, y, teacher in online.alongside(data.train, seed, aug):
+                    round_ys.append(y.cpu().numpy())
+                    data.transform(x, aug)  # the student's draws, as its step makes them: the next batch's match
+                    soft = nn.functional.one_hot(y, classes).float()
+                    if data.transform.last_mix is not None:
+                        lam, order = data.transform.last_mix
+                        soft = torch.lerp(soft[order], soft, lam)
+                    round_logits.append(teacher.cpu().numpy())
+                    round_labels.append(soft.cpu().numpy())
+                logits.append(np.stack(round_logits))
+                labels.append(np.stack(round_labels))
+                ys.append(np.stack(round_ys))
+                bar.update(1)
+        # (rounds, batches, batch size, classes); every batch is full (training drops the last partial one)
+        self.logits, self.labels, self.ys = np.stack(logits), np.stack(labels), np.stack(ys)
+        atomic_write(kept, lambda fh: np.savez(fh, logits=self.logits, labels=self.labels, ys=self.ys, sha256=digest,
+                                               views=self.views))
+        log(f"teacher views: {self.views} rounds of the student's views ({self.logits.shape[1]} batches each) "
+            f"computed in {time.perf_counter() - started:.0f} s, kept in {kept.name}")
+
+    def epoch_seed(self, seed: int, epoch: int) -> int:
+        """The seed of the round the student's epoch replays."""
+        return epoch_seed(seed, (epoch - 1) % self.views + 1)
+
+    def alongside(self, student: Iterable[tuple[torch.Tensor, ...]], seed: int, aug: torch.Generator | None
+                  ) -> Iterator[tuple[torch.Tensor, ...]]:
+        r = next(i for i in range(self.views) if epoch_seed(self.seed, i + 1) == seed)
+        for k, (x, y) in enumerate(student):
+            if k == 0 and not np.array_equal(self.ys[r, k], y.cpu().numpy()):
+                raise CnnlabError("the teacher's views are not of the student's batches (the data or the split "
+                                  f"changed?): delete {TEACHER_VIEWS} in the run folder to compute them again")
+            yield (x, y, torch.from_numpy(self.logits[r, k]).to(y.device),
+                   torch.from_numpy(self.labels[r, k]).to(y.device))
 
 
 def teacher_record(run_dir: Path) -> dict[str, Any]:
@@ -255,8 +328,10 @@ class DistillationLoss(nn.Module):
         super().__init__()
         self.labels_loss, self.weight, self.temperature = labels_loss, weight, temperature
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
-        hard = self.labels_loss(logits, labels)
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None,
+                mixed: torch.Tensor | None = None) -> torch.Tensor:
+        """`mixed`: the labels of mixed images as class probabilities (distill_mode views), in place of `labels`."""
+        hard = self.labels_loss(logits, labels if mixed is None else mixed)
         if teacher is None:
             return hard
         return (1 - self.weight) * hard + self.weight * self.teacher_term(logits, teacher)

@@ -204,8 +204,8 @@ def prepare_store(cfg: Config, parts: ModelParts, images: CachedImages, transfor
     if cfg.feature_cache == "off":
         log("feature store off (--feature_cache off): the frozen layers run every epoch")
         return None
-    if cfg.teacher and cfg.distill_mode == "online":
-        log("feature store off: with --distill_mode online the teacher sees each augmented view the student sees, "
+    if cfg.teacher and cfg.distill_mode in ("online", "views"):
+        log(f"feature store off: with --distill_mode {cfg.distill_mode} the teacher sees each augmented view the student sees, "
             "so the student trains on the images")
         return None
     if cfg.augments() and not cfg.feature_cache_views:

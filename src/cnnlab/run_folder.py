@@ -27,6 +27,7 @@ EVAL_METRICS = f"{EVAL}/metrics.json"
 EXPLAIN = "explain"  # `cnnlab explain`'s figures, and explain.json, written after them: the step's done mark
 EXPLAIN_RECORD = "explain.json"  # in explain/ (or another --out): what was explained, written last
 TEACHER_LOGITS = "teacher_logits.npy"  # a student's stored teacher logits, one row per training image
+TEACHER_VIEWS = "teacher_views.npz"  # distill_mode views: the teacher's logits of K rounds of the student's views
 TEACHER_INFO = "teacher.json"  # a student's teacher: its checkpoint (relative and absolute), SHA-256, mode
 TEST_LEDGER = "test_ledger.jsonl"  # one line each time a checkpoint of the folder met a test folder (cnnlab evaluate)
 TENSORBOARD = "tensorboard"  # TensorBoard's event files, with --tensorboard

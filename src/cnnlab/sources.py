@@ -29,6 +29,11 @@ class EpochData:
     tta: bool = False  # validate on each image and its mirror image
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's draws (its order, augmentation and dropout), from the run's seed."""
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
 def training_batches(cfg: Config, make: Callable[..., Batches]) -> Batches:
     """An epoch's training draws as `cfg` asks: batches of batch_size, shuffled, the last partial one dropped, and
     with sampler=balanced each class equally likely. One rule for images, stored features and an online teacher's

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from .config import Config
 from .data import CachedImages
-from .distill import OnlineTeacher
+from .distill import OnlineTeacher, ViewBank
 from .errors import CnnlabError
 from .evaluate import evaluate
 from .features import FeatureSource
@@ -33,7 +33,7 @@ from .io import FolderClaim
 from .models import ModelParts, TrainablePlan
 from .preprocess import Preprocess
 from .run_folder import is_better
-from .sources import EpochData, ImageSource
+from .sources import EpochData, ImageSource, epoch_seed
 
 
 class StopTraining(Exception):
@@ -47,10 +47,6 @@ class StopTraining(Exception):
 
 class TrainingDiverged(CnnlabError):
     """The loss became NaN or infinite."""
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
 
 class Callback:
@@ -102,7 +98,7 @@ class Trainer:
     scheduler: Any = None  # made by fit (the range test sets its own rates)
     ema: AveragedModel | None = None  # with --ema: the average that is validated and kept as best.pt
     trackers: list[Callback] = field(default_factory=list)  # W&B and TensorBoard: each does nothing when it is off
-    online_teacher: OnlineTeacher | None = None  # distill_mode online: the teacher run on each training view
+    online_teacher: OnlineTeacher | ViewBank | None = None  # distill_mode online or views: the teacher of each view
     teacher: dict[str, Any] | None = None  # with --teacher: its checkpoint and SHA-256, kept in every checkpoint
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0  # the epoch best.pt holds (0: none yet); its values are read from its record
@@ -190,7 +186,9 @@ class Trainer:
         """The training half of `epoch`: each batch one step between the step hooks. Loss and accuracy are summed on
         the device and read once at the end, so a GPU never waits for the host inside an epoch."""
         self.plan.on_epoch_start(epoch, self.optimizer, self.log)
-        seed = epoch_seed(self.cfg.seed, epoch)
+        # an online teacher or its bank of views decides which draws an epoch makes (a bank replays its rounds)
+        seed = epoch_seed(self.cfg.seed, epoch) if self.online_teacher is None else \
+            self.online_teacher.epoch_seed(self.cfg.seed, epoch)
         torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
         data = self.source.epoch(epoch, seed)
         aug = torch.Generator(device=self.device).manual_seed(seed) if data.augment else None

@@ -52,6 +52,7 @@ from .data.training_set import check_training_images, training_split
 from .distill import (
     DistillationLoss,
     OnlineTeacher,
+    ViewBank,
     check_teacher,
     default_epochs,
     resumed_teacher,
@@ -222,6 +223,8 @@ def prepare(cfg: Config, resume: bool = False, progress: bool = True, log: Calla
             source.train.attach_targets(teacher_logits(cfg, images, run_dir, device, progress, log))
         elif cfg.teacher:  # on images: prepare_store keeps an online student off stored features
             online = OnlineTeacher(cfg, images, train_rows, source.transform, run_dir, device, progress, log)
+            if cfg.distill_mode == "views":  # K rounds of views computed now; the teacher is not needed after
+                online = ViewBank(cfg, online, source, len(classes), run_dir, progress, log)
         loss_fn, val_loss_fn = make_losses(cfg, images.labels[train_rows], len(classes), device)
         return Trainer(cfg, run_dir, claim, device, precision, parts, plan, images, train_rows, val_rows, source,
                        make_optimizer(cfg, plan.param_groups(), device), loss_fn, val_loss_fn,
@@ -303,7 +306,8 @@ def make_source(at: Setting, parts: ModelParts, plan: TrainablePlan, images: Cac
     training and the validation rows."""
     cfg, device = at.cfg, at.device
     train_rows, val_rows = rows
-    transform = ImageTransform(parts.preprocess, cfg.channels_last, scale=(cfg.crop_min, 1.0), jitter=cfg.jitter)
+    transform = ImageTransform(parts.preprocess, cfg.channels_last, scale=(cfg.crop_min, 1.0), jitter=cfg.jitter,
+                               mixup=bool(cfg.teacher) and cfg.distill_mode == "views" and cfg.distill_mixup)
     source = ImageSource(compile_model(parts.module, cfg.compile), images, train_rows, val_rows, cfg, device,
                          transform, device_cache)
     store = prepare_store(cfg, parts, images, transform, device, at.precision.dtype, at.progress, at.log)

@@ -40,6 +40,7 @@ from .options import Common
 from .run_folder import RunFolder
 from .sweeps.schema import shipped_sweep
 
+DISTIL_SHARE = 0.25  # of a budget, at most, for the distilled student: its patient schedule is cut to fit
 SHIPPED_SWEEP = "partA.yaml"  # the assignment's Part A search space, shipped with cnnlab (sweeps.shipped_sweep)
 
 
@@ -53,6 +54,7 @@ class Plan:
     epochs_head: int  # Part B's head-only runs: a feature store makes each epoch cheap
     epochs_other: int  # Part B's runs that train the backbone too
     verify: int = 0  # Part A's top configurations trained again with 3 seeds each (0: the best trial as it is)
+    patient_student: bool = False  # the distilled student trains the patient schedule (else Part A's epochs)
 
     @classmethod
     def make(cls, quick: bool, trials: int | None, image_size: int | None, strategies: str | None,
@@ -63,13 +65,15 @@ class Plan:
         if bad:
             raise CnnlabError(f"--strategies {strategies}: {bad[0]!r} is not a strategy; use head, partial, gradual, full")
         return cls(trials if trials is not None else default.trials, image_size or default.image_size, chosen,
-                   default.epochs_head, default.epochs_other, default.verify if verify is None else verify)
+                   default.epochs_head, default.epochs_other, default.verify if verify is None else verify,
+                   default.patient_student)
 
 
 # The two plans (docs/report.md): --quick is sized to finish in minutes on 2 CPU cores; the full one is the
 # assignment as written (the sweep file's run_cap, 128 px, all three strategies).
 QUICK = Plan(trials=16, image_size=64, strategies=["head", "partial"], epochs_head=10, epochs_other=2)
-FULL = Plan(trials=None, image_size=128, strategies=["head", "partial", "full"], epochs_head=15, epochs_other=8, verify=3)
+FULL = Plan(trials=None, image_size=128, strategies=["head", "partial", "full"], epochs_head=15, epochs_other=8, verify=3,
+            patient_student=True)
 
 
 @dataclass
@@ -258,12 +262,21 @@ class Budgeted:
 
     plan: JobPlan
     sweep_budget: float
-    student_epochs: int
+    student_epochs: int  # the patient schedule's, on this training set
+    measured: Measured
 
     def after(self, phase: str) -> float:
         """Predicted seconds of the phases planned after `phase` (the ones still kept)."""
         names = list(self.plan.later)
         return sum(self.plan.later[n] for n in names[names.index(phase) + 1:]) if phase in names else 0.0
+
+    def student_epochs_that_fit(self, clock: JobClock) -> int:
+        """The distilled student's epochs: the patient schedule's, or as many as end before the deadline with the
+        phases after it kept (its teacher's pass and its evaluation paid first); 0: not one."""
+        m = self.measured
+        fixed = 2 * m.train * m.big_forward + 2 + 2 * m.test * m.small_forward
+        room = (clock.left() - self.after(DISTIL) * 1.0) / 1.1 - fixed
+        return max(0, min(self.student_epochs, int(room // m.small_epoch))) if m.small_epoch > 0 else self.student_epochs
 
 
 def plan_to_budget(job: Job, folder: Path, base: dict[str, Any]) -> Budgeted:
@@ -272,6 +285,7 @@ def plan_to_budget(job: Job, folder: Path, base: dict[str, Any]) -> Budgeted:
     fits no search in one line naming the smallest that does."""
     from .config import make_config
     from .data.folders import scan_folder
+    from .distill import default_epochs
     from .sweeps import load_sweep
     from .sweeps.budgeted import measure_space, sweep_spent, time_steps, trial_costs
     from .sweeps.engine import _queue_lock, prepare_sweep
@@ -296,8 +310,12 @@ def plan_to_budget(job: Job, folder: Path, base: dict[str, Any]) -> Budgeted:
                         big["step"] if big else 0.0, big["forward"] if big else 0.0, big["setup"] if big else 0.0,
                         train_rows, val_rows, len(scan_folder(job.data / "val")[1]))
     verify = (plan.verify, costs.trial_seconds(space.typical, space.max_epochs))
+    # the patient schedule on this training set, or what DISTIL_SHARE of the budget holds of it
+    fixed = 2 * train_rows * measured.big_forward + 2 + 2 * measured.test * measured.small_forward
+    affordable = int((DISTIL_SHARE * clock.seconds - fixed) // small_epoch) if small_epoch > 0 else 10**6
+    student_epochs = max(1, min(default_epochs("teacher", train_rows), affordable))
     planned = plan_job(clock.left(), clock.seconds, measured, plan.strategies if job.weights else [],
-                       (plan.epochs_head, plan.epochs_other, space.max_epochs), smallest_search(costs, space), verify)
+                       (plan.epochs_head, plan.epochs_other, student_epochs), smallest_search(costs, space), verify)
     clock.note("planned", {SWEEP: round(planned.search, 1), **{k: round(v, 1) for k, v in planned.later.items()}})
     clock.note("plans", {"at": time.time(), "left_s": clock.left(), "search_s": planned.search, "later": planned.later,
                          "strategies": planned.strategies, "cut": planned.cut})
@@ -305,7 +323,7 @@ def plan_to_budget(job: Job, folder: Path, base: dict[str, Any]) -> Budgeted:
         clock.note("cut", what)
     announce(planned, clock, log)
     plan.strategies = planned.strategies
-    return Budgeted(planned, sweep_spent(study) + planned.search, space.max_epochs)
+    return Budgeted(planned, sweep_spent(study) + planned.search, student_epochs, measured)
 
 
 def checked_inputs(sweep_file: str | Path | None, model: str, weights: str | None) -> Path:
@@ -376,10 +394,20 @@ def distil(out: Path, student: Run, finetuned: list[Run], run_config: dict[str, 
     teacher = max(finetuned, key=lambda r: r.best_val_acc or 0.0)
     values = {k: v for k, v in student.config.to_dict().items() if k not in ("name", "out")}
     name = DISTIL
-    if not RunFolder(out / "runs" / "distilled").finished and (why := cut_for_time(job, DISTIL, DISTIL)):
-        common.say(why)
-        journal.record(name, "cut: the budget's deadline", 0.0)
-        return None
+    if job.plan.patient_student or budgeted is not None:  # the student's own default: the patient schedule
+        del values["epochs"]
+    if budgeted is not None and not RunFolder(out / "runs" / "distilled").resumable:
+        epochs = budgeted.student_epochs_that_fit(job.clock)
+        if epochs == 0:
+            why = f"cut: {DISTIL} (not one epoch of it fits in the {job.clock.left():.0f} s left)"
+            job.clock.note("cut", why)
+            common.say(why)
+            journal.record(name, "cut: the budget's deadline", 0.0)
+            return None
+        if epochs < budgeted.student_epochs:
+            job.clock.note("cut", f"{DISTIL}: {epochs} of the patient schedule's {budgeted.student_epochs} epochs, "
+                                  "to end by the deadline")
+        values["epochs"] = epochs
     done: list[Run] = []
 
     def work() -> tuple[str, dict[str, Any]]:

@@ -130,6 +130,7 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
                        scratch.summary.get("setup_seconds", 0) + scratch.summary.get("train_seconds", 0))
             claims.append(compare_claim(f"{r.name} ({r.strategy})", m, f"the scratch CNN {scratch.name}", base)
                           + f"; {seconds[0]:.0f} s against {seconds[1]:.0f} s of setup and training")
+    claims += [gap for r in finetuned if (gap := gap_closed(r, finetuned, scratch)) is not None]
     text = claims_list(claims) if claims else (
         "<p class=muted>Evaluate the runs on the test folder (<code>cnnlab evaluate</code>) to compare them.</p>")
     return (table(["run", "model", "strategy", "input", "trainable / total params", "GFLOPs per image", "epochs",
@@ -139,6 +140,27 @@ def partb_section(finetuned: list[RunFolder], scratch: RunFolder | None, out: Pa
               "(batches of 128, with the run's mirror averaging when it has it, on the device it ran on).</p>"
             + figure(plot, "validation accuracy per epoch, every Part B run and the scratch model")
             + source(*runs_source(runs)))
+
+
+def gap_closed(student: RunFolder, runs: list[RunFolder], scratch: RunFolder | None) -> str | None:
+    """How much of the test-accuracy gap between the scratch CNN and a distilled student's teacher (one of `runs`,
+    by its checkpoint) the student closed: (student - scratch) / (teacher - scratch). None unless all three were
+    evaluated."""
+    teacher_path = (student.summary.get("teacher") or {}).get("checkpoint")
+    if not teacher_path or scratch is None:
+        return None
+    teacher = next((r for r in runs if str((r.path / "best.pt").resolve()) == teacher_path), None)
+    s, t, b = student.evaluation, teacher.evaluation if teacher else None, scratch.evaluation
+    if not (s and t and b):
+        return None
+    gap = t["accuracy"] - b["accuracy"]
+    if gap <= 0:
+        return (f"{student.name} learned from {teacher.name}, whose test accuracy ({t['accuracy']:.3f}) is not above the "
+                f"scratch CNN's ({b['accuracy']:.3f}): there was no gap to close")
+    closed = (s["accuracy"] - b["accuracy"]) / gap
+    return (f"{student.name} (the small CNN taught by {teacher.name}) closed {closed:.0%} of the test-accuracy gap "
+            f"between the scratch CNN ({b['accuracy']:.3f}) and its teacher ({t['accuracy']:.3f}): "
+            f"{s['accuracy']:.3f}")
 
 
 def runs_source(runs: list[RunFolder]) -> list[str]:
