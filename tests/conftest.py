@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +160,43 @@ def devices_recorded(out: Path) -> dict[str, set[str]]:
             "trainings": read(r / "summary.json" for r in runs),
             "evaluations": read(r / "eval" / "metrics.json" for r in runs),
             "explanations": read(r / "explain" / "explain.json" for r in runs)}
+
+
+def pg_bin(name):
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 in a temporary folder, stopped afterwards."""
+    import socket
+    import tempfile
+
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        missing_component("PostgreSQL's server binaries", ".ci/run installs Debian's postgresql")
+    import psycopg  # noqa: F401 - declared in dev: an import error fails, never skips
+    root = Path(tempfile.mkdtemp(prefix="cnnlab-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    root.chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run(as_user + [initdb, "-D", str(data), "-U", "cnnlab", "--auth=trust"], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(as_user + [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                              f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
+                   stdout=subprocess.DEVNULL)
+    try:
+        yield f"postgresql://cnnlab@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(as_user + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], stdout=subprocess.DEVNULL)
+        shutil.rmtree(root, ignore_errors=True)

@@ -330,3 +330,25 @@ def test_an_assignment_budget_too_small_is_refused_in_one_line(tiny_data, tmp_pa
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "smallest budget that fits is" in lines[0], done.stderr
+
+
+@pytest.mark.slow
+def test_two_machines_on_one_postgresql_study_share_its_budget(postgres, tiny_data, tmp_path):
+    """Two sweep processes with folders of their own (two machines) join one PostgreSQL study: each plans from the
+    study's shared record, and the time they ran side by side counts once."""
+    import optuna
+
+    from cnnlab.sweeps import make_storage
+    from cnnlab.sweeps.budgeted import sweep_spent
+
+    path = sweep_file(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-m", "cnnlab.cli", "sweep", str(path), "--data", str(tiny_data),
+                               "--cache_dir", str(tmp_path / f"cache-{i}"), "--sweeps_dir", str(tmp_path / f"machine-{i}"),
+                               "--storage", postgres, "--budget", "20s", *TINY], stdout=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    study = optuna.load_study(study_name="b", storage=make_storage(postgres, tmp_path / "machine-0"))
+    sessions = [k for k in study.user_attrs if k.startswith("budget:session:")]
+    assert len(sessions) == 2 and sweep_spent(study) <= 20 + 5
+    assert sum(1 for t in study.get_trials() if "cost" in t.user_attrs) >= 2  # both trained, each measured

@@ -2,7 +2,6 @@
 
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import missing_component
 
 from cnnlab.sweeps import SweepError, load_sweep, parse_sweep, run_sweep
 from cnnlab.sweeps.engine import orphans
@@ -346,46 +344,6 @@ def test_killed_sweep_process_resumes_without_losing_or_repeating(tiny_data, tmp
 
 
 # ---- PostgreSQL -------------------------------------------------------------------------------------------------
-
-def _pg_bin(name):
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
-
-
-@pytest.fixture
-def postgres():
-    """A real PostgreSQL server on 127.0.0.1 in a temporary folder, stopped afterwards."""
-    import socket
-    import tempfile
-
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        missing_component("PostgreSQL's server binaries", ".ci/run installs Debian's postgresql")
-    import psycopg  # noqa: F401 - declared in dev: an import error fails, never skips
-    root = Path(tempfile.mkdtemp(prefix="cnnlab-pg-"))
-    as_user = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    root.chmod(0o755)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = root / "data"
-    subprocess.run(as_user + [initdb, "-D", str(data), "-U", "cnnlab", "--auth=trust"], check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run(as_user + [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                              f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
-                   stdout=subprocess.DEVNULL)
-    try:
-        yield f"postgresql://cnnlab@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(as_user + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], stdout=subprocess.DEVNULL)
-        shutil.rmtree(root, ignore_errors=True)
-
 
 @pytest.mark.slow
 def test_two_processes_share_a_postgresql_study(postgres, tiny_data, tmp_path):

@@ -16,7 +16,12 @@ training images either, and validation accuracy still judges the student fairly.
 `distill_mode online` runs the teacher instead on the very view the student sees, every step ("a good teacher is
 patient and consistent", Beyer et al. 2022): the teacher's images are decoded at its own size with the student's
 field of view, batched in the student's order, and cropped, flipped and colour-jittered by the same draws of the
-same generator (`OnlineTeacher`). It costs a teacher forward per image per epoch; docs/recipe.md measures both.
+same generator (`OnlineTeacher`). It costs a teacher forward per image per epoch.
+
+`distill_mode views` keeps that consistency at a fixed price (`ViewBank`): the online teacher is run once on K rounds
+of the student's views (with distill_mixup, each view mixed with another image of its batch, and the labels mixed
+alike: "function matching"), and the student cycles those rounds for its whole schedule. A student given no
+--epochs trains the patient schedule (`default_epochs`: about 184,000 image passes). docs/recipe.md measures them.
 """
 
 from __future__ import annotations
@@ -289,8 +294,11 @@ class ViewBank:
         self.logits, self.labels, self.ys = np.stack(logits), np.stack(labels), np.stack(ys)
         atomic_write(kept, lambda fh: np.savez(fh, logits=self.logits, labels=self.labels, ys=self.ys, sha256=digest,
                                                views=self.views))
+        seconds = time.perf_counter() - started
+        _write_info(run_dir, teacher_checkpoint(cfg.teacher), digest, online.loaded, "views",
+                    {"views": self.views, "mixup": bool(cfg.distill_mixup), "seconds": seconds})
         log(f"teacher views: {self.views} rounds of the student's views ({self.logits.shape[1]} batches each) "
-            f"computed in {time.perf_counter() - started:.0f} s, kept in {kept.name}")
+            f"computed in {seconds:.0f} s, kept in {kept.name}")
 
     def epoch_seed(self, seed: int, epoch: int) -> int:
         """The seed of the round the student's epoch replays."""

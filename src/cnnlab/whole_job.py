@@ -288,12 +288,12 @@ def plan_to_budget(job: Job, folder: Path, base: dict[str, Any]) -> Budgeted:
     from .distill import default_epochs
     from .sweeps import load_sweep
     from .sweeps.budgeted import measure_space, sweep_spent, time_steps, trial_costs
-    from .sweeps.engine import _queue_lock, prepare_sweep
+    from .sweeps.engine import prepare_sweep, queue_lock
 
     clock, common, plan, log = job.clock, job.common, job.plan, job.common.say
     sweep_file = load_sweep(job.sweep_path)
     study = prepare_sweep(sweep_file, base, folder, common.storage, 0, common.bars, log)
-    with _queue_lock(folder):
+    with queue_lock(folder):
         space = measure_space(study, sweep_file, base, folder, common.bars, log)
     costs = trial_costs(study)
     big = clock.record.get("calibration")

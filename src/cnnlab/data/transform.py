@@ -16,7 +16,9 @@ class ImageTransform:
     - random resized crop (area 25-100%, aspect 3/4-4/3) and horizontal flip, as one nearest-neighbour
       gather of the whole batch (index_select on pixel rows);
     - colour jitter: brightness, contrast (about the image's mean) and a per-channel gain (colour balance).
-      These and the normalisation are all per-channel affine maps, so they fold into one multiply-add.
+      These and the normalisation are all per-channel affine maps, so they fold into one multiply-add;
+    - with mixup (a student of a bank of teacher views): each image mixed with another of its batch, one uniform
+      weight per batch (`last_mix` keeps it and the partners, for the labels).
     Output buffers are reused from batch to batch: on CPU, fresh 40 MB tensors per batch cost more in page
     faults than the arithmetic (measured: float() 14 ms vs copy_ into a kept buffer 1.5 ms for 64x224x224)."""
 

@@ -8,7 +8,8 @@ from .. import lazy_attribute
 __all__ = ["SweepResult", "open_study", "recover_orphans", "run_sweep", "suggest", "Param", "Sweep", "SweepError",
            "load_sweep", "parse_sweep", "make_storage", "mask", "WorkerJob", "launch_workers"]
 
-_HOME = {**{name: "engine" for name in ("SweepResult", "open_study", "recover_orphans", "run_sweep", "suggest")},
+_HOME = {**{name: "engine" for name in ("SweepResult", "open_study", "recover_orphans", "run_sweep")},
+         "suggest": "space",
          **{name: "schema" for name in ("Param", "Sweep", "SweepError", "load_sweep", "parse_sweep")},
          **{name: "storage" for name in ("make_storage", "mask")},
          **{name: "workers" for name in ("WorkerJob", "launch_workers")}}

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_json
 from ..trainer import Callback, StopTraining, Trainer
 from .schema import Sweep
+from .space import known_problem, suggest
 
 SESSION = "budget:session:"
 CALIBRATION = "budget:calibration"
@@ -157,7 +158,6 @@ def measure_space(study: Any, sweep: Sweep, base: dict[str, Any], folder: Path, 
 
 def draws(sweep: Sweep, base: dict[str, Any], classes: int, known: dict[tuple, float]) -> list[tuple[float, dict[str, Any]]]:
     """(GFLOPs, values) of runnable configurations drawn as a random search draws them."""
-    from .engine import known_problem, suggest
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     out = []

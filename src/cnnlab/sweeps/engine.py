@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import itertools
 import json
-import math
 import os
 import socket
 import statistics
@@ -29,68 +28,21 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from ..config import FIELDS, Config, applicable, coerce, make_config
+from ..config import make_config
 from ..data import DeviceCache
-from ..errors import CnnlabError, ConfigError, StorageError
+from ..errors import CnnlabError, StorageError
 from ..io import atomic_write_json, atomic_write_text
-from ..models import check_config
 from ..run_folder import best_record, check_outside_the_data, claim_free_name
 from ..trainer import Callback, StopTraining, Trainer
 from ..training import SweepShare, fit
 from .schema import Sweep, SweepError
+from .space import known_problem, suggest, trial_values
 from .storage import make_storage, mask
 
 ORPHAN = "orphan:"  # study user attribute per orphaned trial number: why it failed
 RETRY = "retry"  # trial user attribute: it was stopped by a cause outside it (a full disk, a signal), so it runs again
 GRID_DROPPED = "grid_dropped"  # study user attribute: {why: how many} grid points that cannot run, never queued
 MAX_SKIPS_IN_A_ROW = 100  # sampled combinations that cannot run, one after another: the space holds (almost) no other
-
-
-def suggest(trial: Any, sweep: Sweep) -> dict[str, Any]:
-    """The trial's config values. Distributions Optuna lacks (normal, weighted categorical, quantised log)
-    are drawn as a uniform `NAME__u` that Optuna models, then transformed; the real value is what is logged."""
-    out: dict[str, Any] = {}
-    for p in sweep.params.values():
-        d = p.distribution
-        if d == "constant":
-            out[p.name] = p.values[0]
-        elif d == "categorical":
-            out[p.name] = trial.suggest_categorical(p.name, p.values)
-        elif d == "categorical_w_probabilities":
-            u = trial.suggest_float(p.name + "__u", 0.0, 1.0)
-            cum = list(itertools.accumulate(p.probabilities))
-            out[p.name] = p.values[next((i for i, c in enumerate(cum) if u <= c), len(cum) - 1)]
-        elif d == "int_uniform":
-            out[p.name] = trial.suggest_int(p.name, int(p.min), int(p.max))
-        elif d == "uniform":
-            out[p.name] = trial.suggest_float(p.name, p.min, p.max)
-        elif d == "q_uniform":
-            out[p.name] = _quantise(trial.suggest_float(p.name + "__u", p.min, p.max), p.q or 1.0)
-        elif d in ("log_uniform", "q_log_uniform"):  # min/max are natural logs of the bounds
-            v = trial.suggest_float(p.name, math.exp(p.min), math.exp(p.max), log=True)
-            out[p.name] = _quantise(v, p.q) if d.startswith("q_") else v
-        elif d in ("log_uniform_values", "inv_log_uniform_values"):
-            out[p.name] = trial.suggest_float(p.name, p.min, p.max, log=True)  # 1/x of log-uniform is log-uniform
-        elif d == "inv_log_uniform":
-            out[p.name] = 1.0 / trial.suggest_float(p.name + "__inv", math.exp(p.min), math.exp(p.max), log=True)
-        elif d == "q_log_uniform_values":
-            out[p.name] = _quantise(trial.suggest_float(p.name + "__u", p.min, p.max, log=True), p.q or 1.0)
-        else:  # normal family via the inverse CDF of a uniform draw
-            u = trial.suggest_float(p.name + "__u", 1e-6, 1 - 1e-6)
-            v = statistics.NormalDist(p.mu, p.sigma).inv_cdf(u)
-            v = math.exp(v) if "log" in d else v
-            out[p.name] = _quantise(v, p.q or 1.0) if d.startswith("q_") else v
-        out[p.name] = _native(p.name, out[p.name])
-    return out
-
-
-def _quantise(v: float, q: float | None) -> float:
-    return v if not q else round(round(v / q) * q, 10)
-
-
-def _native(name: str, v: Any) -> Any:
-    """Integers for integer fields (a quantised float 64.0 becomes 64)."""
-    return coerce(name, v) if FIELDS[name].type in ("int", int) else v
 
 
 def make_sampler(sweep: Sweep, seed: int):
@@ -132,13 +84,13 @@ def open_study(sweep: Sweep, storage: Any, seed: int, epochs: int | None, folder
         raise CnnlabError(f"study '{sweep.name}' exists with direction {study.direction.name.lower()}; "
                           f"the sweep file asks {sweep.direction}")
     if sweep.method == "grid" and not study.user_attrs.get("grid_queued"):
-        with _queue_lock(folder):
+        with queue_lock(folder):
             queue_grid(study, sweep, progress, log, base)
     return study
 
 
 @contextmanager
-def _queue_lock(folder: Path | None) -> Iterator[None]:
+def queue_lock(folder: Path | None) -> Iterator[None]:
     """One process at a time queues a grid, or the trials stopped from outside, on this machine (processes on other
     machines sharing an RDB study may queue a point twice; Objective runs such a point once)."""
     if folder is None:
@@ -148,26 +100,6 @@ def _queue_lock(folder: Path | None) -> Iterator[None]:
     with open(folder / "queue.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def trial_config(base: dict[str, Any], values: dict[str, Any], **extra: Any) -> Config:
-    """A trial's config: the base flags, then the sweep's values without the knobs its strategy does not use."""
-    return make_config(base, trial_values(base, values), extra)
-
-
-def trial_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's values a trial uses: without the knobs its strategy (its own, or the base's) does not use."""
-    return applicable(values, str(values.get("finetune", base.get("finetune", FIELDS["finetune"].default))))
-
-
-def known_problem(base: dict[str, Any], values: dict[str, Any]) -> str | None:
-    """Why the config refuses this combination (images too small for a stride-2 first conv, ...), known before any
-    training; None when it is a config that may train."""
-    try:
-        check_config(trial_config(base, values))
-    except ConfigError as e:
-        return str(e)
-    return None
 
 
 def runnable_points(sweep: Sweep, base: dict[str, Any]) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, int]]:
@@ -503,7 +435,7 @@ def run_sweep(sweep: Sweep, base: dict[str, Any], folder: str | Path, storage_ur
     folder = Path(folder)
     study = prepare_sweep(sweep, base, folder, storage_url, seed, progress, log)
     recover_orphans(study, log)
-    with _queue_lock(folder):  # two processes of this machine starting at once queue each stopped trial once
+    with queue_lock(folder):  # two processes of this machine starting at once queue each stopped trial once
         requeue_stopped(study, log)
     if count is None and sweep.run_cap is None and sweep.method != "grid" and budget is None:
         raise CnnlabError("random and bayes sweeps need --count, --budget or run_cap in the sweep file")
@@ -557,7 +489,7 @@ def start_planner(study: Any, sweep: Sweep, base: dict[str, Any], folder: Path, 
 
     planner = BudgetPlanner(SweepClock.open(study, budget.seconds), sweep, base, folder, log, budget.workers,
                             reserve_runs=budget.reserve_runs)
-    with _queue_lock(folder):
+    with queue_lock(folder):
         planner.start(progress)
     return planner
 
