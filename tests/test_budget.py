@@ -285,8 +285,36 @@ def test_a_trial_is_stopped_at_an_epoch_boundary_when_the_next_epoch_would_pass_
     clock = Clock()
     fitted = fit(tiny_cfg(epochs=5), callbacks=[Deadline(clock, 0.0, trial)], progress=False, log=lambda s: None)
     assert fitted.status == "stopped" and len(fitted.history) == 2
-    assert trial.user_attrs["cut"].startswith("stopped after epoch 2 of 5")
+    assert trial.user_attrs["cut"] == "stopped after epoch 2 of 5: the budget's deadline"
     assert json.loads((fitted.run_dir / "summary.json").read_text())["status"] == "stopped"
+
+
+def test_a_trial_far_slower_than_predicted_stops_at_its_own_share(tiny_cfg):
+    """A trial may not eat the time of the trials after it: with 0 s of its own share left it stops after its
+    first epoch, though the sweep's deadline is far."""
+    import optuna
+
+    from cnnlab.sweeps.budgeted import Deadline
+
+    class FarDeadline:
+        def touch(self):
+            pass
+
+        def left(self):
+            return 1e9
+
+    trial = optuna.create_study().ask()
+    fitted = fit_quietly(tiny_cfg(epochs=4, name="slow"), Deadline(FarDeadline(), 0.0, trial, allotted=0.0))
+    assert len(fitted.history) == 1 and trial.user_attrs["cut"] == "stopped after epoch 1 of 4: its share of the budget"
+    trial = optuna.create_study().ask()
+    fitted = fit_quietly(tiny_cfg(epochs=3, name="fits"), Deadline(FarDeadline(), 0.0, trial, allotted=1e9))
+    assert len(fitted.history) == 3 and "cut" not in trial.user_attrs
+
+
+def fit_quietly(cfg, callback):
+    from cnnlab.training import fit
+
+    return fit(cfg, callbacks=[callback], progress=False, log=lambda s: None)
 
 
 # ---- the whole job ----------------------------------------------------------------------------------------------

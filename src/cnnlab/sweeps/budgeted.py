@@ -9,6 +9,7 @@ records its own `cost` (GFLOPs, seconds per epoch, set-up) and, when the deadlin
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -113,17 +114,25 @@ def trial_costs(study: Any) -> Costs:
 
 class Deadline(Callback):
     """Stops a trial at an epoch boundary (a rung: its checkpoint and metrics are written) when the next epoch, as
-    long as the last one took, would end after the search's share of the budget."""
+    long as the last one took, would end after the search's share of the budget, or after the trial's own share
+    (`allotted` seconds: a trial far slower than predicted cannot eat the time of the trials after it)."""
 
-    def __init__(self, clock: SweepClock, reserve: float, trial: Any):
-        self.clock, self.reserve, self.trial = clock, reserve, trial
+    def __init__(self, clock: SweepClock, reserve: float, trial: Any, allotted: float = math.inf):
+        self.clock, self.reserve, self.trial, self.allotted = clock, reserve, trial, allotted
+        self.started = time.time()
+
+    def on_fit_start(self, run: Trainer) -> None:
+        self.started = time.time()
 
     def on_epoch_end(self, run: Trainer, record: dict[str, Any]) -> None:
         self.clock.touch()
-        if record["epoch"] < run.cfg.epochs and not next_epoch_fits(self.clock.left(), self.reserve, record["epoch_time"]):
-            self.trial.set_user_attr("cut", f"stopped after epoch {record['epoch']} of {run.cfg.epochs}: the budget's "
-                                            "deadline")
-            raise StopTraining("stopped")
+        if record["epoch"] >= run.cfg.epochs:
+            return
+        own = self.allotted - (time.time() - self.started)
+        for left, why in ((self.clock.left() - self.reserve, "the budget's deadline"), (own, "its share of the budget")):
+            if not next_epoch_fits(left, 0.0, record["epoch_time"]):
+                self.trial.set_user_attr("cut", f"stopped after epoch {record['epoch']} of {run.cfg.epochs}: {why}")
+                raise StopTraining("stopped")
 
 
 @dataclass(frozen=True)
@@ -306,7 +315,7 @@ class BudgetPlanner:
         return self.clock.left() - self.reserve >= costs.trial_seconds(self.cheapest, self.min_epochs)
 
     def deadline(self, trial: Any) -> Deadline:
-        return Deadline(self.clock, self.reserve, trial)
+        return Deadline(self.clock, self.reserve, trial, self.plan.trial_cap if self.plan is not None else math.inf)
 
     def write_record(self) -> dict[str, Any]:
         """budget.json: the budget, the latest plan, the time spent on calibration, trials and the rest, and each
