@@ -159,9 +159,12 @@ class JobPlan:
     def lines(self, now: float) -> list[str]:
         """One line per phase: its share and when it is expected to end."""
         out, end = [], now
-        for name, seconds in [(SWEEP, self.search), *self.later.items()]:
+        phases = [(SWEEP, self.search), *self.later.items()]
+        width = max(len(name) for name, _ in phases)
+        for name, seconds in phases:
             end += seconds
-            out.append(f"  {name:<34} {say_duration(seconds):>12}   ends about {time.strftime('%H:%M:%S', time.localtime(end))}")
+            out.append(f"  {name:<{width}} {say_duration(seconds):>12}   ends about "
+                       f"{time.strftime('%H:%M:%S', time.localtime(end))}")
         return out
 
 

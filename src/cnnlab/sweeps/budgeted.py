@@ -281,6 +281,10 @@ class BudgetPlanner:
                      # too little left for a typical trial: the cheaper ones may still fit
                      or plan_search(left, self.reserve, costs, self.cheapest, self.max_epochs, self.min_epochs,
                                     self.workers))
+        if self.plan is not None and self.sweep.run_cap is not None:  # no more trials than the file's cap
+            from dataclasses import replace
+
+            self.plan = replace(self.plan, trials=min(self.plan.trials, self.sweep.run_cap))
         if self.plan is None:
             ran = any("cost" in t.user_attrs for t in self.clock.study.get_trials(deepcopy=False))
             if first and ran:  # a rerun of a sweep whose budget is spent: nothing more to do, said
