@@ -13,6 +13,7 @@ distilled mode (its mean test accuracy)."""
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -66,8 +67,8 @@ def main() -> None:
         rows: dict[str, tuple[list[float], list[float], list[int]]] = {}
 
         def measure(kind: str, seed: int, values: dict) -> int:
-            run, seconds = timed(lambda: cnnlab.train(seed=seed, name=f"{kind[:12]}-{len(rows)}-{seed}".replace(" ", "_")
-                                                      .replace(",", ""), **common, **values))
+            name = re.sub(r"[^A-Za-z0-9]+", "-", f"{kind}-{seed}").strip("-")  # a run folder's name
+            run, seconds = timed(lambda: cnnlab.train(seed=seed, name=name, **common, **values))
             e = run.evaluate(log=None, progress=False)
             acc, secs, epochs = rows.setdefault(kind, ([], [], []))
             acc.append(e.accuracy)
