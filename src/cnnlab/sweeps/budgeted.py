@@ -275,6 +275,7 @@ class BudgetPlanner:
         self.replan(first=True)
 
     def replan(self, first: bool = False) -> SearchPlan | None:
+        self.clock.touch()  # what was spent so far (a calibration) is counted, and said, from here
         costs = trial_costs(self.clock.study)
         left = self.clock.left()
         self.plan = (plan_search(left, self.reserve, costs, self.typical, self.max_epochs, self.min_epochs, self.workers)
@@ -294,7 +295,7 @@ class BudgetPlanner:
                 need = smallest_budget(self.clock.spent(), self.reserve, costs, self.cheapest, self.min_epochs)
                 raise BudgetTooSmall(f"budget {say_duration(self.clock.budget)}: not one trial fits after "
                                      f"{say_duration(self.clock.spent())} spent; the smallest budget that holds one "
-                                     f"trial of {self.min_epochs} epoch(s) is {need:.0f}s")
+                                     f"trial of the cheapest configuration ({self.min_epochs} epoch(s)) is {need:.0f}s")
             return None
         self.clock.study.set_user_attr(PLAN, {"at": time.time(), "left_s": left, **vars(self.plan)})
         if first:
