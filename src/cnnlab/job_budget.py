@@ -125,6 +125,18 @@ class Measured:
     test: int
 
 
+def distil_fixed(m: Measured) -> float:
+    """A distillation's seconds apart from the student's epochs: the teacher's pass over the training images (two
+    forwards each, with its flip) and the student's evaluation."""
+    return 2 * m.train * m.big_forward + 2 + 2 * m.test * m.small_forward
+
+
+def planned_after(planned: dict[str, float], phase: str) -> float:
+    """Seconds of the phases planned after `phase` (in the order they run; 0 for one not planned)."""
+    names = list(planned)
+    return sum(planned[n] for n in names[names.index(phase) + 1:]) if phase in names else 0.0
+
+
 def later_phases(m: Measured, strategies: list[str], epochs_head: int, epochs_other: int, student_epochs: int,
                  verify: int = 0, trial_seconds: float = 0.0) -> dict[str, float]:
     """Predicted seconds of each phase after the search, in the order they run (`verify` K: the top K trained
@@ -143,7 +155,7 @@ def later_phases(m: Measured, strategies: list[str], epochs_head: int, epochs_ot
             cost = m.big_setup + epochs_other * (m.train * m.big_step + 2 * m.val * m.big_forward)
         phases[strategy_step(strategy)] = cost + evaluate_big
     if strategies:  # the teacher's logits of each training image (with its flip), then the student's epochs
-        phases[DISTIL] = 2 * m.train * m.big_forward + student_epochs * m.small_epoch + evaluate_small
+        phases[DISTIL] = distil_fixed(m) + student_epochs * m.small_epoch
     phases[COMPARE] = COMPARE_S
     phases[REPORT] = REPORT_S
     return phases

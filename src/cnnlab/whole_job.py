@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .api import Log, Run, SweepRun, check, compare, load, report, sweep, train
 from .arguments import optional_whole_number, path_like, whole_number
+from .budget import SAFETY
 from .errors import CnnlabError
 from .io import FolderClaim
 from .job_budget import (
@@ -30,8 +31,10 @@ from .job_budget import (
     JobPlan,
     Measured,
     announce,
+    distil_fixed,
     fits,
     plan_job,
+    planned_after,
     smallest_search,
     strategy_step,
     verify_step,
@@ -265,17 +268,11 @@ class Budgeted:
     student_epochs: int  # the patient schedule's, on this training set
     measured: Measured
 
-    def after(self, phase: str) -> float:
-        """Predicted seconds of the phases planned after `phase` (the ones still kept)."""
-        names = list(self.plan.later)
-        return sum(self.plan.later[n] for n in names[names.index(phase) + 1:]) if phase in names else 0.0
-
     def student_epochs_that_fit(self, clock: JobClock) -> int:
         """The distilled student's epochs: the patient schedule's, or as many as end before the deadline with the
         phases after it kept (its teacher's pass and its evaluation paid first); 0: not one."""
         m = self.measured
-        fixed = 2 * m.train * m.big_forward + 2 + 2 * m.test * m.small_forward
-        room = (clock.left() - self.after(DISTIL) * 1.0) / 1.1 - fixed
+        room = (clock.left() - planned_after(self.plan.later, DISTIL)) / SAFETY - distil_fixed(m)
         return max(0, min(self.student_epochs, int(room // m.small_epoch))) if m.small_epoch > 0 else self.student_epochs
 
 
@@ -311,8 +308,7 @@ def plan_to_budget(job: Job, folder: Path, base: dict[str, Any]) -> Budgeted:
                         train_rows, val_rows, len(scan_folder(job.data / "val")[1]))
     verify = (plan.verify, costs.trial_seconds(space.typical, space.max_epochs))
     # the patient schedule on this training set, or what DISTIL_SHARE of the budget holds of it
-    fixed = 2 * train_rows * measured.big_forward + 2 + 2 * measured.test * measured.small_forward
-    affordable = int((DISTIL_SHARE * clock.seconds - fixed) // small_epoch) if small_epoch > 0 else 10**6
+    affordable = int((DISTIL_SHARE * clock.seconds - distil_fixed(measured)) // small_epoch) if small_epoch > 0 else 10**6
     student_epochs = max(1, min(default_epochs("teacher", train_rows), affordable))
     planned = plan_job(clock.left(), clock.seconds, measured, plan.strategies if job.weights else [],
                        (plan.epochs_head, plan.epochs_other, student_epochs), smallest_search(costs, space), verify)
@@ -375,8 +371,7 @@ def cut_for_time(job: Job, phase: str, after_phase: str) -> str | None:
     if clock is None:
         return None
     planned = clock.record.get("planned", {})
-    names = list(planned)
-    after = sum(planned[n] for n in names[names.index(after_phase) + 1:]) if after_phase in names else 0.0
+    after = planned_after(planned, after_phase)
     if fits(clock, planned.get(phase, 0.0), after):
         return None
     why = (f"cut: {phase} (predicted {planned.get(phase, 0.0):.0f} s; {clock.left():.0f} s left, "
