@@ -8,6 +8,7 @@ Each field's metadata says what values it takes (`choices`, `min`, `max`) and ca
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -56,6 +57,10 @@ class Config:
                               "Inception-style)", min=0.05, max=1.0)
     jitter: float = _f(0.0, "with augment: strength of the brightness, contrast and colour-balance jitter (0: off)",
                        min=0.0, max=1.0)
+    progressive: float = _f(0.0, "progressive resizing: the first epoch trains on images of this fraction of "
+                                 "image_size (e.g. 0.5), the side growing linearly to the full size by the middle "
+                                 "epoch and full after it; validation and test at full size (0: off; measured in "
+                                 "docs/recipe.md)", min=0.25, max=0.99, auto=0.0)
     # model
     model: str = _f("smallcnn", "smallcnn or any torchvision classification model name")
     weights: str = _f("none", "pretrained weights: a torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a timm tag "
@@ -198,6 +203,16 @@ class Config:
         if self.conv1_stride:
             return self.conv1_stride
         return 2 if self.image_size >= 128 else 1
+
+    def training_side(self, epoch: int) -> int:
+        """The side of the training images in `epoch` (1-based): image_size, or with progressive resizing
+        progressive x image_size at epoch 1 growing linearly to image_size at epoch ceil(epochs / 2), in steps of
+        16 px (at least 32). Epochs past the plan keep the full size."""
+        if not self.progressive or self.epochs < 2:
+            return self.image_size
+        ramp = max(1, math.ceil(self.epochs / 2) - 1)  # epochs over which the side grows
+        fraction = self.progressive + (1 - self.progressive) * min(1.0, (epoch - 1) / ramp)
+        return min(self.image_size, max(32, round(fraction * self.image_size / 16) * 16))
 
     def kernel_sizes(self) -> list[int]:
         ks = _int_list(self.kernel_size, "kernel_size", None)

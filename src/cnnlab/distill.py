@@ -279,7 +279,7 @@ class ViewBank:
                 round_logits, round_labels, round_ys = [], [], []
                 for x, y, teacher in online.alongside(data.train, seed, aug):
                     round_ys.append(y.cpu().numpy())
-                    data.transform(x, aug)  # the student's draws, as its step makes them: the next batch's match
+                    data.transform(x, aug, side=data.side)  # the student's draws, as its step makes them: the next batch's match
                     soft = nn.functional.one_hot(y, classes).float()
                     if data.transform.last_mix is not None:
                         lam, order = data.transform.last_mix

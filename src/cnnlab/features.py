@@ -188,8 +188,9 @@ class FeatureTransform:
     def __init__(self, channels_last: bool):
         self.channels_last = channels_last
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = x.float()
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, side: int | None = None
+                 ) -> torch.Tensor:
+        x = x.float()  # stored features keep their shape: `side` (progressive resizing) is for images
         if x.dim() == 4 and self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

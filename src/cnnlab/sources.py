@@ -27,6 +27,7 @@ class EpochData:
     transform: Callable[..., torch.Tensor]  # batch -> model input; augments when given a generator
     augment: bool
     tta: bool = False  # validate on each image and its mirror image
+    side: int | None = None  # the training images' side this epoch (progressive resizing; None: as cached)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -48,6 +49,7 @@ class ImageSource:
     def __init__(self, forward: nn.Module, images: CachedImages, train_rows: np.ndarray, val_rows: np.ndarray,
                  cfg: Config, device: torch.device, transform: ImageTransform, device_cache: DeviceCache | None):
         self.forward, self.transform, self.augment, self.tta = forward, transform, cfg.augments(), cfg.tta
+        self.training_side = cfg.training_side
         self.train = training_batches(cfg, partial(Batches, images, train_rows, device=device, device_cache=device_cache))
         self.val = Batches(images, val_rows, max(cfg.batch_size, VAL_BATCH), device, shuffle=False,
                            device_cache=device_cache)
@@ -57,4 +59,5 @@ class ImageSource:
         return len(self.train)
 
     def epoch(self, epoch: int, seed: int) -> EpochData:
-        return EpochData(self.forward, self.train.epoch(seed), self.val, self.transform, self.augment, self.tta)
+        return EpochData(self.forward, self.train.epoch(seed), self.val, self.transform, self.augment, self.tta,
+                         self.training_side(epoch))

@@ -215,7 +215,7 @@ class Trainer:
         precision, nanoGPT's: fp16's scaler scales the loss, unscales the gradients before clipping and skips a step
         whose gradients overflowed (torch.amp.GradScaler's rule); disabled, each of its calls does nothing more.
         `targets`: the batch's further targets the loss takes after the labels (a teacher's logits)."""
-        x = data.transform(x, aug)
+        x = data.transform(x, aug, side=data.side)
         with autocast(self.device, self.amp):
             logits = data.net(x)
             loss = self.loss_fn(logits, y, *targets)

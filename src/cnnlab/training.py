@@ -253,6 +253,10 @@ def fit(cfg: Config, callbacks: Sequence[Callback] = (), resume: bool = False, p
             f"({run.plan.trainable_count():,} trainable), {len(run.train_rows)} train / {len(run.val_rows)} val images, "
             f"{len(run.classes)} classes, {run.device}{', channels_last' if cfg.channels_last else ''}; "
             f"input {run.preprocess.describe()}; {run.precision.describe()}")
+        if cfg.training_side(1) != cfg.image_size:
+            full = next(e for e in range(1, cfg.epochs + 1) if cfg.training_side(e) == cfg.image_size)
+            log(f"progressive resizing: training images {cfg.training_side(1)} px in epoch 1, growing to "
+                f"{cfg.image_size} px by epoch {full}")
         setup_seconds = time.perf_counter() - started  # decoding, feature store, model build: once per run
         everyone = [ScheduleStep(), MovingAverage(), *([ProgressBar()] if progress else []), Checkpoints(),
                     MetricsFile(), ConsoleLog(), *run.trackers, *callbacks, EarlyStopping(cfg.early_stop)]

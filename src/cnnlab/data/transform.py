@@ -39,19 +39,28 @@ class ImageTransform:
                                   torch.empty(shape, dtype=torch.float32, device=device))
         return self._buffers[key]
 
-    def crop_indices(self, b: int, h: int, w: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """Flat pixel-row indices (b, h, w) of a random resized, randomly flipped crop of each image."""
+    def crop_indices(self, b: int, h: int, w: int, generator: torch.Generator | None, device: torch.device,
+                     side: int | None = None) -> torch.Tensor:
+        """Flat pixel-row indices (b, side, side) of a random resized, randomly flipped crop of each image, sampled
+        at `side` x `side` (default: h x w). The draws do not depend on the side, so a teacher cropping at its own
+        size from the same generator state sees the same regions. Without a generator: the whole image, resized."""
         def rand(n: int) -> torch.Tensor:
             return torch.rand(n, generator=generator, device=device)
 
-        area = self.scale[0] + (self.scale[1] - self.scale[0]) * rand(b)
-        log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * rand(b)
-        cw = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0) * w
-        ch = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0) * h
-        x0, y0 = (w - cw) * rand(b), (h - ch) * rand(b)
-        flip = rand(b) < 0.5
-        xs = (x0[:, None] + (torch.arange(w, device=device) + 0.5) / w * cw[:, None]).long().clamp_(0, w - 1)
-        ys = (y0[:, None] + (torch.arange(h, device=device) + 0.5) / h * ch[:, None]).long().clamp_(0, h - 1)
+        oh, ow = (side, side) if side else (h, w)
+        if generator is None:
+            cw, ch = torch.full((b,), float(w), device=device), torch.full((b,), float(h), device=device)
+            x0, y0 = torch.zeros(b, device=device), torch.zeros(b, device=device)
+            flip = torch.zeros(b, dtype=torch.bool, device=device)
+        else:
+            area = self.scale[0] + (self.scale[1] - self.scale[0]) * rand(b)
+            log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * rand(b)
+            cw = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0) * w
+            ch = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0) * h
+            x0, y0 = (w - cw) * rand(b), (h - ch) * rand(b)
+            flip = rand(b) < 0.5
+        xs = (x0[:, None] + (torch.arange(ow, device=device) + 0.5) / ow * cw[:, None]).long().clamp_(0, w - 1)
+        ys = (y0[:, None] + (torch.arange(oh, device=device) + 0.5) / oh * ch[:, None]).long().clamp_(0, h - 1)
         xs = torch.where(flip[:, None], xs.flip(1), xs)
         dtype = torch.int32 if b * h * w < 2**31 else torch.int64
         rows = (ys * w + torch.arange(b, device=device)[:, None] * (h * w)).to(dtype)
@@ -73,23 +82,27 @@ class ImageTransform:
         grey = (gain * channel_means).mean(1, keepdim=True)  # contrast pivots about the jittered image's mean
         return contrast * gain / std, ((1 - contrast) * grey - mean) / std
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x: uint8 (B, 3, H, W) in channels_last layout (as Batches yields it)."""
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, side: int | None = None
+                 ) -> torch.Tensor:
+        """x: uint8 (B, 3, H, W) in channels_last layout (as Batches yields it); `side`: the output's side where it
+        is not H (progressive resizing), nearest-neighbour as the crop is."""
         nhwc = x.permute(0, 2, 3, 1)
         if not nhwc.is_contiguous():
             nhwc = nhwc.contiguous()
         b, h, w, _ = nhwc.shape
-        crop, out = self._buffers_for(tuple(nhwc.shape), x.device)
-        if generator is not None:
-            idx = self.crop_indices(b, h, w, generator, x.device)
+        side = side if side and (side, side) != (h, w) else None
+        crop, out = self._buffers_for((b, side, side, 3) if side else tuple(nhwc.shape), x.device)
+        if generator is not None or side:
+            idx = self.crop_indices(b, h, w, generator, x.device, side)
             torch.index_select(nhwc.view(-1, 3), 0, idx.view(-1), out=crop.view(-1, 3))
             src = crop
         else:
             src = nhwc
         gain, offset = self.colour_maps(src, generator)
         out.copy_(src)
-        rows = out.view(b, h, w * 3)  # per-channel maps repeated along a row: contiguous, vectorised broadcast
-        torch.addcmul(offset.repeat(1, w)[:, None, :], rows, gain.repeat(1, w)[:, None, :], out=rows)
+        oh, ow = out.shape[1:3]
+        rows = out.view(b, oh, ow * 3)  # per-channel maps repeated along a row: contiguous, vectorised broadcast
+        torch.addcmul(offset.repeat(1, ow)[:, None, :], rows, gain.repeat(1, ow)[:, None, :], out=rows)
         mixed = out
         if generator is not None and self.mixup:  # lambda x_i + (1 - lambda) x_order(i), lambda uniform, per batch
             lam = torch.rand((), generator=generator, device=x.device)

@@ -58,6 +58,7 @@ class SmallCNN(nn.Module):
         if size < 1:
             raise ConfigError(f"image_size={image_size} is too small for 5 pooling layers: use at least 32")
         self.features = nn.Sequential(*blocks)
+        self.map_size = None if global_pool else size  # the side of the map the dense layer flattens
         if global_pool:
             size = 1
         self.classifier = nn.Sequential(
@@ -77,7 +78,12 @@ class SmallCNN(nn.Module):
                    conv1_stride=cfg.first_stride(), conv_init=cfg.conv_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        x = self.features(x)
+        if self.map_size and x.shape[-1] != self.map_size:
+            # smaller images than it was built for (progressive resizing's early epochs): the map is pooled or
+            # spread to the size the dense layer reads; at the built size this never runs (nor in ONNX)
+            x = nn.functional.adaptive_avg_pool2d(x, self.map_size)
+        return self.classifier(x)
 
 
 def conv_output_size(size: int, kernel: int, stride: int) -> int:
