@@ -92,6 +92,29 @@ def test_evaluate_writes_metrics_and_figures_reproducibly(trained, tiny_data, tm
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_evaluate_and_explain_default_to_the_data_the_run_trained_on(trained, tiny_data, tmp_path, capsys):
+    """As the Python API does: `cnnlab evaluate RUN` with no --data reads the run's own test folder; where that
+    folder has gone (the run moved to another machine) one line names it and the fix."""
+    import shutil
+
+    ckpt, cache = trained
+    assert main(["evaluate", str(ckpt), "--cache_dir", str(cache), "--quiet", "--out", str(tmp_path / "own")]) == 0
+    assert main(["evaluate", str(ckpt), "--data", str(tiny_data), "--cache_dir", str(cache), "--quiet",
+                 "--out", str(tmp_path / "given")]) == 0
+    own, given = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("own", "given"))
+    assert own["images"] == 40 and own["accuracy"] == given["accuracy"] and own["confusion"] == given["confusion"]
+    assert main(["explain", str(ckpt), "--cache_dir", str(cache), "--neurons", "2", "--per_neuron", "1", "--quiet",
+                 "--out", str(tmp_path / "explained"), "--device", "cpu"]) == 0
+    assert (tmp_path / "explained" / "gradcam.png").is_file()
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt.parent, moved)
+    (moved / "config.yaml").write_text((moved / "config.yaml").read_text().replace(str(tiny_data), "/gone/data"))
+    capsys.readouterr()
+    assert main(["evaluate", str(moved / "best.pt"), "--cache_dir", str(cache), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "/gone/data" in err and "--data" in err and len(err.splitlines()) == 1
+
+
 def test_evaluate_refuses_other_classes(trained, tmp_path, capsys):
     from cnnlab.data.demo import make_demo_data
 

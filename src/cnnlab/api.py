@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from .arguments import optional_whole_number, path_like, real_number, whole_number
 from .arguments import paths as path_list
 from .config import FIELDS, Config, load_yaml, make_config, saved_config
-from .errors import CnnlabError, ConfigError, quote
+from .errors import CnnlabError, ConfigError, DataError, quote
 from .options import progress_bars, silent
 from .run_folder import BEST, CONFIG, EVAL, EXPLAIN, RESUME_MAY_CHANGE, RunFolder, inside
 
@@ -240,7 +240,7 @@ class Run:
 
         whole_number("top", top, 1)
         whole_number("seed", seed)
-        data = data if data is not None else self.config.data
+        data = data if data is not None else self._own_data()
         out_dir = Path(out) if out else self.best_checkpoint.parent / EVAL
         metrics = evaluate_checkpoint(self.best_checkpoint, data, resolve_device(device), _cache(cache_dir), out_dir,
                                       top, seed, progress=progress_bars(progress), log=log or silent)
@@ -249,6 +249,15 @@ class Run:
 
             log_evaluation(self.files, metrics, out_dir, log or silent)
         return Evaluation(metrics, out_dir)
+
+    def _own_data(self) -> str:
+        """The data root this run trained on, where `evaluate` and `explain` are given none; refused in one line
+        where its test folder is not here (the run was moved, or its data)."""
+        root = self.config.data
+        if not (Path(root) / "val").is_dir():
+            raise DataError(f"{root}/val, the test folder of the data this run trained on, is not here: give the test "
+                            "data with --data ROOT (Python: data=ROOT)")
+        return root
 
     def _of_best(self) -> bool:
         """Whether this Run stands for its folder's best.pt (not another checkpoint file loaded from it)."""
@@ -286,7 +295,7 @@ class Run:
         whole_number("neurons", neurons, 1)
         whole_number("per_neuron", per_neuron, 1)
         whole_number("seed", seed)
-        data = data if data is not None else self.config.data
+        data = data if data is not None else self._own_data()
         where = resolve_device(device)
         loaded = load_model(self.best_checkpoint, where)
         test = load_test_images(loaded, data, _cache(cache_dir), progress=progress_bars(progress))

@@ -195,7 +195,7 @@ def _add_model_commands(sub: Any) -> None:
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1], allow_abbrev=False,
                        parents=[common_flags("device", "cache_dir", "quiet")])
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("--data", required=True, help="data root; its val/ folder is the test set")
+    p.add_argument("--data", help="data root; its val/ folder is the test set (default: the data the run trained on)")
     keyword_flag(p, "top", api.Run.evaluate, "k of the top-k accuracy", type=positive_int)
     p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
     keyword_flag(p, "seed", api.Run.evaluate, "seed of the prediction grid's sample", type=whole_number)
@@ -214,7 +214,8 @@ def _add_model_commands(sub: Any) -> None:
     p = sub.add_parser("explain", help=COMMANDS["explain"][1], allow_abbrev=False,
                        parents=[common_flags("device", "cache_dir", "quiet")])
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("--data", required=True, help="data root; its val/ test images are the ones explained")
+    p.add_argument("--data", help="data root; its val/ test images are the ones explained (default: the data the run "
+                                  "trained on)")
     keyword_flag(p, "neurons", api.Run.explain, "last-conv channels to show", type=positive_int)
     keyword_flag(p, "per_neuron", api.Run.explain, "top-exciting test images per neuron", type=positive_int)
     p.add_argument("--out", help="output folder (default: next to the checkpoint, explain/)")
