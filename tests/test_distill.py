@@ -129,17 +129,17 @@ class InputProbe(torch.nn.Module):
         return x.flatten(1)
 
 
-def views_side_by_side(run, seed):
-    """Each batch's view as the student's step makes it, as the online teacher is given it, and (a yardstick) the
-    same images in views drawn by another generator."""
+def views_side_by_side(run, seed, side=None):
+    """Each batch's view as the student's step makes it (at `side`: progressive resizing's smaller images), as the
+    online teacher is given it, and (a yardstick) the same images in views drawn by another generator."""
     aug, other = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     for x, y, seen_by_teacher in run.online_teacher.alongside(run.source.train.epoch(seed), seed, aug):
-        student_view = run.source.transform(x, aug).clone()  # what the trainer's step does next, drawing from aug
-        yield student_view, seen_by_teacher, run.source.transform(x, other).clone()
+        student_view = run.source.transform(x, aug, side=side).clone()  # the trainer's next step, drawing from aug
+        yield student_view, seen_by_teacher, run.source.transform(x, other, side=side).clone()
 
 
-@pytest.mark.parametrize("teacher_size", [32, 48])
-def test_the_online_teacher_sees_the_students_view(tiny_cfg, teacher_size):
+@pytest.mark.parametrize("teacher_size, student_side", [(32, None), (48, None), (32, 16)])
+def test_the_online_teacher_sees_the_students_view(tiny_cfg, teacher_size, student_side):
     from cnnlab.training import prepare
 
     teacher = fit(tiny_cfg(name=f"t{teacher_size}", image_size=teacher_size, epochs=1), progress=False,
@@ -148,16 +148,16 @@ def test_the_online_teacher_sees_the_students_view(tiny_cfg, teacher_size):
                   log=lambda s: None)
     try:
         run.online_teacher.loaded.model = InputProbe()
-        views = list(views_side_by_side(run, seed=5))
+        views = list(views_side_by_side(run, seed=5, side=student_side))
     finally:
         run.claim.release()
     assert len(views) == len(run.source.train) >= 2
     near = far = 0.0
     for student_view, teacher_input, other_view in views:
         teacher_view = teacher_input.view(len(student_view), 3, teacher_size, teacher_size)
-        if teacher_size == 32:  # the same preprocessing: the very same crop, flip and colour, bit for bit
+        if teacher_size == 32 and not student_side:  # the same preprocessing: the same crop, flip and colour
             assert torch.equal(teacher_view, student_view)
-        down = torch.nn.functional.interpolate(teacher_view, size=32, mode="area")
+        down = torch.nn.functional.interpolate(teacher_view, size=student_side or 32, mode="area")
         near += float((down - student_view).abs().mean())
         far += float((down - other_view).abs().mean())
     assert near < 0.5 * far, (near, far)  # scaled down, the teacher's view is the student's, not just any view

@@ -10,7 +10,7 @@ from cnnlab.config import make_config
 from cnnlab.data import ImageTransform
 from cnnlab.models.smallcnn import SmallCNN
 from cnnlab.preprocess import Preprocess
-from cnnlab.trainer import Callback
+from cnnlab.trainer import Callback, StopTraining
 from cnnlab.training import fit
 
 
@@ -101,3 +101,25 @@ def test_another_family_takes_the_smaller_sides_too(tiny_cfg):
     fit(tiny_cfg(model="resnet18", image_size=64, epochs=2, progressive=0.5),
         callbacks=[sides], progress=False, log=lambda line: None)
     assert sides.seen[(1, True)] == {32} and sides.seen[(2, True)] == {64}
+
+
+class StopAfter(Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, run, record):
+        if record["epoch"] == self.epoch:
+            raise StopTraining()
+
+
+def test_a_resumed_progressive_run_ends_with_the_uninterrupted_run_s_numbers(tiny_cfg):
+    """The side is a function of the epoch alone, so a run stopped in its growing phase resumes at the right side."""
+    cfg = tiny_cfg(image_size=64, epochs=5, progressive=0.5, name="whole")
+    whole = fit(cfg, progress=False, log=lambda line: None).history
+    stopped = tiny_cfg(image_size=64, epochs=5, progressive=0.5, name="stopped")
+    assert len(fit(stopped, callbacks=[StopAfter(1)], progress=False, log=lambda line: None).history) == 1
+    sides = InputSides()
+    resumed = fit(stopped, callbacks=[sides], resume=True, progress=False, log=lambda line: None).history
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in h]
+    assert strip(resumed) == strip(whole)
+    assert sides.seen[(2, True)] == {48} and (1, True) not in sides.seen  # resumed after epoch 1, still growing
