@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,6 +58,7 @@ class WandbRun:
     summary: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False  # its exit record is written: wandb's writer (a separate process) is done with it
 
     @classmethod
     def read(cls, path: Path) -> WandbRun:
@@ -80,12 +82,21 @@ class WandbRun:
                 run.summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
             elif kind == "files":
                 run.files += [f.path for f in record.files.files]
+            elif kind == "exit":
+                run.finished = True
             elif kind == "artifact":
                 run.artifacts.append({"name": record.artifact.name, "type": record.artifact.type,
                                       "files": [m.path for m in record.artifact.manifest.contents]})
         return run
 
 
-def offline_runs(folder: Path) -> list[WandbRun]:
-    """Every offline run below `folder` (a run folder's wandb/ holds one per run)."""
-    return [WandbRun.read(p) for p in sorted(Path(folder).rglob("offline-run-*/run-*.wandb"))]
+def offline_runs(folder: Path, timeout: float = 120.0) -> list[WandbRun]:
+    """Every offline run below `folder` (a run folder's wandb/ holds one per run), once each holds its exit record:
+    `run.finish()` returns before wandb's writer process has written the file out (seen under load: a run file
+    read at once held no run record yet), so this waits for that event, up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [WandbRun.read(p) for p in sorted(Path(folder).rglob("offline-run-*/run-*.wandb"))]
+        if all(r.finished for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.05)
