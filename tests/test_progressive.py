@@ -10,8 +10,9 @@ from cnnlab.config import make_config
 from cnnlab.data import ImageTransform
 from cnnlab.models.smallcnn import SmallCNN
 from cnnlab.preprocess import Preprocess
-from cnnlab.trainer import Callback, StopTraining
+from cnnlab.trainer import Callback
 from cnnlab.training import fit
+from stopping import StopAfter
 
 
 def test_the_side_grows_from_the_fraction_to_full_size_by_the_middle_epoch():
@@ -101,15 +102,6 @@ def test_another_family_takes_the_smaller_sides_too(tiny_cfg):
     fit(tiny_cfg(model="resnet18", image_size=64, epochs=2, progressive=0.5),
         callbacks=[sides], progress=False, log=lambda line: None)
     assert sides.seen[(1, True)] == {32} and sides.seen[(2, True)] == {64}
-
-
-class StopAfter(Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_epoch_end(self, run, record):
-        if record["epoch"] == self.epoch:
-            raise StopTraining()
 
 
 def test_a_resumed_progressive_run_ends_with_the_uninterrupted_run_s_numbers(tiny_cfg):

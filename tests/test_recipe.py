@@ -8,7 +8,8 @@ import torch
 from cnnlab.config import make_config
 from cnnlab.data.demo import make_demo_data
 from cnnlab.evaluate import predict_logits
-from cnnlab.training import Callback, StopTraining, fit, make_scheduler, warmup_cosine
+from cnnlab.training import Callback, fit, make_scheduler, warmup_cosine
+from stopping import StopAfter
 
 
 def test_warmup_rises_linearly_then_cosine_falls_to_zero():
@@ -69,15 +70,6 @@ def test_ema_after_every_step_is_the_decayed_average_of_the_weights(tiny_cfg):
     assert len(weights.seen) == 128 // 16  # 160 images less 32 for validation, batches of 16
     assert torch.allclose(weights.average, expected, atol=1e-6)
     assert not torch.allclose(weights.average, weights.seen[-1])
-
-
-class StopAfter(Callback):
-    def __init__(self, epochs: int):
-        self.epochs = epochs
-
-    def on_epoch_end(self, run, record):
-        if record["epoch"] == self.epochs:
-            raise StopTraining()
 
 
 def test_with_ema_best_pt_holds_the_average_and_a_resume_repeats_the_run(tiny_cfg):
