@@ -4,6 +4,7 @@ taking smaller images, and a real run that trains small and validates at full si
 from __future__ import annotations
 
 import torch
+from stopping import StopAfter
 
 from cnnlab.cli import main
 from cnnlab.config import make_config
@@ -12,7 +13,6 @@ from cnnlab.models.smallcnn import SmallCNN
 from cnnlab.preprocess import Preprocess
 from cnnlab.trainer import Callback
 from cnnlab.training import fit
-from stopping import StopAfter
 
 
 def test_the_side_grows_from_the_fraction_to_full_size_by_the_middle_epoch():

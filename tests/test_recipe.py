@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from stopping import StopAfter
 
 from cnnlab.config import make_config
 from cnnlab.data.demo import make_demo_data
 from cnnlab.evaluate import predict_logits
 from cnnlab.training import Callback, fit, make_scheduler, warmup_cosine
-from stopping import StopAfter
 
 
 def test_warmup_rises_linearly_then_cosine_falls_to_zero():
