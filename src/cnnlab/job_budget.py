@@ -125,10 +125,15 @@ class Measured:
     test: int
 
 
+def small_evaluation(m: Measured) -> float:
+    """Seconds of the small CNN's evaluation: two forwards per test image (the flip TTA) and 2 s of setup."""
+    return 2 + 2 * m.test * m.small_forward
+
+
 def distil_fixed(m: Measured) -> float:
     """A distillation's seconds apart from the student's epochs: the teacher's pass over the training images (two
     forwards each, with its flip) and the student's evaluation."""
-    return 2 * m.train * m.big_forward + 2 + 2 * m.test * m.small_forward
+    return 2 * m.train * m.big_forward + small_evaluation(m)
 
 
 def planned_after(planned: dict[str, float], phase: str) -> float:
@@ -142,7 +147,7 @@ def later_phases(m: Measured, strategies: list[str], epochs_head: int, epochs_ot
     """Predicted seconds of each phase after the search, in the order they run (`verify` K: the top K trained
     again with 3 seeds each, at `trial_seconds` a run)."""
     evaluate_big = m.big_setup + 2 * m.test * m.big_forward  # the flip TTA: two forwards per test image
-    evaluate_small = 2 + 2 * m.test * m.small_forward
+    evaluate_small = small_evaluation(m)
     phases = {}
     if verify:
         phases[verify_step(verify)] = 3 * verify * trial_seconds
